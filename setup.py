@@ -1,0 +1,30 @@
+"""rag_jax: Retrieval-Augmented Generation (Lewis et al., 2020) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="rag_jax",
+    version="0.1.0",
+    description="RAG (retrieval-augmented generation) in JAX/Flax, TPU-native, parity with Hugging Face RAG.",
+    packages=setuptools.find_packages(include=["rag_jax", "rag_jax.*", "experiments", "experiments.*"]),
+    package_data={"rag_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "transformers>=4.45",
+        "ml_collections",
+        "absl-py",
+        "safetensors",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is pinned: 2.13.0 is the CPU wheel the test machines carry; it is only the parity reference.
+        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0"],
+        "tpu": ["jax[tpu]"],
+    },
+)
