@@ -1,0 +1,138 @@
+"""Tokenizer loading for RAG: BERT WordPiece (DPR question/context encoders) and BART byte-level BPE (generator).
+
+Tokenizers are read from local directories in the Hugging Face layout; a hub id (e.g. "facebook/bart-large") is
+passed through to `from_pretrained` and needs a network. The defaults are the copies bundled under
+`rag_jax/assets/tokenizers/`, so nothing here needs a download.
+
+Why the care: in transformers 5, `BertTokenizer(vocab_file=...)` silently builds a tokenizer with an empty
+vocabulary (only the special tokens), and call-time `add_prefix_space=True` is silently ignored. Every loader
+therefore goes through `from_pretrained` and then checks that the vocabulary is really there.
+"""
+
+import os
+import re
+from typing import NamedTuple
+
+import transformers
+
+_ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizers")
+QUESTION_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bert-base-uncased")
+GENERATOR_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bart-large")
+
+# RagTokenizer.save_pretrained writes the two tokenizers into these subfolders of a RAG checkpoint directory.
+RAG_QUESTION_SUBDIR = "question_encoder_tokenizer"
+RAG_GENERATOR_SUBDIR = "generator_tokenizer"
+
+# Either a serialised fast tokenizer (tokenizer.json) or the raw vocabulary files must be present.
+_BERT_FILE_SETS = (("tokenizer.json",), ("vocab.txt",))
+_BART_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+# Below this many entries a vocabulary is surely a broken load (the real ones have 30,522 and 50,265).
+_MIN_VOCAB_SIZE = 1000
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+_WHERE_TO_GET = (
+    "Point to a directory holding the tokenizer files (e.g. a RagTokenizer/BertTokenizer/BartTokenizer "
+    "save_pretrained output), or use the bundled defaults from rag_jax.tokenizers.default_tokenizer_dirs()."
+)
+
+
+class RagTokenizers(NamedTuple):
+    """The two tokenizers a RAG model needs."""
+
+    question: transformers.PreTrainedTokenizerBase  # BERT WordPiece: question (and context) encoder input.
+    generator: transformers.PreTrainedTokenizerBase  # BART byte-level BPE: generator input and labels.
+
+
+def default_tokenizer_dirs() -> dict[str, str]:
+    """Paths of the bundled tokenizer directories: {'question': bert-base-uncased, 'generator': bart-large}."""
+    return {"question": QUESTION_TOKENIZER_DIR, "generator": GENERATOR_TOKENIZER_DIR}
+
+
+def _check_local_dir(path: str, file_sets: tuple[tuple[str, ...], ...], what: str) -> None:
+    """Raises a clear error unless `path` is a directory holding one of the complete `file_sets`."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} tokenizer directory {path!r} does not exist. {_WHERE_TO_GET}")
+    for files in file_sets:
+        if all(os.path.isfile(os.path.join(path, f)) for f in files):
+            return
+    # Name the files missing from the most complete alternative, so the message points at the actual gap.
+    wanted = " or ".join(" + ".join(fs) for fs in file_sets)
+    best = max(file_sets, key=lambda fs: sum(os.path.isfile(os.path.join(path, f)) for f in fs))
+    missing = [f for f in best if not os.path.isfile(os.path.join(path, f))]
+    gap = f"lacks {', '.join(missing)}" if len(missing) < len(best) else "has no tokenizer files"
+    raise FileNotFoundError(
+        f"{what} tokenizer directory {path!r} {gap} (needs {wanted}; found {sorted(os.listdir(path))}). "
+        f"{_WHERE_TO_GET}"
+    )
+
+
+def _is_hub_id(path: str) -> bool:
+    return not os.path.exists(path) and not os.path.isabs(path) and bool(_HUB_ID_RE.match(path))
+
+
+def _check_vocab(tok: transformers.PreTrainedTokenizerBase, path: str, probe: str, what: str) -> None:
+    """Guards against tokenizers that loaded with an empty vocabulary (only special tokens)."""
+    size = len(tok.get_vocab())
+    probe_ids = tok.convert_tokens_to_ids([probe])
+    if size < _MIN_VOCAB_SIZE or probe_ids[0] in (None, tok.unk_token_id):
+        raise ValueError(
+            f"{what} tokenizer loaded from {path!r} has a vocabulary of {size} entries and maps {probe!r} to "
+            f"{probe_ids[0]} (unk is {tok.unk_token_id}): the vocabulary did not load. Check the vocabulary "
+            "files in that directory."
+        )
+
+
+def _load(cls, path: str, file_sets, probe: str, what: str):
+    path = os.fspath(path)
+    if not _is_hub_id(path):
+        _check_local_dir(path, file_sets, what)
+    tok = cls.from_pretrained(path)
+    _check_vocab(tok, path, probe, what)
+    return tok
+
+
+def load_question_tokenizer(path: str = QUESTION_TOKENIZER_DIR) -> transformers.PreTrainedTokenizerBase:
+    """BERT WordPiece tokenizer (lower-casing, as bert-base-uncased / DPR) from a directory or hub id.
+
+    The directory needs tokenizer.json or vocab.txt; tokenizer_config.json, when present, sets lower-casing etc.
+    Pairs (title, text) get token_type_ids 0 then 1, as the DPR context encoder expects.
+    """
+    return _load(transformers.BertTokenizerFast, path, _BERT_FILE_SETS, "the", "Question encoder (BERT)")
+
+
+def load_generator_tokenizer(path: str = GENERATOR_TOKENIZER_DIR) -> transformers.PreTrainedTokenizerBase:
+    """BART byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2, <mask>=50264) from a directory or hub id.
+
+    The directory needs tokenizer.json or vocab.json + merges.txt.
+    """
+    return _load(transformers.BartTokenizerFast, path, _BART_FILE_SETS, "Ġthe", "Generator (BART)")
+
+
+def load_rag_tokenizers(path: str | None = None) -> RagTokenizers:
+    """Both tokenizers from a RAG checkpoint directory (RagTokenizer.save_pretrained layout), or the defaults.
+
+    `path` must contain `question_encoder_tokenizer/` and `generator_tokenizer/`; None gives the bundled
+    bert-base-uncased and bart-large tokenizers.
+    """
+    if path is None:
+        return RagTokenizers(load_question_tokenizer(), load_generator_tokenizer())
+    path = os.fspath(path)
+    if _is_hub_id(path):
+        # RagTokenizer knows the hub layout; we split it into our pair.
+        rag = transformers.RagTokenizer.from_pretrained(path)
+        return RagTokenizers(rag.question_encoder, rag.generator)
+    missing = [d for d in (RAG_QUESTION_SUBDIR, RAG_GENERATOR_SUBDIR) if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        found = sorted(os.listdir(path)) if os.path.isdir(path) else "directory does not exist"
+        raise FileNotFoundError(
+            f"RAG tokenizer directory {path!r} lacks the subfolder(s) {', '.join(m + '/' for m in missing)} "
+            f"(found: {found}). "
+            "Expected the RagTokenizer.save_pretrained layout; load the two tokenizers separately with "
+            "load_question_tokenizer / load_generator_tokenizer otherwise."
+        )
+    return RagTokenizers(
+        load_question_tokenizer(os.path.join(path, RAG_QUESTION_SUBDIR)),
+        load_generator_tokenizer(os.path.join(path, RAG_GENERATOR_SUBDIR)),
+    )
