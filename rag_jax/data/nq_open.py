@@ -163,6 +163,9 @@ def get_data_source(
       data_dir: where TFDS keeps prepared data (default: TFDS's default, ~/tensorflow_datasets).
       manual_dir: for 'official', the directory holding NQ-open.{train,dev}.jsonl
         (default <data_dir>/downloads/manual).
+
+    Preparing writes under `data_dir`; on several hosts sharing one `data_dir`, prepare once (e.g. on process 0,
+    then a barrier) before the others open it, or give each host its own local `data_dir`.
     """
     config = name.split("/", 1)[1] if name.startswith(RagNqOpen.name + "/") else name
     configs = [c.name for c in RagNqOpen.BUILDER_CONFIGS]
