@@ -1,0 +1,395 @@
+"""Import of Hugging Face checkpoints (BERT, DPR encoders, BART, whole RAG models) into rag_jax parameters.
+
+Each architecture has one table of (Hugging Face tensor name, rag_jax parameter path, layout); the same table
+serves import and export, so the two cannot drift apart. Layouts:
+  "copy"   same data, possibly reshaped (biases of attention heads: (H*D,) <-> (H, D)),
+  "linear" a torch Linear weight (out, in) <-> a kernel (in..., out...); `n_in` input axes on our side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rag_jax.models import bart, bert, hf_files
+from rag_jax.models.hf_files import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_name: str  # without the checkpoint's prefix
+    path: tuple[str, ...]  # path in the rag_jax parameter tree
+    layout: str = "copy"  # "copy" or "linear"
+    n_in: int = 1  # number of input axes of a "linear" kernel on the rag_jax side
+
+
+def _linear(hf: str, path: tuple[str, ...], n_in: int = 1) -> list[Entry]:
+    return [Entry(f"{hf}.weight", path + ("kernel",), "linear", n_in), Entry(f"{hf}.bias", path + ("bias",))]
+
+
+def _norm(hf: str, path: tuple[str, ...]) -> list[Entry]:
+    return [Entry(f"{hf}.weight", path + ("scale",)), Entry(f"{hf}.bias", path + ("bias",))]
+
+
+def _attention(hf: dict[str, str], path: tuple[str, ...]) -> list[Entry]:
+    """hf maps our projection names (query/key/value/out) to the checkpoint's module names."""
+    entries = []
+    for ours in ("query", "key", "value"):
+        entries += _linear(hf[ours], path + (ours,))
+    return entries + _linear(hf["out"], path + ("out",), n_in=2)
+
+
+def bert_table(cfg: bert.BertConfig) -> list[Entry]:
+    table = [
+        Entry("embeddings.word_embeddings.weight", ("word", "embedding")),
+        Entry("embeddings.position_embeddings.weight", ("position", "embedding")),
+        Entry("embeddings.token_type_embeddings.weight", ("token_type", "embedding")),
+        *_norm("embeddings.LayerNorm", ("embedding_norm",)),
+    ]
+    for i in range(cfg.num_layers):
+        hf, ours = f"encoder.layer.{i}", (f"layer_{i}",)
+        names = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                 "out": "attention.output.dense"}  # fmt: skip
+        table += _attention({k: f"{hf}.{v}" for k, v in names.items()}, ours + ("attention",))
+        table += _norm(f"{hf}.attention.output.LayerNorm", ours + ("attention_norm",))
+        table += _linear(f"{hf}.intermediate.dense", ours + ("intermediate",))
+        table += _linear(f"{hf}.output.dense", ours + ("output",))
+        table += _norm(f"{hf}.output.LayerNorm", ours + ("output_norm",))
+    if cfg.pooling == "pooler":
+        table += _linear("pooler.dense", ("pooler",))
+    return table
+
+
+def bart_table(cfg: bart.BartConfig) -> list[Entry]:
+    table = [
+        Entry("model.shared.weight", ("shared", "embedding")),
+        Entry("final_logits_bias", ("final_logits_bias",)),
+    ]
+    attention_names = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
+    for side, n_layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
+        table.append(Entry(f"model.{side}.embed_positions.weight", (f"{side}_positions", "embedding")))
+        table += _norm(f"model.{side}.layernorm_embedding", (f"{side}_embedding_norm",))
+        for i in range(n_layers):
+            hf, ours = f"model.{side}.layers.{i}", (f"{side}_layer_{i}",)
+            attentions = [("self_attn", "self_attn")] + ([("encoder_attn", "cross_attn")] if side == "decoder" else [])
+            for hf_attn, our_attn in attentions:
+                table += _attention({k: f"{hf}.{hf_attn}.{v}" for k, v in attention_names.items()}, ours + (our_attn,))
+                table += _norm(f"{hf}.{hf_attn}_layer_norm", ours + (f"{our_attn}_norm",))
+            table += _linear(f"{hf}.fc1", ours + ("ffn", "fc1"))
+            table += _linear(f"{hf}.fc2", ours + ("ffn", "fc2"))
+            table += _norm(f"{hf}.final_layer_norm", ours + ("ffn_norm",))
+    return table
+
+
+# Tensors a checkpoint may hold that carry nothing we need: tied copies of the shared embedding and buffers.
+_BART_IGNORED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+_IGNORED_SUFFIXES = ("position_ids", "embeddings.token_type_ids", "_float_tensor")
+
+
+# --------------------------------------------------------------------------------------------------- configs
+
+
+def bert_config_from_hf(hf: dict[str, Any], *, pooling: str = "cls", **overrides) -> bert.BertConfig:
+    """A BertConfig from a BERT or DPR config.json dict."""
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_act=hf.get("hidden_act", "gelu"),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=hf.get("initializer_range", 0.02),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        pooling=pooling,
+        projection_dim=hf.get("projection_dim", 0) or 0,
+    )
+    fields.update(overrides)
+    return bert.BertConfig(**fields)
+
+
+def bart_config_from_hf(hf: dict[str, Any], **overrides) -> bart.BartConfig:
+    if hf.get("add_final_layer_norm") or hf.get("normalize_before"):
+        raise CheckpointError("pre-LayerNorm BART variants (mBART-style add_final_layer_norm) are not supported")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        encoder_layers=hf["encoder_layers"],
+        decoder_layers=hf["decoder_layers"],
+        encoder_heads=hf["encoder_attention_heads"],
+        decoder_heads=hf["decoder_attention_heads"],
+        encoder_ffn_dim=hf["encoder_ffn_dim"],
+        decoder_ffn_dim=hf["decoder_ffn_dim"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        activation_function=hf.get("activation_function", "gelu"),
+        scale_embedding=bool(hf.get("scale_embedding", False)),
+        dropout=hf.get("dropout", 0.1),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        activation_dropout=hf.get("activation_dropout", 0.0),
+        init_std=hf.get("init_std", 0.02),
+        pad_token_id=hf.get("pad_token_id", 1),
+        bos_token_id=hf.get("bos_token_id", 0),
+        eos_token_id=hf.get("eos_token_id", 2),
+        decoder_start_token_id=hf.get("decoder_start_token_id", 2),
+    )
+    fields.update(overrides)
+    return bart.BartConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------------------- conversion
+
+
+def expected_shapes(module: nn.Module, *example_args) -> dict[str, Any]:
+    """The parameter tree of `module` as ShapeDtypeStructs, without allocating it."""
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example_args))
+    return nn.meta.unbox(variables)["params"]
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _to_ours(array: np.ndarray, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
+    transposed = array.T if entry.layout == "linear" else array
+    # A transposed kernel of the wrong size can still have the right number of values: compare the split too.
+    expected_out = int(np.prod(shape[entry.n_in :])) if entry.layout == "linear" else None
+    if array.size != int(np.prod(shape)) or (expected_out is not None and array.shape[0] != expected_out):
+        raise ValueError(f"has shape {tuple(array.shape)}, which does not fit rag_jax's {shape}")
+    return transposed.reshape(shape)
+
+
+def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
+    if entry.layout == "linear":
+        in_size = int(np.prod(array.shape[: entry.n_in]))
+        return array.reshape(in_size, -1).T
+    return array.reshape(-1) if array.ndim == 2 and entry.hf_name.endswith(".bias") else array
+
+
+def convert(
+    tensors: dict[str, np.ndarray],
+    prefix: str,
+    table: list[Entry],
+    shapes: dict[str, Any],
+    source: str,
+    *,
+    optional: tuple[str, ...] = (),
+    dtype=np.float32,
+) -> dict[str, Any]:
+    """Builds the rag_jax parameter tree from checkpoint tensors named `prefix + entry.hf_name`.
+
+    Missing tensors (other than `optional` ones, which default to zeros) and shape mismatches raise a
+    CheckpointError naming `source` (the weights file) and the tensor.
+    """
+    params: dict[str, Any] = {}
+    for entry in table:
+        name = prefix + entry.hf_name
+        shape = tuple(_get(shapes, entry.path).shape)
+        if name not in tensors:
+            if entry.hf_name in optional:
+                _set(params, entry.path, np.zeros(shape, dtype))
+                continue
+            raise CheckpointError(f"{source}: missing weight {name} (for rag_jax parameter {'/'.join(entry.path)})")
+        try:
+            value = _to_ours(np.asarray(tensors[name]), entry, shape)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: weight {name} {e} (config.json and weights disagree?)") from None
+        _set(params, entry.path, np.asarray(value, dtype))
+    return params
+
+
+def check_unexpected(tensors: dict[str, np.ndarray], used: set[str], source: str) -> None:
+    unexpected = [n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected weight(s): {shown}. The checkpoint's architecture does not match "
+            "its config.json, or it is not a BERT/DPR/BART/RAG checkpoint."
+        )
+
+
+def _normalise_legacy_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Old TF-converted BERT checkpoints name LayerNorm parameters gamma/beta."""
+    renamed = {}
+    for name, value in tensors.items():
+        if name.endswith("LayerNorm.gamma"):
+            name = name[: -len("gamma")] + "weight"
+        elif name.endswith("LayerNorm.beta"):
+            name = name[: -len("beta")] + "bias"
+        renamed[name] = value
+    return renamed
+
+
+def bert_prefix(tensors: dict[str, np.ndarray], source: str) -> str:
+    """The prefix before `embeddings.word_embeddings.weight` ('' for BertModel, 'bert.' for heads, DPR's ...)."""
+    prefixes = [n[: -len("embeddings.word_embeddings.weight")] for n in tensors
+                if n.endswith("embeddings.word_embeddings.weight")]  # fmt: skip
+    if len(prefixes) != 1:
+        raise CheckpointError(f"{source}: expected exactly one BERT embedding table, found {len(prefixes)}")
+    return prefixes[0]
+
+
+def _bert_params(tensors, prefix, cfg, source, used: set[str]):
+    table = bert_table(cfg)
+    module = bert.BertEncoder(cfg)
+    params = convert(tensors, prefix, table, expected_shapes(module, jnp.zeros((1, 1), jnp.int32)), source)
+    used.update(prefix + e.hf_name for e in table)
+    if cfg.pooling != "pooler":  # BertModel checkpoints carry a pooler that DPR-style pooling does not use
+        used.update(n for n in tensors if n.startswith(prefix + "pooler."))
+    return params
+
+
+def _projection(tensors, prefix, cfg, params, source, used):
+    if cfg.projection_dim:
+        table = _linear("encode_proj", ("projection",))
+        shapes = {"projection": {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.projection_dim), jnp.float32),
+                                 "bias": jax.ShapeDtypeStruct((cfg.projection_dim,), jnp.float32)}}  # fmt: skip
+        params.update(convert(tensors, prefix, table, shapes, source))
+        used.update(prefix + e.hf_name for e in table)
+    return params
+
+
+def _bart_params(tensors, prefix, cfg, source, used: set[str]):
+    if prefix + "model.shared.weight" not in tensors and prefix + "model.encoder.embed_tokens.weight" in tensors:
+        tensors = dict(tensors, **{prefix + "model.shared.weight": tensors[prefix + "model.encoder.embed_tokens.weight"]})
+    table = bart_table(cfg)
+    module = bart.Bart(cfg)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = expected_shapes(module, ids, ids, ids)
+    params = convert(tensors, prefix, table, shapes, source, optional=("final_logits_bias",))
+    used.update(prefix + e.hf_name for e in table)
+    used.update(prefix + n for n in _BART_IGNORED)
+    return params
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A loaded network: its config, its parameters (numpy, unboxed), and the source config.json."""
+
+    config: Any
+    params: dict[str, Any]
+    hf_config: dict[str, Any]
+
+    def module(self) -> nn.Module:
+        return bert.BertEncoder(self.config) if isinstance(self.config, bert.BertConfig) else bart.Bart(self.config)
+
+
+@dataclasses.dataclass
+class LoadedRag:
+    question_encoder: Loaded
+    generator: Loaded
+    hf_config: dict[str, Any]  # the RagConfig dict: n_docs, title_sep, doc_sep, max_combined_length, ...
+    directory: str
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    archs = hf.get("architectures") or []
+    return archs[0] if archs else hf.get("model_type", "")
+
+
+def load_encoder(path: str, *, pooling: str | None = None, **overrides) -> Loaded:
+    """A BERT-family encoder: BertModel (pooler output by default), DPRQuestionEncoder or DPRContextEncoder."""
+    directory = hf_files.resolve(path)
+    hf = hf_files.read_config(directory)
+    model_type = hf.get("model_type")
+    if model_type not in ("bert", "dpr"):
+        raise CheckpointError(
+            f"{directory}/config.json: model_type {model_type!r} is not a BERT/DPR encoder (expected 'bert' or 'dpr')"
+        )
+    tensors, source = hf_files.read_weights(directory)
+    tensors = _normalise_legacy_names(tensors)
+    prefix = bert_prefix(tensors, source)
+    if pooling is None:
+        pooling = "pooler" if model_type == "bert" and prefix + "pooler.dense.weight" in tensors else "cls"
+    cfg = bert_config_from_hf(hf, pooling=pooling, **overrides)
+    used: set[str] = set()
+    params = _bert_params(tensors, prefix, cfg, source, used)
+    # DPR keeps encode_proj beside bert_model: 'question_encoder.bert_model.' -> 'question_encoder.'
+    outer = prefix[: -len("bert_model.")] if prefix.endswith("bert_model.") else prefix
+    params = _projection(tensors, outer, cfg, params, source, used)
+    check_unexpected(tensors, used, source)
+    return Loaded(cfg, params, hf)
+
+
+def load_bart(path: str, **overrides) -> Loaded:
+    """BartForConditionalGeneration or BartModel (whose final_logits_bias is then zero)."""
+    directory = hf_files.resolve(path)
+    hf = hf_files.read_config(directory)
+    if hf.get("model_type") != "bart":
+        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not 'bart'")
+    tensors, source = hf_files.read_weights(directory)
+    if "model.shared.weight" not in tensors and "shared.weight" in tensors:  # a BartModel checkpoint
+        tensors = {("" if n == "final_logits_bias" else "model.") + n: v for n, v in tensors.items()}
+    cfg = bart_config_from_hf(hf, **overrides)
+    used: set[str] = set()
+    params = _bart_params(tensors, "", cfg, source, used)
+    check_unexpected(tensors, used, source)
+    return Loaded(cfg, params, hf)
+
+
+RAG_QUESTION_ENCODER_PREFIX = "rag.question_encoder.question_encoder."
+RAG_GENERATOR_PREFIX = "rag.generator."
+
+
+def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_overrides: dict | None = None) -> LoadedRag:
+    """A RagSequenceForGeneration / RagTokenForGeneration / RagModel checkpoint: question encoder + generator."""
+    directory = hf_files.resolve(path)
+    hf = hf_files.read_config(directory)
+    if hf.get("model_type") != "rag":
+        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not 'rag'")
+    for part in ("question_encoder", "generator"):
+        if part not in hf:
+            raise CheckpointError(f"{directory}/config.json: the RAG config has no {part!r} section")
+    if hf["generator"].get("model_type") != "bart":
+        raise CheckpointError(f"{directory}/config.json: generator model_type must be 'bart'")
+    tensors, source = hf_files.read_weights(directory)
+    tensors = _normalise_legacy_names(tensors)
+    if not any(n.startswith("rag.") for n in tensors):  # RagModel saves without the 'rag.' prefix
+        tensors = {"rag." + n: v for n, v in tensors.items()}
+    used: set[str] = set()
+    qcfg = bert_config_from_hf(hf["question_encoder"], pooling="cls", **(encoder_overrides or {}))
+    qparams = _bert_params(tensors, RAG_QUESTION_ENCODER_PREFIX + "bert_model.", qcfg, source, used)
+    qparams = _projection(tensors, RAG_QUESTION_ENCODER_PREFIX, qcfg, qparams, source, used)
+    gcfg = bart_config_from_hf(hf["generator"], **(generator_overrides or {}))
+    gparams = _bart_params(tensors, RAG_GENERATOR_PREFIX, gcfg, source, used)
+    check_unexpected(tensors, used, source)
+    return LoadedRag(
+        question_encoder=Loaded(qcfg, qparams, hf["question_encoder"]),
+        generator=Loaded(gcfg, gparams, hf["generator"]),
+        hf_config=hf,
+        directory=directory,
+    )
+
+
+def load(path: str) -> Loaded | LoadedRag:
+    """Loads whatever a directory holds: a RAG model, a BART generator or a BERT/DPR encoder."""
+    directory = hf_files.resolve(path)
+    model_type = hf_files.read_config(directory).get("model_type")
+    loaders: dict[str, Callable[[str], Any]] = {"rag": load_rag, "bart": load_bart, "bert": load_encoder,
+                                                "dpr": load_encoder}  # fmt: skip
+    if model_type not in loaders:
+        raise CheckpointError(
+            f"{directory}/config.json: unknown model_type {model_type!r}; rag_jax loads {sorted(loaders)}"
+        )
+    return loaders[model_type](directory)

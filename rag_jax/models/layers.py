@@ -1,0 +1,169 @@
+"""Building blocks shared by the BERT encoders and BART: dense layers, layer norm and attention.
+
+Every parameter carries logical axis names (see `rag_jax.sharding` for the rules that map them onto a mesh):
+  vocab, embed, mlp, heads, kv (per-head features), position, token_type.
+Activations carry logical constraints with: batch, length, embed, mlp, heads, kv, vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Additive attention bias for masked keys. Large and finite so that a row whose keys are all masked gives a
+# uniform (not NaN) distribution, as PyTorch's `finfo.min` masks do.
+MASK_VALUE = -1e9
+
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation function {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(
+    features: int | Sequence[int],
+    kernel_axes: Sequence[str | None],
+    *,
+    axis: int | Sequence[int] = -1,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    init_std: float,
+    name: str,
+    use_bias: bool = True,
+) -> nn.DenseGeneral:
+    """A `DenseGeneral` whose kernel and bias carry logical axis names.
+
+    The bias takes the kernel's output axes (those after the contracted input axes).
+    """
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(kernel_axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(kernel_axes[-n_out:])),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm computed in float32 with the exact (two-pass) variance, as PyTorch computes it."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def embedding(num: int, features: int, axes: tuple[str, str], param_dtype: Dtype, init_std: float, name: str):
+    return nn.Embed(
+        num_embeddings=num,
+        features=features,
+        param_dtype=param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
+        name=name,
+    )
+
+
+def padding_bias(mask_BxK: jax.Array) -> jax.Array:
+    """Additive attention bias (B, 1, 1, K) from a 0/1 key mask (B, K)."""
+    return jnp.where(mask_BxK[:, None, None, :] > 0, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def causal_bias(query_positions_Q: jax.Array, num_keys: int) -> jax.Array:
+    """Additive bias (1, 1, Q, K) letting the query at absolute position p see keys 0..p."""
+    keys_K = jnp.arange(num_keys)
+    allowed = keys_K[None, :] <= query_positions_Q[:, None]
+    return jnp.where(allowed, 0.0, MASK_VALUE)[None, None].astype(jnp.float32)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer for incremental decoding: (B, T_max, H, D) each."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with separate q/k/v/out projections (BERT and BART layout).
+
+    The query is scaled by head_dim**-0.5 after its projection, as BART does; for BERT (which scales the scores)
+    this is the same function. Softmax runs in float32.
+    """
+
+    num_heads: int
+    head_dim: int
+    features: int
+    dtype: Dtype
+    param_dtype: Dtype
+    init_std: float
+    dropout_rate: float = 0.0
+
+    def setup(self):
+        qkv = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        heads = (self.num_heads, self.head_dim)
+        self.query = dense(heads, ("embed", "heads", "kv"), name="query", **qkv)
+        self.key = dense(heads, ("embed", "heads", "kv"), name="key", **qkv)
+        self.value = dense(heads, ("embed", "heads", "kv"), name="value", **qkv)
+        self.out = dense(self.features, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **qkv)
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def project_kv(self, inputs_kv_BxKxE: jax.Array) -> KVCache:
+        """Keys and values (B, K, H, D) of `inputs_kv`; cross-attention computes them once per decode."""
+        k = constrain(self.key(inputs_kv_BxKxE), ("batch", "length", "heads", "kv"))
+        v = constrain(self.value(inputs_kv_BxKxE), ("batch", "length", "heads", "kv"))
+        return KVCache(k, v)
+
+    def __call__(
+        self,
+        inputs_q_BxQxE: jax.Array,
+        bias: jax.Array | None,
+        *,
+        inputs_kv_BxKxE: jax.Array | None = None,
+        kv: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Attends from `inputs_q` to keys/values given either as inputs (projected here) or as `kv`.
+
+        bias: additive, broadcastable to (B, H, Q, K), float32.
+        """
+        if kv is None:
+            kv = self.project_kv(inputs_q_BxQxE if inputs_kv_BxKxE is None else inputs_kv_BxKxE)
+        q = self.query(inputs_q_BxQxE) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        logits_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, kv.key.astype(self.dtype)).astype(jnp.float32)
+        if bias is not None:
+            logits_BxHxQxK = logits_BxHxQxK + bias
+        weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
+        weights = self.dropout(weights, deterministic=deterministic).astype(self.dtype)
+        out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", weights, kv.value.astype(self.dtype))
+        return self.out(out_BxQxHxD)

@@ -1,0 +1,74 @@
+"""Small random-weight Hugging Face models saved with `save_pretrained`: the parity references of the tests.
+
+Sizes are deliberately odd (hidden sizes not powers of two, odd intermediate sizes, unequal depths) so that a
+transposed kernel or a wrong head split cannot pass by symmetry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+ODD_BERT = dict(
+    vocab_size=97, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+    max_position_embeddings=40, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)  # fmt: skip
+ODD_BART = dict(
+    vocab_size=101, d_model=36, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+    decoder_attention_heads=3, encoder_ffn_dim=37, decoder_ffn_dim=41, max_position_embeddings=48,
+    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+)  # fmt: skip
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Gives every parameter (LayerNorm and biases included) random values, so none stays at 0 or 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+        for name, buffer in model.named_buffers():
+            if "final_logits_bias" in name:
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * std)
+    return model.eval()
+
+
+def bert_model(seed=0, **overrides) -> transformers.BertModel:
+    return randomize(transformers.BertModel(transformers.BertConfig(**{**ODD_BERT, **overrides})), seed)
+
+
+def dpr_config(**overrides) -> transformers.DPRConfig:
+    return transformers.DPRConfig(**{**ODD_BERT, **overrides})
+
+
+def dpr_question_encoder(seed=0, **overrides) -> transformers.DPRQuestionEncoder:
+    return randomize(transformers.DPRQuestionEncoder(dpr_config(**overrides)), seed)
+
+
+def dpr_context_encoder(seed=0, **overrides) -> transformers.DPRContextEncoder:
+    return randomize(transformers.DPRContextEncoder(dpr_config(**overrides)), seed)
+
+
+def bart_config(**overrides) -> transformers.BartConfig:
+    return transformers.BartConfig(**{**ODD_BART, **overrides})
+
+
+def bart_model(seed=0, **overrides) -> transformers.BartForConditionalGeneration:
+    return randomize(transformers.BartForConditionalGeneration(bart_config(**overrides)), seed)
+
+
+def padded_ids(rng: np.random.Generator, batch: int, length: int, vocab: int, pad: int, first: int | None = None):
+    """Random ids (B, L) with right padding of varied lengths (the first row unpadded) and their 0/1 mask."""
+    ids = rng.integers(3, vocab, size=(batch, length))
+    lengths = np.concatenate([[length], rng.integers(2, length, size=batch - 1)])
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask > 0, ids, pad)
+    if first is not None:
+        ids[:, 0] = first
+    return ids, mask
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
