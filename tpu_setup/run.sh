@@ -71,3 +71,6 @@ echo \"\$(hostname): started train_nq (pid \$!), log \$log\""
 
 rag_info "starting run '$run_name' on all workers of '$RAG_TPU_NAME': train_nq $(rag_show "${train_args[@]}")"
 rag_ssh all "$run_script"
+if [[ "$RAG_DRY_RUN" != 1 ]]; then
+  rag_info "follow it with tpu_setup/logs.sh (worker 0) or tpu_setup/logs.sh --worker=all; stop it with tpu_setup/stop.sh"
+fi
