@@ -1,0 +1,203 @@
+"""The RAG model: question encoder q(x), doc scores q(x)·d(z), BART over the K retrieved documents, and the
+RAG-Sequence / RAG-Token marginal negative log-likelihoods of Lewis et al. (2020).
+
+Parameters are one tree {"question_encoder": ..., "generator": ...}. The document encoder is not part of it: the
+retrieved documents' embeddings arrive precomputed, so the question encoder gets its gradient only through the
+doc scores, as in the paper and the reference.
+
+The losses follow `transformers`' RagSequenceForGeneration.get_nll / RagTokenForGeneration.get_nll, quirks included
+(each is marked "reference quirk").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax.context import ContextFormat
+from rag_jax.models import bart, bert
+from rag_jax.models.layers import constrain
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RagConfig:
+    """The RAG-level settings of a checkpoint (Hugging Face's RagConfig fields of the same names)."""
+
+    n_docs: int = 5
+    label_smoothing: float = 0.0
+    exclude_bos_score: bool = False
+    reduce_loss: bool = False
+    do_deduplication: bool = True
+    context: ContextFormat = ContextFormat()
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "RagConfig":
+        fields = dict(
+            n_docs=hf.get("n_docs", 5),
+            label_smoothing=hf.get("label_smoothing", 0.0),
+            exclude_bos_score=hf.get("exclude_bos_score", False),
+            reduce_loss=hf.get("reduce_loss", False),
+            do_deduplication=hf.get("do_deduplication", True),
+            context=ContextFormat(
+                title_sep=hf.get("title_sep", " / "),
+                doc_sep=hf.get("doc_sep", " // "),
+                max_combined_length=hf.get("max_combined_length", 300),
+                prefix=hf.get("generator", {}).get("prefix") or "",
+            ),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rag:
+    """The two trained networks of RAG and its settings; methods are pure functions of the parameters."""
+
+    question_encoder_config: bert.BertConfig
+    generator_config: bart.BartConfig
+    config: RagConfig = RagConfig()
+
+    @property
+    def question_encoder(self) -> bert.BertEncoder:
+        return bert.BertEncoder(self.question_encoder_config)
+
+    @property
+    def generator(self) -> bart.Bart:
+        return bart.Bart(self.generator_config)
+
+    def encode_questions(self, params: Params, input_ids_BxL, attention_mask_BxL, *, dropout_rng=None) -> jax.Array:
+        """q(x): the pooled question vectors (B, D), float32."""
+        _, q_BxD = self.question_encoder.apply(
+            {"params": params["question_encoder"]},
+            input_ids_BxL,
+            attention_mask_BxL,
+            deterministic=dropout_rng is None,
+            rngs=_rngs(dropout_rng),
+        )
+        return q_BxD
+
+    def generator_logits(
+        self,
+        params: Params,
+        context_input_ids_BKxS,
+        context_attention_mask_BKxS,
+        decoder_input_ids_BxT,
+        *,
+        dropout_rng=None,
+    ) -> jax.Array:
+        """Logits (B, K, T, V) of the generator over each question's K contexts (float32)."""
+        bk = context_input_ids_BKxS.shape[0]
+        batch = decoder_input_ids_BxT.shape[0]
+        n_docs = bk // batch
+        decoder_ids = jnp.repeat(decoder_input_ids_BxT, n_docs, axis=0)  # the reference's repeat_interleave
+        logits = self.generator.apply(
+            {"params": params["generator"]},
+            context_input_ids_BKxS,
+            context_attention_mask_BKxS,
+            decoder_ids,
+            deterministic=dropout_rng is None,
+            rngs=_rngs(dropout_rng),
+        )
+        logits = logits.reshape(batch, n_docs, *logits.shape[1:])
+        return constrain(logits, ("batch", "docs", "length", "vocab"))
+
+
+def _rngs(dropout_rng):
+    return {} if dropout_rng is None else {"dropout": dropout_rng}
+
+
+def doc_scores(q_BxD: jax.Array, doc_embeds_BxKxD: jax.Array) -> jax.Array:
+    """q(x)·d(z) for the retrieved documents (B, K); gradients flow into q only (d is precomputed)."""
+    doc_embeds_BxKxD = jax.lax.stop_gradient(doc_embeds_BxKxD.astype(jnp.float32))
+    return jnp.einsum("bd,bkd->bk", q_BxD.astype(jnp.float32), doc_embeds_BxKxD)
+
+
+def shift_left(labels_BxT: jax.Array, pad_token_id: int) -> jax.Array:
+    """The targets of decoder inputs `labels`: labels[:, 1:] followed by a pad (the reference's shift)."""
+    return jnp.concatenate([labels_BxT[:, 1:], jnp.full_like(labels_BxT[:, :1], pad_token_id)], axis=1)
+
+
+def _token_log_probs(logits_BxKxTxV: jax.Array, target_BxT: jax.Array):
+    """log p(target) (B, K, T) and the vocabulary sum of log-probabilities (B, K, T), without materialising the
+    (B, K, T, V) log-softmax a second time."""
+    logits_BxKxTxV = logits_BxKxTxV.astype(jnp.float32)
+    lse_BxKxT = jax.nn.logsumexp(logits_BxKxTxV, axis=-1)
+    target_BxKxT = jnp.broadcast_to(target_BxT[:, None, :], lse_BxKxT.shape)
+    picked = jnp.take_along_axis(logits_BxKxTxV, target_BxKxT[..., None], axis=-1)[..., 0]
+    vocab = logits_BxKxTxV.shape[-1]
+    return picked - lse_BxKxT, logits_BxKxTxV.sum(-1) - vocab * lse_BxKxT
+
+
+def _smoothed(nll_B, smooth_B, epsilon: float, vocab: int, reduce: bool):
+    if reduce:
+        nll_B, smooth_B = nll_B.sum(), smooth_B.sum()
+    return (1.0 - epsilon) * nll_B + (epsilon / vocab) * smooth_B
+
+
+def rag_sequence_nll(
+    logits_BxKxTxV: jax.Array,
+    doc_scores_BxK: jax.Array,
+    decoder_input_ids_BxT: jax.Array,
+    *,
+    pad_token_id: int,
+    bos_token_id: int | None = 0,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    reduce: bool = False,
+    doc_prior_position: int = 1,
+) -> jax.Array:
+    """-log Σ_z p(z|x) Π_t p(y_t|x,z,y_<t), per example (B,) or summed when `reduce`.
+
+    Reference quirks kept: the doc log-prior is added at target position `doc_prior_position` = 1 (not 0), so it
+    is lost when that position is a pad (a one-token answer then gets -log Σ_z p(y|z), no prior); pass 0 for the
+    paper's formula, which is the same wherever the first target is not a pad. Also: `exclude_bos_score` drops position 0 only when every row's first target is BOS; label
+    smoothing uses -logsumexp over docs of the vocabulary-summed log-probabilities, which count the prior V times.
+    """
+    target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
+    token_ll_BxKxT, vocab_sum_BxKxT = _token_log_probs(logits_BxKxTxV, target_BxT)
+    vocab = logits_BxKxTxV.shape[-1]
+    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    at_prior = (jnp.arange(target_BxT.shape[1]) == doc_prior_position)[None, None, :]
+    token_ll_BxKxT = token_ll_BxKxT + jnp.where(at_prior, doc_lp_BxK[..., None], 0.0)
+    vocab_sum_BxKxT = vocab_sum_BxKxT + jnp.where(at_prior, vocab * doc_lp_BxK[..., None], 0.0)
+    keep_BxT = target_BxT != pad_token_id
+    token_ll_BxKxT = jnp.where(keep_BxT[:, None], token_ll_BxKxT, 0.0)
+    vocab_sum_BxKxT = jnp.where(keep_BxT[:, None], vocab_sum_BxKxT, 0.0)
+    if exclude_bos_score and bos_token_id is not None:
+        use_bos = jnp.all(target_BxT[:, 0] == bos_token_id)  # reference quirk: all rows or none
+        token_ll_BxKxT = token_ll_BxKxT.at[:, :, 0].multiply(jnp.where(use_bos, 0.0, 1.0))
+    ll_B = jax.nn.logsumexp(token_ll_BxKxT.sum(-1), axis=1)
+    smooth_B = jax.nn.logsumexp(vocab_sum_BxKxT.sum(-1), axis=1)
+    return _smoothed(-ll_B, -smooth_B, epsilon, vocab, reduce)
+
+
+def rag_token_log_probs(logits_BxKxTxV: jax.Array, doc_scores_BxK: jax.Array) -> jax.Array:
+    """log Σ_z p(z|x) p(y_t|x,z,y_<t) for every vocabulary entry: (B, T, V)."""
+    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    seq_lp = jax.nn.log_softmax(logits_BxKxTxV.astype(jnp.float32), axis=-1)
+    return jax.nn.logsumexp(seq_lp + doc_lp_BxK[:, :, None, None], axis=1)
+
+
+def rag_token_nll(
+    logits_BxKxTxV: jax.Array,
+    doc_scores_BxK: jax.Array,
+    labels_BxT: jax.Array,
+    *,
+    pad_token_id: int,
+    epsilon: float = 0.0,
+    reduce: bool = False,
+) -> jax.Array:
+    """-Σ_t log Σ_z p(z|x) p(y_t|x,z,y_<t), per example (B,) or summed when `reduce`."""
+    target_BxT = shift_left(labels_BxT, pad_token_id)
+    marginal_BxTxV = rag_token_log_probs(logits_BxKxTxV, doc_scores_BxK)
+    ll_BxT = jnp.take_along_axis(marginal_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
+    smooth_BxT = marginal_BxTxV.sum(-1)
+    keep_BxT = target_BxT != pad_token_id
+    ll_B = jnp.where(keep_BxT, ll_BxT, 0.0).sum(-1)
+    smooth_B = jnp.where(keep_BxT, smooth_BxT, 0.0).sum(-1)
+    return _smoothed(-ll_B, -smooth_B, epsilon, logits_BxKxTxV.shape[-1], reduce)

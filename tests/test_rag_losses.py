@@ -1,0 +1,155 @@
+"""RAG-Sequence / RAG-Token losses and their gradients against transformers' RagSequenceForGeneration and
+RagTokenForGeneration on identical random weights, plus the properties the marginal likelihoods must have."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rag_jax import rag
+from rag_jax.models import hf
+from tests import hf_models
+from tests.hf_models import relative_error
+
+N_DOCS, BATCH = 3, 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random RAG checkpoint (odd sizes) saved with save_pretrained, and its PyTorch twin."""
+    directory = tmp_path_factory.mktemp("rag")
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        hf_models.dpr_config(), hf_models.bart_config(), n_docs=N_DOCS
+    )
+    # std 1.0: with small weights every context gives nearly the same likelihood, and the doc-score gradient
+    # (posterior - prior) would be float32 cancellation noise instead of a signal.
+    reference = hf_models.randomize(transformers.RagSequenceForGeneration(config), seed=11, std=1.0)
+    reference.save_pretrained(directory)
+    return str(directory)
+
+
+def _inputs(seed=0, target=6):
+    rng = np.random.default_rng(seed)
+    q_ids, q_mask = hf_models.padded_ids(rng, BATCH, 9, vocab=97, pad=0, first=2)
+    ctx_ids, ctx_mask = hf_models.padded_ids(rng, BATCH * N_DOCS, 12, vocab=101, pad=1)
+    labels, _ = hf_models.padded_ids(rng, BATCH, target, vocab=101, pad=1, first=0)  # <s> answer ... pads
+    doc_embeds = (rng.normal(size=(BATCH, N_DOCS, 36)) * 0.05).astype(np.float32)
+    return q_ids, q_mask, ctx_ids, ctx_mask, labels, doc_embeds
+
+
+def _reference_loss(reference_cls, directory, inputs, **kwargs):
+    """The reference's loss and its gradient w.r.t. the question encoder's word embeddings."""
+    q_ids, q_mask, ctx_ids, ctx_mask, labels, doc_embeds = map(torch.as_tensor, inputs)
+    model = reference_cls.from_pretrained(directory).eval()
+    q = model.question_encoder(q_ids, attention_mask=q_mask).pooler_output
+    scores = torch.bmm(q.unsqueeze(1), doc_embeds.transpose(1, 2)).squeeze(1)
+    out = model(context_input_ids=ctx_ids, context_attention_mask=ctx_mask, doc_scores=scores, labels=labels, **kwargs)
+    out.loss.sum().backward()
+    grad = model.question_encoder.question_encoder.bert_model.embeddings.word_embeddings.weight.grad
+    return out.loss.detach().numpy(), grad.numpy()
+
+
+def _our_loss(directory, inputs, loss_fn):
+    q_ids, q_mask, ctx_ids, ctx_mask, labels, doc_embeds = inputs
+    loaded = hf.load_rag(directory)
+    model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
+    params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
+
+    def loss(params):
+        q = model.encode_questions(params, q_ids, q_mask)
+        scores = rag.doc_scores(q, doc_embeds)
+        logits = model.generator_logits(params, ctx_ids, ctx_mask, labels)
+        per_example = loss_fn(logits, scores, labels)
+        return per_example.sum(), per_example
+
+    (_, per_example), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return np.asarray(per_example), np.asarray(grads["question_encoder"]["word"]["embedding"])
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("exclude_bos_score", [False, True])
+def test_rag_sequence_loss_and_gradient_match_reference(checkpoint, epsilon, exclude_bos_score):
+    inputs = _inputs(seed=1)
+    if exclude_bos_score:  # generate-style labels [</s>, <s>, ...]: the case where the BOS score is dropped
+        inputs[4][:, :2] = [2, 0]
+    ref_loss, ref_grad = _reference_loss_with_smoothing(
+        transformers.RagSequenceForGeneration, checkpoint, inputs, epsilon, exclude_bos_score=exclude_bos_score
+    )
+    loss, grad = _our_loss(
+        checkpoint,
+        inputs,
+        lambda logits, scores, labels: rag.rag_sequence_nll(
+            logits, scores, labels, pad_token_id=1, epsilon=epsilon, exclude_bos_score=exclude_bos_score
+        ),
+    )
+    assert relative_error(loss, ref_loss) <= 1e-5
+    assert relative_error(grad, ref_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_rag_token_loss_and_gradient_match_reference(checkpoint, epsilon):
+    inputs = _inputs(seed=2)
+    ref_loss, ref_grad = _reference_loss_with_smoothing(transformers.RagTokenForGeneration, checkpoint, inputs, epsilon)
+    loss, grad = _our_loss(
+        checkpoint,
+        inputs,
+        lambda logits, scores, labels: rag.rag_token_nll(logits, scores, labels, pad_token_id=1, epsilon=epsilon),
+    )
+    assert relative_error(loss, ref_loss) <= 1e-5
+    assert relative_error(grad, ref_grad) <= 1e-4
+
+
+def _reference_loss_with_smoothing(cls, directory, inputs, epsilon, **kwargs):
+    """The reference reads label smoothing from its config only: save a copy with `epsilon` set."""
+    original = transformers.RagConfig.from_pretrained(directory)
+    original.label_smoothing = epsilon
+    scratch = directory + f"-eps{epsilon}"
+    cls.from_pretrained(directory, config=original).save_pretrained(scratch)
+    return _reference_loss(cls, scratch, inputs, **kwargs)
+
+
+def _random_logits(seed, batch=3, docs=4, length=5, vocab=11):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(batch, docs, length, vocab)) * 3, jnp.float32)
+    scores = jnp.asarray(rng.normal(size=(batch, docs)) * 2, jnp.float32)
+    labels = jnp.asarray(rng.integers(3, vocab, size=(batch, length)))
+    return logits, scores, labels
+
+
+def _plain_seq2seq_nll(logits_BxTxV, labels_BxT, pad):
+    target = rag.shift_left(labels_BxT, pad)
+    lp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+    ll = jnp.take_along_axis(lp, target[..., None], axis=-1)[..., 0]
+    return -jnp.where(target != pad, ll, 0.0).sum(-1)
+
+
+def test_one_document_losses_equal_plain_seq2seq_loss():
+    logits, scores, labels = _random_logits(3, docs=1)
+    labels = labels.at[1, 3:].set(1)  # padding present
+    expected = _plain_seq2seq_nll(logits[:, 0], labels, pad=1)
+    np.testing.assert_allclose(rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
+    np.testing.assert_allclose(rag.rag_token_nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
+
+
+def test_sequence_and_token_agree_on_one_token_targets():
+    logits, scores, labels = _random_logits(4, length=2)
+    labels = labels.at[:, 1].set(7)  # decoder inputs [x, 7] -> target [7, pad]: one scored token
+    doc_lp = jax.nn.log_softmax(scores, axis=-1)
+    token_lp = jax.nn.log_softmax(logits[:, :, 0], axis=-1)[..., 7]
+    marginal = -jax.nn.logsumexp(doc_lp + token_lp, axis=1)
+    tok = rag.rag_token_nll(logits, scores, labels, pad_token_id=1)
+    paper = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
+    np.testing.assert_allclose(tok, marginal, rtol=1e-6)
+    np.testing.assert_allclose(paper, marginal, rtol=1e-6)
+    # The reference's default puts the prior at target position 1, a pad here, so it drops out.
+    quirk = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1)
+    np.testing.assert_allclose(quirk, -jax.nn.logsumexp(token_lp, axis=1), rtol=1e-6)
+
+
+def test_prior_position_is_irrelevant_when_both_positions_are_scored():
+    logits, scores, labels = _random_logits(5, length=5)
+    reference = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1)
+    paper = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
+    np.testing.assert_allclose(reference, paper, rtol=1e-6)
