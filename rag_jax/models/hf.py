@@ -2,7 +2,9 @@
 
 Each architecture has one table of (Hugging Face tensor name, rag_jax parameter path, layout); the same table
 serves import and export, so the two cannot drift apart. Layouts:
-  "copy"   same data, possibly reshaped (biases of attention heads: (H*D,) <-> (H, D)),
+  "copy"   the same array,
+  "flat"   Hugging Face keeps it 1-D, rag_jax may split it (attention biases: (H*D,) <-> (H, D)),
+  "row"    Hugging Face keeps a (1, N) row, rag_jax a vector (N,) (BART's final_logits_bias),
   "linear" a torch Linear weight (out, in) <-> a kernel (in..., out...); `n_in` input axes on our side.
 """
 
@@ -24,12 +26,12 @@ from rag_jax.models.hf_files import CheckpointError
 class Entry:
     hf_name: str  # without the checkpoint's prefix
     path: tuple[str, ...]  # path in the rag_jax parameter tree
-    layout: str = "copy"  # "copy" or "linear"
+    layout: str = "copy"  # "copy", "flat", "row" or "linear"
     n_in: int = 1  # number of input axes of a "linear" kernel on the rag_jax side
 
 
 def _linear(hf: str, path: tuple[str, ...], n_in: int = 1) -> list[Entry]:
-    return [Entry(f"{hf}.weight", path + ("kernel",), "linear", n_in), Entry(f"{hf}.bias", path + ("bias",))]
+    return [Entry(f"{hf}.weight", path + ("kernel",), "linear", n_in), Entry(f"{hf}.bias", path + ("bias",), "flat")]
 
 
 def _norm(hf: str, path: tuple[str, ...]) -> list[Entry]:
@@ -68,7 +70,7 @@ def bert_table(cfg: bert.BertConfig) -> list[Entry]:
 def bart_table(cfg: bart.BartConfig) -> list[Entry]:
     table = [
         Entry("model.shared.weight", ("shared", "embedding")),
-        Entry("final_logits_bias", ("final_logits_bias",)),
+        Entry("final_logits_bias", ("final_logits_bias",), "row"),
     ]
     attention_names = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
     for side, n_layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
@@ -168,6 +170,17 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
+    """The inverse of `_to_ours`."""
+    if entry.layout == "linear":
+        return array.reshape(int(np.prod(array.shape[: entry.n_in])), -1).T
+    if entry.layout == "flat":
+        return array.reshape(-1)
+    if entry.layout == "row":
+        return array.reshape(1, -1)
+    return array
+
+
 def _to_ours(array: np.ndarray, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
     transposed = array.T if entry.layout == "linear" else array
     # A transposed kernel of the wrong size can still have the right number of values: compare the split too.
@@ -175,13 +188,6 @@ def _to_ours(array: np.ndarray, entry: Entry, shape: tuple[int, ...]) -> np.ndar
     if array.size != int(np.prod(shape)) or (expected_out is not None and array.shape[0] != expected_out):
         raise ValueError(f"has shape {tuple(array.shape)}, which does not fit rag_jax's {shape}")
     return transposed.reshape(shape)
-
-
-def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
-    if entry.layout == "linear":
-        in_size = int(np.prod(array.shape[: entry.n_in]))
-        return array.reshape(in_size, -1).T
-    return array.reshape(-1) if array.ndim == 2 and entry.hf_name.endswith(".bias") else array
 
 
 def convert(
@@ -393,3 +399,49 @@ def load(path: str) -> Loaded | LoadedRag:
             f"{directory}/config.json: unknown model_type {model_type!r}; rag_jax loads {sorted(loaders)}"
         )
     return loaders[model_type](directory)
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def export_tensors(params: dict[str, Any], table: list[Entry], prefix: str) -> dict[str, np.ndarray]:
+    """{Hugging Face name: array} for rag_jax parameters: the inverse of `convert` (float32)."""
+    return {
+        prefix + e.hf_name: np.ascontiguousarray(_to_hf(np.asarray(_get(params, e.path), np.float32), e))
+        for e in table
+    }
+
+
+def encoder_tensors(cfg: bert.BertConfig, params: dict[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    """A BERT/DPR encoder's tensors; `prefix` is what precedes `bert_model.` (DPR) in the target layout."""
+    tensors = export_tensors(params, bert_table(cfg), prefix + "bert_model.")
+    if cfg.projection_dim:
+        tensors.update(export_tensors(params, _linear("encode_proj", ("projection",)), prefix))
+    return tensors
+
+
+def dpr_config_dict(cfg: bert.BertConfig) -> dict[str, Any]:
+    """DPRConfig fields for an encoder; only [CLS] pooling exists in DPR."""
+    if cfg.pooling != "cls":
+        raise CheckpointError(f"only 'cls' pooling can be exported as a DPR encoder, this one uses {cfg.pooling!r}")
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+        hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+        projection_dim=cfg.projection_dim,
+    )  # fmt: skip
+
+
+def bart_config_dict(cfg: bart.BartConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.encoder_heads,
+        decoder_attention_heads=cfg.decoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
+        decoder_ffn_dim=cfg.decoder_ffn_dim, max_position_embeddings=cfg.max_position_embeddings,
+        activation_function=cfg.activation_function, scale_embedding=cfg.scale_embedding, dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout, init_std=cfg.init_std,
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        decoder_start_token_id=cfg.decoder_start_token_id,
+    )  # fmt: skip
