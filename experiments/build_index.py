@@ -5,6 +5,12 @@
 
 --encoder is a Hugging Face DPRContextEncoder (or BERT) directory; --passages a DPR psgs_w100.tsv-style TSV or a
 JSONL file of {"id", "title", "text"}. Rerunning the same command after an interruption resumes.
+
+Several hosts: on a multi-host TPU slice every worker runs the same command (jax.distributed finds its peers;
+elsewhere pass --coordinator_address, --num_processes and --process_id); each host embeds and writes only its own
+rows of --output (a shared filesystem or each host's own disk). Without a JAX job, --num_hosts=H --host_index=h
+builds host h's part alone (separate machines, or one machine running h = 0..H-1 in turn); the run that
+completes the last part writes index.json.
 """
 
 import os
@@ -27,7 +33,26 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Passages per encoder call
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 256, "Maximum tokens of title + text.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 100_000, "Passages per embeddings shard file.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "Storage dtype of embeddings.")
+_HOST_INDEX = flags.DEFINE_integer("host_index", None, "Build only this host's part (with --num_hosts), no JAX job.")
+_NUM_HOSTS = flags.DEFINE_integer("num_hosts", None, "Hosts the index is split over; default: the JAX job's processes.")
+_DEVICES_PER_HOST = flags.DEFINE_integer(
+    "devices_per_host", None, "Accelerators per host of the job that will load the index; default: this host's."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["encoder", "passages", "output"])
+
+
+def _init_distributed() -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators ignore it
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice: peers from the environment
+        jax.distributed.initialize()
 
 
 def tokenizer_for(encoder_dir: str, override: str | None):
@@ -40,6 +65,11 @@ def tokenizer_for(encoder_dir: str, override: str | None):
 def main(argv):
     del argv
 
+    if (_HOST_INDEX.value is None) != (_NUM_HOSTS.value is None):
+        raise app.UsageError("--host_index and --num_hosts go together (or leave both to the JAX job)")
+    if _HOST_INDEX.value is None:
+        _init_distributed()
+
     def build():
         encoder = hf.load_encoder(_ENCODER.value)
         tokenizer = tokenizer_for(_ENCODER.value, _TOKENIZER.value)
@@ -51,9 +81,11 @@ def main(argv):
         index = embed.build_index(
             encoder.config, encoder.params, tokenizer, _PASSAGES.value, _OUTPUT.value,
             batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, shard_size=_SHARD_SIZE.value,
-            dtype=_DTYPE.value, backend=_BACKEND.value,
+            dtype=_DTYPE.value, backend=_BACKEND.value, host_index=_HOST_INDEX.value, num_hosts=_NUM_HOSTS.value,
+            devices_per_host=_DEVICES_PER_HOST.value,
         )  # fmt: skip
-        print(f"index: {_OUTPUT.value} ({index.num_passages} passages x {index.dim}, encoder {index.encoder_id})")
+        if index is not None:
+            print(f"index: {_OUTPUT.value} ({index.num_passages} passages x {index.dim}, encoder {index.encoder_id})")
 
     cli.run(build)
 

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -235,15 +236,21 @@ def _line_of_offset(path, offset: int) -> int:
   return count + 1
 
 
+def _tmp_name(path: str) -> str:
+  # Unique per writer: hosts sharing a filesystem may write the same file (same content) at the same time,
+  # and each must rename its own whole copy into place, never one another's half-written one.
+  return f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+
+
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp"
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     np.save(f, array)
   os.replace(tmp, path)
 
 
 def _atomic_write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
+  tmp = _tmp_name(path)
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)

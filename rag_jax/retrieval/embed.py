@@ -7,18 +7,19 @@ per bucket, not once per batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
-import json
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from rag_jax.models import bert
-from rag_jax.retrieval import corpus, index_io, scann_backend
+from rag_jax.retrieval import corpus, index_io, multihost, scann_backend
 
 BUCKET = 64  # sequence lengths are rounded up to a multiple of this
 
@@ -55,8 +56,10 @@ def tokenize_passages(tokenizer, passages: Sequence[corpus.Passage], rows: int, 
     return batch
 
 
+@functools.lru_cache(maxsize=8)
 def make_encode_fn(config: bert.BertConfig):
-    """A jitted function (params, batch) -> pooled vectors (B, D) float32."""
+    """A jitted function (params, batch) -> pooled vectors (B, D) float32 (one per config, so its compilations are
+    reused by later build_index calls in the same process)."""
     module = bert.BertEncoder(config)
 
     @jax.jit
@@ -89,37 +92,76 @@ def build_index(
     dtype: str = "float32",
     backend: str = "exact",
     progress: bool = True,
-) -> index_io.Index:
+    host_index: int | None = None,
+    num_hosts: int | None = None,
+    devices_per_host: int | None = None,
+) -> index_io.Index | None:
     """Embeds `passages_path` into `output_dir`, resuming after the last complete shard; returns the loaded index.
 
-    `backend="scann"` also builds and saves a ScaNN searcher in the index directory.
+    On a multi-host JAX job (jax.process_count() > 1, host arguments left None) every host runs this at once:
+    each embeds and writes only its own rows (index_io.host_rows, placed for devices_per_host =
+    jax.local_device_count()), the hosts meet at a barrier, each writes index.json (identical content, so a shared
+    filesystem and per-host disks both work) and returns the index, having checked it can read its own rows.
+    host_index / num_hosts given explicitly build one host's part without JAX collectives (separate jobs, or one
+    machine building every part in turn): the call that completes the last part writes index.json and returns
+    the index, earlier ones return None.
+
+    `backend="scann"` also builds and saves a ScaNN searcher: over the whole index on one host, over each host's
+    own rows (multihost.MultiHostScannSearcher) on several.
     """
     if backend not in ("exact", "scann"):
         raise ValueError(f"backend must be 'exact' or 'scann', got {backend!r}")
+    collective = host_index is None and num_hosts is None and jax.process_count() > 1
+    host_index = jax.process_index() if host_index is None else host_index
+    num_hosts = jax.process_count() if num_hosts is None else num_hosts
+    if devices_per_host is None:
+        devices_per_host = jax.local_device_count() if num_hosts > 1 else 1
     encoder_id = encoder_id or encoder_fingerprint(config, params)
     writer = index_io.IndexWriter(
-        output_dir, encoder_id, config.output_dim, None, shard_size, passages_path, dtype=dtype
-    )
+        output_dir, encoder_id, config.output_dim, None, shard_size, passages_path, dtype=dtype,
+        host_index=host_index, num_hosts=num_hosts, devices_per_host=devices_per_host,
+    )  # fmt: skip
     encode = make_encode_fn(config)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params))
     start = writer.rows_done
-    todo = writer.num_passages - start
-    bar = tqdm.tqdm(total=todo, desc="embedding passages", unit="psg", disable=not progress or todo == 0)
-    for chunk in _batches(writer.passages.iter_passages(start), batch_size):
+    todo = writer.stop_row - start
+    desc = "embedding passages" + (f" (host {host_index} of {num_hosts})" if num_hosts > 1 else "")
+    bar = tqdm.tqdm(total=todo, desc=desc, unit="psg", disable=not progress or todo == 0)
+    for chunk in _batches(writer.passages.iter_passages(start, writer.stop_row), batch_size):
         batch = tokenize_passages(tokenizer, chunk, batch_size, max_length)
         vectors = np.asarray(encode(params, batch))[: len(chunk)]
         writer.write(vectors)
         bar.update(len(chunk))
     bar.close()
     writer.finalize()
-    index = index_io.load_index(output_dir, expected_encoder=encoder_id)
-    if backend == "scann":
-        scann_backend.build_scann_index(index)
     _record_encoder_config(output_dir, config, max_length)
+    if collective:
+        multihost_utils.sync_global_devices("rag_jax build_index: every host's part is written")
+        if not writer.index_written:  # Every host writes it: hosts may not share a filesystem.
+            writer.write_index_metadata()
+    elif not writer.index_written:
+        print(f"build_index: host {host_index} of {num_hosts} wrote rows [{writer.start_row}, {writer.stop_row}) "
+              f"of {output_dir}; index.json follows when the last host finishes")
+        return None
+    if num_hosts == 1:
+        index = index_io.load_index(output_dir, expected_encoder=encoder_id)
+        if backend == "scann":
+            scann_backend.build_scann_index(index)
+        return index
+    index = index_io.load_index(output_dir, expected_encoder=encoder_id, check_shards=False)
+    problem = multihost.local_index_problem(index, [(writer.start_row, writer.stop_row)])
+    if collective:
+        multihost.agree_or_raise(problem, f"build_index {output_dir}")
+    elif problem:
+        raise index_io.IndexFormatError(problem)
+    if backend == "scann":
+        multihost.MultiHostScannSearcher.load_or_build(index, host_index=host_index, num_hosts=num_hosts)
     return index
 
 
 def _record_encoder_config(output_dir: str, config: bert.BertConfig, max_length: int) -> None:
     """Keeps how passages were tokenised beside the embeddings (for users; loading does not depend on it)."""
-    with open(f"{output_dir}/encoder.json", "w") as f:
-        json.dump({"bert_config": {k: str(v) for k, v in vars(config).items()}, "max_length": max_length}, f, indent=2)
+    corpus._atomic_write_json(  # Atomic: every host of a multi-host build writes the same file.
+        f"{output_dir}/encoder.json",
+        {"bert_config": {k: str(v) for k, v in vars(config).items()}, "max_length": max_length},
+    )

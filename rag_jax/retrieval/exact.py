@@ -5,6 +5,11 @@ what the MXU does well). The sharded search computes each device's local top-k o
 and takes the global top-k of the gathered candidates, so it returns the same rows as the one-device search
 (up to ties) while every device only holds N / num_shards rows. On TPU the local step uses
 `jax.lax.approx_max_k` (the TPU-optimised partial reduction, recall-targeted against the global N).
+
+The jitted searches take the embeddings as an argument, never as a constant, so `swap_index` can put another
+index of the same N x D and dtype in place between evaluations (the paper's 2016 vs 2018 Wikipedia) without a
+recompilation. On several hosts, loading goes through `multihost.device_put_rows`: each host reads only its
+devices' rows and all hosts fail together if one cannot.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rag_jax.retrieval import merge
+from rag_jax.retrieval import index_io, merge, multihost
 
 Precision = jax.lax.Precision
 
@@ -87,22 +93,42 @@ def make_sharded_topk(mesh: Mesh, k: int, num_valid: int, *, corpus_axes: str | 
   search = jax.shard_map(local_then_global_topk, mesh=mesh, in_specs=(q_spec, P(corpus_axes, None)),
                          out_specs=(q_spec, q_spec), check_vma=False)
 
+  # Explicit mesh axes take jax.reshard; Auto ones (a GSPMD training step) take a sharding constraint.
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  place = jax.reshard if explicit else jax.lax.with_sharding_constraint
+
   def sharded_topk(q_QxD, emb_NxD):
-    q_QxD = jax.reshard(q_QxD, NamedSharding(mesh, q_spec))
-    emb_NxD = jax.reshard(emb_NxD, NamedSharding(mesh, P(corpus_axes, None)))
+    q_QxD = place(q_QxD, NamedSharding(mesh, q_spec))
+    emb_NxD = place(emb_NxD, NamedSharding(mesh, P(corpus_axes, None)))
     return search(q_QxD, emb_NxD)
 
   return sharded_topk
 
 
-def _as_rows_reader(embeddings) -> tuple[int, int, object, Callable[[int, int], np.ndarray]]:
+def _as_rows_reader(embeddings) -> tuple[int, int, np.dtype, Callable[[int, int], np.ndarray]]:
   """(N, D, dtype, read(start, stop)) for an ndarray/memmap/jax array or a loaded index_io.Index."""
-  if hasattr(embeddings, "read_rows") and hasattr(embeddings, "shards"):
-    dtype = embeddings.shards[0].dtype if embeddings.shards else np.float32
-    return embeddings.num_passages, embeddings.dim, dtype, embeddings.read_rows
+  if isinstance(embeddings, index_io.Index):
+    return embeddings.num_passages, embeddings.dim, embeddings.dtype, embeddings.read_rows
   if getattr(embeddings, "ndim", None) != 2:
     raise merge.SearchError(f"embeddings must be an N x D array or a loaded Index, got {type(embeddings)}")
-  return embeddings.shape[0], embeddings.shape[1], embeddings.dtype, lambda a, b: np.asarray(embeddings[a:b])
+  return (embeddings.shape[0], embeddings.shape[1], np.dtype(embeddings.dtype),
+          lambda a, b: np.asarray(embeddings[a:b]))
+
+
+def _check_swap(old_NxD: jax.Array, num_passages: int, dim: int, new, n: int, d: int, dtype: np.dtype) -> None:
+  if (n, d, np.dtype(dtype)) != (num_passages, dim, np.dtype(old_NxD.dtype)):
+    where = new.index_dir if isinstance(new, index_io.Index) else "the new embeddings"
+    raise merge.SearchError(
+        f"swap_index: {where} holds {n} x {d} {np.dtype(dtype)} embeddings, but this searcher's search was "
+        f"compiled for {num_passages} x {dim} {np.dtype(old_NxD.dtype)}; build a new searcher for it (its search "
+        "compiles anew), or rebuild the index with the same number of passages, dimension and dtype")
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+  """A search result as numpy on every host (gathered when it is split over hosts' devices)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class ExactSearcher:
@@ -112,10 +138,22 @@ class ExactSearcher:
     """embeddings: N x D array (numpy, memmap, jax) or a loaded Index; dtype casts it on the way in."""
     n, self.dim, _, read = _as_rows_reader(embeddings)
     self.num_passages = n
+    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+    self._device, self._dtype = device, dtype
     emb = read(0, n)
     self.embeddings_NxD = jax.device_put(emb if dtype is None else emb.astype(dtype), device)
     self._topk = jax.jit(exact_topk, static_argnames=("k", "precision", "num_valid"))
     self._precision = precision
+
+  def swap_index(self, embeddings) -> None:
+    """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
+    recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise)."""
+    n, d, stored, read = _as_rows_reader(embeddings)
+    _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
+                stored if self._dtype is None else self._dtype)
+    emb = read(0, n)
+    self.embeddings_NxD = jax.device_put(emb if self._dtype is None else emb.astype(self._dtype), self._device)
+    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
 
   def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
     """Like search() but leaves the results on device as jax arrays."""
@@ -133,7 +171,10 @@ class ShardedExactSearcher:
   """Exact MIPS with the corpus split over the `corpus_axes` of a mesh (rows padded to a multiple of shards).
 
   Each process only reads the rows of its own devices (via jax.make_array_from_callback), so on a TPU pod the
-  index never has to fit in one host's memory.
+  index never has to fit in one host's memory; with a loaded Index every host first checks its own shard files
+  and all hosts raise the same error if one of them cannot read its rows. The jitted search takes the embeddings
+  as an argument, so `swap_index` replaces them without recompiling. With several processes, every process
+  calls search() with the same queries.
   """
 
   def __init__(self, embeddings, mesh: Mesh, *, corpus_axes: str | Sequence[str] = "corpus",
@@ -141,42 +182,48 @@ class ShardedExactSearcher:
                precision=Precision.HIGHEST):
     """embeddings: N x D array or a loaded Index. corpus_axes: mesh axis name(s) the rows are split over.
     query_axes: mesh axis name(s) to split queries over (None: replicate). approximate: see make_sharded_topk."""
-    n, self.dim, stored_dtype, read = _as_rows_reader(embeddings)
+    n, self.dim, _, _ = _as_rows_reader(embeddings)
     self.num_passages, self.mesh = n, mesh
     self._corpus_axes, self._query_axes = _axes_tuple(corpus_axes), query_axes
     for axis in self._corpus_axes:
       if axis not in mesh.shape:
         raise merge.SearchError(f"corpus axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
     num_shards = math.prod(mesh.shape[a] for a in self._corpus_axes)
-    n_padded = -(-n // num_shards) * num_shards
-    dtype = np.dtype(stored_dtype if dtype is None else dtype)
-
-    def rows_for_device(index):
-      start, stop, _ = index[0].indices(n_padded)
-      block = np.zeros((stop - start, self.dim), dtype)
-      real = max(0, min(stop, n) - start)
-      if real:
-        block[:real] = read(start, start + real)
-      return block
-
-    self.embeddings_NxD = jax.make_array_from_callback(
-        (n_padded, self.dim), NamedSharding(mesh, P(self._corpus_axes, None)), rows_for_device)
+    self._num_rows_padded = -(-n // num_shards) * num_shards
+    self._sharding = NamedSharding(mesh, P(self._corpus_axes, None))
+    self._dtype = dtype
+    self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, dtype)
+    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
     self._approximate, self._precision = approximate, precision
     self._fns: dict[int, Callable] = {}
 
-  def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
-    """Like search() but leaves the results on device (replicated over the corpus axes)."""
-    merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
+  def swap_index(self, embeddings) -> None:
+    """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
+    recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise). A
+    collective with several processes, like loading."""
+    n, d, stored, _ = _as_rows_reader(embeddings)
+    _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
+                stored if self._dtype is None else self._dtype)
+    self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, self._dtype)
+    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+
+  def search_fn(self, k: int) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The jitted fn(q_QxD, emb_NxD) -> (rows_QxK, scores_QxK) used for this k (compiled once per k)."""
     k = int(k)
     if k not in self._fns:
       self._fns[k] = jax.jit(make_sharded_topk(
           self.mesh, k, self.num_passages, corpus_axes=self._corpus_axes, query_axes=self._query_axes,
           approximate=self._approximate, precision=self._precision))
-    queries = jax.device_put(jnp.asarray(queries_QxD, jnp.float32),
+    return self._fns[k]
+
+  def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
+    """Like search() but leaves the results on device (replicated over the corpus axes)."""
+    merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
+    queries = jax.device_put(np.asarray(queries_QxD, np.float32),
                              NamedSharding(self.mesh, P(self._query_axes, None)))
-    return self._fns[k](queries, self.embeddings_NxD)
+    return self.search_fn(k)(queries, self.embeddings_NxD)
 
   def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows_QxK int32, scores_QxK float32) as numpy, best first."""
+    """(rows_QxK int32, scores_QxK float32) as numpy, best first (the same on every process)."""
     rows, scores = self.search_device(queries_QxD, k)
-    return np.asarray(rows, np.int32), np.asarray(scores, np.float32)
+    return _to_numpy(rows).astype(np.int32), _to_numpy(scores).astype(np.float32)

@@ -7,7 +7,7 @@ best `reorder_k` hashed candidates rescored exactly. Below `brute_force_below` r
 per leaf to help, so the searcher is plain brute force. On 200k clustered 128-d vectors
 (experiments/bench_retrieval.py) searching 5% of the leaves gave recall@10 0.89, 10% gave 0.95 and 20% 0.98,
 while reorder_k above 100 changed nothing. A searcher can cover a slice of the corpus (`row_offset`): one per
-host, merged with `merge.merge_topk`.
+host, merged with `merge.merge_topk` (multihost.MultiHostScannSearcher does that across the hosts of a job).
 """
 
 from __future__ import annotations
