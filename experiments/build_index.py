@@ -81,8 +81,8 @@ def main(argv):
         index = embed.build_index(
             encoder.config, encoder.params, tokenizer, _PASSAGES.value, _OUTPUT.value,
             batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, shard_size=_SHARD_SIZE.value,
-            dtype=_DTYPE.value, backend=_BACKEND.value, host_index=_HOST_INDEX.value, num_hosts=_NUM_HOSTS.value,
-            devices_per_host=_DEVICES_PER_HOST.value,
+            dtype=_DTYPE.value, backend=_BACKEND.value, all_hosts=_HOST_INDEX.value is None,
+            host_index=_HOST_INDEX.value, num_hosts=_NUM_HOSTS.value, devices_per_host=_DEVICES_PER_HOST.value,
         )  # fmt: skip
         if index is not None:
             print(f"index: {_OUTPUT.value} ({index.num_passages} passages x {index.dim}, encoder {index.encoder_id})")

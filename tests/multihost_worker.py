@@ -67,7 +67,7 @@ def good(workdir: str) -> None:
   results = {}
 
   # (a) + (b): both hosts embed their half into one directory, then exact search sharded over all 4 devices.
-  index = build_tiny(os.path.join(workdir, "small.tsv"), os.path.join(workdir, "built"))
+  index = build_tiny(os.path.join(workdir, "small.tsv"), os.path.join(workdir, "built"), all_hosts=True)
   results["built_rows"], results["built_scores"] = exact.ShardedExactSearcher(index, mesh).search(data["small_q"], 5)
 
   # Hosts with their own disks: each one's copy of the index lacks the other host's shard files.

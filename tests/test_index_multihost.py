@@ -233,6 +233,9 @@ def test_hot_swap_replaces_the_index_without_recompiling(tmp_path):
     one_rows, _ = one_device.search(q_QxD, 5)
   assert compiles.names == []
   assert searcher.search_fn(5) is fn and fn._cache_size() == 1
+  with _CompileCounter() as compiles:  # The counter does see compilations: a new k compiles a new search.
+    searcher.search(q_QxD, 6)
+  assert compiles.names
   np.testing.assert_array_equal(rows, _numpy_topk(q_QxD, emb_2018, 5))
   np.testing.assert_array_equal(one_rows, rows)
   assert searcher.index.index_dir == str(tmp_path / "2018")

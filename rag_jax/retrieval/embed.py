@@ -92,28 +92,33 @@ def build_index(
     dtype: str = "float32",
     backend: str = "exact",
     progress: bool = True,
+    all_hosts: bool = False,
     host_index: int | None = None,
     num_hosts: int | None = None,
     devices_per_host: int | None = None,
 ) -> index_io.Index | None:
     """Embeds `passages_path` into `output_dir`, resuming after the last complete shard; returns the loaded index.
 
-    On a multi-host JAX job (jax.process_count() > 1, host arguments left None) every host runs this at once:
-    each embeds and writes only its own rows (index_io.host_rows, placed for devices_per_host =
-    jax.local_device_count()), the hosts meet at a barrier, each writes index.json (identical content, so a shared
-    filesystem and per-host disks both work) and returns the index, having checked it can read its own rows.
-    host_index / num_hosts given explicitly build one host's part without JAX collectives (separate jobs, or one
-    machine building every part in turn): the call that completes the last part writes index.json and returns
-    the index, earlier ones return None.
+    By default this process embeds every passage. all_hosts=True: every process of the JAX job makes this call
+    at once and each embeds and writes only its own rows (index_io.host_rows for host jax.process_index() of
+    jax.process_count(), placed for devices_per_host = jax.local_device_count()); the hosts meet at a barrier,
+    each writes index.json (identical content, so a shared filesystem and per-host disks both work) and returns
+    the index, having checked it can read its own rows. host_index / num_hosts instead build one host's part
+    without JAX collectives (separate jobs, or one machine building every part in turn): the call that
+    completes the last part writes index.json and returns the index, earlier ones return None.
 
     `backend="scann"` also builds and saves a ScaNN searcher: over the whole index on one host, over each host's
     own rows (multihost.MultiHostScannSearcher) on several.
     """
     if backend not in ("exact", "scann"):
         raise ValueError(f"backend must be 'exact' or 'scann', got {backend!r}")
-    collective = host_index is None and num_hosts is None and jax.process_count() > 1
-    host_index = jax.process_index() if host_index is None else host_index
-    num_hosts = jax.process_count() if num_hosts is None else num_hosts
+    if (host_index is None) != (num_hosts is None) or (all_hosts and host_index is not None):
+        raise ValueError("pass host_index and num_hosts together, or all_hosts=True (which takes them from JAX)")
+    collective = all_hosts and jax.process_count() > 1
+    if all_hosts:
+        host_index, num_hosts = jax.process_index(), jax.process_count()
+    elif host_index is None:
+        host_index, num_hosts = 0, 1
     if devices_per_host is None:
         devices_per_host = jax.local_device_count() if num_hosts > 1 else 1
     encoder_id = encoder_id or encoder_fingerprint(config, params)
