@@ -1,0 +1,626 @@
+"""Decoding for RAG: RAG-Token greedy / beam search, RAG-Sequence "thorough" and "fast" decoding.
+
+Everything matches Hugging Face's `generate` for RagTokenForGeneration / RagSequenceForGeneration (transformers 5)
+token for token on the same weights, up to float32 rounding where two hypotheses score within an ulp:
+  - logits processors in the reference's order (no-repeat-ngram, bad words, min length, forced BOS, forced EOS),
+    applied to the raw next-token scores in greedy search and after log_softmax in beam search;
+  - beam search is a port of the reference's vectorised `_beam_search`: 2·num_beams candidates per step, running
+    beams that hit EOS/max length masked by -1e9, finished hypotheses scored by sum-log-prob / len^length_penalty,
+    the same early-stopping heuristic (`early_stopping` True / False / "never") and the same fill value.
+Shapes are static: sequences are (rows, max_length) int32, filled past their end like the reference's output, which
+is the same array cut to the shortest width holding every returned sequence.
+
+The search loops are `jax.lax.while_loop`s over a `step_fn(state, tokens_N) -> (scores_NxV, state)` that feeds one
+token per row through BART's decode cache; `reorder(state, beam_idx_N)` follows the beams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rag_jax import rag
+from rag_jax.models import bart
+
+NEG = -1.0e9  # the reference's "impossible" beam score (a finite number, not -inf)
+StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+ReorderFn = Callable[[Any, jax.Array], Any]
+
+# Hugging Face's GenerationConfig._get_default_generation_params for the fields we support.
+_GLOBAL_DEFAULTS = dict(
+    max_length=20, min_length=0, num_beams=1, num_return_sequences=1, length_penalty=1.0, early_stopping=False,
+    bad_words_ids=None, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
+)  # fmt: skip
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """The `generate` settings rag_jax supports (greedy and beam search), with the reference's meanings.
+
+    `max_length` / `min_length` count the decoder start token, as in `generate`. One EOS id at most.
+    """
+
+    max_length: int = 20
+    min_length: int = 0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    no_repeat_ngram_size: int = 0
+    decoder_start_token_id: int | None = 2
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 1
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        for name in ("eos_token_id", "forced_eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if len(value) != 1:
+                    raise ValueError(f"GenerationConfig.{name}={value}: rag_jax supports a single id; pass one int")
+                set_(name, int(value[0]))
+        if self.bad_words_ids is not None:
+            set_("bad_words_ids", tuple(tuple(int(t) for t in word) for word in self.bad_words_ids))
+            if not self.bad_words_ids or any(not word or min(word) < 0 for word in self.bad_words_ids):
+                raise ValueError(f"GenerationConfig.bad_words_ids={self.bad_words_ids}: need non-empty id lists")
+        # The reference's _prepare_special_tokens: start falls back to BOS, pad to EOS.
+        if self.decoder_start_token_id is None:
+            set_("decoder_start_token_id", self.bos_token_id)
+        if self.pad_token_id is None:
+            set_("pad_token_id", self.eos_token_id)
+        if self.decoder_start_token_id is None:
+            raise ValueError("GenerationConfig: decoder_start_token_id and bos_token_id are both None; set one")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"GenerationConfig.early_stopping={self.early_stopping!r}: use True, False or 'never'")
+        if self.max_length < 2:
+            raise ValueError(f"GenerationConfig.max_length={self.max_length}: must be >= 2 (it counts the start token)")
+        if self.num_beams < 1 or self.num_return_sequences < 1:
+            raise ValueError(
+                f"GenerationConfig: num_beams ({self.num_beams}) and num_return_sequences "
+                f"({self.num_return_sequences}) must be >= 1"
+            )
+
+    @classmethod
+    def from_hf(cls, config_dict: dict[str, Any], **overrides) -> "GenerationConfig":
+        """Settings as RagTokenForGeneration.generate resolves them from a checkpoint's config.json dict.
+
+        Precedence: `overrides` (the caller's generate kwargs) > the dict's top-level value > its "generator"
+        section (transformers' GenerationConfig.from_model_config) > transformers' global defaults (max_length 20,
+        min_length 0, ...). A generation_config.json dict can be passed the same way. RAG-Token's generate does not
+        add the start token to a default max_length (it skips _prepare_generated_length); plain `generate` does, see
+        `for_rag_sequence`.
+        """
+        sections = [config_dict]
+        if isinstance(config_dict.get("generator"), dict):
+            sections.append(config_dict["generator"])
+        values = {}
+        for field in dataclasses.fields(cls):
+            found = [s[field.name] for s in sections if s.get(field.name) is not None]
+            if found:
+                values[field.name] = found[0]
+            elif field.name in _GLOBAL_DEFAULTS:
+                values[field.name] = _GLOBAL_DEFAULTS[field.name]
+            else:
+                values[field.name] = None
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def for_rag_sequence(cls, rag_config_dict: dict[str, Any], **overrides) -> "GenerationConfig":
+        """Settings of the generator's own `generate` that RagSequenceForGeneration.generate calls per document.
+
+        That call sees the generator's generation config plus the caller's kwargs. In transformers 5 the generator's
+        generation config keeps only fields BartConfig declares (the special token ids and forced_eos_token_id);
+        legacy entries such as num_beams or max_length in the "generator" section are dropped, so they are ignored
+        here too. A max_length not given defaults to 20 new tokens + the start token, capped by the generator's
+        max_position_embeddings (`_prepare_generated_length`). num_beams defaults to 1.
+        """
+        generator = rag_config_dict.get("generator", rag_config_dict)
+        values = dict(_GLOBAL_DEFAULTS)
+        values.update({name: generator.get(name) for name in _TOKEN_FIELDS + ("forced_eos_token_id",)})
+        values["max_length"] = min(_GLOBAL_DEFAULTS["max_length"] + 1, generator.get("max_position_embeddings", 1 << 30))
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def beam_fill_token_id(self) -> int:
+        """What the reference's beam search writes past a sequence's end: `pad or eos` (so EOS when pad is 0)."""
+        if self.eos_token_id is None:
+            return -1
+        return self.pad_token_id if self.pad_token_id else self.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------- logits processors
+
+
+def _ban(scores_NxV: jax.Array, banned_NxV: jax.Array) -> jax.Array:
+    return jnp.where(banned_NxV, -jnp.inf, scores_NxV)
+
+
+def _tail(seqs_NxL: jax.Array, cur_len: jax.Array, size: int) -> jax.Array:
+    """The last `size` tokens before `cur_len` (N, size); garbage when cur_len < size (callers mask that case)."""
+    start = jnp.maximum(cur_len - size, 0)
+    return jax.lax.dynamic_slice_in_dim(seqs_NxL, start, size, axis=1)
+
+
+def _scatter_banned(num_rows: int, vocab: int, tokens_NxG: jax.Array, hit_NxG: jax.Array) -> jax.Array:
+    """(N, V) mask with tokens_NxG[n, g] set where hit_NxG[n, g]; misses go to a spare column that is dropped."""
+    rows = jnp.arange(num_rows)[:, None]
+    mask = jnp.zeros((num_rows, vocab + 1), bool).at[rows, jnp.where(hit_NxG, tokens_NxG, vocab)].set(True)
+    return mask[:, :vocab]
+
+
+def no_repeat_ngram(scores_NxV, seqs_NxL, cur_len, ngram_size: int):
+    """Bans every token that would complete an n-gram already present in seqs[:, :cur_len] (start token included)."""
+    num_rows, length = seqs_NxL.shape
+    if length < ngram_size:
+        return scores_NxV
+    starts_W = jnp.arange(length - ngram_size + 1)
+    windows_NxWxn = seqs_NxL[:, starts_W[:, None] + jnp.arange(ngram_size)]
+    prefix = _tail(seqs_NxL, cur_len + 1, ngram_size)[:, :-1]  # the last n-1 tokens
+    complete_W = starts_W + ngram_size <= cur_len
+    hit_NxW = complete_W & jnp.all(windows_NxWxn[..., :-1] == prefix[:, None, :], axis=-1) & (cur_len >= ngram_size)
+    return _ban(scores_NxV, _scatter_banned(num_rows, scores_NxV.shape[1], windows_NxWxn[..., -1], hit_NxW))
+
+
+def bad_words(scores_NxV, seqs_NxL, cur_len, words: tuple[tuple[int, ...], ...], eos_token_id: int | None):
+    """Bans the last token of each bad word whose other tokens end seqs[:, :cur_len]; one-token words always.
+
+    As the reference (NoBadWordsLogitsProcessor), the one-token word [eos] is dropped from the list."""
+    vocab = scores_NxV.shape[1]
+    words = tuple(dict.fromkeys(w for w in words if w != (eos_token_id,)))
+    if any(max(w) >= vocab for w in words):
+        raise ValueError(f"GenerationConfig.bad_words_ids={words}: ids must be < the vocabulary size {vocab}")
+    banned = jnp.zeros(scores_NxV.shape, bool)
+    by_prefix: dict[int, list[tuple[int, ...]]] = {}
+    for word in words:
+        by_prefix.setdefault(len(word) - 1, []).append(word)
+    for size, group in by_prefix.items():
+        last_G = jnp.asarray([w[-1] for w in group])
+        if size == 0:
+            banned = banned.at[:, last_G].set(True)
+            continue
+        prefixes_GxP = jnp.asarray([w[:-1] for w in group])
+        hit_NxG = jnp.all(_tail(seqs_NxL, cur_len, size)[:, None, :] == prefixes_GxP[None], axis=-1) & (cur_len >= size)
+        last_NxG = jnp.broadcast_to(last_G, hit_NxG.shape)
+        banned = banned | _scatter_banned(seqs_NxL.shape[0], vocab, last_NxG, hit_NxG)
+    return _ban(scores_NxV, banned)
+
+
+def _only(scores_NxV, token_id: int, when):
+    """Forces `token_id` (score 0, everything else -inf) when `when` holds."""
+    forced = jnp.where(jnp.arange(scores_NxV.shape[1]) == token_id, 0.0, -jnp.inf).astype(scores_NxV.dtype)
+    return jnp.where(when, forced[None], scores_NxV)
+
+
+def process_scores(scores_NxV: jax.Array, seqs_NxL: jax.Array, cur_len: jax.Array, gen: GenerationConfig):
+    """The reference's logits processors, in its order, for rows whose first `cur_len` tokens are seqs[:, :cur_len]."""
+    if gen.no_repeat_ngram_size > 0:
+        scores_NxV = no_repeat_ngram(scores_NxV, seqs_NxL, cur_len, gen.no_repeat_ngram_size)
+    if gen.bad_words_ids is not None:
+        scores_NxV = bad_words(scores_NxV, seqs_NxL, cur_len, gen.bad_words_ids, gen.eos_token_id)
+    if gen.eos_token_id is not None and gen.min_length > 0:
+        is_eos = jnp.arange(scores_NxV.shape[1]) == gen.eos_token_id
+        scores_NxV = _ban(scores_NxV, is_eos[None] & (cur_len < gen.min_length))
+    if gen.forced_bos_token_id is not None:
+        scores_NxV = _only(scores_NxV, gen.forced_bos_token_id, cur_len == 1)
+    if gen.forced_eos_token_id is not None:
+        scores_NxV = _only(scores_NxV, gen.forced_eos_token_id, cur_len == gen.max_length - 1)
+    return scores_NxV
+
+
+# ------------------------------------------------------------------------------------------------------ searches
+
+
+def _start(rows_shape: tuple[int, ...], gen: GenerationConfig, fill: int) -> jax.Array:
+    seqs = jnp.full((*rows_shape, gen.max_length), fill, jnp.int32)
+    return seqs.at[..., 0].set(gen.decoder_start_token_id)
+
+
+def greedy_search(step_fn: StepFn, state: Any, batch_size: int, gen: GenerationConfig) -> jax.Array:
+    """The reference's `_sample` without sampling: argmax of the processed raw scores. Rows that emitted EOS get
+    pad from then on; the loop stops when every row has finished or at max_length. Returns (N, max_length)."""
+    fill = -1 if gen.pad_token_id is None else gen.pad_token_id
+
+    def cond(carry):
+        cur_len, _, unfinished_N, _ = carry
+        return (cur_len < gen.max_length) & jnp.any(unfinished_N)
+
+    def body(carry):
+        cur_len, seqs_NxL, unfinished_N, state = carry
+        tokens_N = jax.lax.dynamic_index_in_dim(seqs_NxL, cur_len - 1, axis=1, keepdims=False)
+        scores_NxV, state = step_fn(state, tokens_N)
+        scores_NxV = process_scores(scores_NxV.astype(jnp.float32), seqs_NxL, cur_len, gen)
+        next_N = jnp.argmax(scores_NxV, axis=-1).astype(jnp.int32)
+        if gen.eos_token_id is not None:
+            next_N = jnp.where(unfinished_N, next_N, fill)
+            unfinished_N = unfinished_N & (next_N != gen.eos_token_id)
+        seqs_NxL = jax.lax.dynamic_update_index_in_dim(seqs_NxL, next_N, cur_len, axis=1)
+        return cur_len + 1, seqs_NxL, unfinished_N, state
+
+    carry = (jnp.int32(1), _start((batch_size,), gen, fill), jnp.ones((batch_size,), bool), state)
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def _gather(x_BxMx___: jax.Array, idx_BxK: jax.Array) -> jax.Array:
+    """x[b, idx[b, k], ...] (B, K, ...)."""
+    idx = idx_BxK.reshape(idx_BxK.shape + (1,) * (x_BxMx___.ndim - 2))
+    return jnp.take_along_axis(x_BxMx___, idx, axis=1)
+
+
+class _Beams(NamedTuple):
+    cur_len: jax.Array
+    running_BxNxL: jax.Array
+    running_scores_BxN: jax.Array
+    sequences_BxNxL: jax.Array  # finished hypotheses (placeholders while is_finished is False)
+    scores_BxN: jax.Array
+    is_finished_BxN: jax.Array
+    improvable_Bx1: jax.Array  # the reference's is_early_stop_heuristic_unsatisfied
+    done: jax.Array
+    state: Any
+
+
+def beam_search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int, gen: GenerationConfig) -> jax.Array:
+    """The reference's vectorised `_beam_search` over B examples of `num_beams` rows each (rows example-major).
+
+    `step_fn` gets the last token of each of the B*num_beams running beams; `reorder(state, idx)` must make row i of
+    the state a copy of row idx[i]. Returns (B * num_return_sequences, max_length), best first per example.
+    """
+    nb, max_length, lp = gen.num_beams, gen.max_length, gen.length_penalty
+    num_rows = batch_size * nb
+    keep = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams
+    fill = gen.beam_fill_token_id
+    vocab = jax.eval_shape(step_fn, state, jnp.zeros((num_rows,), jnp.int32))[0].shape[-1]
+    # Python's len ** length_penalty rounded to float32, the value the reference divides by.
+    denominator = jnp.asarray([float(max(n, 1)) ** lp for n in range(max_length + 1)], jnp.float32)
+    is_top_nb = jnp.arange(keep) < nb
+    early_true = gen.early_stopping is True
+
+    def body(s: _Beams) -> _Beams:
+        cur_len = s.cur_len
+        flat_running = s.running_BxNxL.reshape(num_rows, max_length)
+        tokens = jax.lax.dynamic_index_in_dim(flat_running, cur_len - 1, axis=1, keepdims=False)
+        logits, state = step_fn(s.state, tokens)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        log_probs = process_scores(log_probs, flat_running, cur_len, gen)
+        log_probs = log_probs.reshape(batch_size, nb, vocab) + s.running_scores_BxN[:, :, None]
+        topk_lp, topk_idx = jax.lax.top_k(log_probs.reshape(batch_size, nb * vocab), keep)
+        src_beam, token = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
+        topk_seqs = jax.lax.dynamic_update_index_in_dim(_gather(s.running_BxNxL, src_beam), token, cur_len, axis=2)
+        hits = jnp.broadcast_to(cur_len + 1 >= max_length, token.shape)
+        if gen.eos_token_id is not None:
+            hits = hits | (token == gen.eos_token_id)
+
+        # Next running beams: the best candidates that did not stop.
+        running_lp = topk_lp + hits.astype(jnp.float32) * NEG
+        _, next_idx = jax.lax.top_k(running_lp, nb)
+        running = _gather(topk_seqs, next_idx)
+        running_scores = _gather(running_lp, next_idx)
+        source_row = (jnp.arange(batch_size)[:, None] * nb + _gather(src_beam, next_idx)).reshape(num_rows)
+
+        # Finished hypotheses: merge the stopped candidates among the top num_beams into the kept ones.
+        just_finished = hits & is_top_nb[None]
+        finished_lp = topk_lp / denominator[cur_len]  # cur_len + 1 tokens minus the one-token prompt
+        full = jnp.all(s.is_finished_BxN, axis=-1, keepdims=True) & early_true
+        finished_lp = finished_lp + full.astype(jnp.float32) * NEG
+        finished_lp = finished_lp + (~s.improvable_Bx1).astype(jnp.float32) * NEG
+        finished_lp = finished_lp + (~just_finished).astype(jnp.float32) * NEG
+        merged_scores = jnp.concatenate([s.scores_BxN, finished_lp], axis=1)
+        _, best = jax.lax.top_k(merged_scores, nb)
+        sequences = _gather(jnp.concatenate([s.sequences_BxNxL, topk_seqs], axis=1), best)
+        scores = _gather(merged_scores, best)
+        is_finished = _gather(jnp.concatenate([s.is_finished_BxN, just_finished], axis=1), best)
+
+        state = reorder(state, source_row)
+        cur_len = cur_len + 1
+        if gen.early_stopping == "never" and lp > 0.0:
+            best_possible_len = max_length - 1
+        else:
+            best_possible_len = cur_len - 1
+        best_possible = running_scores[:, :1] / denominator[best_possible_len]
+        worst_finished = jnp.where(is_finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+        improvable = s.improvable_Bx1 & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
+        go_on = jnp.any(improvable) & ~(jnp.all(is_finished) & early_true) & ~jnp.all(hits)
+        return _Beams(cur_len, running, running_scores, sequences, scores, is_finished, improvable, ~go_on, state)
+
+    running = _start((batch_size, nb), gen, fill)
+    init = _Beams(
+        cur_len=jnp.int32(1),
+        running_BxNxL=running,
+        running_scores_BxN=jnp.zeros((batch_size, nb), jnp.float32).at[:, 1:].set(NEG),
+        sequences_BxNxL=running,
+        scores_BxN=jnp.full((batch_size, nb), NEG, jnp.float32),
+        is_finished_BxN=jnp.zeros((batch_size, nb), bool),
+        improvable_Bx1=jnp.ones((batch_size, 1), bool),
+        done=jnp.bool_(False),
+        state=state,
+    )
+    final = jax.lax.while_loop(lambda s: ~s.done & (s.cur_len < max_length), body, init)
+    return final.sequences_BxNxL[:, : gen.num_return_sequences].reshape(-1, max_length)
+
+
+def search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int, gen: GenerationConfig) -> jax.Array:
+    """Greedy search when num_beams == 1, beam search otherwise (the reference's choice of decoding method)."""
+    if gen.num_return_sequences > gen.num_beams:
+        raise ValueError(
+            f"GenerationConfig.num_return_sequences={gen.num_return_sequences} exceeds num_beams={gen.num_beams}: a "
+            "search returns at most num_beams sequences per example"
+        )
+    if gen.num_beams == 1:
+        return greedy_search(step_fn, state, batch_size, gen)
+    return beam_search(step_fn, reorder, state, batch_size, gen)
+
+
+# ---------------------------------------------------------------------------------------------- BART plumbing
+
+
+def _encode(model: rag.Rag, params, ids_BKxS, mask_BKxS):
+    return model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, method=bart.Bart.encode)
+
+
+def _tiled_cache(model: rag.Rag, params, encoder_out, mask, copies: int, n_docs: int, max_length: int):
+    """A decode cache for rows (example, copy, doc) from encoder rows (example, doc): the reference's
+    extend_enc_output / repeat_interleave. The cross-attention keys/values are projected once, then tiled."""
+    cache = model.generator.apply(
+        {"params": params["generator"]}, encoder_out, mask, max_length - 1, method=bart.Bart.init_cache
+    )
+
+    def tile(x):
+        x = x.reshape(-1, 1, n_docs, *x.shape[1:])
+        return jnp.broadcast_to(x, (x.shape[0], copies, *x.shape[2:])).reshape(-1, *x.shape[3:])
+
+    return cache._replace(
+        self_kv=jax.tree.map(tile, cache.self_kv),
+        cross_kv=jax.tree.map(tile, cache.cross_kv),
+        encoder_mask_BxS=tile(cache.encoder_mask_BxS),
+    )
+
+
+def _decode_step(model: rag.Rag, params, cache: bart.DecodeCache, tokens_R: jax.Array):
+    logits, cache = model.generator.apply(
+        {"params": params["generator"]}, tokens_R[:, None], cache, method=bart.Bart.decode_step
+    )
+    return logits[:, 0], cache
+
+
+def _reorder_self_kv(cache: bart.DecodeCache, idx_N: jax.Array, rows_per_beam: int) -> bart.DecodeCache:
+    """Follows the beams in the self-attention cache (rows_per_beam consecutive rows per beam). Only the
+    self-attention keys/values differ between beams of one example; cross-attention and masks are identical copies,
+    so they are left in place."""
+
+    def take(x):
+        x = x.reshape(-1, rows_per_beam, *x.shape[1:])
+        return jnp.take(x, idx_N, axis=0).reshape(-1, *x.shape[2:])
+
+    return cache._replace(self_kv=jax.tree.map(take, cache.self_kv))
+
+
+def _check_shapes(context_input_ids, doc_scores, n_docs):
+    batch, docs = doc_scores.shape
+    if n_docs is not None and n_docs != docs:
+        raise ValueError(f"decode: n_docs={n_docs} but doc_scores has {docs} columns; pass doc_scores (B, n_docs)")
+    if context_input_ids.shape[0] != batch * docs:
+        raise ValueError(
+            f"decode: context_input_ids has {context_input_ids.shape[0]} rows, expected B*K = {batch}*{docs}"
+        )
+    return batch, docs
+
+
+# --------------------------------------------------------------------------------------------------- RAG-Token
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen"))
+def rag_token_generate(
+    model: rag.Rag,
+    params,
+    context_input_ids_BKxS: jax.Array,
+    context_attention_mask_BKxS: jax.Array,
+    doc_scores_BxK: jax.Array,
+    gen: GenerationConfig,
+) -> jax.Array:
+    """RAG-Token decoding (RagTokenForGeneration.generate): greedy or beam search over the next-token scores
+    logsumexp_z(log p(z|x) + log_softmax(logits_z)). The encoder runs once per context; its states are tiled over
+    (example, beam, doc). Returns (B * num_return_sequences, max_length) int32, filled past the end."""
+    batch, n_docs = _check_shapes(context_input_ids_BKxS, doc_scores_BxK, None)
+    nb = gen.num_beams
+    encoder_out = _encode(model, params, context_input_ids_BKxS, context_attention_mask_BKxS)
+    cache = _tiled_cache(model, params, encoder_out, context_attention_mask_BKxS, nb, n_docs, gen.max_length)
+    doc_lp_NxK = jnp.repeat(jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1), nb, axis=0)
+
+    def step(cache, tokens_N):
+        logits, cache = _decode_step(model, params, cache, jnp.repeat(tokens_N, n_docs))
+        seq_lp = jax.nn.log_softmax(logits.reshape(batch * nb, n_docs, -1), axis=-1)
+        return jax.nn.logsumexp(seq_lp + doc_lp_NxK[:, :, None], axis=1), cache
+
+    reorder = functools.partial(_reorder_self_kv, rows_per_beam=n_docs)
+    return search(step, reorder, cache, batch, gen)
+
+
+# ------------------------------------------------------------------------------------------------ RAG-Sequence
+
+
+class SequenceCandidates(NamedTuple):
+    """The hypotheses RAG-Sequence decoding chooses from, C = K * num_beams per example, doc-major (doc z's beams
+    at z*num_beams ...), as the reference lists them.
+
+    ids_BxCxL: the hypotheses (start token first, filled past the end).
+    is_first_BxC: False where a hypothesis repeats an earlier one (the reference's deduplication keeps the first).
+    scores_BxC: the selection score (thorough: -loss of the reference; fast: log Σ_z p(z|x) p(y|x,z) over the docs
+      whose beams hold y); -inf for repeats when deduplicating.
+    """
+
+    ids_BxCxL: jax.Array
+    is_first_BxC: jax.Array
+    scores_BxC: jax.Array
+
+
+def _per_doc_hypotheses(model, params, ids_BKxS, mask_BKxS, batch, n_docs, gen_doc: GenerationConfig):
+    """The generator's own `generate` over each of the B*K contexts with num_return_sequences = num_beams:
+    (B, K * num_beams, L)."""
+    nb = gen_doc.num_beams
+    encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
+    cache = _tiled_cache(model, params, encoder_out, mask_BKxS, nb, 1, gen_doc.max_length)
+    step = functools.partial(_decode_step, model, params)
+    reorder = functools.partial(_reorder_self_kv, rows_per_beam=1)
+    ids = search(step, reorder, cache, batch * n_docs, gen_doc)
+    return ids.reshape(batch, n_docs * nb, gen_doc.max_length)
+
+
+def _first_occurrences(ids_BxCxL: jax.Array):
+    """(B, C, C) equality of hypotheses and (B, C) flags of those not seen at a lower index."""
+    same_BxCxC = jnp.all(ids_BxCxL[:, :, None, :] == ids_BxCxL[:, None, :, :], axis=-1)
+    earlier = jnp.tril(jnp.ones(same_BxCxC.shape[1:], bool), k=-1)
+    return same_BxCxC, ~jnp.any(same_BxCxC & earlier[None], axis=-1)
+
+
+def _first_token_is_bos(ids_BxCxL: jax.Array, bos_token_id: int | None):
+    """Per example, whether every hypothesis starts (after the start token) with BOS: the reference's use_bos,
+    decided over the candidate batch of ONE example (repeats do not change it: they copy kept hypotheses)."""
+    if bos_token_id is None:
+        return None
+    return jnp.all(ids_BxCxL[:, :, 1] == bos_token_id, axis=1)
+
+
+def _thorough_scores(model, params, ids_BxCxL, encoder_out, mask_BKxS, doc_scores_BxK, pad):
+    """-loss of every hypothesis against all K docs: the reference's rescoring forward pass (labels = the
+    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig). One example per loop step with its
+    C hypotheses x K docs as one batch, as the reference does, so that exclude_bos_score's all-rows test covers
+    exactly that example's hypotheses."""
+    batch, n_docs = doc_scores_BxK.shape
+    num_candidates = ids_BxCxL.shape[1]
+
+    def one_example(args):
+        ids_CxL, encoder_out_KxSxE, mask_KxS, scores_K = args
+        # rows (hypothesis, doc): the reference's generator_input_ids.repeat(num_candidates, 1)
+        logits = model.generator.apply(
+            {"params": params["generator"]},
+            jnp.repeat(ids_CxL, n_docs, axis=0),
+            jnp.tile(encoder_out_KxSxE, (num_candidates, 1, 1)),
+            jnp.tile(mask_KxS, (num_candidates, 1)),
+            method=bart.Bart.decode,
+        )
+        return -rag.rag_sequence_nll(
+            logits.reshape(num_candidates, n_docs, *logits.shape[1:]),
+            jnp.broadcast_to(scores_K, (num_candidates, n_docs)),
+            ids_CxL,
+            pad_token_id=pad,
+            bos_token_id=model.generator_config.bos_token_id,
+            epsilon=model.config.label_smoothing,
+            exclude_bos_score=True,
+        )
+
+    per_example = (
+        ids_BxCxL,
+        encoder_out.reshape(batch, n_docs, *encoder_out.shape[1:]),
+        mask_BKxS.reshape(batch, n_docs, -1),
+        doc_scores_BxK,
+    )
+    return jax.lax.map(one_example, per_example)
+
+
+def _fast_scores(model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb):
+    """log Σ_{z: y in doc z's beams} p(z|x) p(y|x,z): each hypothesis scored only against the doc(s) whose beam
+    search produced it (the paper's approximation p(y|x,z) = 0 elsewhere), one forward pass per doc-beam.
+    log p(y|x,z) sums the non-pad target tokens, dropping the first one under the same rule as thorough decoding."""
+    batch, n_docs = doc_scores_BxK.shape
+    ids_BxKxNxL = ids_BxCxL.reshape(batch, n_docs, nb, -1)
+    use_bos_B = _first_token_is_bos(ids_BxCxL, model.generator_config.bos_token_id)
+
+    def one_beam(ids_BxKxT):
+        decoder_ids = ids_BxKxT.reshape(batch * n_docs, -1)
+        logits = model.generator.apply(
+            {"params": params["generator"]}, decoder_ids, encoder_out, mask_BKxS, method=bart.Bart.decode
+        )
+        target = rag.shift_left(decoder_ids, pad)
+        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[..., None], axis=-1)[..., 0]
+        token_lp = jnp.where(target != pad, token_lp, 0.0).reshape(batch, n_docs, -1)
+        if use_bos_B is not None:
+            token_lp = token_lp.at[:, :, 0].multiply(jnp.where(use_bos_B, 0.0, 1.0)[:, None])
+        return token_lp.sum(-1)
+
+    ll_BxKxN = jnp.moveaxis(jax.lax.map(one_beam, jnp.moveaxis(ids_BxKxNxL, 2, 0)), 0, 2)
+    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    joint_BxC = (doc_lp_BxK[:, :, None] + ll_BxKxN).reshape(batch, -1)  # per produced row
+    # For hypothesis j and doc z: the row of doc z's beams equal to j (at most one), else -inf.
+    same_BxCxKxN = same_BxCxC.reshape(batch, -1, n_docs, nb)
+    per_doc = jnp.max(jnp.where(same_BxCxKxN, joint_BxC.reshape(batch, 1, n_docs, nb), -jnp.inf), axis=-1)
+    return jax.nn.logsumexp(per_doc, axis=-1)
+
+
+def rag_sequence_generate(
+    model: rag.Rag,
+    params,
+    context_input_ids_BKxS: jax.Array,
+    context_attention_mask_BKxS: jax.Array,
+    doc_scores_BxK: jax.Array,
+    gen: GenerationConfig,
+    *,
+    mode: str = "thorough",
+    do_deduplication: bool | None = None,
+    n_docs: int | None = None,
+    mask_beams: bool = False,
+    return_candidates: bool = False,
+):
+    """RAG-Sequence decoding. Returns (B * num_return_sequences, max_length) int32, filled past the end, and with
+    `return_candidates` also the `SequenceCandidates`.
+
+    `gen` is the setting of the per-document beam search (`GenerationConfig.for_rag_sequence`): its num_beams is
+    also the number of hypotheses kept per document, its num_return_sequences the number returned per example.
+    mode="thorough" (RagSequenceForGeneration.generate): each document's hypotheses are rescored against all K
+      docs by the reference's loss and the best by -loss are returned. Vectorised over the batch.
+    mode="fast" (the paper's approximation; not in the reference): a hypothesis gets p(y|x,z) = 0 for the docs whose
+      beams do not hold it, so no extra forward passes over other docs; label smoothing plays no part.
+    do_deduplication (None: the model's RagConfig): repeats of a hypothesis are masked out (-inf) instead of removed.
+    n_docs: K, checked against doc_scores (B, K), from which it is taken when None.
+    mask_beams: the reference passes attention_mask=None to the generator's generate, which transformers 5 turns
+      into an all-ones mask (pad tokens of the contexts are attended to while searching); the rescoring uses the
+      real mask. False reproduces that; True masks the padding during the search as well.
+    """
+    if mode not in ("thorough", "fast"):
+        raise ValueError(f"rag_sequence_generate: mode={mode!r}; use 'thorough' or 'fast'")
+    _, docs = _check_shapes(context_input_ids_BKxS, doc_scores_BxK, n_docs)
+    if gen.num_return_sequences > docs * gen.num_beams:
+        raise ValueError(
+            f"rag_sequence_generate: num_return_sequences={gen.num_return_sequences} exceeds the K * num_beams = "
+            f"{docs * gen.num_beams} hypotheses per example"
+        )
+    dedup = model.config.do_deduplication if do_deduplication is None else bool(do_deduplication)
+    out, candidates = _rag_sequence_generate(
+        model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, mode, dedup,
+        bool(mask_beams),
+    )  # fmt: skip
+    return (out, candidates) if return_candidates else out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "mask_beams"))
+def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup, mask_beams):
+    batch, docs = doc_scores_BxK.shape
+    pad = model.generator_config.pad_token_id
+    nb = gen.num_beams
+    gen_doc = dataclasses.replace(gen, num_return_sequences=nb)
+    search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
+    ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, batch, docs, gen_doc)
+
+    same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
+    encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
+    if mode == "thorough":
+        scores = _thorough_scores(model, params, ids_BxCxL, encoder_out, mask_BKxS, doc_scores_BxK, pad)
+    else:
+        scores = _fast_scores(
+            model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb
+        )
+    if dedup:
+        scores = jnp.where(is_first_BxC, scores, -jnp.inf)
+    _, best_BxR = jax.lax.top_k(scores, gen.num_return_sequences)
+    out = _gather(ids_BxCxL, best_BxR).reshape(-1, gen.max_length)
+    return out, SequenceCandidates(ids_BxCxL, is_first_BxC, scores)

@@ -1,0 +1,265 @@
+"""Decoding against transformers' RagTokenForGeneration.generate / RagSequenceForGeneration.generate on the same
+random weights, the logits processors against transformers' own, and the properties of fast decoding."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rag_jax import decode, rag
+from rag_jax.models import hf
+from tests import hf_models
+
+BATCH, N_DOCS, PAD, BOS, EOS = 3, 3, 1, 0, 2
+EOS_BIAS = 5.0  # EOS likely enough that some beams finish early, not so likely that all do
+BOS_BIAS = 3.5  # BOS likely enough to repeat, so that banning [0, 0] matters
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random RAG checkpoint (save_pretrained) with generation-friendly weights, its PyTorch twins and ours.
+
+    Weights are random with std 0.5 (at std 1.0 one token wins every step whatever the context), LayerNorms near
+    the identity (a random LayerNorm bias alone picks the argmax token otherwise), and final_logits_bias small
+    except for EOS, which is raised so that some hypotheses end early."""
+    directory = str(tmp_path_factory.mktemp("rag_decode"))
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        hf_models.dpr_config(num_hidden_layers=1),
+        hf_models.bart_config(forced_eos_token_id=None, encoder_layers=1, decoder_layers=2),
+        n_docs=N_DOCS,
+    )
+    reference = hf_models.randomize(transformers.RagTokenForGeneration(config), seed=5, std=0.5)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in reference.rag.generator.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                centre = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(centre + 0.1 * torch.randn(p.shape, generator=generator))
+        bias = reference.rag.generator.final_logits_bias
+        bias.mul_(0.1)
+        bias[0, EOS] += EOS_BIAS
+        bias[0, BOS] += BOS_BIAS
+    reference.save_pretrained(directory)
+    loaded = hf.load_rag(directory)
+    model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
+    params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
+    return dict(
+        directory=directory,
+        hf_config=loaded.hf_config,
+        model=model,
+        params=params,
+        token=transformers.RagTokenForGeneration.from_pretrained(directory).eval(),
+        sequence=transformers.RagSequenceForGeneration.from_pretrained(directory).eval(),
+    )
+
+
+def _inputs(seed=0, n_docs=N_DOCS, repeat_first_doc=False):
+    """Contexts with right padding of varied lengths (B*K, S) and doc scores (B, K). With `repeat_first_doc`, each
+    example's second context is a copy of its first, so that its beams repeat across docs (deduplication)."""
+    rng = np.random.default_rng(seed)
+    ids, mask = hf_models.padded_ids(rng, BATCH * n_docs, 12, vocab=101, pad=PAD)
+    if repeat_first_doc:
+        ids[1::n_docs], mask[1::n_docs] = ids[::n_docs], mask[::n_docs]
+    scores = (rng.normal(size=(BATCH, n_docs)) * 2).astype(np.float32)
+    return ids, mask, scores
+
+
+def _reference(model, inputs, **kwargs) -> np.ndarray:
+    ids, mask, scores = map(torch.as_tensor, inputs)
+    with torch.no_grad():
+        return model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, **kwargs).numpy()
+
+
+def _assert_same(ours, reference: np.ndarray):
+    """Ours is the reference's output filled with pad up to max_length."""
+    ours = np.asarray(ours)
+    width = reference.shape[1]
+    assert ours.shape[0] == reference.shape[0]
+    np.testing.assert_array_equal(ours[:, :width], reference)
+    assert (ours[:, width:] == PAD).all()
+
+
+def _token(checkpoint, inputs, gen):
+    return decode.rag_token_generate(checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen)
+
+
+def _sequence(checkpoint, inputs, gen, **kwargs):
+    """Our RAG-Sequence decoding and its candidates (one compilation per gen / mode / mask_beams / shape)."""
+    return decode.rag_sequence_generate(
+        checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen, return_candidates=True, **kwargs
+    )
+
+
+TOKEN_CASES = [
+    dict(num_beams=1, max_length=8),
+    dict(num_beams=1, max_length=9, min_length=4, bad_words_ids=[[0, 0]], forced_bos_token_id=0),
+    dict(num_beams=1, max_length=9, no_repeat_ngram_size=1, forced_eos_token_id=2),
+    dict(num_beams=3, max_length=8),
+    dict(num_beams=4, max_length=9, min_length=4, bad_words_ids=[[0, 0]], num_return_sequences=2),
+    dict(num_beams=3, max_length=9, early_stopping=True, forced_bos_token_id=0, bad_words_ids=[[0, 0]]),
+    dict(num_beams=3, max_length=9, min_length=4, early_stopping="never", length_penalty=0.7),
+    dict(num_beams=3, max_length=9, no_repeat_ngram_size=2, length_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("kwargs", TOKEN_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_rag_token_generate_matches_reference(checkpoint, kwargs):
+    inputs = _inputs(seed=0)
+    reference = _reference(checkpoint["token"], inputs, **kwargs)
+    gen = decode.GenerationConfig.from_hf(checkpoint["hf_config"], **kwargs)
+    _assert_same(_token(checkpoint, inputs, gen), reference)
+
+
+def test_cases_exercise_early_eos_and_the_processors(checkpoint):
+    """The parity cases are only meaningful if EOS ends some hypotheses early while others run to max_length, and
+    if min_length / bad_words_ids change the output."""
+    inputs = _inputs(seed=0)
+    early = _reference(checkpoint["token"], inputs, **TOKEN_CASES[5])
+    ended = (early[:, 1:-1] == EOS).any(axis=1)  # column 0 is the start token (also 2)
+    assert ended.any() and not ended.all()
+
+    def has_pair(ids, a, b):
+        return ((ids[:, :-1] == a) & (ids[:, 1:] == b)).any()
+
+    plain = _reference(checkpoint["token"], inputs, num_beams=1, max_length=9, forced_bos_token_id=0)
+    assert has_pair(plain, 0, 0) and not has_pair(_reference(checkpoint["token"], inputs, **TOKEN_CASES[1]), 0, 0)
+    without_min_length = {k: v for k, v in TOKEN_CASES[6].items() if k != "min_length"}
+    short = _reference(checkpoint["token"], inputs, **without_min_length)
+    assert (short[:, 1:3] == EOS).any() and not (_reference(checkpoint["token"], inputs, **TOKEN_CASES[6])[:, 1:3] == EOS).any()
+
+
+SEQUENCE_CASES = [
+    dict(num_beams=3, max_length=8),
+    dict(num_beams=2, max_length=9, min_length=3, bad_words_ids=[[0, 0]], num_return_sequences=2),
+    dict(num_beams=1),  # the default max_length: 20 new tokens + the start token
+]
+FAST = SEQUENCE_CASES[0]  # the setting the fast-decoding tests share (one compilation per mode)
+
+
+@pytest.mark.parametrize("kwargs", SEQUENCE_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_rag_sequence_thorough_matches_reference(checkpoint, kwargs):
+    inputs = _inputs(seed=1, repeat_first_doc=True)
+    reference = _reference(checkpoint["sequence"], inputs, do_deduplication=True, **kwargs)
+    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **kwargs)
+    ours, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=True)
+    _assert_same(ours, reference)
+    # A real choice: several distinct hypotheses per example, and (with beams) repeats for deduplication to drop.
+    first = np.asarray(candidates.is_first_BxC)
+    assert (first.sum(axis=1) > 1).all()
+    assert kwargs["num_beams"] == 1 or not first.all()
+
+
+def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):
+    inputs = _inputs(seed=1, repeat_first_doc=True)
+    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    fast, candidates = _sequence(checkpoint, inputs, gen, mode="fast")
+    _, thorough_candidates = _sequence(checkpoint, inputs, gen, do_deduplication=True)
+    np.testing.assert_array_equal(candidates.ids_BxCxL, thorough_candidates.ids_BxCxL)
+    ids, first = np.asarray(candidates.ids_BxCxL), np.asarray(candidates.is_first_BxC)
+    for b, row in enumerate(np.asarray(fast)):
+        assert any((row == ids[b, c]).all() for c in np.flatnonzero(first[b]))
+    assert np.isfinite(np.asarray(candidates.scores_BxC)[first]).all()
+
+    # With one document, p(y|x,z) is known for every hypothesis: fast decoding is thorough decoding.
+    ctx_ids, ctx_mask, scores = inputs
+    one_doc = (ctx_ids[::N_DOCS], ctx_mask[::N_DOCS], scores[:, :1])
+    fast1, fast1_candidates = _sequence(checkpoint, one_doc, gen, mode="fast")
+    thorough1, thorough1_candidates = _sequence(checkpoint, one_doc, gen, do_deduplication=True)
+    np.testing.assert_array_equal(fast1, thorough1)
+    np.testing.assert_allclose(fast1_candidates.scores_BxC, thorough1_candidates.scores_BxC, rtol=1e-5)
+
+
+def test_fast_decoding_marginalises_over_the_docs_that_produced_a_hypothesis(checkpoint):
+    """Fast scores sum p(z|x) p(y|x,z) over the docs whose beams hold y, thorough ones over all docs (ε = 0 here):
+    thorough >= fast for every hypothesis, and strictly greater where other docs give y probability."""
+    inputs = _inputs(seed=1, repeat_first_doc=True)
+    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    _, fast = _sequence(checkpoint, inputs, gen, mode="fast")
+    _, thorough = _sequence(checkpoint, inputs, gen, do_deduplication=True)
+    first = np.asarray(fast.is_first_BxC)
+    gap = np.asarray(thorough.scores_BxC)[first] - np.asarray(fast.scores_BxC)[first]
+    assert (gap >= -1e-4).all()
+    assert (gap > 1e-3).any()
+
+
+def test_search_masks_context_padding_only_when_asked(checkpoint):
+    """The reference's per-doc beam search sees the contexts unmasked (attention_mask=None); mask_beams=True
+    gives the masked search, which is what the generator's generate does with the mask passed explicitly."""
+    inputs = _inputs(seed=1, repeat_first_doc=True)
+    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    _, unmasked = _sequence(checkpoint, inputs, gen, do_deduplication=True)
+    _, masked = _sequence(checkpoint, inputs, gen, do_deduplication=True, mask_beams=True)
+    ids, mask, _ = map(torch.as_tensor, inputs)
+    beams = FAST["num_beams"]
+    with torch.no_grad():
+        reference = checkpoint["sequence"].generator.generate(
+            ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams, max_length=FAST["max_length"]
+        )
+    _assert_same(np.asarray(masked.ids_BxCxL).reshape(-1, FAST["max_length"]), reference.numpy())
+    assert not np.array_equal(np.asarray(unmasked.ids_BxCxL), np.asarray(masked.ids_BxCxL))
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+
+
+def test_generation_config_resolves_like_transformers(checkpoint, tmp_path):
+    """A config.json with legacy generation fields at the top level and in the generator section: RAG-Token's
+    generation config takes the top level first, then the generator section; RAG-Sequence's generator ignores
+    them and its max_length defaults to 20 new tokens."""
+    hf_config = json.loads(json.dumps(checkpoint["hf_config"]))
+    hf_config.update(num_beams=3, max_length=11)
+    hf_config["generator"].update(num_beams=4, min_length=2, bad_words_ids=[[0, 0]], no_repeat_ngram_size=3)
+    directory = tmp_path / "legacy"
+    transformers.RagTokenForGeneration.from_pretrained(checkpoint["directory"]).save_pretrained(directory)
+    (directory / "generation_config.json").unlink()
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    expected = transformers.RagTokenForGeneration.from_pretrained(directory).generation_config
+    ours = decode.GenerationConfig.from_hf(hf_config)
+    assert (ours.num_beams, ours.max_length, ours.min_length) == (expected.num_beams, expected.max_length, 2)
+    assert ours.bad_words_ids == ((0, 0),) and ours.no_repeat_ngram_size == expected.no_repeat_ngram_size == 3
+    assert (ours.decoder_start_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 2, 1)
+    assert decode.GenerationConfig.from_hf(hf_config, num_beams=1).num_beams == 1
+
+    sequence = decode.GenerationConfig.for_rag_sequence(hf_config)
+    assert (sequence.num_beams, sequence.max_length, sequence.min_length, sequence.bad_words_ids) == (1, 21, 0, None)
+    assert decode.GenerationConfig.for_rag_sequence(hf_config, max_length=7).max_length == 7
+
+
+# ---------------------------------------------------------------------------------------------- logits processors
+
+
+_process = jax.jit(decode.process_scores, static_argnames="gen")
+
+
+@pytest.mark.parametrize("cur_len", [1, 2, 3, 5, 8])
+def test_logits_processors_match_transformers(cur_len):
+    """Our processors on rows filled with junk past cur_len against transformers' on the first cur_len tokens;
+    ids from a tiny alphabet so that n-grams and multi-token bad words do repeat."""
+    rng = np.random.default_rng(cur_len)
+    rows, vocab, max_length = 64, 7, 9
+    prefix = rng.integers(0, 4, size=(rows, cur_len))
+    scores = rng.normal(size=(rows, vocab)).astype(np.float32)
+    junk = rng.integers(0, vocab, size=(rows, max_length - cur_len))
+    bad = [[1, 2, 3], [0, 0], [3], [2], [3, 1]]  # [2] = [eos] is dropped, as transformers does
+    for ngram in (1, 2, 3):
+        gen = decode.GenerationConfig(
+            max_length=max_length, min_length=4, no_repeat_ngram_size=ngram, bad_words_ids=bad,
+            forced_bos_token_id=5, forced_eos_token_id=EOS, eos_token_id=EOS,
+        )  # fmt: skip
+        processors = transformers.LogitsProcessorList([
+            transformers.NoRepeatNGramLogitsProcessor(ngram),
+            transformers.NoBadWordsLogitsProcessor(bad, EOS),
+            transformers.MinLengthLogitsProcessor(4, EOS),
+            transformers.ForcedBOSTokenLogitsProcessor(5),
+            transformers.ForcedEOSTokenLogitsProcessor(max_length, EOS),
+        ])  # fmt: skip
+        expected = processors(torch.as_tensor(prefix), torch.as_tensor(scores)).numpy()
+        seqs = jnp.asarray(np.concatenate([prefix, junk], axis=1))
+        ours = _process(jnp.asarray(scores), seqs, jnp.int32(cur_len), gen)
+        np.testing.assert_array_equal(np.asarray(ours), expected)
+        if cur_len >= 3:
+            assert np.isinf(expected).sum() > np.isinf(scores).sum()  # something was banned
