@@ -22,7 +22,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rag_jax import rag
 from rag_jax.models import bart
@@ -128,7 +127,8 @@ class GenerationConfig:
         generator = rag_config_dict.get("generator", rag_config_dict)
         values = dict(_GLOBAL_DEFAULTS)
         values.update({name: generator.get(name) for name in _TOKEN_FIELDS + ("forced_eos_token_id",)})
-        values["max_length"] = min(_GLOBAL_DEFAULTS["max_length"] + 1, generator.get("max_position_embeddings", 1 << 30))
+        max_positions = generator.get("max_position_embeddings", 1 << 30)
+        values["max_length"] = min(_GLOBAL_DEFAULTS["max_length"] + 1, max_positions)
         values.update(overrides)
         return cls(**values)
 

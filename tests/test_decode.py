@@ -129,7 +129,8 @@ def test_cases_exercise_early_eos_and_the_processors(checkpoint):
     assert has_pair(plain, 0, 0) and not has_pair(_reference(checkpoint["token"], inputs, **TOKEN_CASES[1]), 0, 0)
     without_min_length = {k: v for k, v in TOKEN_CASES[6].items() if k != "min_length"}
     short = _reference(checkpoint["token"], inputs, **without_min_length)
-    assert (short[:, 1:3] == EOS).any() and not (_reference(checkpoint["token"], inputs, **TOKEN_CASES[6])[:, 1:3] == EOS).any()
+    constrained = _reference(checkpoint["token"], inputs, **TOKEN_CASES[6])
+    assert (short[:, 1:3] == EOS).any() and not (constrained[:, 1:3] == EOS).any()
 
 
 SEQUENCE_CASES = [
