@@ -221,7 +221,9 @@ def test_generation_config_resolves_like_transformers(checkpoint, tmp_path):
     expected = transformers.RagTokenForGeneration.from_pretrained(directory).generation_config
     ours = decode.GenerationConfig.from_hf(hf_config)
     assert (ours.num_beams, ours.max_length, ours.min_length) == (expected.num_beams, expected.max_length, 2)
-    assert ours.bad_words_ids == ((0, 0),) and ours.no_repeat_ngram_size == expected.no_repeat_ngram_size == 3
+    assert (expected.num_beams, expected.max_length, expected.min_length) == (3, 11, 2)
+    assert ours.bad_words_ids == tuple(map(tuple, expected.bad_words_ids)) == ((0, 0),)
+    assert ours.no_repeat_ngram_size == expected.no_repeat_ngram_size == 3
     assert (ours.decoder_start_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 2, 1)
     assert decode.GenerationConfig.from_hf(hf_config, num_beams=1).num_beams == 1
 
