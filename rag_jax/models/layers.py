@@ -43,6 +43,29 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+class _DenseGeneralPartitioned(nn.LogicallyPartitioned):
+    """Logical axis names of a DenseGeneral kernel or bias, never applied as a constraint when unboxed.
+
+    DenseGeneral initialises a flat kernel/bias, unboxes it and reshapes it (also inside `apply`, where Flax
+    re-runs the initialiser under eval_shape to check shapes). Under a mesh, the default unbox would constrain the
+    flat array with the reshaped array's axis names and fail. Placement comes from the shardings the caller
+    derives from these names (rag_jax/sharding.py), so the constraint is not needed.
+    """
+
+    def unbox(self, apply_constraint=True):
+        del apply_constraint
+        return self.value
+
+
+def _partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    axes = tuple(axes)
+
+    def boxed(*args, **kwargs):
+        return _DenseGeneralPartitioned(init(*args, **kwargs), axes)
+
+    return boxed
+
+
 def dense(
     features: int | Sequence[int],
     kernel_axes: Sequence[str | None],
@@ -65,8 +88,8 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(kernel_axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(kernel_axes[-n_out:])),
+        kernel_init=_partitioned(nn.initializers.normal(init_std), kernel_axes),
+        bias_init=_partitioned(nn.initializers.zeros_init(), kernel_axes[-n_out:]),
         name=name,
     )
 

@@ -1,0 +1,222 @@
+"""RAG on NQ-open: `python -m experiments.train_nq --config=experiments/configs/nq.py:VARIANT`.
+
+Variants:
+  local  (default) tiny random-init encoders and BART, real bundled tokenizers, the bundled mini NQ-open task
+         (1,800 train / 200 dev questions, 2,600 passages); about 5 minutes on 2 CPU cores, index included.
+  paper  the RAG paper's NQ fine-tuning: DPR BERT-base encoders, BART-large, K=10, the Hugging Face research
+         project's recipe. Point the model fields at local Hugging Face checkpoint directories and the data fields
+         at NQ-open and DPR's psgs_w100.tsv.
+  tiny   the smallest working model, for tests.
+
+Any field can be overridden on the command line, e.g. `--config.train.steps=10 --config.model.n_docs=2`; an unknown
+field stops the run at start-up. Sources of the paper values: /work/shared/REFERENCE.md ("REF"), i.e. Lewis et al.
+2020 and `transformers/examples/research_projects/rag` (finetune_rag.sh, lightning_base.py) and RagConfig defaults.
+"""
+
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rag_jax", "assets")
+BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
+BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
+BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
+VARIANTS = ("local", "paper", "tiny")
+
+
+def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            init="random",  # "random" or a local Hugging Face BERT/DPR checkpoint directory (then sizes come from it)
+            vocab_size=30522,  # random init only; must cover the question tokenizer (bert-base-uncased: 30,522)
+            hidden_size=hidden,  # random init only
+            num_layers=layers,  # random init only
+            num_heads=heads,  # random init only
+            intermediate_size=mlp,  # random init only
+            max_position_embeddings=512,  # random init only
+            initializer_range=init_range,  # random init only: std of the normal initialiser
+            dropout=0.1,  # hidden and attention dropout while training (BERT's default)
+        )
+    )
+
+
+def _generator(d_model: int, layers: int, heads: int, ffn: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            init="random",  # "random" or a local Hugging Face BART checkpoint directory (then sizes come from it)
+            vocab_size=50265,  # random init only; must cover the generator tokenizer (bart-large: 50,265)
+            d_model=d_model,  # random init only
+            encoder_layers=layers,  # random init only
+            decoder_layers=layers,  # random init only
+            heads=heads,  # random init only: encoder and decoder attention heads
+            ffn_dim=ffn,  # random init only: encoder and decoder feed-forward width
+            max_position_embeddings=1024,  # random init only
+            init_std=0.02,  # random init only
+            dropout=0.1,  # REF: --dropout 0.1
+            attention_dropout=0.1,  # REF: --attention_dropout 0.1
+        )
+    )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "local"
+    if variant not in VARIANTS:
+        raise ValueError(f"experiments/configs/nq.py: unknown variant {variant!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant  # which preset this config started from (informational)
+    c.seed = 0  # parameter init, dropout and data order all derive from it
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mini"  # rag_jax.data.nq_open builder config: "mini" (bundled) or "official" (manual_dir)
+    c.data.data_dir = placeholder(str)  # where TFDS keeps the prepared dataset; None: TFDS's default (~/tensorflow_datasets)
+    c.data.manual_dir = placeholder(str)  # "official" only: the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl
+    c.data.train_file = placeholder(str)  # a JSONL questions file to train on instead of `source` ({"question","answer(s)"})
+    c.data.dev_file = placeholder(str)  # a JSONL questions file for the periodic evaluation instead of `source`'s dev split
+    c.data.passages = BUNDLED_PASSAGES  # the retrieval corpus, DPR psgs_w100.tsv layout (or .jsonl)
+    c.data.max_question_length = 32  # question encoder input tokens
+    c.data.max_target_length = 12  # label tokens, <s> answer </s> (most NQ answers are a few words)
+    c.data.answer_choice = "first"  # "first" answer (the HF research project's data) or a "random" one per epoch
+    c.data.answer_prefix_space = True  # tokenise " answer", as the HF research project does for BART targets
+
+    c.tokenizers = ml_collections.ConfigDict()
+    c.tokenizers.question = BUNDLED_QUESTION_TOKENIZER  # BERT WordPiece directory (bundled bert-base-uncased)
+    c.tokenizers.generator = BUNDLED_GENERATOR_TOKENIZER  # BART BPE directory (bundled bart-large)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from_rag = placeholder(str)  # a Hugging Face RAG checkpoint directory: question encoder + generator from it
+    c.model.question_encoder = _encoder(64, 2, 4, 128, init_range=0.2)  # q(x); trained
+    # d(z): frozen, embeds the index. Random weights need a large init range, or every passage gets the same vector.
+    c.model.doc_encoder = _encoder(64, 2, 4, 128, init_range=0.5)
+    c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
+    c.model.n_docs = 3  # K, documents retrieved per question in training
+    c.model.loss = "sequence"  # "sequence" (RAG-Sequence) or "token" (RAG-Token) marginal likelihood
+    c.model.label_smoothing = 0.0  # epsilon of the reference's label smoothing
+    c.model.max_combined_length = 160  # generator input tokens: title / text // question, truncated at the end
+    c.model.title_sep = " / "  # RagConfig default
+    c.model.doc_sep = " // "  # RagConfig default
+    c.model.compute_dtype = "float32"  # "float32" or "bfloat16" activations (parameters stay float32)
+
+    c.index = ml_collections.ConfigDict()
+    c.index.dir = placeholder(str)  # a prebuilt index (experiments/build_index) to link as WORKDIR/index; None: build it there
+    c.index.batch_size = 128  # passages per embedding batch when building the index
+    c.index.max_length = 256  # document encoder input tokens (title, text) when building the index
+    c.index.shard_size = 100_000  # rows per embeddings file
+    c.index.dtype = "float32"  # stored embedding dtype: float32, float16 or bfloat16
+    c.index.backend = "exact"  # also build a ScaNN searcher ("scann") or not ("exact")
+
+    c.retrieval = ml_collections.ConfigDict()
+    c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
+    #                             exact MIPS inside the step over the index sharded across all devices
+    c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3  # peak learning rate
+    c.optim.warmup_steps = 50  # linear warm-up from 0
+    c.optim.end_learning_rate = 1e-7  # polynomial (power 1, i.e. linear) decay to this at train.steps
+    c.optim.weight_decay = 0.0  # decoupled (AdamW); not on biases and layer norms (REF no_decay list)
+    c.optim.b1 = 0.9  # Adam beta1 (torch AdamW default)
+    c.optim.b2 = 0.999  # Adam beta2 (torch AdamW default)
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.max_grad_norm = 1.0  # global gradient norm clip; 0 disables
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 600  # optimizer updates
+    c.train.global_batch_size = 8  # questions per update, over all devices and hosts
+    c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
+    c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps
+    c.train.checkpoint_every = 200  # orbax save every this many steps (and at the end, and on SIGTERM)
+    c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+    c.train.async_checkpoints = True  # write checkpoints in the background while training continues
+    c.train.eval_every = 300  # dev evaluation every this many steps (and at the end); 0 disables
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 200  # dev questions per evaluation (the first ones of the dev split); 0 = all
+    c.eval.batch_size = 40  # questions per evaluation batch (a multiple of the data axis)
+    c.eval.n_docs = 3  # documents per question when generating answers in the periodic evaluation
+    c.eval.max_length = 20  # greedy decoding length, counting the decoder start token (as HF generate)
+    c.eval.recall_ks = (1, 3)  # report retrieval recall@k (answer string in the top k) for these k
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel ways; -1: all devices left after `model`
+    c.mesh.model = 1  # tensor-parallel ways (vocabulary, MLP, heads)
+    c.mesh.dcn_data = 1  # multi-slice TPU jobs: how many slices the data axis spans
+
+    if variant == "tiny":
+        _tiny(c)
+    elif variant == "paper":
+        _paper(c)
+    return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    """Seconds per run on a CPU: for tests."""
+    for enc in (c.model.question_encoder, c.model.doc_encoder):
+        enc.hidden_size, enc.num_layers, enc.num_heads, enc.intermediate_size = 32, 1, 2, 64
+        enc.max_position_embeddings = 128
+    g = c.model.generator
+    g.d_model, g.encoder_layers, g.decoder_layers, g.heads, g.ffn_dim, g.max_position_embeddings = 32, 1, 1, 2, 64, 128
+    c.data.max_question_length = 16
+    c.data.max_target_length = 8
+    c.model.n_docs = 2
+    c.model.max_combined_length = 48
+    c.index.max_length = 64
+    c.index.batch_size = 64
+    c.train.steps = 6
+    c.train.global_batch_size = 8
+    c.train.log_every = 2
+    c.train.checkpoint_every = 4
+    c.train.eval_every = 0
+    c.eval.num_examples = 16
+    c.eval.batch_size = 8
+    c.eval.n_docs = 2
+    c.eval.max_length = 8
+    c.eval.recall_ks = (1, 2)
+    c.optim.warmup_steps = 2
+
+
+def _paper(c: ml_collections.ConfigDict) -> None:
+    """Lewis et al. (2020) NQ fine-tuning as the HF research project runs it (REF = /work/shared/REFERENCE.md)."""
+    c.data.source = "official"  # NQ-open train/dev (Lee et al. 2019); RAG reports NQ numbers on its dev set
+    c.data.manual_dir = placeholder(str)  # set: directory with NQ-open.{train,dev}.jsonl
+    c.data.passages = placeholder(str)  # set: DPR's psgs_w100.tsv (21M 100-word Wikipedia passages, Dec 2018)
+    c.data.max_question_length = 128  # REF: max source 128
+    c.data.max_target_length = 25  # REF: max target 25
+    # Set the three to local HF checkpoints (DPR single-nq-base encoders as in HF's rag-*-nq, BART-large), or set
+    # model.init_from_rag to a facebook/rag-sequence-base style directory for the question encoder + generator.
+    c.model.question_encoder.init = placeholder(str)  # e.g. .../facebook/dpr-question_encoder-single-nq-base
+    c.model.doc_encoder.init = placeholder(str)  # e.g. .../facebook/dpr-ctx_encoder-single-nq-base (frozen, REF)
+    c.model.generator.init = placeholder(str)  # e.g. .../facebook/bart-large
+    for enc in (c.model.question_encoder, c.model.doc_encoder):
+        enc.dropout = 0.1  # REF: dropout 0.1 (BERT's own default too)
+    c.model.generator.dropout = 0.1  # REF: --dropout 0.1
+    c.model.generator.attention_dropout = 0.1  # REF: --attention_dropout 0.1
+    c.model.n_docs = 10  # REF: k in {5, 10} in training; 10 here
+    c.model.loss = "sequence"  # RAG-Sequence (paper's best NQ model, 44.5 EM); "token" for RAG-Token (44.1)
+    c.model.label_smoothing = 0.1  # REF: label smoothing 0.1
+    c.model.max_combined_length = 300  # REF: RagConfig max_combined_length default
+    c.model.compute_dtype = "bfloat16"  # the paper trained in mixed precision (fp16 on V100); bf16 on TPU
+    c.index.max_length = 256  # DPR's passage length (psgs_w100 passages are 100 words)
+    c.index.dtype = "float32"  # 21M x 768 x 4 B = 65 GB over the mesh in device mode; bfloat16 halves it
+    c.index.backend = "scann"  # host mode searches with ScaNN (the paper: FAISS HNSW on CPU)
+    c.retrieval.mode = "host"
+    c.retrieval.host_searcher = "scann"
+    c.optim.learning_rate = 3e-5  # REF: lr 3e-5
+    c.optim.warmup_steps = 500  # REF: 500 warm-up steps
+    c.optim.end_learning_rate = 1e-7  # REF: polynomial decay (transformers' lr_end default 1e-7, power 1.0)
+    c.optim.weight_decay = 0.001  # REF: weight decay 0.001
+    c.optim.eps = 1e-8  # REF: adam eps 1e-8
+    c.optim.max_grad_norm = 0.1  # REF: max grad norm 0.1
+    c.train.global_batch_size = 64  # REF: batch 8 per GPU x 8 GPUs
+    # Not in REF (the research project trains for a number of epochs and keeps the best dev checkpoint):
+    # 79,168 NQ-open train questions / 64 = 1,237 steps an epoch; 10 epochs here.
+    c.train.steps = 12_370
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 1237  # once an epoch
+    c.eval.num_examples = 0  # the whole NQ-open dev set (3,610)
+    c.eval.batch_size = 64
+    c.eval.n_docs = 10  # as in training (REF: the public rag-*-nq configs default to n_docs 5)
+    c.eval.max_length = 50  # REF: public rag-*-nq checkpoints max_length 50
+    c.eval.recall_ks = (1, 5, 10)

@@ -1,0 +1,325 @@
+"""From a run config (experiments/configs/nq.py) to the pieces of a run, with the start-up checks.
+
+Everything a training run or an evaluation of its checkpoint needs to rebuild from the config lives here: the RAG
+model (and pretrained weights), the frozen document encoder, the tokenizers, the data sources, the optimizer and
+the index directory. Each check fails with a `ConfigError` naming the config field and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rag_jax import rag
+from rag_jax import tokenizers as tk
+from rag_jax.context import ContextFormat
+from rag_jax.data import nq_open
+from rag_jax.models import bart, bert, hf
+from rag_jax.retrieval import embed, index_io, scann_backend
+from rag_jax.retrieval.exact import ExactSearcher
+
+LOSSES = ("sequence", "token")
+RETRIEVAL_MODES = ("host", "device")
+HOST_SEARCHERS = ("exact", "scann")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_NO_DECAY = ("bias", "scale", "final_logits_bias")  # REF's no_decay list: biases and LayerNorm weights
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work; the message names the field (e.g. `train.global_batch_size`)."""
+
+
+def _require_path(value, field: str, what: str, *, directory: bool) -> str:
+    if value is None:
+        raise ConfigError(f"config {field} is not set: give {what} (e.g. --config.{field}=/path)")
+    check = os.path.isdir if directory else os.path.isfile
+    if not check(value):
+        kind = "directory" if directory else "file"
+        raise ConfigError(f"config {field}={value!r}: no such {kind} ({what})")
+    return value
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Value checks that need no devices or files beyond the paths named in the config."""
+    m, t = config.model, config.train
+    if m.loss not in LOSSES:
+        raise ConfigError(f"config model.loss={m.loss!r}; choose one of {LOSSES}")
+    if config.retrieval.mode not in RETRIEVAL_MODES:
+        raise ConfigError(f"config retrieval.mode={config.retrieval.mode!r}; choose one of {RETRIEVAL_MODES}")
+    if config.retrieval.host_searcher not in HOST_SEARCHERS:
+        raise ConfigError(
+            f"config retrieval.host_searcher={config.retrieval.host_searcher!r}; choose one of {HOST_SEARCHERS}"
+        )
+    if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
+        raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
+                          "with the index)")
+    if m.compute_dtype not in DTYPES:
+        raise ConfigError(f"config model.compute_dtype={m.compute_dtype!r}; choose one of {sorted(DTYPES)}")
+    for field, value in (("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+                         ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every),
+                         ("train.checkpoint_every", t.checkpoint_every), ("model.n_docs", m.n_docs),
+                         ("eval.batch_size", config.eval.batch_size), ("eval.n_docs", config.eval.n_docs)):
+        if int(value) < 1:
+            raise ConfigError(f"config {field}={value} must be >= 1")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(f"config train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"train.grad_accum_steps={t.grad_accum_steps}")
+    if not 0.0 <= m.label_smoothing < 1.0:
+        raise ConfigError(f"config model.label_smoothing={m.label_smoothing} must lie in [0, 1)")
+    if config.retrieval.mode == "device" and not m.doc_sep.endswith(" "):
+        raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
+                          "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
+    _require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
+                  directory=False)
+    for field in ("data.train_file", "data.dev_file"):
+        value = config.data.get(field.split(".")[1])
+        if value is not None:
+            _require_path(value, field, "a JSONL questions file", directory=False)
+    if config.data.train_file is None or config.data.dev_file is None:
+        if config.data.data_dir is not None:
+            _require_path(config.data.data_dir, "data.data_dir", "the TFDS data directory (create it, or leave it "
+                          "unset for TFDS's default)", directory=True)
+        if config.data.source == "official":
+            _require_path(config.data.manual_dir, "data.manual_dir",
+                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl", directory=True)
+        elif config.data.source != "mini":
+            raise ConfigError(f"config data.source={config.data.source!r}; choose 'mini' or 'official'")
+    for field in ("tokenizers.question", "tokenizers.generator"):
+        _require_path(config.tokenizers.get(field.split(".")[1]), field, "a tokenizer directory", directory=True)
+    if m.init_from_rag is None:
+        for part in ("question_encoder", "generator"):
+            init = m[part].init
+            if init != "random":
+                _require_path(init, f"model.{part}.init", "'random' or a Hugging Face checkpoint directory",
+                              directory=True)
+    else:
+        _require_path(m.init_from_rag, "model.init_from_rag", "a Hugging Face RAG checkpoint directory", directory=True)
+    if m.doc_encoder.init != "random":
+        _require_path(m.doc_encoder.init, "model.doc_encoder.init", "'random' or a BERT/DPR checkpoint directory",
+                      directory=True)
+
+
+def check_batch(config: ml_collections.ConfigDict, data_ways: int, num_processes: int) -> None:
+    """The batch sizes must split evenly over the data axis (and over hosts, and into microbatches)."""
+    t = config.train
+    micro = t.global_batch_size // t.grad_accum_steps
+    if micro % data_ways:
+        raise ConfigError(
+            f"config train.global_batch_size={t.global_batch_size} (/ train.grad_accum_steps={t.grad_accum_steps} "
+            f"= {micro} per microbatch) is not divisible by the {data_ways}-way data axis of the mesh "
+            f"(mesh.data); choose a multiple of {data_ways * t.grad_accum_steps}"
+        )
+    if config.eval.batch_size % data_ways or config.eval.batch_size % num_processes:
+        raise ConfigError(f"config eval.batch_size={config.eval.batch_size} is not divisible by the {data_ways}-way "
+                          f"data axis (mesh.data) and {num_processes} processes")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _encoder_config(c: ml_collections.ConfigDict, dtype) -> bert.BertConfig:
+    return bert.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
+        intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+        hidden_dropout=c.dropout, attention_dropout=c.dropout, initializer_range=c.initializer_range,
+        pooling="cls", dtype=dtype)
+
+
+def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig:
+    return bart.BartConfig(
+        vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
+        encoder_heads=c.heads, decoder_heads=c.heads, encoder_ffn_dim=c.ffn_dim, decoder_ffn_dim=c.ffn_dim,
+        max_position_embeddings=c.max_position_embeddings, dropout=c.dropout, attention_dropout=c.attention_dropout,
+        init_std=c.init_std, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Models:
+    """The RAG model of a run and, for the parts that start from a checkpoint, their numpy weights."""
+
+    rag: rag.Rag
+    pretrained: dict[str, Any]  # subset of {"question_encoder", "generator"} -> numpy params
+
+
+def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Models:
+    """The RAG model described by `config.model`; pretrained parts are read when `load_weights`."""
+    m = config.model
+    dtype = DTYPES[m.compute_dtype]
+    q_overrides = dict(hidden_dropout=m.question_encoder.dropout, attention_dropout=m.question_encoder.dropout,
+                       dtype=dtype)
+    g_overrides = dict(dropout=m.generator.dropout, attention_dropout=m.generator.attention_dropout, dtype=dtype)
+    pretrained: dict[str, Any] = {}
+    if m.init_from_rag is not None:
+        loaded = hf.load_rag(m.init_from_rag, encoder_overrides=q_overrides, generator_overrides=g_overrides)
+        q_cfg, g_cfg = loaded.question_encoder.config, loaded.generator.config
+        pretrained = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
+    else:
+        if m.question_encoder.init == "random":
+            q_cfg = _encoder_config(m.question_encoder, dtype)
+        else:
+            loaded = hf.load_encoder(m.question_encoder.init, pooling="cls", **q_overrides)
+            q_cfg, pretrained["question_encoder"] = loaded.config, loaded.params
+        if m.generator.init == "random":
+            g_cfg = _generator_config(m.generator, dtype)
+        else:
+            loaded = hf.load_bart(m.generator.init, **g_overrides)
+            g_cfg, pretrained["generator"] = loaded.config, loaded.params
+    rag_config = rag.RagConfig(
+        n_docs=m.n_docs, label_smoothing=m.label_smoothing,
+        context=ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length))
+    if not load_weights:
+        pretrained = {}
+    return Models(rag.Rag(q_cfg, g_cfg, rag_config), pretrained)
+
+
+def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any]:
+    """The frozen document encoder d(z): its config and numpy params (random ones are a function of the seed)."""
+    c = config.model.doc_encoder
+    if c.init != "random":
+        loaded = hf.load_encoder(c.init, pooling="cls")
+        return loaded.config, loaded.params
+    cfg = _encoder_config(c, jnp.float32)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    variables = jax.jit(bert.BertEncoder(cfg).init)(rng, ids)
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(_unbox(variables["params"])))
+    return cfg, params
+
+
+def _unbox(tree):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    return nn.meta.unbox(tree)
+
+
+def load_tokenizers(config: ml_collections.ConfigDict) -> tk.RagTokenizers:
+    return tk.RagTokenizers(tk.load_question_tokenizer(config.tokenizers.question),
+                            tk.load_generator_tokenizer(config.tokenizers.generator))
+
+
+def check_vocab(models: Models, doc_config: bert.BertConfig, tokenizers: tk.RagTokenizers,
+                config: ml_collections.ConfigDict) -> None:
+    """Every id a tokenizer can produce must have a row in the embedding table of the model that reads it."""
+    m = config.model
+    q_source = m.init_from_rag or (
+        "model.question_encoder.vocab_size" if m.question_encoder.init == "random" else m.question_encoder.init)
+    g_source = m.init_from_rag or (
+        "model.generator.vocab_size" if m.generator.init == "random" else m.generator.init)
+    d_source = "model.doc_encoder.vocab_size" if m.doc_encoder.init == "random" else m.doc_encoder.init
+    checks = ((len(tokenizers.question), models.rag.question_encoder_config.vocab_size, "question",
+               config.tokenizers.question, q_source),
+              (len(tokenizers.question), doc_config.vocab_size, "question", config.tokenizers.question, d_source),
+              (len(tokenizers.generator), models.rag.generator_config.vocab_size, "generator",
+               config.tokenizers.generator, g_source))
+    for tok_size, model_size, which, tok_path, source in checks:
+        if tok_size > model_size:
+            raise ConfigError(
+                f"vocabulary size mismatch: the {which} tokenizer ({tok_path}, config tokenizers.{which}) has "
+                f"{tok_size} entries but the model's embedding table ({source}) has {model_size} rows; use the "
+                "tokenizer the model was trained with, or a vocab_size >= the tokenizer's")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+class JsonlSource:
+    """Questions from an NQ-open style JSONL file, held in memory (a pipeline source: len + indexing)."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._examples = [ex for _, ex in nq_open.read_nq_jsonl(path)]
+        if not self._examples:
+            raise ConfigError(f"{path}: no questions in the file")
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._examples[index]
+
+
+def data_source(config: ml_collections.ConfigDict, split: str):
+    """The train or dev questions: a JSONL file when data.{train,dev}_file is set, else the TFDS NQ-open source."""
+    path = config.data.train_file if split == "train" else config.data.dev_file
+    if path is not None:
+        return JsonlSource(path)
+    return nq_open.get_data_source(config.data.source, split, config.data.data_dir, config.data.manual_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0, then polynomial (power 1) decay to end_learning_rate at train.steps (REF)."""
+    o = config.optim
+    warmup = int(o.warmup_steps)
+    decay = optax.polynomial_schedule(o.learning_rate, o.end_learning_rate, power=1.0,
+                                      transition_steps=max(1, config.train.steps - warmup))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    """True for weights that get weight decay: everything but biases and layer-norm scales (REF no_decay)."""
+
+    def decays(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in _NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW with the schedule above (the HF research project's optimizer)."""
+    o = config.optim
+    parts = []
+    if o.max_grad_norm and o.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.max_grad_norm))
+    parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------------- index
+
+
+def index_dir(workdir: str) -> str:
+    return os.path.join(workdir, "index")
+
+
+def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: bert.BertConfig, doc_params: Any,
+                 question_tokenizer, *, progress: bool = True) -> index_io.Index:
+    """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there."""
+    target = index_dir(workdir)
+    encoder_id = embed.encoder_fingerprint(doc_config, doc_params)
+    if config.index.dir is not None and not os.path.exists(target):
+        _require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
+        os.makedirs(workdir, exist_ok=True)
+        os.symlink(os.path.abspath(config.index.dir), target)
+    try:
+        index = index_io.load_index(target, expected_encoder=encoder_id)
+    except index_io.IndexFormatError:
+        if config.index.dir is not None:  # a linked index is never rebuilt here: say why it does not fit
+            index_io.load_index(target, expected_encoder=encoder_id)
+        index = embed.build_index(
+            doc_config, doc_params, question_tokenizer, config.data.passages, target, encoder_id=encoder_id,
+            batch_size=config.index.batch_size, max_length=config.index.max_length,
+            shard_size=config.index.shard_size, dtype=config.index.dtype, backend="exact", progress=progress)
+    if config.index.backend == "scann" and "scann" not in index.metadata.get("backends", {}):
+        scann_backend.build_scann_index(index)
+    return index
+
+
+def host_searcher(config: ml_collections.ConfigDict, index: index_io.Index):
+    """The host-side searcher of retrieval.host_searcher over `index` (`.search(q_QxD, k) -> rows, scores`)."""
+    if config.retrieval.host_searcher == "scann":
+        return scann_backend.load_scann_index(index)
+    return ExactSearcher(index, device=jax.local_devices()[0])

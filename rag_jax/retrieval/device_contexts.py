@@ -1,0 +1,162 @@
+"""Generator inputs formed on device, for retrieval inside the training step (config retrieval.mode="device").
+
+The host path (rag_jax/retriever.py) reads the retrieved passages and tokenises `title / text // question` per
+(question, passage). Inside a jitted step there are no strings, so instead: every passage's generator tokens are
+computed once (`passage_token_table`, cached in the index directory) and split over the devices with the index rows
+(`corpus` logical axis); the host tokenises only the question part of each batch (`question_tokens`);
+`make_sharded_gather` fetches the retrieved rows of the token table and of the embeddings, and `assemble_contexts`
+glues `<s> passage-part question-part </s>` together and truncates it as the tokenizer would.
+
+Why device assembly gives the reference's ids: the reference tokenises the string
+`(prefix + title + title_sep + text + doc_sep + question).replace("  ", " ")`. With doc_sep ending in exactly one
+space after a non-space (" // "), that string is passage_part + question_part where
+  passage_part  = combine(title, text, "")[:-1]           ("... // " without its last space)
+  question_part = (" " + question).replace("  ", " ")
+because no run of spaces crosses the boundary. Byte-level BPE first splits text with GPT-2's pre-tokenizer regex,
+whose match at a position depends only on the text from there on; the match holding "//" cannot take a space, so
+a pre-token boundary falls exactly before the question's leading space, and BPE merges never cross pre-tokens.
+Hence tokens(string) = tokens(passage_part) + tokens(question_part), and the tokenizer's truncation keeps the first
+max_combined_length - 2 of them between <s> and </s>. tests/test_train.py checks this on the bundled corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from rag_jax import context
+from rag_jax.retrieval import corpus, index_io
+
+
+def passage_part(title: str, text: str, fmt: context.ContextFormat) -> str:
+    """The generator-input string of a passage without the question (and without doc_sep's final space)."""
+    combined = context.combine(title, text, "", fmt)
+    if not combined.endswith(" ") or combined.endswith("  "):
+        raise ValueError(f"doc_sep={fmt.doc_sep!r} must end with exactly one space for on-device assembly")
+    return combined[:-1]
+
+
+def question_part(question: str) -> str:
+    return (" " + question).replace("  ", " ")
+
+
+def question_tokens(questions: Sequence[str], generator_tokenizer, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generator tokens of each question part (B, width) padded with pad, and their lengths (B,) (cut at width)."""
+    encoded = generator_tokenizer([question_part(q) for q in questions], add_special_tokens=False)["input_ids"]
+    ids = np.full((len(questions), width), generator_tokenizer.pad_token_id, np.int32)
+    lengths = np.zeros((len(questions),), np.int32)
+    for i, toks in enumerate(encoded):
+        toks = toks[:width]
+        ids[i, :len(toks)] = toks
+        lengths[i] = len(toks)
+    return ids, lengths
+
+
+def _table_key(store: corpus.PassageStore, fmt: context.ContextFormat, generator_tokenizer, width: int) -> str:
+    vocab = json.dumps(sorted(generator_tokenizer.get_vocab().items()))
+    record = json.dumps([store.metadata["fingerprint"], fmt.title_sep, fmt.doc_sep, fmt.prefix, width,
+                         hashlib.sha256(vocab.encode()).hexdigest()])
+    return hashlib.sha256(record.encode()).hexdigest()[:12]
+
+
+def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: context.ContextFormat, *,
+                        batch_size: int = 4096) -> np.ndarray:
+    """Every passage's generator tokens: int32 (N, 1 + W), column 0 the length, then W = max_combined_length - 2
+    tokens (pad-filled; longer passages are cut, their question part is cut by the tokenizer anyway).
+
+    Built once into the index directory (generator_tokens-<key>.npy, keyed by corpus, format and tokenizer) and
+    returned memory-mapped, so a 21M-passage corpus is tokenised once and each host reads only the rows it needs.
+    """
+    width = fmt.max_combined_length - 2
+    key = _table_key(index.passages, fmt, generator_tokenizer, width)
+    path = os.path.join(index.index_dir, f"generator_tokens-{key}.npy")
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(index.num_passages, 1 + width))
+        pad = generator_tokenizer.pad_token_id
+        row, chunk = 0, []
+
+        def flush():
+            nonlocal row
+            encoded = generator_tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            block = np.full((len(chunk), 1 + width), pad, np.int32)
+            for i, toks in enumerate(encoded):
+                toks = toks[:width]
+                block[i, 0] = len(toks)
+                block[i, 1:1 + len(toks)] = toks
+            table[row:row + len(chunk)] = block
+            row += len(chunk)
+            chunk.clear()
+
+        for passage in index.passages.iter_passages():
+            chunk.append(passage_part(passage.title, passage.text, fmt))
+            if len(chunk) == batch_size:
+                flush()
+        if chunk:
+            flush()
+        table.flush()
+        del table
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def assemble_contexts(passage_tokens_BxKxW: jax.Array, passage_lengths_BxK: jax.Array, question_tokens_BxQ: jax.Array,
+                      question_lengths_B: jax.Array, max_length: int, *, bos: int, eos: int, pad: int):
+    """`<s> passage-part question-part </s>` truncated to max_length, padded: ids and mask (B, K, max_length)."""
+    content = max_length - 2
+    width = passage_tokens_BxKxW.shape[-1]
+    if width < content:
+        passage_tokens_BxKxW = jnp.pad(passage_tokens_BxKxW, ((0, 0), (0, 0), (0, content - width)),
+                                       constant_values=pad)
+    p_BxKxC = passage_tokens_BxKxW[..., :content]
+    j_C = jnp.arange(content)
+    lp_BxKx1 = jnp.minimum(passage_lengths_BxK, content)[..., None]
+    q_pos = jnp.clip(j_C - lp_BxKx1, 0, question_tokens_BxQ.shape[1] - 1)
+    batch, docs = passage_lengths_BxK.shape
+    q_BxKxQ = jnp.broadcast_to(question_tokens_BxQ[:, None, :], (batch, docs, question_tokens_BxQ.shape[1]))
+    q_BxKxC = jnp.take_along_axis(q_BxKxQ, q_pos, axis=2)
+    n_BxKx1 = jnp.minimum(lp_BxKx1 + question_lengths_B[:, None, None], content)
+    tokens = jnp.where(j_C < lp_BxKx1, p_BxKxC, q_BxKxC)
+    tokens = jnp.where(j_C < n_BxKx1, tokens, pad)
+    ids = jnp.concatenate([jnp.full((batch, docs, 1), bos, tokens.dtype), tokens,
+                           jnp.full((batch, docs, 1), pad, tokens.dtype)], axis=-1)
+    pos_S = jnp.arange(max_length)
+    ids = jnp.where(pos_S == n_BxKx1 + 1, eos, ids)
+    mask = (pos_S <= n_BxKx1 + 1).astype(jnp.int32)
+    return ids.astype(jnp.int32), mask
+
+
+def make_sharded_gather(mesh: Mesh, corpus_axes: tuple[str, ...]):
+    """fn(rows (any shape, replicated), *tables split over corpus_axes on dim 0) -> the rows of each table.
+
+    Every device looks up the requested rows it holds (zeros elsewhere) and a psum over the corpus axes combines
+    them: rows.size x row-width values cross the interconnect, never the table.
+    """
+
+    def local(rows, *tables):
+        n_local = tables[0].shape[0]
+        offset = jax.lax.axis_index(corpus_axes) * n_local
+        local_rows = rows - offset
+        valid = (local_rows >= 0) & (local_rows < n_local)
+        safe = jnp.clip(local_rows, 0, n_local - 1)
+        outs = []
+        for table in tables:
+            got = table[safe]
+            mask = valid.reshape(valid.shape + (1,) * (got.ndim - valid.ndim))
+            outs.append(jax.lax.psum(jnp.where(mask, got, jnp.zeros((), got.dtype)), corpus_axes))
+        return tuple(outs)
+
+    def gather(rows, *tables):
+        specs = tuple(P(corpus_axes) for _ in tables)
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(P(),) + specs, out_specs=tuple(P() for _ in tables),
+                           check_vma=False)
+        return fn(rows, *tables)
+
+    return gather

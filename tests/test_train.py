@@ -1,0 +1,201 @@
+"""The training step: sharded equals single-device, device retrieval equals host retrieval, gradient accumulation
+equals one batch, on-device generator inputs equal the tokenizer's; start-up errors; NaN handling; configs."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import nq
+from rag_jax import checkpoint, context, experiment, sharding, train
+from rag_jax import tokenizers as tk
+from rag_jax.retrieval import corpus, device_contexts
+from tests import train_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return train_task.write_bundled_task(str(tmp_path_factory.mktemp("task")), num_questions=32, num_distractors=32)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("run"))
+
+
+def _mesh(data, model):
+    return sharding.make_mesh(data, model, devices=jax.devices()[: data * model])
+
+
+def _steps(config, workdir, mesh, steps=2):
+    """(losses, final params, gold hits per step, initial params) of `steps` updates on `mesh`."""
+    run = train.setup(config, workdir, mesh)
+    state = run.initial_state()
+    initial = jax.device_get(state.params)
+    pipeline = train.make_pipeline(run)
+    rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(mesh))
+    losses, hits = [], []
+    for step in range(steps):
+        with sharding.use(mesh):
+            batch = run.batches(state.params, pipeline.batch_at(step))
+            state, metrics = run.train_step(state, batch, rng, run.corpus)
+        metrics = jax.device_get(metrics)
+        losses.append(float(metrics["loss"]))
+        hits.append(float(metrics["gold_hits"]))
+    return np.array(losses), jax.device_get(state.params), hits, initial
+
+
+# Dropout off: gradient accumulation draws other dropout masks than one big batch, so one reference serves all.
+# Adam eps 1e-3: Adam's update moves by up to lr/eps times a change of the gradient, and the question encoder's gradient
+# (posterior minus prior of saturated doc softmaxes: a difference of nearly equal numbers) carries relative rounding
+# errors of ~1e-3 that any change of summation order produces. With eps 1e-8 that amplification (1e5) turns float32
+# noise into percent-level update differences; with 1e-3 updates follow the gradients 1:1 and stay comparable.
+EXACT = {"optim.warmup_steps": 0, "optim.eps": 1e-3, "model.question_encoder.dropout": 0.0,
+         "model.generator.dropout": 0.0, "model.generator.attention_dropout": 0.0}
+INIT_STD = 0.02  # parameters start at this scale; biases start at 0
+
+
+def _assert_params_close(a, b, rtol=1e-5):
+    """Equal within rtol of each array's scale (at least the initial weights' scale): float32 sums in another order."""
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        x, y = np.asarray(x), np.asarray(y)
+        scale = max(np.abs(x).max(), INIT_STD)
+        np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference(task, workdir):
+    """Two updates on one device, host retrieval (the reference the sharded runs must reproduce)."""
+    return _steps(train_task.tiny_config(task, **EXACT), workdir, _mesh(1, 1))
+
+
+def test_sharded_step_equals_single_device(task, workdir, reference):
+    losses, params, hits, initial = _steps(train_task.tiny_config(task, **EXACT), workdir, _mesh(4, 2))
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    assert hits == reference[2]
+    _assert_params_close(params, reference[1])
+    _assert_params_close(initial, reference[3], rtol=0)
+    # The updates really moved the parameters (a no-op step would pass the comparison trivially).
+    moved = jax.tree_util.tree_map(lambda x, y: np.abs(np.asarray(x) - y).max(), initial, params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
+def test_device_retrieval_equals_host_retrieval(task, workdir, reference):
+    """Exact MIPS inside the step over the corpus split on all 8 devices, generator inputs assembled on device."""
+    config = train_task.tiny_config(task, **EXACT, **{"retrieval.mode": "device"})
+    losses, params, hits, _ = _steps(config, workdir, _mesh(4, 2))
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    assert hits == reference[2]
+    _assert_params_close(params, reference[1])
+
+
+def test_gradient_accumulation_equals_one_batch(task, workdir, reference):
+    config = train_task.tiny_config(task, **EXACT, **{"train.grad_accum_steps": 2})
+    losses, params, _, _ = _steps(config, workdir, _mesh(2, 2))
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    _assert_params_close(params, reference[1])
+
+
+@pytest.mark.parametrize("max_length", [300, 64])
+def test_device_contexts_equal_tokenizer(max_length):
+    """On-device assembly of `<s> title / text // question </s>` gives the tokenizer's ids on the bundled corpus."""
+    toks = tk.load_rag_tokenizers()
+    fmt = context.ContextFormat(max_combined_length=max_length)
+    passages = list(corpus.read_passages(train_task.MINI_PASSAGES))
+    width = max_length - 2
+    encoded = toks.generator([device_contexts.passage_part(p.title, p.text, fmt) for p in passages],
+                             add_special_tokens=False)["input_ids"]
+    table = np.full((len(passages), width), toks.generator.pad_token_id, np.int32)
+    lengths = np.zeros(len(passages), np.int32)
+    for i, ids in enumerate(encoded):
+        table[i, :min(len(ids), width)] = ids[:width]
+        lengths[i] = min(len(ids), width)
+    examples = train_task.bundled_questions(8, start=100)
+    q_ids = toks.question([e["question"] for e in examples], padding=True, return_tensors="np")["input_ids"]
+    questions = context.decode_questions(q_ids, toks.question)
+    rows = np.arange(len(passages) - len(passages) % 8).reshape(8, -1)  # every passage, once
+    host_ids, host_mask = context.generator_inputs(questions, [[passages[r].title for r in rr] for rr in rows],
+                                                   [[passages[r].text for r in rr] for rr in rows], toks.generator, fmt)
+    q_tokens, q_lengths = device_contexts.question_tokens(questions, toks.generator, width)
+    ids, mask = jax.jit(device_contexts.assemble_contexts, static_argnums=4, static_argnames=("bos", "eos", "pad"))(
+        table[rows], lengths[rows], q_tokens, q_lengths, max_length, bos=0, eos=2, pad=1)
+    np.testing.assert_array_equal(np.asarray(ids).reshape(host_ids.shape), host_ids)
+    np.testing.assert_array_equal(np.asarray(mask).reshape(host_mask.shape), host_mask)
+    assert (lengths == width).any() and (lengths < width).any()  # both truncated and whole passages were covered
+
+
+# ---------------------------------------------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize("flags, name, suggestion", [
+    (["--config.train.stepz=3"], "stepz", "steps"),
+    (["--config=experiments/configs/nq.py:tiny", "--config.modl.n_docs=3"], "modl", "model"),
+])
+def test_unknown_config_field_fails_naming_it(tmp_path, flags, name, suggestion):
+    result = subprocess.run([sys.executable, "-m", "experiments.train_nq", *flags, f"--workdir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"unknown config field: {name}" in result.stderr and suggestion in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"data.train_file": None, "data.data_dir": "/nonexistent/tfds"}, "data.data_dir"),
+    ({"data.passages": "/nonexistent/passages.tsv"}, "data.passages"),
+    ({"model.generator.vocab_size": 50000}, "tokenizers.generator"),
+    ({"model.question_encoder.vocab_size": 30000}, "model.question_encoder.vocab_size"),
+    ({"train.global_batch_size": 12}, "train.global_batch_size"),
+    ({"model.loss": "tokens"}, "model.loss"),
+])
+def test_startup_errors_name_the_field(task, tmp_path, overrides, expected):
+    config = train_task.tiny_config(task, **overrides)
+    with pytest.raises(experiment.ConfigError, match=expected.replace(".", r"\.")) as error:
+        train.setup(config, str(tmp_path), _mesh(8, 1))
+    if expected == "train.global_batch_size":
+        assert "data axis" in str(error.value) and "mesh.data" in str(error.value)
+    if "vocab" in expected or "tokenizers" in expected:
+        assert "vocabulary size mismatch" in str(error.value)
+
+
+def test_paper_config_needs_its_paths():
+    config = nq.get_config("paper")
+    config.data.passages = train_task.MINI_PASSAGES
+    with pytest.raises(experiment.ConfigError, match=r"data\.manual_dir"):
+        experiment.check_config(config)
+    assert config.optim.learning_rate == 3e-5 and config.model.n_docs == 10
+    assert config.train.global_batch_size == 64 and config.model.label_smoothing == 0.1
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path, monkeypatch):
+    """Updates turn NaN from the third one on: the run stops at step 3 and checkpoint 2 stays the latest."""
+    original = experiment.make_optimizer
+
+    def poisoned(config):
+        base = original(config)
+
+        def init(params):
+            return base.init(params), jnp.zeros((), jnp.int32)
+
+        def update(grads, state, params=None):
+            inner, count = state
+            updates, inner = base.update(grads, inner, params)
+            factor = jnp.where(count >= 2, jnp.nan, 1.0)
+            return jax.tree_util.tree_map(lambda u: u * factor, updates), (inner, count + 1)
+
+        return optax.GradientTransformation(init, update)
+
+    monkeypatch.setattr(experiment, "make_optimizer", poisoned)
+    config = train_task.tiny_config(task, **{"train.steps": 6, "train.checkpoint_every": 1, "train.log_every": 1})
+    with pytest.raises(train.NonFiniteLossError, match="step 3") as error:
+        train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(2, 1))
+    assert "checkpoints/2" in str(error.value)
+    assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 2

@@ -1,0 +1,68 @@
+"""Small training tasks and configs for the training tests (tests/test_train*.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from experiments.configs import nq
+from rag_jax.data import nq_open
+from rag_jax.retrieval import corpus
+
+MINI_PASSAGES = nq.BUNDLED_PASSAGES
+
+
+def bundled_questions(count: int, start: int = 0) -> list[dict[str, Any]]:
+    return [ex for _, ex in nq_open.read_nq_jsonl(nq_open.MINI_QUESTIONS)][start:start + count]
+
+
+def write_questions(path: str, examples: Sequence[dict[str, Any]]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    return path
+
+
+def write_bundled_task(directory: str, num_questions: int = 32, num_distractors: int = 32,
+                       max_words: int | None = None) -> dict[str, str]:
+    """The first `num_questions` bundled questions, their gold passages and `num_distractors` other passages
+    (texts cut to `max_words` words when given)."""
+    questions = bundled_questions(num_questions)
+    gold = {str(ex["gold_passage_id"]) for ex in questions}
+    passages, others = [], 0
+    for p in corpus.read_passages(MINI_PASSAGES):
+        if p.id in gold or others < num_distractors:
+            others += p.id not in gold
+            text = p.text if max_words is None else " ".join(p.text.split()[:max_words])
+            passages.append(corpus.Passage(p.id, p.title, text))
+    os.makedirs(directory, exist_ok=True)
+    passages_path = os.path.join(directory, "passages.tsv")
+    corpus.write_passages_tsv(passages_path, passages)
+    return {"questions": write_questions(os.path.join(directory, "questions.jsonl"), questions),
+            "passages": passages_path}
+
+
+def tiny_config(task: dict[str, str], **overrides) -> ml_collections.ConfigDict:
+    """The `tiny` variant on `task`; overrides are dotted field names ("train.steps") -> values."""
+    c = nq.get_config("tiny")
+    c.data.train_file = task["questions"]
+    c.data.dev_file = task["questions"]
+    c.data.passages = task["passages"]
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def cli_overrides(task: dict[str, str], **overrides) -> list[str]:
+    """The same as tiny_config, as experiments.train_nq command-line flags."""
+    flags = ["--config=" + os.path.join(os.path.dirname(nq.__file__), "nq.py") + ":tiny",
+             f"--config.data.train_file={task['questions']}", f"--config.data.dev_file={task['questions']}",
+             f"--config.data.passages={task['passages']}"]
+    return flags + [f"--config.{key}={value}" for key, value in overrides.items()]
