@@ -1,0 +1,144 @@
+"""Evaluates a RAG model on NQ-open style questions: retrieval, generation, exact match / F1, recall@k.
+
+  python -m experiments.eval_nq --model=DIR --index=DIR --questions=FILE --output=FILE
+      [--n_docs=K] [--model_type=sequence|token] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
+
+--model is a Hugging Face RAG directory (RagSequenceForGeneration / RagTokenForGeneration layout, with its
+question_encoder_tokenizer/ and generator_tokenizer/ subfolders when it has them) or a rag_jax training workdir; for
+a workdir, --index and the other settings default to the run's own. --questions is JSONL with {"question",
+"answers"} per line. Writes one JSON line per question and prints EM, F1 and retrieval recall@k.
+"""
+
+import json
+import os
+
+import tqdm
+from absl import app, flags
+
+from experiments import cli
+from rag_jax import decode, evaluation, inference, rag, retriever, tokenizers
+from rag_jax.data import nq_open
+from rag_jax.models import hf
+from rag_jax.retrieval import index_io
+
+_MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
+_INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
+_QUESTIONS = flags.DEFINE_string("questions", None, "JSONL questions file: {\"question\", \"answers\": [...]}.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write one JSON line per question.")
+_N_DOCS = flags.DEFINE_integer("n_docs", None, "Documents retrieved per question; default: the model's n_docs.")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Default: from the checkpoint.")
+_DECODING = flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"], "RAG-Sequence decoding.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the checkpoint's generation config.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum output length, start token included (as generate).")
+_MIN_LENGTH = flags.DEFINE_integer("min_length", None, "Minimum output length, start token included.")
+_SCORE = flags.DEFINE_bool("score", False, "Also write nll_sequence / nll_token of the first gold answer.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
+_RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann"], "Search backend.")
+_DOC_ENCODER_ID = flags.DEFINE_string("doc_encoder_id", None, "Refuse an index not built by this encoder id.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions.")
+flags.mark_flags_as_required(["model", "questions", "output"])
+
+RECALL_KS = (1, 5, 20, 100)
+
+
+def _tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
+    own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
+    pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
+    for name, tok, vocab in (("question", pair.question, question_vocab), ("generator", pair.generator, generator_vocab)):
+        if len(tok) > vocab:
+            raise cli.UsageError(
+                f"{model_dir}: the {name} tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
+                f"put the model's own tokenizer in {model_dir}/{tokenizers.RAG_QUESTION_SUBDIR if name == 'question' else tokenizers.RAG_GENERATOR_SUBDIR}"
+            )
+    return pair
+
+
+def _load_hf(path: str):
+    loaded = hf.load_rag(path)
+    model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
+    params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
+    arch = (loaded.hf_config.get("architectures") or ["RagSequenceForGeneration"])[0]
+    defaults = dict(
+        model_type="token" if "Token" in arch else "sequence",
+        index=None,
+        # RAG-Token's generate reads the RAG config; RAG-Sequence's calls the generator's own generate, which in
+        # transformers 5 sees only part of it (decode.GenerationConfig.for_rag_sequence says which).
+        generation=lambda model_type, **overrides: (
+            decode.GenerationConfig.from_hf(loaded.hf_config, **overrides)
+            if model_type == "token"
+            else decode.GenerationConfig.for_rag_sequence(loaded.hf_config, **overrides)
+        ),
+        answer_prefix_space=False,
+        doc_encoder_id=None,
+    )
+    return model, params, defaults
+
+
+def _load_model(path: str):
+    if os.path.exists(os.path.join(path, "config.json")):
+        return _load_hf(path)
+    from rag_jax import checkpoint  # a rag_jax training workdir
+
+    return checkpoint.load_for_inference_with_defaults(path)
+
+
+def _read_questions(path: str, limit: int | None) -> list[dict]:
+    if not os.path.exists(path):
+        raise cli.UsageError(f"{path}: questions file not found")
+    try:
+        examples = [example for _, example in nq_open.read_nq_jsonl(path)]
+    except ValueError as e:
+        raise cli.UsageError(f"{e} The questions file must be JSONL: one {{\"question\", \"answers\"}} object a line.")
+    except UnicodeDecodeError as e:
+        raise cli.UsageError(f"{path}: not UTF-8 text ({e.reason}); expected a JSONL questions file")
+    if not examples:
+        raise cli.UsageError(f"{path}: no questions")
+    return examples[:limit] if limit else examples
+
+
+def evaluate() -> None:
+    model, params, defaults = _load_model(_MODEL.value)
+    index_dir = _INDEX.value or defaults["index"]
+    if not index_dir:
+        raise cli.UsageError("--index is required for a Hugging Face model directory")
+    expected_encoder = _DOC_ENCODER_ID.value or defaults["doc_encoder_id"]
+    index = index_io.load_index(index_dir, expected_encoder=expected_encoder,
+                                expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
+    n_docs = _N_DOCS.value or model.config.n_docs
+    if n_docs > index.num_passages:
+        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in {index_dir}")
+    examples = _read_questions(_QUESTIONS.value, _LIMIT.value)
+    for example in examples:  # fail before any work on an unknown gold passage id
+        if example.get("gold_passage_id", -1) >= 0:
+            index.passages.row_for_id(example["gold_passage_id"])
+
+    model_type = _MODEL_TYPE.value or defaults["model_type"]
+    overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value),
+                                   ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip
+    if "generation" in defaults:
+        generation = defaults["generation"](model_type, **overrides)
+    else:  # a rag_jax workdir: the run's own dev-evaluation settings
+        generation = decode.GenerationConfig.from_hf(defaults["generation_hf"], **overrides)
+    pair = _tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size, model.generator_config.vocab_size)
+    searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value)
+    settings = inference.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
+                                        batch_size=_BATCH_SIZE.value, score=_SCORE.value,
+                                        answer_prefix_space=defaults["answer_prefix_space"])  # fmt: skip
+    print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
+          f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
+    answered = []
+    with open(_OUTPUT.value, "w") as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
+        for record, texts in inference.answer_questions(model, params, searcher, examples, settings, generation, bar):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            answered.append((record, texts))
+    summary = inference.summarize(answered, sorted({k for k in RECALL_KS if k < n_docs} | {n_docs}))
+    print(f"wrote {_OUTPUT.value}\n{evaluation.format_summary(summary)}")
+
+
+def main(argv):
+    del argv
+    cli.run(evaluate)
+
+
+if __name__ == "__main__":
+    app.run(main)

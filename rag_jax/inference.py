@@ -1,0 +1,134 @@
+"""Answering questions with a RAG model: encode, retrieve, decode, and optionally score the gold answer.
+
+Shared by `experiments.eval_nq` and the periodic dev evaluation of training. Batches keep a fixed number of rows
+(the last one padded) and question lengths rounded up to a bucket, so every jitted function compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from rag_jax import decode, evaluation, rag
+from rag_jax.retriever import Retriever
+
+QUESTION_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerSettings:
+    n_docs: int = 5
+    model_type: str = "sequence"  # "sequence" | "token"
+    decoding: str = "thorough"  # RAG-Sequence only: "thorough" (the reference) | "fast" (the paper's approximation)
+    batch_size: int = 8
+    max_question_length: int = 128
+    score: bool = False  # also the NLL of the first gold answer under RAG-Sequence and RAG-Token
+    answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
+
+    def __post_init__(self):
+        if self.model_type not in ("sequence", "token"):
+            raise ValueError(f"model_type must be 'sequence' or 'token', got {self.model_type!r}")
+        if self.decoding not in ("thorough", "fast"):
+            raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
+
+
+def _bucket(length: int, bucket: int, cap: int) -> int:
+    return min(cap, -(-length // bucket) * bucket)
+
+
+def _pad_to(array: np.ndarray, rows: int, length: int | None = None) -> np.ndarray:
+    """`array` with rows repeated from row 0 up to `rows`, and its second axis zero-padded to `length`."""
+    array = np.asarray(array)
+    if length is not None:
+        array = np.pad(array, [(0, 0), (0, length - array.shape[1])])
+    filler = np.repeat(array[:1], rows - array.shape[0], axis=0)
+    return np.concatenate([array, filler]).astype(array.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: rag.Rag, params, ids, mask):
+    return model.encode_questions(params, ids, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nlls(model: rag.Rag, params, context_ids, context_mask, doc_embeds, q, labels):
+    scores = rag.doc_scores(q, doc_embeds)
+    logits = model.generator_logits(params, context_ids, context_mask, labels)
+    pad = model.generator_config.pad_token_id
+    return (
+        rag.rag_sequence_nll(logits, scores, labels, pad_token_id=pad),
+        rag.rag_token_nll(logits, scores, labels, pad_token_id=pad),
+    )
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def answer_questions(
+    model: rag.Rag,
+    params,
+    retriever: Retriever,
+    examples: Sequence[dict[str, Any]],
+    settings: AnswerSettings,
+    generation: decode.GenerationConfig,
+    progress: Iterable | None = None,
+) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """Yields per example (record, texts of its retrieved passages); the record holds question, answers,
+    prediction, doc_ids, doc_scores, and with `settings.score` nll_sequence / nll_token."""
+    qtok, gtok = retriever.question_tokenizer, retriever.generator_tokenizer
+    rows, k = settings.batch_size, settings.n_docs
+    for batch in _batches(examples, rows):
+        n = len(batch)
+        encoded = qtok([e["question"] for e in batch], truncation=True, max_length=settings.max_question_length,
+                       padding=True, return_tensors="np")  # fmt: skip
+        length = _bucket(encoded["input_ids"].shape[1], QUESTION_BUCKET, settings.max_question_length)
+        ids, mask = (_pad_to(encoded[key], rows, length) for key in ("input_ids", "attention_mask"))
+        q = np.asarray(_encode(model, params, ids, mask))[:n]
+        retrieved = retriever(q, ids[:n], k)
+        # Device work runs on full-size batches (padding rows repeat row 0) so that it compiles once.
+        q_pad = _pad_to(q, rows)
+        embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
+        context_ids = _pad_to(retrieved.context_input_ids_BKxS, rows * k)
+        context_mask = _pad_to(retrieved.context_attention_mask_BKxS, rows * k)
+        scores = np.asarray(rag.doc_scores(q_pad, embeds))
+        if settings.model_type == "token":
+            tokens = decode.rag_token_generate(model, params, context_ids, context_mask, scores, generation)
+        else:
+            tokens = decode.rag_sequence_generate(
+                model, params, context_ids, context_mask, scores, generation, mode=settings.decoding
+            )
+        predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
+        if settings.score:
+            prefix = " " if settings.answer_prefix_space else ""
+            labels = gtok([prefix + e["answers"][0] for e in batch], padding=True, return_tensors="np")["input_ids"]
+            labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
+            nll_seq, nll_tok = _nlls(model, params, context_ids, context_mask, embeds, q_pad, _pad_to(labels, rows))
+        for i, example in enumerate(batch):
+            record = {
+                "question": example["question"],
+                "answers": list(example["answers"]),
+                "prediction": predictions[i].strip(),
+                "doc_ids": retrieved.doc_ids[i],
+                "doc_scores": [float(s) for s in scores[i]],
+            }
+            if settings.score:
+                record["nll_sequence"] = float(nll_seq[i])
+                record["nll_token"] = float(nll_tok[i])
+            yield record, [p.text for p in retrieved.passages[i]]
+        if progress is not None:
+            progress.update(len(batch))
+
+
+def summarize(answered: Sequence[tuple[dict[str, Any], list[str]]], ks: Sequence[int]) -> dict[str, float | int]:
+    """EM / F1 of the predictions and recall@k of the retrieved passages."""
+    scores = [
+        evaluation.score_question(record["answers"], prediction=record["prediction"], ranked_passages=texts)
+        for record, texts in answered
+    ]
+    return evaluation.summarize(scores, ks=ks)
