@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from absl import flags, logging
+
 from rag_jax.models.hf_files import CheckpointError
 from rag_jax.retrieval.corpus import CorpusError
 from rag_jax.retrieval.index_io import IndexFormatError
@@ -19,6 +21,9 @@ class UsageError(ValueError):
 
 
 def run(main: Callable[[], None]) -> None:
+    # absl would print every library's INFO lines (e.g. jax probing for a TPU); --verbosity=0 brings them back.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     try:
         main()
     except (*USER_ERRORS, UsageError) as e:
