@@ -18,8 +18,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# The local smoke run is a CPU run (and libtpu, installed for the tests' TPU compilation, must not probe for a
+# TPU here); on accelerators run `python -m experiments.train_nq` directly.
 run: setup
-	$(PY) -m experiments.train_nq
+	JAX_PLATFORMS=cpu $(PY) -m experiments.train_nq
 
 test: setup
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) tests

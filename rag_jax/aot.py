@@ -1,0 +1,176 @@
+"""Ahead-of-time compilation of the real training step for a TPU topology, on a machine without TPUs.
+
+`jax.experimental.topologies` (with `libtpu` installed) describes the devices of a TPU slice; the train step is
+lowered and compiled against a mesh of those devices with abstract inputs (no memory is allocated), and the
+compiled executable reports per-device memory (`memory_analysis`) and FLOPs (`cost_analysis`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rag_jax import experiment, sharding, train
+from rag_jax.models import bart, bert, hf, hf_files
+
+GIB = 1024**3
+
+# GCP accelerator types -> (topology name for libtpu, chip config, HBM per device in GiB). v4 and v5p run one
+# device per chip ("megacore") and count TensorCores in their name (v4-8 = 4 chips); v5e and v6e count chips.
+_GENERATIONS = {
+    "v4": ("v4", "megacore", 32, 3, 2),
+    "v5p": ("v5p", "megacore", 95, 3, 2),
+    "v5e": ("v5e", None, 16, 2, 1),
+    "v6e": ("v6e", None, 32, 2, 1),
+}
+_GRIDS = {
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8), 256: (4, 8, 8)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    accelerator_type: str  # e.g. "v4-32"
+    topology_name: str  # e.g. "v4:2x2x4"
+    chip_config_name: str | None
+    hbm_gib: float  # per device
+
+    def devices(self) -> list:
+        from jax.experimental import topologies
+
+        # Compiling touches no TPU, so several compiling processes (tests, parallel jobs) may share libtpu; without
+        # this, libtpu's lockfile lets only one process at a time load it.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        kwargs = {"chip_config_name": self.chip_config_name} if self.chip_config_name else {}
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=self.topology_name, **kwargs).devices)
+
+
+def parse_topology(accelerator_type: str) -> Topology:
+    """`v4-32`, `v5e-16`, ... (GCP accelerator types) -> the slice's topology."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", accelerator_type)
+    if not match:
+        raise ValueError(f"--topology={accelerator_type!r}: expected a TPU accelerator type such as v4-32 or v5e-16")
+    generation, count = match.group(1), int(match.group(2))
+    name, chip_config, hbm, dims, cores_per_chip = _GENERATIONS[generation]
+    chips = count // cores_per_chip
+    grid = _GRIDS[dims].get(chips)
+    if grid is None or count % cores_per_chip:
+        raise ValueError(f"--topology={accelerator_type!r}: unsupported size; {generation} sizes here: "
+                         f"{sorted(c * cores_per_chip for c in _GRIDS[dims])}")  # fmt: skip
+    return Topology(accelerator_type, f"{name}:" + "x".join(map(str, grid)), chip_config, hbm)
+
+
+def sizes_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose networks are random-init with the sizes of the checkpoints it names (read from
+    their config.json only), so compiling needs no weights. Unset checkpoint fields of the `paper` variant get the
+    paper's sizes: BERT-base encoders and BART-large."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    m = config.model
+    if m.init_from_rag is not None:
+        rag_hf = hf_files.read_config(hf_files.resolve(m.init_from_rag))
+        _set_encoder_sizes(m.question_encoder, hf.bert_config_from_hf(rag_hf["question_encoder"]))
+        _set_generator_sizes(m.generator, hf.bart_config_from_hf(rag_hf["generator"]))
+        m.init_from_rag = None
+    for part in (m.question_encoder, m.doc_encoder):
+        if part.init is None:
+            _set_encoder_sizes(part, bert.BertConfig())  # BERT-base, DPR's encoders
+        elif part.init != "random":
+            _set_encoder_sizes(part, hf.bert_config_from_hf(hf_files.read_config(hf_files.resolve(part.init))))
+    if m.generator.init is None:
+        _set_generator_sizes(m.generator, bart.BartConfig())  # BART-large
+    elif m.generator.init != "random":
+        _set_generator_sizes(m.generator, hf.bart_config_from_hf(hf_files.read_config(hf_files.resolve(m.generator.init))))
+    return config
+
+
+def _set_encoder_sizes(c: ml_collections.ConfigDict, cfg) -> None:
+    c.init = "random"
+    c.vocab_size, c.hidden_size, c.num_layers = cfg.vocab_size, cfg.hidden_size, cfg.num_layers
+    c.num_heads, c.intermediate_size = cfg.num_heads, cfg.intermediate_size
+    c.max_position_embeddings = cfg.max_position_embeddings
+
+
+def _set_generator_sizes(c: ml_collections.ConfigDict, cfg) -> None:
+    c.init = "random"
+    c.vocab_size, c.d_model, c.encoder_layers, c.decoder_layers = cfg.vocab_size, cfg.d_model, cfg.encoder_layers, cfg.decoder_layers
+    c.heads, c.ffn_dim, c.max_position_embeddings = cfg.encoder_heads, cfg.encoder_ffn_dim, cfg.max_position_embeddings
+
+
+@dataclasses.dataclass
+class CompileReport:
+    topology: Topology
+    devices: int
+    mesh: dict[str, int]
+    per_device_bytes: dict[str, int]  # arguments, outputs, temporaries, aliased (donated) and the peak estimate
+    flops_per_device: float  # XLA's count for the partitioned step, which is what one device runs
+
+    @property
+    def peak_gib(self) -> float:
+        return self.per_device_bytes["peak"] / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= self.topology.hbm_gib
+
+    def summary(self) -> str:
+        b = {k: v / GIB for k, v in self.per_device_bytes.items()}
+        return (
+            f"{self.topology.accelerator_type} ({self.topology.topology_name}, {self.devices} devices, mesh "
+            f"{self.mesh}): per device {b['peak']:.2f} GiB of {self.topology.hbm_gib:g} GiB HBM "
+            f"(arguments {b['arguments']:.2f}, outputs {b['outputs']:.2f}, temporaries {b['temporaries']:.2f}, "
+            f"donated {b['aliased']:.2f}) -> {'fits' if self.fits else 'DOES NOT FIT'}; "
+            f"{self.flops_per_device / 1e12:.2f} TFLOPs per device per step "
+            f"({self.flops_per_device * self.devices / 1e12:.1f} over the slice)"
+        )
+
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) -> CompileReport:
+    """Lowers and compiles the training step of `config` (host retrieval inputs) for `topology`."""
+    config = sizes_only(config)
+    devices = topology.devices()
+    mesh = sharding.mesh_from_config(config.mesh, devices=devices)
+    experiment.check_batch(config, sharding.data_size(mesh), 1)
+    model = experiment.build_rag(config, load_weights=False).rag
+    tx = experiment.make_optimizer(config)
+    abstract_state, state_shardings = train.state_layout(model, tx, mesh)
+    step = train.make_train_step(model, tx, config, mesh, state_shardings, train.HOST_KEYS)
+    batch = abstract_batch(config, model, mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    compiled = step.lower(abstract_state, batch, rng, {}).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_device = {
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "aliased": memory.alias_size_in_bytes,
+    }
+    per_device["peak"] = per_device["arguments"] + per_device["outputs"] + per_device["temporaries"] - per_device["aliased"]
+    return CompileReport(topology, len(devices), dict(mesh.shape), per_device, float(cost.get("flops", 0.0)))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one global host-retrieval batch, with the step's input shardings."""
+    b, k = config.train.global_batch_size, config.model.n_docs
+    shapes = {
+        "question_input_ids": (b, config.data.max_question_length),
+        "question_attention_mask": (b, config.data.max_question_length),
+        "labels": (b, config.data.max_target_length),
+        "gold_row": (b,),
+        "context_input_ids": (b, k, config.model.max_combined_length),
+        "context_attention_mask": (b, k, config.model.max_combined_length),
+        "doc_embeds": (b, k, model.question_encoder_config.output_dim),
+        "doc_rows": (b, k),
+    }
+    return {
+        key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "doc_embeds" else jnp.int32,
+                                  sharding=sharding.named_sharding(mesh, train.BATCH_AXES[key]))
+        for key, shape in shapes.items()
+    }  # fmt: skip
