@@ -13,7 +13,7 @@ from rag_jax.retrieval.index_io import IndexFormatError
 from rag_jax.retrieval.merge import SearchError
 
 # Errors that describe the user's input (files, flags), each with a message that names it and says what to do.
-USER_ERRORS = (CheckpointError, CorpusError, IndexFormatError, SearchError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, CorpusError, IndexFormatError, SearchError, FileNotFoundError, FileExistsError)
 
 
 class UsageError(ValueError):

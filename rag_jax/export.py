@@ -52,3 +52,25 @@ def save_hf_rag(
     generator_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_GENERATOR_SUBDIR))
     return directory
 
+
+
+def save_params_orbax(directory: str, params: dict[str, Any], run_config: dict[str, Any]) -> str:
+    """A parameters-only orbax checkpoint (no optimizer state) for serving, with the run's config beside it."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    refuse_to_overwrite(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(os.path.abspath(directory), "params"), params)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=2, sort_keys=True)
+    return directory
+
+
+def load_params_orbax(directory: str) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(os.path.abspath(directory), "params"))

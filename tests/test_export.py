@@ -50,3 +50,57 @@ def test_only_dpr_pooling_exports():
     with pytest.raises(hf.CheckpointError, match="only 'cls' pooling"):
         hf.dpr_config_dict(bert.BertConfig(pooling="mean"))
     assert np.isfinite(hf.dpr_config_dict(bert.BertConfig())["layer_norm_eps"])
+
+
+def test_trained_workdir_exports_to_transformers_with_the_same_losses(tmp_path):
+    """A rag_jax run's checkpoint, exported with experiments.export, gives transformers the losses rag_jax computes."""
+    import json
+    import subprocess
+    import sys
+
+    import jax
+
+    from rag_jax import checkpoint, train
+    from tests import train_task
+
+    task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
+    config = train_task.tiny_config(task, **{"train.steps": 2, "train.checkpoint_every": 2,
+                                            "train.async_checkpoints": False})  # fmt: skip
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    for fmt in ("hf", "orbax"):
+        done = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--format={fmt}",
+                               f"--output={tmp_path / fmt}"], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
+                            f"--output={tmp_path / 'hf'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "not empty" in again.stderr
+
+    model, params, _ = checkpoint.load_for_inference(workdir)
+    orbax_params = export.load_params_orbax(str(tmp_path / "orbax"))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(orbax_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert json.load(open(tmp_path / "orbax" / "config.json"))["model"]["loss"] == "sequence"
+
+    rng = np.random.default_rng(0)
+    b, k, s = 2, model.config.n_docs, 24
+    q_ids = np.concatenate([np.full((b, 1), 101), rng.integers(1000, 2000, (b, 9))], axis=1)
+    q_mask = np.ones_like(q_ids)
+    ctx = rng.integers(3, 50000, (b * k, s))
+    ctx_mask = np.ones_like(ctx)
+    labels = np.concatenate([np.zeros((b, 1), int), rng.integers(3, 50000, (b, 4)), np.full((b, 1), 2)], axis=1)
+    doc_embeds = rng.normal(size=(b, k, model.question_encoder_config.output_dim)).astype(np.float32)
+    scores = rag.doc_scores(model.encode_questions(params, q_ids, q_mask), doc_embeds)
+    logits = model.generator_logits(params, ctx, ctx_mask, labels)
+    ours = {"sequence": rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1),
+            "token": rag.rag_token_nll(logits, scores, labels, pad_token_id=1)}  # fmt: skip
+    for model_type, cls in (("sequence", transformers.RagSequenceForGeneration),
+                            ("token", transformers.RagTokenForGeneration)):  # fmt: skip
+        reference = cls.from_pretrained(str(tmp_path / "hf")).eval()
+        with torch.no_grad():
+            q = reference.question_encoder(torch.as_tensor(q_ids), attention_mask=torch.as_tensor(q_mask)).pooler_output
+            ref_scores = torch.bmm(q.unsqueeze(1), torch.as_tensor(doc_embeds).transpose(1, 2)).squeeze(1)
+            loss = reference(context_input_ids=torch.as_tensor(ctx), context_attention_mask=torch.as_tensor(ctx_mask),
+                             doc_scores=ref_scores, labels=torch.as_tensor(labels)).loss  # fmt: skip
+        assert hf_models.relative_error(ours[model_type], loss.numpy()) <= 1e-4, model_type
