@@ -1,0 +1,66 @@
+"""Model FLOPs of RAG counted analytically: the numerator of model FLOPs utilisation (MFU).
+
+Only matrix multiplications are counted (2 FLOPs per multiply-add): the projections and feed-forward layers, the
+attention score and value products over the full (padded, static) sequence lengths, BART's LM head, and the doc
+scores. Softmax, layer norm, activations, embedding gathers and the optimizer update are not counted, nor is any
+recomputation: this is the work the model needs, not what a particular compilation does. A training step is 3x the
+forward pass (forward, plus the gradients with respect to activations and to weights).
+
+Shapes: B questions, each with K retrieved documents; the question encoder reads Lq tokens, BART's encoder S
+tokens per (question, document) and its decoder T tokens. The document encoder is frozen and not part of a step
+(its embeddings come from the index).
+"""
+
+from __future__ import annotations
+
+from rag_jax import rag
+from rag_jax.models import bart, bert
+
+
+def _attention_block(rows: int, q_len: int, kv_len: int, width: int, kv_rows: int | None = None) -> int:
+    """Q and output projections over rows*q_len tokens, K/V projections over kv_rows*kv_len tokens, and the
+    score (QK^T) and weighted-value products: rows * q_len * kv_len * width each."""
+    kv_rows = rows if kv_rows is None else kv_rows
+    projections = 2 * 2 * rows * q_len * width * width + 2 * 2 * kv_rows * kv_len * width * width
+    products = 2 * 2 * rows * q_len * kv_len * width
+    return projections + products
+
+
+def _feed_forward(tokens: int, width: int, hidden: int) -> int:
+    return 2 * 2 * tokens * width * hidden
+
+
+def bert_forward_flops(cfg: bert.BertConfig, batch: int, length: int) -> int:
+    """Matmul FLOPs of one forward pass of a BERT/DPR encoder over (batch, length) tokens, pooling included."""
+    e = cfg.hidden_size
+    per_layer = _attention_block(batch, length, length, e) + _feed_forward(batch * length, e, cfg.intermediate_size)
+    total = cfg.num_layers * per_layer
+    if cfg.pooling == "pooler":
+        total += 2 * batch * e * e
+    if cfg.projection_dim:
+        total += 2 * batch * e * cfg.projection_dim
+    return total
+
+
+def bart_forward_flops(cfg: bart.BartConfig, rows: int, source_length: int, target_length: int) -> int:
+    """Matmul FLOPs of one teacher-forced forward pass of BART over `rows` (source, target) pairs, LM head included."""
+    e, s, t = cfg.d_model, source_length, target_length
+    encoder = cfg.encoder_layers * (_attention_block(rows, s, s, e) + _feed_forward(rows * s, e, cfg.encoder_ffn_dim))
+    decoder_layer = (_attention_block(rows, t, t, e) + _attention_block(rows, t, s, e)
+                     + _feed_forward(rows * t, e, cfg.decoder_ffn_dim))  # fmt: skip
+    lm_head = 2 * rows * t * e * cfg.vocab_size
+    return encoder + cfg.decoder_layers * decoder_layer + lm_head
+
+
+def rag_forward_flops(model: rag.Rag, batch: int, n_docs: int, question_length: int, source_length: int,
+                      target_length: int) -> int:  # fmt: skip
+    """One forward pass of the RAG loss: q(x) over the questions, the doc scores, BART over B*K contexts."""
+    q_cfg = model.question_encoder_config
+    return (bert_forward_flops(q_cfg, batch, question_length) + 2 * batch * n_docs * q_cfg.output_dim
+            + bart_forward_flops(model.generator_config, batch * n_docs, source_length, target_length))  # fmt: skip
+
+
+def rag_train_step_flops(model: rag.Rag, batch: int, n_docs: int, question_length: int, source_length: int,
+                         target_length: int) -> int:  # fmt: skip
+    """Model FLOPs of one training step (forward + backward) over a global batch: 3x the forward pass."""
+    return 3 * rag_forward_flops(model, batch, n_docs, question_length, source_length, target_length)

@@ -1,0 +1,165 @@
+"""The benchmark script keeps running (--quick, once), compares like with like, and its analytic FLOP counter agrees
+with XLA's count. No timings are asserted: only that they exist and what the rows must hold."""
+
+import collections
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import flags
+
+from experiments import bench
+from rag_jax import experiment, flops, rag, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    """Rows of one `--quick` run of every sub-benchmark, by benchmark name."""
+    results = tmp_path_factory.mktemp("bench") / "results.jsonl"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "experiments.bench", "--quick", f"--benchmarks={','.join(bench.BENCHMARKS)}",
+               f"--results={results}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = collections.defaultdict(list)
+    with open(results) as f:
+        for line in f:
+            record = json.loads(line)
+            assert record["quick"] is True and record["machine"]
+            rows[record["benchmark"]].append(record)
+    return rows, done.stdout
+
+
+def test_quick_run_writes_every_benchmark(quick_rows):
+    rows, stdout = quick_rows
+    assert set(rows) == set(bench.BENCHMARKS)
+    for name in bench.BENCHMARKS:
+        assert f"== {name} (" in stdout  # each printed its table
+
+
+def test_quick_train_step_compares_the_same_computation(quick_rows):
+    (row,) = quick_rows[0]["train_step"]
+    assert row["size"] == "tiny" and row["ours_s"] > 0 and row["reference_s"] > 0
+    assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
+    # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
+    assert row["first_loss_rel_diff"] < 1e-4
+
+
+def test_quick_decode_covers_the_three_decodings(quick_rows):
+    rows = quick_rows[0]["decode"]
+    assert [r["decoding"] for r in rows] == ["rag_token greedy", "rag_token beam 4", "rag_sequence thorough beam 4"]
+    for row in rows:
+        assert row["ours_s"] > 0 and row["reference_s"] > 0
+        # Same weights and inputs: the outputs are the reference's (a row may flip on a float32 near-tie).
+        assert row["same_output"] >= 0.75
+
+
+def test_quick_mips_embed_and_mfu_rows(quick_rows):
+    rows = quick_rows[0]
+    assert {r["method"].split(" ")[0] for r in rows["mips"]} == {"rag_jax", "faiss", "ScaNN"}
+    assert rows["embed"][0]["ours_psg_per_s"] > 0
+    (mfu,) = rows["mfu"]  # this is a CPU-only run: a clear skip line, not figures
+    assert mfu["status"] == "skipped" and "accelerator" in mfu["reason"]
+
+
+# ----------------------------------------------------------------------------------------------- FLOP counter
+
+
+def _sized_config(width: int, ffn: int, q_vocab: int, g_vocab: int):
+    config = bench.model_config("tiny")
+    for enc in (config.model.question_encoder, config.model.doc_encoder):
+        enc.hidden_size, enc.intermediate_size, enc.num_heads, enc.num_layers, enc.vocab_size = width, ffn, 4, 2, q_vocab
+    g = config.model.generator
+    g.d_model, g.ffn_dim, g.heads, g.encoder_layers, g.decoder_layers, g.vocab_size = width, ffn, 4, 2, 3, g_vocab
+    return config
+
+
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+# (width, ffn, question vocab, generator vocab): LM-head dominated (the real vocabularies at tiny width), and
+# layer dominated (small vocabularies), so that a wrong term in either part shows.
+@pytest.mark.parametrize("sizes", [(32, 64, 30522, 50265), (128, 512, 1000, 1000)])
+def test_flop_counter_matches_xla_cost_analysis(sizes):
+    """Analytic matmul FLOPs of forward + backward vs XLA's count of the loss's value_and_grad, on one CPU device.
+    XLA also counts softmax, layer norm, GELU and the loss (not in the analytic count): at most 20% more."""
+    config = _sized_config(*sizes)
+    model = experiment.build_rag(config, load_weights=False).rag
+    params = jax.eval_shape(lambda r: nn.meta.unbox(train.init_params(model, r)), jax.random.PRNGKey(0))
+    b, k = config.train.global_batch_size, config.model.n_docs
+    lq, s, t = config.data.max_question_length, config.model.max_combined_length, config.data.max_target_length
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    inputs = (ints(b, lq), ints(b, lq), ints(b * k, s), ints(b * k, s), ints(b, t),
+              jax.ShapeDtypeStruct((b, k, sizes[0]), jnp.float32))  # fmt: skip
+
+    def loss(params, q_ids, q_mask, ctx_ids, ctx_mask, labels, doc_embeds):
+        scores = rag.doc_scores(model.encode_questions(params, q_ids, q_mask), doc_embeds)
+        logits = model.generator_logits(params, ctx_ids, ctx_mask, labels)
+        return rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1).mean()
+
+    forward = flops.rag_forward_flops(model, b, k, lq, s, t)
+    step = flops.rag_train_step_flops(model, b, k, lq, s, t)
+    assert step == 3 * forward
+    with jax.default_device(jax.devices("cpu")[0]):
+        xla_step = _xla_flops(jax.value_and_grad(loss), params, *inputs)
+    assert 0.8 <= step / xla_step <= 1.0
+
+
+def test_flop_counter_terms():
+    """Hand-countable cases: one BERT layer, and BART's LM head alone."""
+    cfg = bench.model_config("tiny")
+    model = experiment.build_rag(cfg, load_weights=False).rag
+    q = model.question_encoder_config  # 1 layer, hidden 32, mlp 64, [CLS] pooling, no projection
+    e, f, n, length = q.hidden_size, q.intermediate_size, 3, 5
+    expected = 2 * n * length * (4 * e * e + 2 * e * f) + 2 * 2 * n * length * length * e
+    assert flops.bert_forward_flops(q, n, length) == expected
+    g = model.generator_config
+    without_head = flops.bart_forward_flops(g, 2, 7, 4) - 2 * 2 * 4 * g.d_model * g.vocab_size
+    assert without_head == flops.bart_forward_flops(dataclasses.replace(g, vocab_size=0), 2, 7, 4)
+
+
+# ----------------------------------------------------------------------------------------------- mfu pieces
+
+
+@pytest.mark.parametrize("kind,name", [
+    ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"), ("TPU v5p", "TPU v5p"),
+    ("TPU v6 lite", "TPU v6e"), ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
+])  # fmt: skip
+def test_device_peaks(kind, name):
+    assert bench.device_peak(kind).name == name
+
+
+def test_device_peak_values_and_unknown_kinds():
+    assert bench.device_peak("TPU v4").bf16_flops == 275e12
+    assert bench.device_peak("TPU v5 lite").bf16_flops == 197e12
+    assert bench.device_peak("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
+    assert bench.device_peak("cpu") is None
+
+
+def test_mfu_rows_run_on_cpu():
+    """The accelerator-only code path, run here on the tiny config against a made-up peak so that it cannot rot."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["test"])
+    peak = bench.DevicePeak("nominal", bf16_flops=1e12, hbm_bytes_per_s=1e10)
+    rows = bench.mfu_rows(bench.model_config("tiny"), peak, repeats=1, mips_rows=4096, mips_queries=(4,))
+    step, mips = rows
+    c = bench.model_config("tiny")
+    model = experiment.build_rag(c, load_weights=False).rag
+    expected = flops.rag_train_step_flops(model, c.train.global_batch_size, c.model.n_docs,
+                                          c.data.max_question_length, c.model.max_combined_length,
+                                          c.data.max_target_length)  # fmt: skip
+    assert step["model_tflops"] == pytest.approx(expected / 1e12)
+    assert step["xla_tflops"] > 0 and step["seconds"] > 0
+    assert step["fraction_of_peak"] == pytest.approx(expected / step["seconds"] / (1e12 * step["devices"]))
+    assert mips["achieved_gb_per_s"] == pytest.approx(4096 * 768 * 4 / mips["seconds"] / 1e9)
