@@ -122,20 +122,30 @@ def shift_left(labels_BxT: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.concatenate([labels_BxT[:, 1:], jnp.full_like(labels_BxT[:, :1], pad_token_id)], axis=1)
 
 
-def _token_log_probs(logits_BxKxTxV: jax.Array, target_BxT: jax.Array):
-    """log p(target) (B, K, T) and the vocabulary sum of log-probabilities (B, K, T), without materialising the
-    (B, K, T, V) log-softmax a second time."""
+def _token_log_probs(logits_BxKxTxV: jax.Array, target_BxT: jax.Array, smoothing: bool = True):
+    """log p(target) (B, K, T) and the vocabulary sum of log-probabilities (B, K, T) (None without `smoothing`),
+    without materialising the (B, K, T, V) log-softmax a second time."""
     logits_BxKxTxV = logits_BxKxTxV.astype(jnp.float32)
     lse_BxKxT = jax.nn.logsumexp(logits_BxKxTxV, axis=-1)
     target_BxKxT = jnp.broadcast_to(target_BxT[:, None, :], lse_BxKxT.shape)
     picked = jnp.take_along_axis(logits_BxKxTxV, target_BxKxT[..., None], axis=-1)[..., 0]
     vocab = logits_BxKxTxV.shape[-1]
-    return picked - lse_BxKxT, logits_BxKxTxV.sum(-1) - vocab * lse_BxKxT
+    return picked - lse_BxKxT, (logits_BxKxTxV.sum(-1) - vocab * lse_BxKxT) if smoothing else None
+
+
+def _smoothing(epsilon) -> bool:
+    """Whether the label-smoothing terms are needed. For a Python 0 they are skipped: computed and multiplied by 0
+    they would still cost passes over the (B, K, T, V) logits (and their gradients), which XLA cannot drop since
+    0 * x is not 0 for an infinite x."""
+    return not (isinstance(epsilon, (int, float)) and epsilon == 0)
 
 
 def _smoothed(nll_B, smooth_B, epsilon: float, vocab: int, reduce: bool):
     if reduce:
-        nll_B, smooth_B = nll_B.sum(), smooth_B.sum()
+        nll_B = nll_B.sum()
+        smooth_B = None if smooth_B is None else smooth_B.sum()
+    if smooth_B is None:
+        return nll_B
     return (1.0 - epsilon) * nll_B + (epsilon / vocab) * smooth_B
 
 
@@ -159,21 +169,24 @@ def rag_sequence_nll(
     smoothing uses -logsumexp over docs of the vocabulary-summed log-probabilities, which count the prior V times.
     """
     target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
-    token_ll_BxKxT, vocab_sum_BxKxT = _token_log_probs(logits_BxKxTxV, target_BxT)
+    smoothing = _smoothing(epsilon)
+    token_ll_BxKxT, vocab_sum_BxKxT = _token_log_probs(logits_BxKxTxV, target_BxT, smoothing)
     vocab = logits_BxKxTxV.shape[-1]
     doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
     at_prior = (jnp.arange(target_BxT.shape[1]) == doc_prior_position)[None, None, :]
     token_ll_BxKxT = token_ll_BxKxT + jnp.where(at_prior, doc_lp_BxK[..., None], 0.0)
-    vocab_sum_BxKxT = vocab_sum_BxKxT + jnp.where(at_prior, vocab * doc_lp_BxK[..., None], 0.0)
     keep_BxT = target_BxT != pad_token_id
     token_ll_BxKxT = jnp.where(keep_BxT[:, None], token_ll_BxKxT, 0.0)
-    vocab_sum_BxKxT = jnp.where(keep_BxT[:, None], vocab_sum_BxKxT, 0.0)
     if exclude_bos_score and bos_token_id is not None:
         use_bos = jnp.all(target_BxT[:, 0] == bos_token_id)  # reference quirk: all rows or none
         token_ll_BxKxT = token_ll_BxKxT.at[:, :, 0].multiply(jnp.where(use_bos, 0.0, 1.0))
     ll_B = jax.nn.logsumexp(token_ll_BxKxT.sum(-1), axis=1)
-    smooth_B = jax.nn.logsumexp(vocab_sum_BxKxT.sum(-1), axis=1)
-    return _smoothed(-ll_B, -smooth_B, epsilon, vocab, reduce)
+    smooth_B = None
+    if smoothing:
+        vocab_sum_BxKxT = vocab_sum_BxKxT + jnp.where(at_prior, vocab * doc_lp_BxK[..., None], 0.0)
+        vocab_sum_BxKxT = jnp.where(keep_BxT[:, None], vocab_sum_BxKxT, 0.0)
+        smooth_B = -jax.nn.logsumexp(vocab_sum_BxKxT.sum(-1), axis=1)
+    return _smoothed(-ll_B, smooth_B, epsilon, vocab, reduce)
 
 
 def rag_token_log_probs(logits_BxKxTxV: jax.Array, doc_scores_BxK: jax.Array) -> jax.Array:
@@ -196,8 +209,7 @@ def rag_token_nll(
     target_BxT = shift_left(labels_BxT, pad_token_id)
     marginal_BxTxV = rag_token_log_probs(logits_BxKxTxV, doc_scores_BxK)
     ll_BxT = jnp.take_along_axis(marginal_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
-    smooth_BxT = marginal_BxTxV.sum(-1)
     keep_BxT = target_BxT != pad_token_id
     ll_B = jnp.where(keep_BxT, ll_BxT, 0.0).sum(-1)
-    smooth_B = jnp.where(keep_BxT, smooth_BxT, 0.0).sum(-1)
-    return _smoothed(-ll_B, -smooth_B, epsilon, logits_BxKxTxV.shape[-1], reduce)
+    smooth_B = -jnp.where(keep_BxT, marginal_BxTxV.sum(-1), 0.0).sum(-1) if _smoothing(epsilon) else None
+    return _smoothed(-ll_B, smooth_B, epsilon, logits_BxKxTxV.shape[-1], reduce)

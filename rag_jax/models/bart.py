@@ -57,7 +57,7 @@ class BartConfig:
 class DecodeCache(NamedTuple):
     """State of incremental decoding for a batch of B sequences.
 
-    self_kv / cross_kv: one `KVCache` per decoder layer, (B, T_max, H, D) and (B, S, H, D).
+    self_kv / cross_kv: one `KVCache` per decoder layer, (B, H, T_max, D) and (B, H, S, D).
     encoder_mask_BxS: the encoder padding mask. index: number of decoder positions already written.
     """
 
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         if self_kv is not None:
             new = self.self_attn.project_kv(x_BxTxE)
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             self_kv = layers.KVCache(
                 jax.lax.dynamic_update_slice(self_kv.key, new.key.astype(self_kv.key.dtype), start),
                 jax.lax.dynamic_update_slice(self_kv.value, new.value.astype(self_kv.value.dtype), start),
@@ -257,7 +257,7 @@ class Bart(nn.Module):
         cfg = self.config
         batch = encoder_out_BxSxE.shape[0]
         heads, head_dim = cfg.decoder_heads, cfg.d_model // cfg.decoder_heads
-        empty = jnp.zeros((batch, max_length, heads, head_dim), cfg.dtype)
+        empty = jnp.zeros((batch, heads, max_length, head_dim), cfg.dtype)
         return DecodeCache(
             self_kv=tuple(layers.KVCache(empty, empty) for _ in self.decoder_layers),
             cross_kv=tuple(layer.cross_kv(encoder_out_BxSxE) for layer in self.decoder_layers),
@@ -268,7 +268,7 @@ class Bart(nn.Module):
     def decode_step(self, decoder_input_ids_BxT: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """Decodes T new positions (usually 1) after the `cache.index` already in the cache."""
         length = decoder_input_ids_BxT.shape[1]
-        max_length = cache.self_kv[0].key.shape[1]
+        max_length = cache.self_kv[0].key.shape[2]
         positions_T = cache.index + jnp.arange(length)
         x = self._embed(
             decoder_input_ids_BxT, positions_T, self.decoder_positions, self.decoder_embedding_norm, True

@@ -130,7 +130,11 @@ def causal_bias(query_positions_Q: jax.Array, num_keys: int) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one attention layer for incremental decoding: (B, T_max, H, D) each."""
+    """Keys and values of one attention layer: (B, H, T, D) each, heads before positions.
+
+    That is the layout of the batched score and value products (batch dims b, h first), so a cached key/value is
+    used as stored; in (B, T, H, D) XLA transposes the whole cache in every decoding step, which on CPU cost more
+    than the step's matmuls."""
 
     key: jax.Array
     value: jax.Array
@@ -160,11 +164,16 @@ class MultiHeadAttention(nn.Module):
         self.out = dense(self.features, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **qkv)
         self.dropout = nn.Dropout(self.dropout_rate)
 
-    def project_kv(self, inputs_kv_BxKxE: jax.Array) -> KVCache:
-        """Keys and values (B, K, H, D) of `inputs_kv`; cross-attention computes them once per decode."""
+    def _keys_values(self, inputs_kv_BxKxE: jax.Array) -> tuple[jax.Array, jax.Array]:
         k = constrain(self.key(inputs_kv_BxKxE), ("batch", "length", "heads", "kv"))
         v = constrain(self.value(inputs_kv_BxKxE), ("batch", "length", "heads", "kv"))
-        return KVCache(k, v)
+        return k, v
+
+    def project_kv(self, inputs_kv_BxKxE: jax.Array) -> KVCache:
+        """Keys and values (B, H, K, D) of `inputs_kv` for a cache; cross-attention computes them once per decode."""
+        k, v = self._keys_values(inputs_kv_BxKxE)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return KVCache(constrain(k, ("batch", "heads", "length", "kv")), constrain(v, ("batch", "heads", "length", "kv")))
 
     def __call__(
         self,
@@ -175,18 +184,22 @@ class MultiHeadAttention(nn.Module):
         kv: KVCache | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
-        """Attends from `inputs_q` to keys/values given either as inputs (projected here) or as `kv`.
+        """Attends from `inputs_q` to keys/values given either as inputs (projected here) or as a `kv` cache.
 
         bias: additive, broadcastable to (B, H, Q, K), float32.
         """
-        if kv is None:
-            kv = self.project_kv(inputs_q_BxQxE if inputs_kv_BxKxE is None else inputs_kv_BxKxE)
+        if kv is None:  # full passes (training, scoring): keys/values as projected, (B, K, H, D)
+            k, v = self._keys_values(inputs_q_BxQxE if inputs_kv_BxKxE is None else inputs_kv_BxKxE)
+            key_spec, value_spec = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
+        else:  # a cache, (B, H, K, D)
+            k, v = kv
+            key_spec, value_spec = "bqhd,bhkd->bhqk", "bhqk,bhkd->bqhd"
         q = self.query(inputs_q_BxQxE) * jnp.asarray(self.head_dim**-0.5, self.dtype)
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        logits_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, kv.key.astype(self.dtype)).astype(jnp.float32)
+        logits_BxHxQxK = jnp.einsum(key_spec, q, k.astype(self.dtype)).astype(jnp.float32)
         if bias is not None:
             logits_BxHxQxK = logits_BxHxQxK + bias
         weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
         weights = self.dropout(weights, deterministic=deterministic).astype(self.dtype)
-        out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", weights, kv.value.astype(self.dtype))
+        out_BxQxHxD = jnp.einsum(value_spec, weights, v.astype(self.dtype))
         return self.out(out_BxQxHxD)
