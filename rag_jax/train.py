@@ -86,7 +86,7 @@ def init_params(model: rag.Rag, rng: jax.Array) -> dict[str, Any]:
 
 def abstract_params(model: rag.Rag) -> Any:
     """Shapes and dtypes of the parameters (unboxed ShapeDtypeStructs)."""
-    return nn.meta.unbox(jax.eval_shape(init_params, model, jax.random.PRNGKey(0)))
+    return nn.meta.unbox(jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0)))
 
 
 def _boxed_state(model: rag.Rag, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
