@@ -129,7 +129,7 @@ def load_for_inference_with_defaults(workdir: str, *, step: int | None = None):
     """(model, params, defaults) for experiments/eval_nq: the run's own settings as evaluation defaults.
 
     defaults: model_type (the training loss), index (WORKDIR/index), generation_hf / generator_hf (a
-    decode.GenerationConfig.from_hf dict: the run's greedy dev-evaluation settings and its special tokens),
+    decode.GenerationConfig.from_hf dict: the run's greedy dev-evaluation settings, decoding from <s>),
     answer_prefix_space (how the run tokenised its labels) and doc_encoder_id (None: the run checked WORKDIR/index
     against its document encoder when it started).
     """
@@ -137,8 +137,9 @@ def load_for_inference_with_defaults(workdir: str, *, step: int | None = None):
 
     model, params, config = load_for_inference(workdir, step=step)
     g = model.generator_config
+    # As the run's own dev evaluation (train.dev_generation_config): greedy, starting from <s> like its labels.
     generation = {"max_length": int(config.eval.max_length), "num_beams": 1, "min_length": 0,
-                  "decoder_start_token_id": g.decoder_start_token_id, "bos_token_id": g.bos_token_id,
+                  "decoder_start_token_id": g.bos_token_id, "bos_token_id": g.bos_token_id,
                   "eos_token_id": g.eos_token_id, "pad_token_id": g.pad_token_id}
     defaults = {
         "model_type": config.model.loss,

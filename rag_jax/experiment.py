@@ -29,6 +29,7 @@ LOSSES = ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
 _NO_DECAY = ("bias", "scale", "final_logits_bias")  # REF's no_decay list: biases and LayerNorm weights
 
 
@@ -96,7 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if m.init_from_rag is None:
         for part in ("question_encoder", "generator"):
             init = m[part].init
-            if init != "random":
+            if init != "random" and not (part == "question_encoder" and init == DOC_ENCODER):
                 _require_path(init, f"model.{part}.init", "'random' or a Hugging Face checkpoint directory",
                               directory=True)
     else:
@@ -129,7 +130,7 @@ def _encoder_config(c: ml_collections.ConfigDict, dtype) -> bert.BertConfig:
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
         intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
         hidden_dropout=c.dropout, attention_dropout=c.dropout, initializer_range=c.initializer_range,
-        pooling="cls", dtype=dtype)
+        pooling=c.get("pooling", "cls"), dtype=dtype)
 
 
 def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig:
@@ -163,8 +164,12 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
     else:
         if m.question_encoder.init == "random":
             q_cfg = _encoder_config(m.question_encoder, dtype)
+        elif m.question_encoder.init == DOC_ENCODER:
+            d_cfg, d_params = doc_encoder(config)
+            q_cfg = dataclasses.replace(d_cfg, **q_overrides)
+            pretrained["question_encoder"] = d_params
         else:
-            loaded = hf.load_encoder(m.question_encoder.init, pooling="cls", **q_overrides)
+            loaded = hf.load_encoder(m.question_encoder.init, pooling=m.question_encoder.pooling, **q_overrides)
             q_cfg, pretrained["question_encoder"] = loaded.config, loaded.params
         if m.generator.init == "random":
             g_cfg = _generator_config(m.generator, dtype)
@@ -183,7 +188,7 @@ def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any
     """The frozen document encoder d(z): its config and numpy params (random ones are a function of the seed)."""
     c = config.model.doc_encoder
     if c.init != "random":
-        loaded = hf.load_encoder(c.init, pooling="cls")
+        loaded = hf.load_encoder(c.init, pooling=c.get("pooling", "cls"))
         return loaded.config, loaded.params
     cfg = _encoder_config(c, jnp.float32)
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -208,8 +213,8 @@ def check_vocab(models: Models, doc_config: bert.BertConfig, tokenizers: tk.RagT
                 config: ml_collections.ConfigDict) -> None:
     """Every id a tokenizer can produce must have a row in the embedding table of the model that reads it."""
     m = config.model
-    q_source = m.init_from_rag or (
-        "model.question_encoder.vocab_size" if m.question_encoder.init == "random" else m.question_encoder.init)
+    q_source = m.init_from_rag or {"random": "model.question_encoder.vocab_size",
+                                   DOC_ENCODER: "model.doc_encoder"}.get(m.question_encoder.init, m.question_encoder.init)
     g_source = m.init_from_rag or (
         "model.generator.vocab_size" if m.generator.init == "random" else m.generator.init)
     d_source = "model.doc_encoder.vocab_size" if m.doc_encoder.init == "random" else m.doc_encoder.init
@@ -285,7 +290,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         parts.append(optax.clip_by_global_norm(o.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=_decay_mask))
+    if o.question_encoder_lr_scale != 1.0:
+        parts.append(optax.masked(optax.scale(o.question_encoder_lr_scale), _question_encoder_mask))
     return optax.chain(*parts)
+
+
+def _question_encoder_mask(params):
+    return {part: jax.tree_util.tree_map(lambda _: part == "question_encoder", tree) for part, tree in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- index

@@ -324,6 +324,19 @@ def _on_main_first(fn: Callable[[], Any], name: str) -> Any:
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+def dev_generation_config(model: rag.Rag, config) -> decode.GenerationConfig:
+    """Greedy decoding that starts like the training labels: from <s> (bos) at position 0.
+
+    Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
+    has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
+    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
+    """
+    g = model.generator_config
+    return decode.GenerationConfig(max_length=config.eval.max_length, num_beams=1, decoder_start_token_id=g.bos_token_id,
+                                   bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id,
+                                   pad_token_id=g.pad_token_id)
+
+
 def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> dict[str, float]:
     """Dev metrics: exact match / F1 of greedy RAG-Token answers, answer recall@k of retrieval, and recall@k of the
     gold passage (where known). Every process answers its share of the questions; counts are summed over them."""
@@ -336,10 +349,7 @@ def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> 
                                         batch_size=config.eval.batch_size // jax.process_count(),
                                         max_question_length=config.data.max_question_length,
                                         answer_prefix_space=config.data.answer_prefix_space)
-    generation = decode.GenerationConfig(max_length=config.eval.max_length, num_beams=1,
-                                         decoder_start_token_id=gcfg.decoder_start_token_id,
-                                         bos_token_id=gcfg.bos_token_id, eos_token_id=gcfg.eos_token_id,
-                                         pad_token_id=gcfg.pad_token_id)
+    generation = dev_generation_config(model, config)
     counts = np.zeros(3 + 3 * len(ks), np.float64)
     if mine:
         answered = list(inference.answer_questions(model, params, retriever, mine, settings, generation))
@@ -568,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     writer = MetricWriter(workdir, start, jax.process_index() == 0)
     preemption = _Preemption()
     steps = int(config.train.steps)
-    _log(f"training {steps} steps from step {start}: mesh {dict(mesh.shape)}, {jax.device_count()} devices, "
+    _log(f"training {steps} steps from step {start}: mesh {dict(mesh.shape)} ({mesh.size} devices), "
          f"{jax.process_count()} processes, retrieval {config.retrieval.mode}, K={config.model.n_docs}, "
          f"RAG-{config.model.loss}, {index.num_passages} passages")
     last: dict[str, Any] = {"step": start}

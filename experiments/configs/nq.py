@@ -28,7 +28,9 @@ VARIANTS = ("local", "paper", "tiny")
 def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            init="random",  # "random" or a local Hugging Face BERT/DPR checkpoint directory (then sizes come from it)
+            # "random", a local Hugging Face BERT/DPR checkpoint directory (then sizes come from it), or, for the
+            # question encoder, "doc_encoder": start as a copy of the document encoder (as DPR's twin encoders do).
+            init="random",
             vocab_size=30522,  # random init only; must cover the question tokenizer (bert-base-uncased: 30,522)
             hidden_size=hidden,  # random init only
             num_layers=layers,  # random init only
@@ -36,6 +38,7 @@ def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) 
             intermediate_size=mlp,  # random init only
             max_position_embeddings=512,  # random init only
             initializer_range=init_range,  # random init only: std of the normal initialiser
+            pooling="cls",  # the vector of a text: "cls" ([CLS] state, DPR), "pooler" (BERT's pooler) or "mean"
             dropout=0.1,  # hidden and attention dropout while training (BERT's default)
         )
     )
@@ -119,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999  # Adam beta2 (torch AdamW default)
     c.optim.eps = 1e-8  # Adam epsilon
     c.optim.max_grad_norm = 1.0  # global gradient norm clip; 0 disables
+    # Question encoder updates x this. From scratch, a lower value keeps q(x) from drifting on the random generator's
+    # likelihoods before the generator has learnt to read passages; REF trains both at one rate (1.0).
+    c.optim.question_encoder_lr_scale = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 600  # optimizer updates
