@@ -11,6 +11,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import flags
 
@@ -163,3 +164,20 @@ def test_mfu_rows_run_on_cpu():
     assert step["xla_tflops"] > 0 and step["seconds"] > 0
     assert step["fraction_of_peak"] == pytest.approx(expected / step["seconds"] / (1e12 * step["devices"]))
     assert mips["achieved_gb_per_s"] == pytest.approx(4096 * 768 * 4 / mips["seconds"] / 1e9)
+
+
+# ----------------------------------------------------------------------------------------------- speed changes
+
+
+def test_rag_token_marginal_equals_the_logsumexp_formula():
+    """decode.marginal_log_probs (one exp per logit, made for speed) is the reference's
+    logsumexp_z(log p(z|x) + log_softmax(logits_z)), including where the documents disagree strongly."""
+    from rag_jax import decode
+
+    key_logits, key_docs = jax.random.split(jax.random.PRNGKey(0))
+    logits_NxKxV = jax.random.normal(key_logits, (6, 3, 500)) * jnp.asarray([1.0, 5.0, 20.0])[None, :, None]
+    doc_lp_NxK = jax.nn.log_softmax(jax.random.normal(key_docs, (6, 3)) * 3, axis=-1)
+    expected = jax.nn.logsumexp(jax.nn.log_softmax(logits_NxKxV, axis=-1) + doc_lp_NxK[..., None], axis=1)
+    got = decode.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.exp(got).sum(-1), 1.0, rtol=1e-5)
