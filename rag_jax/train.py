@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -35,31 +34,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from rag_jax import checkpoint, decode, evaluation, experiment, inference, rag, sharding
+from rag_jax import checkpoint, experiment, rag, sharding, train_eval, train_inputs
 from rag_jax.data import pipeline as pipeline_lib
-from rag_jax.retrieval import device_contexts, exact, multihost
+from rag_jax.metric_writer import MetricWriter
+from rag_jax.retrieval import device_contexts, exact
 from rag_jax.retriever import Retriever
-
-# Logical axes of every array a step can receive (host retrieval fills the context/doc entries, device retrieval the
-# question_gen ones).
-BATCH_AXES = {
-    "question_input_ids": ("batch", "length"),
-    "question_attention_mask": ("batch", "length"),
-    "labels": ("batch", "length"),
-    "gold_row": ("batch",),
-    "context_input_ids": ("batch", "docs", "length"),
-    "context_attention_mask": ("batch", "docs", "length"),
-    "doc_embeds": ("batch", "docs", "embed"),
-    "doc_rows": ("batch", "docs"),
-    "question_gen_ids": ("batch", "length"),
-    "question_gen_length": ("batch",),
-}
-CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length")}  # tokens: length, ids
-HOST_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "context_input_ids",
-             "context_attention_mask", "doc_embeds", "doc_rows")
-DEVICE_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "question_gen_ids",
-               "question_gen_length")
-
+from rag_jax.train_inputs import BATCH_AXES
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the run stopped without saving that state."""
@@ -144,7 +124,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     """The jitted `train_step(state, batch, rng, corpus) -> (state, metrics)` (state donated).
 
     batch: global arrays with `batch_keys` (BATCH_AXES layout). rng: the run's base key; the step uses
-    fold_in(rng, step). corpus: {} for host retrieval, else the CORPUS_AXES arrays (`device_corpus`).
+    fold_in(rng, step). corpus: {} for host retrieval, else train_inputs.device_corpus's arrays.
     metrics: replicated float32 scalars loss, grad_norm, update_norm, learning_rate, gold_hits, gold_known.
     """
     gcfg = model.generator_config
@@ -231,189 +211,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_encode(model: rag.Rag, mesh, param_shardings) -> Callable:
-    """Jitted q(x) without dropout for host retrieval: (params, ids, mask) -> q (B, D), batch-sharded."""
-    return jax.jit(lambda params, ids, mask: model.encode_questions(params, ids, mask),
-                   in_shardings=(param_shardings, sharding.named_sharding(mesh, BATCH_AXES["question_input_ids"]),
-                                 sharding.named_sharding(mesh, BATCH_AXES["question_input_ids"])),
-                   out_shardings=sharding.named_sharding(mesh, ("batch", "embed")))
-
-
-# ---------------------------------------------------------------------------------------------------- inputs
-
-
-def _global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    specs = {key: sharding.logical_to_spec(BATCH_AXES[key]) for key in local}
-    return pipeline_lib.make_global_batch(local, mesh, specs)
-
-
-def gold_rows(index, gold_passage_ids: np.ndarray) -> np.ndarray:
-    """Index rows of gold passage ids (-1 where unknown or not in the corpus)."""
-    rows = np.full(gold_passage_ids.shape, -1, np.int32)
-    for i, pid in enumerate(gold_passage_ids):
-        if pid >= 0:
-            try:
-                rows[i] = index.passages.row_for_id(int(pid))
-            except KeyError:
-                pass
-    return rows
-
-
-class BatchBuilder:
-    """Host side of a step: a pipeline batch (this host's rows) -> the step's global batch, retrieval included."""
-
-    def __init__(self, config, model: rag.Rag, mesh, retriever: Retriever, encode: Callable | None):
-        self.config, self.model, self.mesh = config, model, mesh
-        self.retriever, self.encode = retriever, encode
-        self.device_mode = config.retrieval.mode == "device"
-        self.keys = DEVICE_KEYS if self.device_mode else HOST_KEYS
-
-    def __call__(self, params, local: dict[str, Any]) -> dict[str, jax.Array]:
-        arrays = {
-            "question_input_ids": local["question_input_ids"],
-            "question_attention_mask": local["question_attention_mask"],
-            "labels": local["labels"],
-            "gold_row": gold_rows(self.retriever.index, local["gold_passage_id"]),
-        }
-        if self.device_mode:
-            from rag_jax import context  # pylint: disable=g-import-not-at-top
-
-            questions = context.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
-            width = self.model.config.context.max_combined_length - 2
-            arrays["question_gen_ids"], arrays["question_gen_length"] = device_contexts.question_tokens(
-                questions, self.retriever.generator_tokenizer, width)
-            return _global(arrays, self.mesh)
-        questions = _global({k: arrays[k] for k in ("question_input_ids", "question_attention_mask")}, self.mesh)
-        q_global = self.encode(params, questions["question_input_ids"], questions["question_attention_mask"])
-        q_local = sharding.host_local_rows(q_global)
-        n_docs = self.config.model.n_docs
-        found = self.retriever(q_local, local["question_input_ids"], n_docs)
-        batch, length = q_local.shape[0], found.context_input_ids_BKxS.shape[-1]
-        arrays.update(
-            doc_rows=found.rows_BxK,
-            doc_embeds=found.doc_embeds_BxKxD.astype(np.float32),
-            context_input_ids=found.context_input_ids_BKxS.reshape(batch, n_docs, length),
-            context_attention_mask=found.context_attention_mask_BKxS.reshape(batch, n_docs, length),
-        )
-        out = _global({k: v for k, v in arrays.items() if k not in questions}, self.mesh)
-        return {**questions, **out}
-
-
-def device_corpus(index, mesh, generator_tokenizer, fmt) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
-    to a multiple of them; every host reads only its devices' rows."""
-    table = _on_main_first(lambda: device_contexts.passage_token_table(index, generator_tokenizer, fmt),
-                           "passage_token_table")
-    shards = sharding.corpus_size(mesh)
-    n_padded = -(-index.num_passages // shards) * shards
-    shardings = {key: sharding.named_sharding(mesh, axes) for key, axes in CORPUS_AXES.items()}
-    arrays = {"embeddings": multihost.device_put_rows(index, shardings["embeddings"], n_padded),
-              "tokens": multihost.device_put_rows(table, shardings["tokens"], n_padded)}
-    return arrays, shardings
-
-
-def _on_main_first(fn: Callable[[], Any], name: str) -> Any:
-    """Runs `fn` on process 0 first (it may write shared files), then on the others."""
-    if jax.process_count() == 1:
-        return fn()
-    result = fn() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices(f"rag_jax:{name}")
-    return result if jax.process_index() == 0 else fn()
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
-def dev_generation_config(model: rag.Rag, config) -> decode.GenerationConfig:
-    """Greedy decoding that starts like the training labels: from <s> (bos) at position 0.
-
-    Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
-    has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
-    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
-    """
-    g = model.generator_config
-    return decode.GenerationConfig(max_length=config.eval.max_length, num_beams=1, decoder_start_token_id=g.bos_token_id,
-                                   bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id,
-                                   pad_token_id=g.pad_token_id)
-
-
-def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> dict[str, float]:
-    """Dev metrics: exact match / F1 of greedy RAG-Token answers, answer recall@k of retrieval, and recall@k of the
-    gold passage (where known). Every process answers its share of the questions; counts are summed over them."""
-    ks = [k for k in config.eval.recall_ks if k <= config.eval.n_docs]
-    mine = list(examples)[jax.process_index()::jax.process_count()]
-    if jax.process_count() > 1:  # each host decodes its share with a full copy of the parameters
-        params = multihost_utils.process_allgather(params, tiled=True)
-    gcfg = model.generator_config
-    settings = inference.AnswerSettings(n_docs=config.eval.n_docs, model_type="token",
-                                        batch_size=config.eval.batch_size // jax.process_count(),
-                                        max_question_length=config.data.max_question_length,
-                                        answer_prefix_space=config.data.answer_prefix_space)
-    generation = dev_generation_config(model, config)
-    counts = np.zeros(3 + 3 * len(ks), np.float64)
-    if mine:
-        answered = list(inference.answer_questions(model, params, retriever, mine, settings, generation))
-        for (record, texts), example in zip(answered, mine):
-            score = evaluation.score_question(record["answers"], prediction=record["prediction"],
-                                              ranked_passages=texts)
-            gold = str(example.get("gold_passage_id", -1))
-            known = example.get("gold_passage_id", -1) >= 0
-            counts[:3] += (1, score.exact_match, score.f1)
-            for i, k in enumerate(ks):
-                counts[3 + i] += score.first_hit_rank is not None and score.first_hit_rank < k
-                counts[3 + len(ks) + i] += known and gold in record["doc_ids"][:k]
-                counts[3 + 2 * len(ks) + i] += known
-    if jax.process_count() > 1:
-        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
-    total = max(counts[0], 1.0)
-    out = {"eval/exact_match": 100 * counts[1] / total, "eval/f1": 100 * counts[2] / total,
-           "eval/num_questions": float(counts[0])}
-    for i, k in enumerate(ks):
-        out[f"eval/recall@{k}"] = 100 * counts[3 + i] / total
-        if counts[3 + 2 * len(ks) + i]:
-            out[f"eval/gold_recall@{k}"] = 100 * counts[3 + len(ks) + i] / counts[3 + 2 * len(ks) + i]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- logging
-
-
-class MetricWriter:
-    """metrics.jsonl and TensorBoard events in the workdir, written by process 0 only.
-
-    On a restart from step s, lines after s are dropped from metrics.jsonl (and TensorBoard purges its events after
-    s), so a resumed run's records are those of an uninterrupted one.
-    """
-
-    def __init__(self, workdir: str, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if not enabled:
-            return
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step or None)
-
-    def write(self, step: int, metrics: dict[str, float], *, perf: dict[str, float] | None = None) -> None:
-        """`metrics` go to both files; `perf` (timings, not reproducible) to TensorBoard only."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        for key, value in {**metrics, **(perf or {})}.items():
-            self._tb.add_scalar(key, float(value), step)
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
 
 
 def _log(message: str) -> None:
@@ -486,7 +284,7 @@ class Run:
     tx: optax.GradientTransformation
     abstract_state: TrainState  # ShapeDtypeStructs with shardings
     state_shardings: TrainState
-    batches: BatchBuilder
+    batches: train_inputs.BatchBuilder
     train_step: Callable  # train_step(state, batch, rng, corpus) -> (state, metrics)
     corpus: dict[str, jax.Array]  # device retrieval: the index on the devices; else {}
 
@@ -509,15 +307,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     model = models.rag
     doc_config, doc_params = experiment.doc_encoder(config)
     experiment.check_vocab(models, doc_config, tokenizers, config)
-    train_source = _on_main_first(lambda: experiment.data_source(config, "train"), "train_data")
+    train_source = train_inputs.on_main_first(lambda: experiment.data_source(config, "train"), "train_data")
     dev_examples = []
     if config.train.eval_every:
-        dev_source = _on_main_first(lambda: experiment.data_source(config, "dev"), "dev_data")
+        dev_source = train_inputs.on_main_first(lambda: experiment.data_source(config, "dev"), "dev_data")
         count = len(dev_source) if not config.eval.num_examples else min(config.eval.num_examples, len(dev_source))
         dev_examples = [dev_source[i] for i in range(count)]
     if jax.process_index() == 0:
         _setup_workdir(workdir, tokenizers)
-    index = _on_main_first(lambda: experiment.ensure_index(config, workdir, doc_config, doc_params,
+    index = train_inputs.on_main_first(lambda: experiment.ensure_index(config, workdir, doc_config, doc_params,
                                                            tokenizers.question, progress=jax.process_index() == 0),
                            "index")
     if index.dim != model.question_encoder_config.output_dim:
@@ -534,10 +332,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     abstract_state, state_shardings = state_layout(model, tx, mesh)
     corpus, corpus_shardings = {}, {}
     if config.retrieval.mode == "device":
-        corpus, corpus_shardings = device_corpus(index, mesh, tokenizers.generator, model.config.context)
-    batches = BatchBuilder(config, model, mesh, retriever,
-                           make_encode(model, mesh, state_shardings.params) if config.retrieval.mode == "host"
-                           else None)
+        corpus, corpus_shardings = train_inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context)
+    encode = train_inputs.make_encode(model, mesh, state_shardings.params) if config.retrieval.mode == "host" else None
+    batches = train_inputs.BatchBuilder(config, model, mesh, retriever, encode)
     train_step = make_train_step(model, tx, config, mesh, state_shardings, batches.keys, corpus_shardings,
                                  index.num_passages)
     return Run(config, workdir, mesh, tokenizers, model, models.pretrained, train_source, dev_examples, index,
@@ -561,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     """
     run = setup(config, workdir, mesh)
     workdir, mesh, model, retriever = run.workdir, run.mesh, run.model, run.retriever
-    tokenizers, index, dev_examples, batches = run.tokenizers, run.index, run.dev_examples, run.batches
+    index, dev_examples, batches = run.index, run.dev_examples, run.batches
     train_step, corpus = run.train_step, run.corpus
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                            async_save=config.train.async_checkpoints)
@@ -635,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 interval, clock, clock_step = [], now, done
             if run_eval and dev_examples:
                 t0 = time.time()
-                results = evaluate(model, state.params, retriever, dev_examples, config)
+                results = train_eval.evaluate(model, state.params, retriever, dev_examples, config)
                 writer.write(done, results)
                 _log(f"eval at step {done}: " + " | ".join(
                     f"{k[5:]} {v:.2f}" for k, v in results.items() if k != "eval/num_questions")

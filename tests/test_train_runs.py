@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rag_jax import checkpoint, sharding, train
+from rag_jax import checkpoint, sharding, train, train_eval
 from rag_jax.retrieval import corpus
 from tests import train_task
 
@@ -112,7 +112,8 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(task, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1, gloo) vs 1 process x 4 devices, mesh 2 x 2."""
-    overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2}
+    overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2,
+                 "train.eval_every": 3, "eval.num_examples": 12}  # each host answers 6 of the 12 dev questions
     workdir = str(tmp_path / "two")
     port = _free_port()
     processes = [
@@ -130,8 +131,11 @@ def test_two_processes_equal_one(task, tmp_path):
     train.train_and_evaluate(config, single, mesh=sharding.make_mesh(2, 2, devices=jax.devices()[:4]))
 
     two, one = _metrics(workdir), _metrics(single)
-    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3]
-    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3, 3]  # the last line: the evaluation
+    np.testing.assert_allclose([m["loss"] for m in two[:3]], [m["loss"] for m in one[:3]], rtol=1e-5)
+    assert two[3]["eval/num_questions"] == 12
+    assert two[3].keys() == one[3].keys()
+    np.testing.assert_allclose([two[3][k] for k in sorted(two[3])], [one[3][k] for k in sorted(one[3])], atol=1e-6)
     for x, y in zip(jax.tree_util.tree_leaves(_params(workdir)), jax.tree_util.tree_leaves(_params(single))):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * (np.abs(y).max() + 1e-12) + 1e-7)
 
@@ -189,7 +193,7 @@ def test_doc_score_gradient_teaches_retrieval(tmp_path):
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     workdir = str(tmp_path / "run")
     run = train.setup(config, workdir, mesh)
-    before = train.evaluate(run.model, run.initial_state().params, run.retriever, run.dev_examples, config)
+    before = train_eval.evaluate(run.model, run.initial_state().params, run.retriever, run.dev_examples, config)
     after = train.train_and_evaluate(config, workdir, mesh=mesh)
     assert before["eval/gold_recall@1"] <= 50.0, before  # 7 of 16 at the start (chance: 1 of 16)
     assert after["eval/gold_recall@1"] >= before["eval/gold_recall@1"] + 25.0, (before, after)

@@ -1,0 +1,60 @@
+"""The periodic dev evaluation of training: greedy RAG-Token answers, exact match / F1, retrieval recall@k."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rag_jax import decode, evaluation, inference, rag
+from rag_jax.retriever import Retriever
+
+
+def dev_generation_config(model: rag.Rag, config) -> decode.GenerationConfig:
+    """Greedy decoding that starts like the training labels: from <s> (bos) at position 0.
+
+    Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
+    has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
+    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
+    """
+    g = model.generator_config
+    return decode.GenerationConfig(max_length=config.eval.max_length, num_beams=1, decoder_start_token_id=g.bos_token_id,
+                                   bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id,
+                                   pad_token_id=g.pad_token_id)
+
+
+def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> dict[str, float]:
+    """Dev metrics: exact match / F1 of greedy RAG-Token answers, answer recall@k of retrieval, and recall@k of the
+    gold passage (where known). Every process answers its share of the questions; counts are summed over them."""
+    ks = [k for k in config.eval.recall_ks if k <= config.eval.n_docs]
+    mine = list(examples)[jax.process_index()::jax.process_count()]
+    if jax.process_count() > 1:  # each host decodes its share with a full copy of the parameters
+        params = multihost_utils.process_allgather(params, tiled=True)
+    settings = inference.AnswerSettings(n_docs=config.eval.n_docs, model_type="token",
+                                        batch_size=config.eval.batch_size // jax.process_count(),
+                                        max_question_length=config.data.max_question_length,
+                                        answer_prefix_space=config.data.answer_prefix_space)
+    generation = dev_generation_config(model, config)
+    counts = np.zeros(3 + 3 * len(ks), np.float64)
+    if mine:
+        answered = list(inference.answer_questions(model, params, retriever, mine, settings, generation))
+        for (record, texts), example in zip(answered, mine):
+            score = evaluation.score_question(record["answers"], prediction=record["prediction"],
+                                              ranked_passages=texts)
+            gold = str(example.get("gold_passage_id", -1))
+            known = example.get("gold_passage_id", -1) >= 0
+            counts[:3] += (1, score.exact_match, score.f1)
+            for i, k in enumerate(ks):
+                counts[3 + i] += score.first_hit_rank is not None and score.first_hit_rank < k
+                counts[3 + len(ks) + i] += known and gold in record["doc_ids"][:k]
+                counts[3 + 2 * len(ks) + i] += known
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    total = max(counts[0], 1.0)
+    out = {"eval/exact_match": 100 * counts[1] / total, "eval/f1": 100 * counts[2] / total,
+           "eval/num_questions": float(counts[0])}
+    for i, k in enumerate(ks):
+        out[f"eval/recall@{k}"] = 100 * counts[3 + i] / total
+        if counts[3 + 2 * len(ks) + i]:
+            out[f"eval/gold_recall@{k}"] = 100 * counts[3 + len(ks) + i] / counts[3 + 2 * len(ks) + i]
+    return out
