@@ -199,3 +199,34 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path, mo
         train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(2, 1))
     assert "checkpoints/2" in str(error.value)
     assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 2
+
+
+def test_pretrained_weights_start_sharded(task, tmp_path):
+    """Hugging Face DPR encoders and BART as the starting point: the state holds exactly their weights, laid out by
+    the rules (attention heads split over `model`; BART's 50,265-row vocabulary does not split 2 ways: replicated)."""
+    from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from tests import hf_models  # pylint: disable=g-import-not-at-top (torch)
+
+    paths = {name: str(tmp_path / name) for name in ("question", "context", "bart")}
+    hf_models.dpr_question_encoder(seed=1, vocab_size=30522).save_pretrained(paths["question"])
+    hf_models.dpr_context_encoder(seed=2, vocab_size=30522).save_pretrained(paths["context"])
+    hf_models.bart_model(seed=3, vocab_size=50265).save_pretrained(paths["bart"])
+    config = train_task.tiny_config(task, **{"model.question_encoder.init": paths["question"],
+                                             "model.doc_encoder.init": paths["context"],
+                                             "model.generator.init": paths["bart"], "index.max_length": 40})
+    mesh = _mesh(2, 2)
+    run = train.setup(config, str(tmp_path / "run"), mesh)
+    state = run.initial_state()
+    loaded = {"question_encoder": hf.load_encoder(paths["question"], pooling="cls").params,
+              "generator": hf.load_bart(paths["bart"]).params}
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(x), y, err_msg=jax.tree_util.keystr(path))
+    g = state.params["generator"]
+    assert g["shared"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, None)
+    heads = jax.sharding.PartitionSpec(None, "model", None)  # (embed, heads, kv): 4 heads over 2 devices
+    assert g["encoder_layer_0"]["self_attn"]["query"]["kernel"].sharding.spec == heads
+    with sharding.use(mesh):
+        batch = run.batches(state.params, train.make_pipeline(run).batch_at(0))
+        _, metrics = run.train_step(state, batch, jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)),
+                                    run.corpus)
+    assert np.isfinite(float(metrics["loss"]))
