@@ -56,6 +56,22 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def paired_median_seconds(ours: Callable[[], object], reference: Callable[[], object], repeats: int,
+                          warmup: int = 1) -> tuple[float, float]:  # fmt: skip
+    """Median wall times of two blocking functions, timed alternately (ours, reference, ours, ...) after `warmup`
+    untimed calls of each, so that both see the same background load (other jobs on a shared machine)."""
+    for _ in range(warmup):
+        ours()
+        reference()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((ours, times[0]), (reference, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def machine() -> str:
     import torch
 
@@ -180,7 +196,7 @@ def contexts(rng: np.random.Generator, model, rows: int, length: int) -> tuple[n
 
 
 def train_batch(config: ml_collections.ConfigDict, model, seed: int = 0) -> dict[str, np.ndarray]:
-    """One global host-retrieval batch (rag_jax.train.HOST_KEYS) of random tokens with realistic padding."""
+    """One global host-retrieval batch (HOST_KEYS of the step) of random tokens with realistic padding."""
     rng = np.random.default_rng(seed)
     b, k = config.train.global_batch_size, config.model.n_docs
     lq, s, t = config.data.max_question_length, config.model.max_combined_length, config.data.max_target_length
@@ -211,14 +227,15 @@ class JaxTrainer:
     """rag_jax's real training step (rag_jax.train.make_train_step, host retrieval) stepping a donated state."""
 
     def __init__(self, pair: Twins, batch: dict[str, np.ndarray]):
-        from rag_jax import sharding, train
+        from rag_jax import sharding, train, train_inputs
 
         self.mesh = pair.mesh
         _, state_shardings = train.state_layout(pair.model, pair.tx, self.mesh)
         self.step_fn = train.make_train_step(pair.model, pair.tx, pair.config, self.mesh, state_shardings,
-                                             train.HOST_KEYS)  # fmt: skip
+                                             train_inputs.HOST_KEYS)  # fmt: skip
         self.state = jax.tree_util.tree_map(lambda x: x.copy(), pair.state)  # the step donates its state
-        self.batch = {key: jax.device_put(value, sharding.named_sharding(self.mesh, train.BATCH_AXES[key]))
+        axes = train_inputs.BATCH_AXES
+        self.batch = {key: jax.device_put(value, sharding.named_sharding(self.mesh, axes[key]))
                       for key, value in batch.items()}  # fmt: skip
         self.rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(self.mesh))
 
@@ -278,7 +295,10 @@ class TorchTrainer:
 
 
 def bench_train_step(quick: bool, repeats: int) -> list[dict]:
-    """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size."""
+    """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size; with the analytic model
+    FLOPs of the step (rag_jax/flops.py) and the rate each side achieves."""
+    from rag_jax import flops
+
     rows = []
     for size in ["tiny"] if quick else _SIZES.value:
         pair = twins(size)
@@ -286,12 +306,15 @@ def bench_train_step(quick: bool, repeats: int) -> list[dict]:
         ours, theirs = JaxTrainer(pair, batch), TorchTrainer(pair, batch)
         # The first step of each starts from the same weights: the same loss means the same computation.
         loss_ours, loss_ref = ours.step(), theirs.step()
-        t_ours = median_seconds(ours.step, repeats, warmup=2)
-        t_ref = median_seconds(theirs.step, repeats, warmup=2)
+        t_ours, t_ref = paired_median_seconds(ours.step, theirs.step, repeats, warmup=0 if quick else 1)
         c = pair.config
+        gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
+                                           c.data.max_question_length, c.model.max_combined_length,
+                                           c.data.max_target_length) / 1e9  # fmt: skip
         rows.append(dict(size=size, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
                          source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
                          devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours,
+                         model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref,
                          first_loss_rel_diff=_relative(loss_ours, loss_ref)))  # fmt: skip
     return rows
 
@@ -323,7 +346,7 @@ def bench_decode(quick: bool, repeats: int) -> list[dict]:
 
     from rag_jax import decode
 
-    batch, new_tokens = (4, 5) if quick else (16, 20)
+    batch, new_tokens = (4, 3) if quick else (16, 20)
     rows = []
     for size in ["tiny"] if quick else _SIZES.value:
         pair = twins(size)
@@ -351,12 +374,10 @@ def bench_decode(quick: bool, repeats: int) -> list[dict]:
                 with torch.no_grad():
                     return reference.generate(**torch_inputs, **kwargs).numpy()
 
-            out_ours, out_ref = np.asarray(run_ours()), run_reference()
+            out_ours, out_ref = np.asarray(run_ours()), run_reference()  # also the warm-up (compilation)
             agree = float(np.mean(np.all(out_ours[:, : out_ref.shape[1]] == out_ref, axis=1)))
-            t_ours = median_seconds(lambda: run_ours().block_until_ready(), repeats)
-            # The parity call above warmed the reference up; RAG-Sequence's takes long, so fewer repeats there.
-            t_ref = median_seconds(run_reference, max(1, repeats // 2) if name.startswith("rag_seq") else repeats,
-                                   warmup=0)
+            t_ours, t_ref = paired_median_seconds(lambda: run_ours().block_until_ready(), run_reference, repeats,
+                                                  warmup=0)  # fmt: skip
             rows.append(dict(size=size, decoding=name, batch=batch, n_docs=k, new_tokens=new_tokens, ours_s=t_ours,
                              reference_s=t_ref, speedup=t_ref / t_ours, same_output=agree))  # fmt: skip
     return rows
@@ -403,7 +424,7 @@ def bench_embed(quick: bool, repeats: int) -> list[dict]:
             for b in torch_batches:
                 reference(**b)
 
-    t_ours, t_ref = median_seconds(ours, repeats), median_seconds(theirs, repeats)
+    t_ours, t_ref = paired_median_seconds(ours, theirs, repeats)
     n = len(passages)
     return [dict(model=f"{sizes['num_hidden_layers']}L-{sizes['hidden_size']}", passages=n, batch=batch,
                  ours_psg_per_s=n / t_ours, reference_psg_per_s=n / t_ref, speedup=t_ref / t_ours)]  # fmt: skip
@@ -576,7 +597,7 @@ def main(argv):
     unknown = [b for b in _BENCHMARKS.value if b not in BENCHMARKS]
     if unknown:
         raise app.UsageError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
-    repeats = 2 if _QUICK.value else _REPEATS.value
+    repeats = 1 if _QUICK.value else _REPEATS.value
     for name in _BENCHMARKS.value:
         report(name, BENCHMARKS[name](_QUICK.value, repeats))
 

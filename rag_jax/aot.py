@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rag_jax import experiment, sharding, train
+from rag_jax import experiment, sharding, train, train_inputs
 from rag_jax.models import bart, bert, hf, hf_files
 
 GIB = 1024**3
@@ -139,7 +139,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) ->
     model = experiment.build_rag(config, load_weights=False).rag
     tx = experiment.make_optimizer(config)
     abstract_state, state_shardings = train.state_layout(model, tx, mesh)
-    step = train.make_train_step(model, tx, config, mesh, state_shardings, train.HOST_KEYS)
+    step = train.make_train_step(model, tx, config, mesh, state_shardings, train_inputs.HOST_KEYS)
     batch = abstract_batch(config, model, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     compiled = step.lower(abstract_state, batch, rng, {}).compile()
@@ -171,6 +171,6 @@ def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, 
     }
     return {
         key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "doc_embeds" else jnp.int32,
-                                  sharding=sharding.named_sharding(mesh, train.BATCH_AXES[key]))
+                                  sharding=sharding.named_sharding(mesh, train_inputs.BATCH_AXES[key]))
         for key, shape in shapes.items()
     }  # fmt: skip
