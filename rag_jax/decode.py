@@ -507,41 +507,66 @@ def _first_token_is_bos(ids_BxCxL: jax.Array, bos_token_id: int | None):
     return jnp.all(ids_BxCxL[:, :, 1] == bos_token_id, axis=1)
 
 
-def _thorough_scores(model, params, ids_BxCxL, encoder_out, mask_BKxS, doc_scores_BxK, pad):
-    """-loss of every hypothesis against all K docs: the reference's rescoring forward pass (labels = the
-    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig). One example per loop step with its
-    C hypotheses x K docs as one batch, as the reference does, so that exclude_bos_score's all-rows test covers
-    exactly that example's hypotheses."""
-    batch, n_docs = doc_scores_BxK.shape
-    num_candidates = ids_BxCxL.shape[1]
+# Rows (hypothesis x doc) per rescoring pass: enough to keep the matmuls wide, few enough that the pass's
+# (rows, length, vocabulary) logits stay small.
+_RESCORE_ROWS = 64
 
-    def one_example(args):
-        ids_CxL, encoder_out_KxSxE, mask_KxS, scores_K = args
+
+def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad):
+    """-loss of every needed hypothesis against all K docs: the reference's rescoring forward pass (labels = the
+    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig); -inf where not needed.
+
+    The reference rescores only the unique hypotheses of each example. Here the needed (example, hypothesis) pairs
+    of the whole batch are packed to the front and scored in passes of _RESCORE_ROWS rows until none is left, so
+    the work follows the number of unique hypotheses while every shape stays static. exclude_bos_score's all-rows
+    test stays per example, as in the reference's one-example loss (repeats copy kept hypotheses: no change)."""
+    batch, n_docs = doc_scores_BxK.shape
+    num_candidates, length = ids_BxCxL.shape[1:]
+    pairs = batch * num_candidates
+    chunk = min(pairs, max(1, _RESCORE_ROWS // n_docs))
+    num_chunks = -(-pairs // chunk)
+    needed_P = needed_BxC.reshape(pairs)
+    # Needed pairs first, each group in order; the tail past `pairs` (a partial last chunk) writes nowhere.
+    order_P = jnp.argsort(~needed_P, stable=True).astype(jnp.int32)
+    order_P = jnp.concatenate([order_P, jnp.full((num_chunks * chunk - pairs,), pairs, jnp.int32)])
+    ids_PxL = ids_BxCxL.reshape(pairs, length)
+    encoder_out_BxKxSxE = encoder_out.reshape(batch, n_docs, *encoder_out.shape[1:])
+    mask_BxKxS = mask_BKxS.reshape(batch, n_docs, -1)
+    use_bos_B = _first_token_is_bos(ids_BxCxL, model.generator_config.bos_token_id)
+
+    def rescore(i, scores_P):
+        pair_N = jax.lax.dynamic_slice(order_P, (i * chunk,), (chunk,))
+        safe_N = jnp.minimum(pair_N, pairs - 1)
+        example_N = safe_N // num_candidates
+        ids_NxL = ids_PxL[safe_N]
         # rows (hypothesis, doc): the reference's generator_input_ids.repeat(num_candidates, 1)
         logits = model.generator.apply(
             {"params": params["generator"]},
-            jnp.repeat(ids_CxL, n_docs, axis=0),
-            jnp.tile(encoder_out_KxSxE, (num_candidates, 1, 1)),
-            jnp.tile(mask_KxS, (num_candidates, 1)),
+            jnp.repeat(ids_NxL, n_docs, axis=0),
+            encoder_out_BxKxSxE[example_N].reshape(chunk * n_docs, *encoder_out.shape[1:]),
+            mask_BxKxS[example_N].reshape(chunk * n_docs, -1),
             method=bart.Bart.decode,
         )
-        return -rag.rag_sequence_nll(
-            logits.reshape(num_candidates, n_docs, *logits.shape[1:]),
-            jnp.broadcast_to(scores_K, (num_candidates, n_docs)),
-            ids_CxL,
+        nll_N = rag.rag_sequence_nll(
+            logits.reshape(chunk, n_docs, *logits.shape[1:]),
+            doc_scores_BxK[example_N],
+            ids_NxL,
             pad_token_id=pad,
             bos_token_id=model.generator_config.bos_token_id,
             epsilon=model.config.label_smoothing,
             exclude_bos_score=True,
+            use_bos_B=None if use_bos_B is None else use_bos_B[example_N],
         )
+        return scores_P.at[pair_N].set(-nll_N, mode="drop")
 
-    per_example = (
-        ids_BxCxL,
-        encoder_out.reshape(batch, n_docs, *encoder_out.shape[1:]),
-        mask_BKxS.reshape(batch, n_docs, -1),
-        doc_scores_BxK,
+    def cond(carry):
+        i, _ = carry
+        return i * chunk < needed_P.sum()
+
+    _, scores_P = jax.lax.while_loop(
+        cond, lambda carry: (carry[0] + 1, rescore(*carry)), (0, jnp.full((pairs,), -jnp.inf, jnp.float32))
     )
-    return jax.lax.map(one_example, per_example)
+    return scores_P.reshape(batch, num_candidates)
 
 
 def _fast_scores(model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb):
@@ -630,7 +655,8 @@ def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, g
     same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
     encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
     if mode == "thorough":
-        scores = _thorough_scores(model, params, ids_BxCxL, encoder_out, mask_BKxS, doc_scores_BxK, pad)
+        needed_BxC = is_first_BxC if dedup else jnp.ones_like(is_first_BxC)
+        scores = _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad)
     else:
         scores = _fast_scores(
             model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb

@@ -160,13 +160,16 @@ def rag_sequence_nll(
     exclude_bos_score: bool = False,
     reduce: bool = False,
     doc_prior_position: int = 1,
+    use_bos_B: jax.Array | None = None,
 ) -> jax.Array:
     """-log Σ_z p(z|x) Π_t p(y_t|x,z,y_<t), per example (B,) or summed when `reduce`.
 
     Reference quirks kept: the doc log-prior is added at target position `doc_prior_position` = 1 (not 0), so it
     is lost when that position is a pad (a one-token answer then gets -log Σ_z p(y|z), no prior); pass 0 for the
-    paper's formula, which is the same wherever the first target is not a pad. Also: `exclude_bos_score` drops position 0 only when every row's first target is BOS; label
-    smoothing uses -logsumexp over docs of the vocabulary-summed log-probabilities, which count the prior V times.
+    paper's formula, which is the same wherever the first target is not a pad. Also: `exclude_bos_score` drops
+    position 0 only when every row's first target is BOS (`use_bos_B`, when given, decides per row instead: for
+    rows packed from several of the reference's batches); label smoothing uses -logsumexp over docs of the
+    vocabulary-summed log-probabilities, which count the prior V times.
     """
     target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
     smoothing = _smoothing(epsilon)
@@ -178,8 +181,9 @@ def rag_sequence_nll(
     keep_BxT = target_BxT != pad_token_id
     token_ll_BxKxT = jnp.where(keep_BxT[:, None], token_ll_BxKxT, 0.0)
     if exclude_bos_score and bos_token_id is not None:
-        use_bos = jnp.all(target_BxT[:, 0] == bos_token_id)  # reference quirk: all rows or none
-        token_ll_BxKxT = token_ll_BxKxT.at[:, :, 0].multiply(jnp.where(use_bos, 0.0, 1.0))
+        if use_bos_B is None:
+            use_bos_B = jnp.all(target_BxT[:, 0] == bos_token_id)[None]  # reference quirk: all rows or none
+        token_ll_BxKxT = token_ll_BxKxT.at[:, :, 0].multiply(jnp.where(use_bos_B, 0.0, 1.0)[:, None])
     ll_B = jax.nn.logsumexp(token_ll_BxKxT.sum(-1), axis=1)
     smooth_B = None
     if smoothing:

@@ -154,6 +154,33 @@ def test_rag_sequence_thorough_matches_reference(checkpoint, kwargs):
     assert kwargs["num_beams"] == 1 or not first.all()
 
 
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "all"])
+def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup):
+    """Every scored hypothesis gets -loss of the reference's rescoring forward pass over its example's K docs (the
+    scored ones: the first occurrences with deduplication, else all, which takes more than one packed pass)."""
+    inputs = _inputs(seed=1, repeat_first_doc=True)
+    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    _, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=dedup)
+    ids, mask, doc_scores = map(torch.as_tensor, inputs)
+    hyps, first = np.asarray(candidates.ids_BxCxL), np.asarray(candidates.is_first_BxC)
+    scores = np.asarray(candidates.scores_BxC)
+    for b in range(BATCH):
+        scored = first[b] if dedup else np.ones_like(first[b])
+        n = int(scored.sum())
+        docs = slice(b * N_DOCS, (b + 1) * N_DOCS)
+        with torch.no_grad():
+            loss = checkpoint["sequence"](
+                context_input_ids=ids[docs].repeat(n, 1),
+                context_attention_mask=mask[docs].repeat(n, 1),
+                doc_scores=doc_scores[b : b + 1].repeat(n, 1),
+                labels=torch.as_tensor(hyps[b][scored], dtype=torch.long),
+                exclude_bos_score=True,
+                n_docs=N_DOCS,
+            ).loss
+        np.testing.assert_allclose(scores[b][scored], -loss.numpy(), rtol=1e-5, atol=1e-5)
+        assert np.isneginf(scores[b][~scored]).all()
+
+
 def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):
     inputs = _inputs(seed=1, repeat_first_doc=True)
     gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)

@@ -29,201 +29,201 @@ Precision = jax.lax.Precision
 
 
 def _scores_QxN(q_QxD: jax.Array, emb_NxD: jax.Array, precision) -> jax.Array:
-  if jnp.dtype(emb_NxD.dtype).itemsize == 2:  # Keep the big operand 16-bit; do not upcast the corpus.
-    q_QxD = q_QxD.astype(emb_NxD.dtype)
-  return jnp.einsum("qd,nd->qn", q_QxD, emb_NxD, precision=precision, preferred_element_type=jnp.float32)
+    if jnp.dtype(emb_NxD.dtype).itemsize == 2:  # Keep the big operand 16-bit; do not upcast the corpus.
+        q_QxD = q_QxD.astype(emb_NxD.dtype)
+    return jnp.einsum("qd,nd->qn", q_QxD, emb_NxD, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _topk(scores_QxN: jax.Array, k: int, approximate: bool, total_size: int) -> tuple[jax.Array, jax.Array]:
-  """(values, indices) of the k best columns; approximate uses TPU's approx_max_k, recall-targeted at the
-  `total_size` rows this reduction is one part of."""
-  if approximate:
-    return jax.lax.approx_max_k(scores_QxN, k, recall_target=0.95, reduction_input_size_override=total_size)
-  return jax.lax.top_k(scores_QxN, k)
+    """(values, indices) of the k best columns; approximate uses TPU's approx_max_k, recall-targeted at the
+    `total_size` rows this reduction is one part of."""
+    if approximate:
+        return jax.lax.approx_max_k(scores_QxN, k, recall_target=0.95, reduction_input_size_override=total_size)
+    return jax.lax.top_k(scores_QxN, k)
 
 
 def exact_topk(q_QxD: jax.Array, emb_NxD: jax.Array, k: int, *, precision=Precision.HIGHEST,
                num_valid: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Jittable exact MIPS: (rows_QxK int32, scores_QxK float32), best first. k must be static.
+    """Jittable exact MIPS: (rows_QxK int32, scores_QxK float32), best first. k must be static.
 
-  num_valid: rows >= num_valid are padding and never returned (lets callers pad N to a friendly size).
-  """
-  scores_QxN = _scores_QxN(q_QxD, emb_NxD, precision)
-  if num_valid is not None and num_valid < emb_NxD.shape[0]:
-    valid_N = jnp.arange(emb_NxD.shape[0]) < num_valid
-    scores_QxN = jnp.where(valid_N[None, :], scores_QxN, -jnp.inf)
-  scores_QxK, rows_QxK = jax.lax.top_k(scores_QxN, k)
-  return rows_QxK.astype(jnp.int32), scores_QxK
+    num_valid: rows >= num_valid are padding and never returned (lets callers pad N to a friendly size).
+    """
+    scores_QxN = _scores_QxN(q_QxD, emb_NxD, precision)
+    if num_valid is not None and num_valid < emb_NxD.shape[0]:
+        valid_N = jnp.arange(emb_NxD.shape[0]) < num_valid
+        scores_QxN = jnp.where(valid_N[None, :], scores_QxN, -jnp.inf)
+    scores_QxK, rows_QxK = jax.lax.top_k(scores_QxN, k)
+    return rows_QxK.astype(jnp.int32), scores_QxK
 
 
 def _axes_tuple(axes: str | Sequence[str]) -> tuple[str, ...]:
-  return (axes,) if isinstance(axes, str) else tuple(axes)
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def make_sharded_topk(mesh: Mesh, k: int, num_valid: int, *, corpus_axes: str | Sequence[str] = "corpus",
                       query_axes: str | Sequence[str] | None = None, approximate: bool | None = None,
                       precision=Precision.HIGHEST) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """Builds a jittable fn(q_QxD, emb_NxD) -> (rows_QxK int32, scores_QxK float32) for a corpus-sharded index.
+    """Builds a jittable fn(q_QxD, emb_NxD) -> (rows_QxK int32, scores_QxK float32) for a corpus-sharded index.
 
-  emb_NxD is laid out P(corpus_axes, None) over `mesh` with N a multiple of the number of corpus shards; rows
-  >= num_valid are padding. Queries are split over `query_axes` (None: every corpus shard sees all of them).
-  approximate: None picks approx_max_k on TPU and exact top_k elsewhere.
-  """
-  corpus_axes = _axes_tuple(corpus_axes)
-  q_spec = P(query_axes, None)
-  if approximate is None:
-    approximate = jax.default_backend() == "tpu"
+    emb_NxD is laid out P(corpus_axes, None) over `mesh` with N a multiple of the number of corpus shards; rows
+    >= num_valid are padding. Queries are split over `query_axes` (None: every corpus shard sees all of them).
+    approximate: None picks approx_max_k on TPU and exact top_k elsewhere.
+    """
+    corpus_axes = _axes_tuple(corpus_axes)
+    q_spec = P(query_axes, None)
+    if approximate is None:
+        approximate = jax.default_backend() == "tpu"
 
-  def local_then_global_topk(q_QxD, emb_nxD):
-    n_local = emb_nxD.shape[0]
-    offset = jax.lax.axis_index(corpus_axes) * n_local
-    rows_n = offset + jnp.arange(n_local, dtype=jnp.int32)
-    scores_Qxn = _scores_QxN(q_QxD, emb_nxD, precision)
-    scores_Qxn = jnp.where((rows_n < num_valid)[None, :], scores_Qxn, -jnp.inf)
-    scores_Qxk, local_Qxk = _topk(scores_Qxn, min(k, n_local), approximate, num_valid)
-    # Every shard's candidates side by side, Q x (num_shards * k_local) in shard order, then the global top-k:
-    # k * num_shards values cross the interconnect per query instead of N scores.
-    cand_rows_QxC = jax.lax.all_gather((local_Qxk + offset).astype(jnp.int32), corpus_axes, axis=1, tiled=True)
-    cand_scores_QxC = jax.lax.all_gather(scores_Qxk, corpus_axes, axis=1, tiled=True)
-    scores_QxK, pos_QxK = jax.lax.top_k(cand_scores_QxC, k)
-    return jnp.take_along_axis(cand_rows_QxC, pos_QxK, axis=1), scores_QxK
+    def local_then_global_topk(q_QxD, emb_nxD):
+        n_local = emb_nxD.shape[0]
+        offset = jax.lax.axis_index(corpus_axes) * n_local
+        rows_n = offset + jnp.arange(n_local, dtype=jnp.int32)
+        scores_Qxn = _scores_QxN(q_QxD, emb_nxD, precision)
+        scores_Qxn = jnp.where((rows_n < num_valid)[None, :], scores_Qxn, -jnp.inf)
+        scores_Qxk, local_Qxk = _topk(scores_Qxn, min(k, n_local), approximate, num_valid)
+        # Every shard's candidates side by side, Q x (num_shards * k_local) in shard order, then the global top-k:
+        # k * num_shards values cross the interconnect per query instead of N scores.
+        cand_rows_QxC = jax.lax.all_gather((local_Qxk + offset).astype(jnp.int32), corpus_axes, axis=1, tiled=True)
+        cand_scores_QxC = jax.lax.all_gather(scores_Qxk, corpus_axes, axis=1, tiled=True)
+        scores_QxK, pos_QxK = jax.lax.top_k(cand_scores_QxC, k)
+        return jnp.take_along_axis(cand_rows_QxC, pos_QxK, axis=1), scores_QxK
 
-  # check_vma=False: after the all_gather every corpus shard holds the same merged result, which the
-  # varying-manual-axes check cannot infer through all_gather + top_k.
-  search = jax.shard_map(local_then_global_topk, mesh=mesh, in_specs=(q_spec, P(corpus_axes, None)),
-                         out_specs=(q_spec, q_spec), check_vma=False)
+    # check_vma=False: after the all_gather every corpus shard holds the same merged result, which the
+    # varying-manual-axes check cannot infer through all_gather + top_k.
+    search = jax.shard_map(local_then_global_topk, mesh=mesh, in_specs=(q_spec, P(corpus_axes, None)),
+                           out_specs=(q_spec, q_spec), check_vma=False)
 
-  # Explicit mesh axes take jax.reshard; Auto ones (a GSPMD training step) take a sharding constraint.
-  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-  place = jax.reshard if explicit else jax.lax.with_sharding_constraint
+    # Explicit mesh axes take jax.reshard; Auto ones (a GSPMD training step) take a sharding constraint.
+    explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    place = jax.reshard if explicit else jax.lax.with_sharding_constraint
 
-  def sharded_topk(q_QxD, emb_NxD):
-    q_QxD = place(q_QxD, NamedSharding(mesh, q_spec))
-    emb_NxD = place(emb_NxD, NamedSharding(mesh, P(corpus_axes, None)))
-    return search(q_QxD, emb_NxD)
+    def sharded_topk(q_QxD, emb_NxD):
+        q_QxD = place(q_QxD, NamedSharding(mesh, q_spec))
+        emb_NxD = place(emb_NxD, NamedSharding(mesh, P(corpus_axes, None)))
+        return search(q_QxD, emb_NxD)
 
-  return sharded_topk
+    return sharded_topk
 
 
 def _as_rows_reader(embeddings) -> tuple[int, int, np.dtype, Callable[[int, int], np.ndarray]]:
-  """(N, D, dtype, read(start, stop)) for an ndarray/memmap/jax array or a loaded index_io.Index."""
-  if isinstance(embeddings, index_io.Index):
-    return embeddings.num_passages, embeddings.dim, embeddings.dtype, embeddings.read_rows
-  if getattr(embeddings, "ndim", None) != 2:
-    raise merge.SearchError(f"embeddings must be an N x D array or a loaded Index, got {type(embeddings)}")
-  return (embeddings.shape[0], embeddings.shape[1], np.dtype(embeddings.dtype),
-          lambda a, b: np.asarray(embeddings[a:b]))
+    """(N, D, dtype, read(start, stop)) for an ndarray/memmap/jax array or a loaded index_io.Index."""
+    if isinstance(embeddings, index_io.Index):
+        return embeddings.num_passages, embeddings.dim, embeddings.dtype, embeddings.read_rows
+    if getattr(embeddings, "ndim", None) != 2:
+        raise merge.SearchError(f"embeddings must be an N x D array or a loaded Index, got {type(embeddings)}")
+    return (embeddings.shape[0], embeddings.shape[1], np.dtype(embeddings.dtype),
+            lambda a, b: np.asarray(embeddings[a:b]))
 
 
 def _check_swap(old_NxD: jax.Array, num_passages: int, dim: int, new, n: int, d: int, dtype: np.dtype) -> None:
-  if (n, d, np.dtype(dtype)) != (num_passages, dim, np.dtype(old_NxD.dtype)):
-    where = new.index_dir if isinstance(new, index_io.Index) else "the new embeddings"
-    raise merge.SearchError(
-        f"swap_index: {where} holds {n} x {d} {np.dtype(dtype)} embeddings, but this searcher's search was "
-        f"compiled for {num_passages} x {dim} {np.dtype(old_NxD.dtype)}; build a new searcher for it (its search "
-        "compiles anew), or rebuild the index with the same number of passages, dimension and dtype")
+    if (n, d, np.dtype(dtype)) != (num_passages, dim, np.dtype(old_NxD.dtype)):
+        where = new.index_dir if isinstance(new, index_io.Index) else "the new embeddings"
+        raise merge.SearchError(
+            f"swap_index: {where} holds {n} x {d} {np.dtype(dtype)} embeddings, but this searcher's search was "
+            f"compiled for {num_passages} x {dim} {np.dtype(old_NxD.dtype)}; build a new searcher for it (its search "
+            "compiles anew), or rebuild the index with the same number of passages, dimension and dtype")
 
 
 def _to_numpy(x: jax.Array) -> np.ndarray:
-  """A search result as numpy on every host (gathered when it is split over hosts' devices)."""
-  if x.is_fully_addressable or x.is_fully_replicated:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    """A search result as numpy on every host (gathered when it is split over hosts' devices)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class ExactSearcher:
-  """Exact MIPS with the whole N x D matrix on one device (fine up to a few million rows)."""
+    """Exact MIPS with the whole N x D matrix on one device (fine up to a few million rows)."""
 
-  def __init__(self, embeddings, *, device: jax.Device | None = None, dtype=None, precision=Precision.HIGHEST):
-    """embeddings: N x D array (numpy, memmap, jax) or a loaded Index; dtype casts it on the way in."""
-    n, self.dim, _, read = _as_rows_reader(embeddings)
-    self.num_passages = n
-    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
-    self._device, self._dtype = device, dtype
-    emb = read(0, n)
-    self.embeddings_NxD = jax.device_put(emb if dtype is None else emb.astype(dtype), device)
-    self._topk = jax.jit(exact_topk, static_argnames=("k", "precision", "num_valid"))
-    self._precision = precision
+    def __init__(self, embeddings, *, device: jax.Device | None = None, dtype=None, precision=Precision.HIGHEST):
+        """embeddings: N x D array (numpy, memmap, jax) or a loaded Index; dtype casts it on the way in."""
+        n, self.dim, _, read = _as_rows_reader(embeddings)
+        self.num_passages = n
+        self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+        self._device, self._dtype = device, dtype
+        emb = read(0, n)
+        self.embeddings_NxD = jax.device_put(emb if dtype is None else emb.astype(dtype), device)
+        self._topk = jax.jit(exact_topk, static_argnames=("k", "precision", "num_valid"))
+        self._precision = precision
 
-  def swap_index(self, embeddings) -> None:
-    """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
-    recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise)."""
-    n, d, stored, read = _as_rows_reader(embeddings)
-    _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
-                stored if self._dtype is None else self._dtype)
-    emb = read(0, n)
-    self.embeddings_NxD = jax.device_put(emb if self._dtype is None else emb.astype(self._dtype), self._device)
-    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+    def swap_index(self, embeddings) -> None:
+        """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
+        recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise)."""
+        n, d, stored, read = _as_rows_reader(embeddings)
+        _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
+                    stored if self._dtype is None else self._dtype)
+        emb = read(0, n)
+        self.embeddings_NxD = jax.device_put(emb if self._dtype is None else emb.astype(self._dtype), self._device)
+        self.index = embeddings if isinstance(embeddings, index_io.Index) else None
 
-  def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
-    """Like search() but leaves the results on device as jax arrays."""
-    merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
-    return self._topk(jnp.asarray(queries_QxD, jnp.float32), self.embeddings_NxD, k=int(k),
-                      precision=self._precision)
+    def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
+        """Like search() but leaves the results on device as jax arrays."""
+        merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
+        return self._topk(jnp.asarray(queries_QxD, jnp.float32), self.embeddings_NxD, k=int(k),
+                          precision=self._precision)
 
-  def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows_QxK int32, scores_QxK float32) as numpy, best first."""
-    rows, scores = self.search_device(queries_QxD, k)
-    return np.asarray(rows, np.int32), np.asarray(scores, np.float32)
+    def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows_QxK int32, scores_QxK float32) as numpy, best first."""
+        rows, scores = self.search_device(queries_QxD, k)
+        return np.asarray(rows, np.int32), np.asarray(scores, np.float32)
 
 
 class ShardedExactSearcher:
-  """Exact MIPS with the corpus split over the `corpus_axes` of a mesh (rows padded to a multiple of shards).
+    """Exact MIPS with the corpus split over the `corpus_axes` of a mesh (rows padded to a multiple of shards).
 
-  Each process only reads the rows of its own devices (via jax.make_array_from_callback), so on a TPU pod the
-  index never has to fit in one host's memory; with a loaded Index every host first checks its own shard files
-  and all hosts raise the same error if one of them cannot read its rows. The jitted search takes the embeddings
-  as an argument, so `swap_index` replaces them without recompiling. With several processes, every process
-  calls search() with the same queries.
-  """
+    Each process only reads the rows of its own devices (via jax.make_array_from_callback), so on a TPU pod the
+    index never has to fit in one host's memory; with a loaded Index every host first checks its own shard files
+    and all hosts raise the same error if one of them cannot read its rows. The jitted search takes the embeddings
+    as an argument, so `swap_index` replaces them without recompiling. With several processes, every process
+    calls search() with the same queries.
+    """
 
-  def __init__(self, embeddings, mesh: Mesh, *, corpus_axes: str | Sequence[str] = "corpus",
-               query_axes: str | Sequence[str] | None = None, approximate: bool | None = None, dtype=None,
-               precision=Precision.HIGHEST):
-    """embeddings: N x D array or a loaded Index. corpus_axes: mesh axis name(s) the rows are split over.
-    query_axes: mesh axis name(s) to split queries over (None: replicate). approximate: see make_sharded_topk."""
-    n, self.dim, _, _ = _as_rows_reader(embeddings)
-    self.num_passages, self.mesh = n, mesh
-    self._corpus_axes, self._query_axes = _axes_tuple(corpus_axes), query_axes
-    for axis in self._corpus_axes:
-      if axis not in mesh.shape:
-        raise merge.SearchError(f"corpus axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    num_shards = math.prod(mesh.shape[a] for a in self._corpus_axes)
-    self._num_rows_padded = -(-n // num_shards) * num_shards
-    self._sharding = NamedSharding(mesh, P(self._corpus_axes, None))
-    self._dtype = dtype
-    self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, dtype)
-    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
-    self._approximate, self._precision = approximate, precision
-    self._fns: dict[int, Callable] = {}
+    def __init__(self, embeddings, mesh: Mesh, *, corpus_axes: str | Sequence[str] = "corpus",
+                 query_axes: str | Sequence[str] | None = None, approximate: bool | None = None, dtype=None,
+                 precision=Precision.HIGHEST):
+        """embeddings: N x D array or a loaded Index. corpus_axes: mesh axis name(s) the rows are split over.
+        query_axes: mesh axis name(s) to split queries over (None: replicate). approximate: see make_sharded_topk."""
+        n, self.dim, _, _ = _as_rows_reader(embeddings)
+        self.num_passages, self.mesh = n, mesh
+        self._corpus_axes, self._query_axes = _axes_tuple(corpus_axes), query_axes
+        for axis in self._corpus_axes:
+            if axis not in mesh.shape:
+                raise merge.SearchError(f"corpus axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+        num_shards = math.prod(mesh.shape[a] for a in self._corpus_axes)
+        self._num_rows_padded = -(-n // num_shards) * num_shards
+        self._sharding = NamedSharding(mesh, P(self._corpus_axes, None))
+        self._dtype = dtype
+        self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, dtype)
+        self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+        self._approximate, self._precision = approximate, precision
+        self._fns: dict[int, Callable] = {}
 
-  def swap_index(self, embeddings) -> None:
-    """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
-    recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise). A
-    collective with several processes, like loading."""
-    n, d, stored, _ = _as_rows_reader(embeddings)
-    _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
-                stored if self._dtype is None else self._dtype)
-    self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, self._dtype)
-    self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+    def swap_index(self, embeddings) -> None:
+        """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
+        recompiling: N, D and the dtype must be those of the current ones (raises SearchError otherwise). A
+        collective with several processes, like loading."""
+        n, d, stored, _ = _as_rows_reader(embeddings)
+        _check_swap(self.embeddings_NxD, self.num_passages, self.dim, embeddings, n, d,
+                    stored if self._dtype is None else self._dtype)
+        self.embeddings_NxD = multihost.device_put_rows(embeddings, self._sharding, self._num_rows_padded, self._dtype)
+        self.index = embeddings if isinstance(embeddings, index_io.Index) else None
 
-  def search_fn(self, k: int) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """The jitted fn(q_QxD, emb_NxD) -> (rows_QxK, scores_QxK) used for this k (compiled once per k)."""
-    k = int(k)
-    if k not in self._fns:
-      self._fns[k] = jax.jit(make_sharded_topk(
-          self.mesh, k, self.num_passages, corpus_axes=self._corpus_axes, query_axes=self._query_axes,
-          approximate=self._approximate, precision=self._precision))
-    return self._fns[k]
+    def search_fn(self, k: int) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """The jitted fn(q_QxD, emb_NxD) -> (rows_QxK, scores_QxK) used for this k (compiled once per k)."""
+        k = int(k)
+        if k not in self._fns:
+            self._fns[k] = jax.jit(make_sharded_topk(
+                self.mesh, k, self.num_passages, corpus_axes=self._corpus_axes, query_axes=self._query_axes,
+                approximate=self._approximate, precision=self._precision))
+        return self._fns[k]
 
-  def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
-    """Like search() but leaves the results on device (replicated over the corpus axes)."""
-    merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
-    queries = jax.device_put(np.asarray(queries_QxD, np.float32),
-                             NamedSharding(self.mesh, P(self._query_axes, None)))
-    return self.search_fn(k)(queries, self.embeddings_NxD)
+    def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
+        """Like search() but leaves the results on device (replicated over the corpus axes)."""
+        merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
+        queries = jax.device_put(np.asarray(queries_QxD, np.float32),
+                                 NamedSharding(self.mesh, P(self._query_axes, None)))
+        return self.search_fn(k)(queries, self.embeddings_NxD)
 
-  def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows_QxK int32, scores_QxK float32) as numpy, best first (the same on every process)."""
-    rows, scores = self.search_device(queries_QxD, k)
-    return _to_numpy(rows).astype(np.int32), _to_numpy(scores).astype(np.float32)
+    def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows_QxK int32, scores_QxK float32) as numpy, best first (the same on every process)."""
+        rows, scores = self.search_device(queries_QxD, k)
+        return _to_numpy(rows).astype(np.int32), _to_numpy(scores).astype(np.float32)
