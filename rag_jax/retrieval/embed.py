@@ -2,7 +2,9 @@
 
 Passages are encoded the DPR way, title and text as a BERT sentence pair, pooled output (the [CLS] state for DPR).
 Batches have a fixed number of rows and their length rounded up to a bucket, so the jitted encoder compiles once
-per bucket, not once per batch.
+per bucket, not once per batch. Within a window of SORT_WINDOW batches, passages are batched by token length, so a
+batch pads to its own passages' lengths rather than to the longest of a random sample (on the DPR corpus about a
+third fewer tokens to encode); the vectors are written back in corpus order.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,9 @@ from jax.experimental import multihost_utils
 from rag_jax.models import bert
 from rag_jax.retrieval import corpus, index_io, multihost, scann_backend
 
-BUCKET = 64  # sequence lengths are rounded up to a multiple of this
+BUCKET = 32  # sequence lengths are rounded up to a multiple of this
+SORT_WINDOW = 32  # batches whose passages are grouped by length together
+_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def encoder_fingerprint(config: bert.BertConfig, params: Any) -> str:
@@ -36,24 +40,45 @@ def bucketed_length(length: int, max_length: int) -> int:
     return min(max_length, -(-length // BUCKET) * BUCKET)
 
 
-def tokenize_passages(tokenizer, passages: Sequence[corpus.Passage], rows: int, max_length: int) -> dict[str, np.ndarray]:
-    """(title, text) sentence pairs as int32 arrays (rows, L); rows beyond len(passages) are all padding."""
-    encoded = tokenizer(
-        [p.title for p in passages],
-        [p.text for p in passages],
-        truncation="longest_first",
-        max_length=max_length,
-        padding="longest",
-        return_tensors="np",
-    )
-    length = bucketed_length(encoded["input_ids"].shape[1], max_length)
+def _tokenize_pairs(tokenizer, passages: Sequence[corpus.Passage], max_length: int):
+    """(title, text) sentence pairs, truncated, unpadded (lists of token ids per key)."""
+    titles, texts = [p.title for p in passages], [p.text for p in passages]
+    return tokenizer(titles, texts, truncation="longest_first", max_length=max_length)
+
+
+def _padded(encoded, picks: Sequence[int], rows: int, max_length: int) -> dict[str, np.ndarray]:
+    """int32 arrays (rows, L) of the encoded passages `picks`, L their longest rounded up to a bucket; rows beyond
+    len(picks) are all padding."""
+    length = bucketed_length(max(len(encoded["input_ids"][i]) for i in picks), max_length)
     batch = {}
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
+    for key in _KEYS:
         array = np.zeros((rows, length), np.int32)
-        value = encoded[key]
-        array[: value.shape[0], : value.shape[1]] = value
+        for row, i in enumerate(picks):
+            array[row, : len(encoded[key][i])] = encoded[key][i]
         batch[key] = array
     return batch
+
+
+def tokenize_passages(tokenizer, passages: Sequence[corpus.Passage], rows: int, max_length: int) -> dict[str, np.ndarray]:
+    """(title, text) sentence pairs as int32 arrays (rows, L); rows beyond len(passages) are all padding."""
+    return _padded(_tokenize_pairs(tokenizer, passages, max_length), range(len(passages)), rows, max_length)
+
+
+def embed_passages(encode, params, tokenizer, passages: Sequence[corpus.Passage], batch_size: int, max_length: int,
+                   on_batch: Callable[[int], object] = lambda n: None) -> np.ndarray:  # fmt: skip
+    """Vectors (len(passages), D) in the order given, encoded in batches of passages of similar token length;
+    on_batch(n) after each batch of n passages."""
+    encoded = _tokenize_pairs(tokenizer, passages, max_length)
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    vectors = None
+    for start in range(0, len(order), batch_size):
+        picks = order[start : start + batch_size]
+        out = np.asarray(encode(params, _padded(encoded, picks, batch_size, max_length)))[: len(picks)]
+        if vectors is None:
+            vectors = np.empty((len(passages), out.shape[1]), out.dtype)
+        vectors[picks] = out
+        on_batch(len(picks))
+    return vectors
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,11 +157,8 @@ def build_index(
     todo = writer.stop_row - start
     desc = "embedding passages" + (f" (host {host_index} of {num_hosts})" if num_hosts > 1 else "")
     bar = tqdm.tqdm(total=todo, desc=desc, unit="psg", disable=not progress or todo == 0)
-    for chunk in _batches(writer.passages.iter_passages(start, writer.stop_row), batch_size):
-        batch = tokenize_passages(tokenizer, chunk, batch_size, max_length)
-        vectors = np.asarray(encode(params, batch))[: len(chunk)]
-        writer.write(vectors)
-        bar.update(len(chunk))
+    for window in _batches(writer.passages.iter_passages(start, writer.stop_row), batch_size * SORT_WINDOW):
+        writer.write(embed_passages(encode, params, tokenizer, window, batch_size, max_length, bar.update))
     bar.close()
     writer.finalize()
     _record_encoder_config(output_dir, config, max_length)
