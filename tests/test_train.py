@@ -89,6 +89,13 @@ def test_sharded_step_equals_single_device(task, workdir, reference):
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
 
 
+def test_final_logits_bias_does_not_train(reference):
+    """BART's final_logits_bias is a buffer in the reference (never updated), while the rest of BART trains."""
+    _, params, _, initial = reference
+    np.testing.assert_array_equal(params["generator"]["final_logits_bias"], initial["generator"]["final_logits_bias"])
+    assert not np.array_equal(params["generator"]["shared"]["embedding"], initial["generator"]["shared"]["embedding"])
+
+
 def test_device_retrieval_equals_host_retrieval(task, workdir, reference):
     """Exact MIPS inside the step over the corpus split on all 8 devices, generator inputs assembled on device."""
     config = train_task.tiny_config(task, **EXACT, **{"retrieval.mode": "device"})

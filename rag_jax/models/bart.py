@@ -217,7 +217,8 @@ class Bart(nn.Module):
 
     def _logits(self, x_BxTxE: jax.Array) -> jax.Array:
         logits = self.shared.attend(x_BxTxE.astype(self.config.dtype)).astype(jnp.float32)
-        logits = logits + self.final_logits_bias.astype(jnp.float32)
+        # A registered buffer in the reference's BartForConditionalGeneration, not a parameter: it never trains.
+        logits = logits + jax.lax.stop_gradient(self.final_logits_bias).astype(jnp.float32)
         return layers.constrain(logits, ("batch", "length", "vocab"))
 
     def decode(
