@@ -394,7 +394,6 @@ def bench_embed(quick: bool, repeats: int) -> list[dict]:
     (batches of similar length, as build_index runs it) against the reference as Hugging Face's RAG example
     (use_own_knowledge_dataset.py) embeds, batches in corpus order padded to their longest passage."""
     import itertools
-    import tempfile
 
     import torch
     import transformers

@@ -526,6 +526,7 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
     chunk = min(pairs, max(1, _RESCORE_ROWS // n_docs))
     num_chunks = -(-pairs // chunk)
     needed_P = needed_BxC.reshape(pairs)
+    num_needed = needed_P.sum()
     # Needed pairs first, each group in order; the tail past `pairs` (a partial last chunk) writes nowhere.
     order_P = jnp.argsort(~needed_P, stable=True).astype(jnp.int32)
     order_P = jnp.concatenate([order_P, jnp.full((num_chunks * chunk - pairs,), pairs, jnp.int32)])
@@ -559,12 +560,10 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
         )
         return scores_P.at[pair_N].set(-nll_N, mode="drop")
 
-    def cond(carry):
-        i, _ = carry
-        return i * chunk < needed_P.sum()
-
     _, scores_P = jax.lax.while_loop(
-        cond, lambda carry: (carry[0] + 1, rescore(*carry)), (0, jnp.full((pairs,), -jnp.inf, jnp.float32))
+        lambda carry: carry[0] * chunk < num_needed,
+        lambda carry: (carry[0] + 1, rescore(*carry)),
+        (0, jnp.full((pairs,), -jnp.inf, jnp.float32)),
     )
     return scores_P.reshape(batch, num_candidates)
 

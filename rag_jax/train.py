@@ -41,6 +41,7 @@ from rag_jax.retrieval import device_contexts, exact
 from rag_jax.retriever import Retriever
 from rag_jax.train_inputs import BATCH_AXES
 
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the run stopped without saving that state."""
 

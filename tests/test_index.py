@@ -55,7 +55,7 @@ def test_exact_equals_numpy_argsort(k):
 
 
 @pytest.mark.parametrize("n, k", [(64 * 40, 10), (64 * 40 + 37, 10), (64 * 40 + 37, 39), (500, 13), (130, 3)])
-def test_exact_top_k_preselection_equals_lax_top_k(n, k):
+def test_grouped_top_k_preselection_equals_lax_top_k(n, k):
     """The group-max pre-selection (whole groups, a ragged tail, k close to the number of groups, scores crowded
     into a few groups, -inf padding) returns lax.top_k's values and columns."""
     rng = np.random.default_rng(n + k)
@@ -63,7 +63,7 @@ def test_exact_top_k_preselection_equals_lax_top_k(n, k):
     scores[0, :k] += 10.0  # row 0: the k best in the first groups; row 1: in the ragged tail
     scores[1, -k:] += 10.0
     scores[2, n // 2 :] = -np.inf  # padding rows of a sharded index
-    values, cols = jax.jit(exact.exact_top_k, static_argnums=1)(jnp.asarray(scores), k)
+    values, cols = jax.jit(exact.grouped_top_k, static_argnums=1)(jnp.asarray(scores), k)
     ref_values, ref_cols = jax.lax.top_k(jnp.asarray(scores), k)
     np.testing.assert_array_equal(values, ref_values)
     np.testing.assert_array_equal(cols, ref_cols)

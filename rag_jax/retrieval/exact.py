@@ -34,11 +34,11 @@ def _scores_QxN(q_QxD: jax.Array, emb_NxD: jax.Array, precision) -> jax.Array:
     return jnp.einsum("qd,nd->qn", q_QxD, emb_NxD, precision=precision, preferred_element_type=jnp.float32)
 
 
-# Columns per group in exact top-k's pre-selection (exact_top_k).
+# Columns per group in grouped_top_k's pre-selection.
 _GROUP = 64
 
 
-def exact_top_k(scores_QxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def grouped_top_k(scores_QxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """jax.lax.top_k(scores, k) over many columns, through a pre-selection.
 
     A column among the k best lies in a group of _GROUP consecutive columns whose maximum is among the k largest
@@ -67,7 +67,7 @@ def _topk(scores_QxN: jax.Array, k: int, approximate: bool, total_size: int) -> 
     `total_size` rows this reduction is one part of."""
     if approximate:
         return jax.lax.approx_max_k(scores_QxN, k, recall_target=0.95, reduction_input_size_override=total_size)
-    return exact_top_k(scores_QxN, k)
+    return grouped_top_k(scores_QxN, k)
 
 
 def exact_topk(q_QxD: jax.Array, emb_NxD: jax.Array, k: int, *, precision=Precision.HIGHEST,
@@ -80,7 +80,7 @@ def exact_topk(q_QxD: jax.Array, emb_NxD: jax.Array, k: int, *, precision=Precis
     if num_valid is not None and num_valid < emb_NxD.shape[0]:
         valid_N = jnp.arange(emb_NxD.shape[0]) < num_valid
         scores_QxN = jnp.where(valid_N[None, :], scores_QxN, -jnp.inf)
-    scores_QxK, rows_QxK = exact_top_k(scores_QxN, k)
+    scores_QxK, rows_QxK = grouped_top_k(scores_QxN, k)
     return rows_QxK.astype(jnp.int32), scores_QxK
 
 
