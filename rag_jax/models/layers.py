@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -21,8 +22,17 @@ Initializer = Callable[..., jax.Array]
 # uniform (not NaN) distribution, as PyTorch's `finfo.min` masks do.
 MASK_VALUE = -1e9
 
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """The exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu(approximate=False) uses erfc,
+    which agrees to float32 rounding but runs about 1.6x slower on XLA:CPU (and the GELU of a BERT feed-forward
+    layer, fused into its matmul, cost a quarter of that matmul's time)."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu": gelu_erf,  # HF "gelu" is the exact erf form
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
