@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rag_jax.retrieval import corpus, exact, index_io, merge
+from rag_jax.retrieval import corpus, exact, index_io, merge, prescreen
 from rag_jax.retrieval.index_io import IndexFormatError, IndexWriter, load_index
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "rag_jax/assets/nq_open_mini"
@@ -67,6 +67,89 @@ def test_grouped_top_k_preselection_equals_lax_top_k(n, k):
     ref_values, ref_cols = jax.lax.top_k(jnp.asarray(scores), k)
     np.testing.assert_array_equal(values, ref_values)
     np.testing.assert_array_equal(cols, ref_cols)
+
+
+def _varied_rows(rng, n, d):
+    """Clustered rows whose norms span six orders of magnitude, plus some exact zeros and subnormals."""
+    rows = _clustered(n, d, 16, rng) * (10.0 ** rng.uniform(-3, 3, size=(n, 1))).astype(np.float32)
+    rows[rng.random(rows.shape) < 0.02] = 0.0
+    rows[:5, :3] = np.float32(1e-40)
+    return rows
+
+
+def _signs_of_rounding_error(x):
+    """+-1 (exact in bfloat16) along each row's bfloat16 rounding error: the vector its error is largest against."""
+    residual = x - np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+    return np.where(residual >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def test_prescreen_error_bounds_hold():
+    """bfloat16 score +- its bound brackets the float64 score of every (query, row), whatever the magnitudes, and
+    also where a rounding error lines up with the other vector (query signs along a row's rounding error, rows
+    along a query's): the cases that need each term of the bound."""
+    rng = np.random.default_rng(3)
+    emb_NxD, q_QxD = _varied_rows(rng, 1000, 96), _varied_rows(rng, 12, 96)
+    emb_NxD = np.concatenate([emb_NxD, _signs_of_rounding_error(q_QxD)])
+    q_QxD = np.concatenate([q_QxD, _signs_of_rounding_error(emb_NxD[:12])])
+    t = prescreen.tables(jnp.asarray(emb_NxD))
+    approx = np.asarray(prescreen.approximate_scores(jnp.asarray(q_QxD), t), np.float64)[:, : len(emb_NxD)]
+    bound = np.asarray(prescreen.error_bounds(jnp.asarray(q_QxD), t), np.float64)
+    true = q_QxD.astype(np.float64) @ emb_NxD.astype(np.float64).T
+    assert np.all(np.abs(true - approx) <= bound)
+    assert np.median(bound / np.abs(true).clip(1e-30)) < 0.05  # and tight enough to leave rows out
+
+
+@pytest.mark.parametrize("n, k", [(64 * 90, 10), (64 * 90 + 37, 10), (64 * 90 + 37, 1), (64 * 200, 50)])
+def test_prescreened_search_equals_numpy_argsort(n, k):
+    """The certified pre-selection returns the exact rows (ragged last group included), and certifies most."""
+    rng = np.random.default_rng(n + k)
+    emb_NxD, q_QxD = _clustered(n, 32, 24, rng), _clustered(24, 32, 24, rng)
+    searcher = exact.ExactSearcher(emb_NxD, prescreen=True)
+    rows, scores = searcher.search(q_QxD, k)
+    ref_rows, ref_scores = _numpy_topk(q_QxD, emb_NxD, k)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)
+    _, _, certified = prescreen.prescreened_topk(jnp.asarray(q_QxD), jnp.asarray(emb_NxD),
+                                                 prescreen.tables(jnp.asarray(emb_NxD)), k)  # fmt: skip
+    assert np.mean(certified) > 0.9
+
+
+def _near_duplicate_rows(rng):
+    return (1.0 + 1e-4 * rng.normal(size=(64 * 80, 16))).astype(np.float32), 5
+
+
+def _near_tied_best_rows_in_many_groups(rng):
+    """One best-scoring row per group, all equal in bfloat16, the best of all in the last group: the pre-selected
+    groups (the first ones, on a tie) miss it, though their rows alone look conclusive."""
+    emb_NxD = 0.01 * rng.normal(size=(64 * 80, 16)).astype(np.float32)
+    v = np.linspace(1.0, 2.0, 16, dtype=np.float32)
+    emb_NxD[::64] = v * (1.0 + 1e-6 * np.arange(80, dtype=np.float32))[:, None]
+    return emb_NxD, 1
+
+
+def _near_tied_best_rows_in_two_groups(rng):
+    """100 equal rows and, after them, the best row: equal to them in bfloat16 and closer to its rounding, so its
+    upper bound is the lowest of the 101 and the pre-selected rows (the first C, on a tie) miss it, though the
+    groups left out look conclusive."""
+    emb_NxD = 0.01 * rng.normal(size=(64 * 80, 16)).astype(np.float32)
+    emb_NxD[:100] = np.float32(1.00391)  # just above the midpoint of bfloat16's 1.0 and 1.0078125
+    emb_NxD[100] = np.float32(1.00392)
+    return emb_NxD, 1
+
+
+@pytest.mark.parametrize("make_rows", [_near_duplicate_rows, _near_tied_best_rows_in_many_groups,
+                                       _near_tied_best_rows_in_two_groups])
+def test_uncertified_queries_are_searched_again(make_rows):
+    """Where bfloat16 cannot tell the best rows apart the pre-selection is unsure, and those queries are searched
+    again the plain way."""
+    rng = np.random.default_rng(5)
+    emb_NxD, k = make_rows(rng)
+    q_QxD = np.linspace(1.0, 2.0, 16, dtype=np.float32)[None] + 0.1 * rng.normal(size=(4, 16)).astype(np.float32)
+    _, _, certified = prescreen.prescreened_topk(jnp.asarray(q_QxD), jnp.asarray(emb_NxD),
+                                                 prescreen.tables(jnp.asarray(emb_NxD)), k)  # fmt: skip
+    assert not np.any(certified)
+    rows, _ = exact.ExactSearcher(emb_NxD, prescreen=True).search(q_QxD, k)
+    np.testing.assert_array_equal(rows, _numpy_topk(q_QxD, emb_NxD, k)[0])
 
 
 def test_search_argument_errors():

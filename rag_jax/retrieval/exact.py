@@ -14,6 +14,7 @@ devices' rows and all hosts fail together if one cannot.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -24,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rag_jax.retrieval import index_io, merge, multihost
+from rag_jax.retrieval import prescreen as _prescreen
 
 Precision = jax.lax.Precision
 
@@ -162,8 +164,12 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
 class ExactSearcher:
     """Exact MIPS with the whole N x D matrix on one device (fine up to a few million rows)."""
 
-    def __init__(self, embeddings, *, device: jax.Device | None = None, dtype=None, precision=Precision.HIGHEST):
-        """embeddings: N x D array (numpy, memmap, jax) or a loaded Index; dtype casts it on the way in."""
+    def __init__(self, embeddings, *, device: jax.Device | None = None, dtype=None, precision=Precision.HIGHEST,
+                 prescreen: bool | None = None):  # fmt: skip
+        """embeddings: N x D array (numpy, memmap, jax) or a loaded Index; dtype casts it on the way in.
+        prescreen: search float32 embeddings through a certified bfloat16 pre-selection (rag_jax.retrieval.
+        prescreen: the same rows, ~2.3x faster on a CPU with bfloat16 units, for N x D x 2 more bytes); None:
+        float32 embeddings on a CPU device whose CPU has bfloat16 units."""
         n, self.dim, _, read = _as_rows_reader(embeddings)
         self.num_passages = n
         self.index = embeddings if isinstance(embeddings, index_io.Index) else None
@@ -172,6 +178,13 @@ class ExactSearcher:
         self.embeddings_NxD = jax.device_put(emb if dtype is None else emb.astype(dtype), device)
         self._topk = jax.jit(exact_topk, static_argnames=("k", "precision", "num_valid"))
         self._precision = precision
+        if prescreen is None:
+            on_cpu = next(iter(self.embeddings_NxD.devices())).platform == "cpu"
+            prescreen = on_cpu and self.embeddings_NxD.dtype == jnp.float32 and _prescreen.cpu_has_bfloat16_units()
+        if prescreen and self.embeddings_NxD.dtype != jnp.float32:
+            raise merge.SearchError(f"prescreen needs float32 embeddings, got {self.embeddings_NxD.dtype}")
+        self._prescreen_tables = _prescreen.tables(self.embeddings_NxD) if prescreen else None
+        self._prescreened = jax.jit(_prescreen.prescreened_topk, static_argnames=("k", "precision"))
 
     def swap_index(self, embeddings) -> None:
         """Searches `embeddings` (an array or a loaded Index, e.g. another Wikipedia dump) from now on, without
@@ -182,12 +195,25 @@ class ExactSearcher:
         emb = read(0, n)
         self.embeddings_NxD = jax.device_put(emb if self._dtype is None else emb.astype(self._dtype), self._device)
         self.index = embeddings if isinstance(embeddings, index_io.Index) else None
+        if self._prescreen_tables is not None:
+            self._prescreen_tables = _prescreen.tables(self.embeddings_NxD)
 
     def search_device(self, queries_QxD, k: int) -> tuple[jax.Array, jax.Array]:
         """Like search() but leaves the results on device as jax arrays."""
         merge.check_search_args(queries_QxD, k, self.num_passages, self.dim)
-        return self._topk(jnp.asarray(queries_QxD, jnp.float32), self.embeddings_NxD, k=int(k),
-                          precision=self._precision)
+        q_QxD = jnp.asarray(queries_QxD, jnp.float32)
+        plain = functools.partial(self._topk, emb_NxD=self.embeddings_NxD, k=int(k), precision=self._precision)
+        if self._prescreen_tables is None or not _prescreen.applies(self.num_passages, int(k)):
+            return plain(q_QxD)
+        rows_QxK, scores_QxK, certified_Q = self._prescreened(q_QxD, self.embeddings_NxD, self._prescreen_tables,
+                                                              k=int(k), precision=self._precision)  # fmt: skip
+        missed = np.flatnonzero(~np.asarray(certified_Q))
+        if missed.size:  # searched again the plain way, in power-of-two batches (few compilations)
+            padded = np.resize(missed, 1 << int(missed.size - 1).bit_length())
+            again_rows, again_scores = plain(q_QxD[padded])
+            rows_QxK = rows_QxK.at[missed].set(again_rows[: missed.size])
+            scores_QxK = scores_QxK.at[missed].set(again_scores[: missed.size])
+        return rows_QxK, scores_QxK
 
     def search(self, queries_QxD, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows_QxK int32, scores_QxK float32) as numpy, best first."""
