@@ -1,11 +1,13 @@
 """Exact float32 MIPS through a certified bfloat16 pre-selection.
 
 On CPUs with bfloat16 matrix units (AVX512-BF16, AMX), XLA multiplies bfloat16 about 3x as fast as float32, and
-the float32 matmul over the whole corpus is what exact search costs. So: score every row in bfloat16, add to each
-score a proven bound on its error, keep the C rows with the largest upper bounds, and score those C exactly in
-float32. The answer is the float32 top-k whenever the (C+1)-th largest upper bound is below the k-th exact score:
-every row left out then scores below the k-th. A query for which that does not hold is reported uncertified, and
-the caller searches it again the plain way, so the result is always exact.
+the float32 matmul over the whole corpus is what exact search costs. So: score every row in bfloat16, add a
+proven bound on the error, keep the C groups of rows and then the C rows with the largest upper bounds, and score
+those C exactly in float32. The answer is the float32 top-k whenever the largest upper bound left out is below the
+k-th exact score: every row left out then scores below the k-th. A query for which that does not hold is reported
+uncertified, and the caller searches it again the plain way, so the result is always exact (up to the order of
+float32 near-ties, which a different summation order may swap). On 1M x 768 float32 rows, 1,024 queries: 2.7x
+the plain search, every query certified (BENCHMARKS.md).
 
 The bound, for a query q and a row e with bfloat16 roundings q', e' (rounding errors exact in float32):
     |q.e - q'.e'| <= |q| |e - e'| + |q - q'| |e'|                       (Cauchy-Schwarz on q.(e-e') + (q-q').e')
@@ -25,10 +27,8 @@ import jax.numpy as jnp
 _F32_UNIT_ROUNDOFF = 2.0**-24
 _SAFETY = 1.0 + 1e-3  # covers the float32 rounding of the norms and of the bound itself (~D u relative)
 _ABSOLUTE_SLACK = 1e-30  # covers subnormal products flushed to zero (each below 2^-126 |x|)
-# Rows kept for exact rescoring beyond k. Larger: fewer uncertified queries, more rows gathered per query.
+# Groups, and rows, kept beyond k. Larger: fewer uncertified queries, more rows gathered per query.
 EXTRA_CANDIDATES = 64
-
-
 _GROUP = 64  # rows per group; groups are pre-selected by an upper bound on their best row
 
 
@@ -45,15 +45,14 @@ class Tables(NamedTuple):
 
 @jax.jit
 def tables(emb_NxD: jax.Array) -> Tables:
-    n = emb_NxD.shape[0]
-    padded_NxD = jnp.pad(emb_NxD, ((0, -n % _GROUP), (0, 0)))
-    rounded_NxD = padded_NxD.astype(jnp.bfloat16)
-    wide_NxD = rounded_NxD.astype(jnp.float32)
+    pad = -emb_NxD.shape[0] % _GROUP
+    rounded_NxD = emb_NxD.astype(jnp.bfloat16)
+    wide_NxD = rounded_NxD.astype(jnp.float32)  # fused into the norms, never a second float32 corpus
     rounded_norm_N = jnp.linalg.norm(wide_NxD, axis=1)
-    residual_norm_N = jnp.linalg.norm(padded_NxD - wide_NxD, axis=1)
-    group_max = lambda x_N: x_N.reshape(-1, _GROUP).max(axis=1)
-    return Tables(rounded_NxD, rounded_norm_N[:n], residual_norm_N[:n], group_max(rounded_norm_N),
-                  group_max(residual_norm_N))  # fmt: skip
+    residual_norm_N = jnp.linalg.norm(emb_NxD - wide_NxD, axis=1)
+    group_max = lambda x_N: jnp.pad(x_N, (0, pad)).reshape(-1, _GROUP).max(axis=1)
+    return Tables(jnp.pad(rounded_NxD, ((0, pad), (0, 0))), rounded_norm_N, residual_norm_N,
+                  group_max(rounded_norm_N), group_max(residual_norm_N))  # fmt: skip
 
 
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
