@@ -55,37 +55,6 @@ def tables(emb_NxD: jax.Array) -> Tables:
                   group_max(rounded_norm_N), group_max(residual_norm_N))  # fmt: skip
 
 
-def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """jax.lax.top_k kept whole: XLA:CPU runs a top_k as its fast TopK call only while every use of the result
-    is a slice from 0 to k; slicing the k-th value out, or the indices to fewer, turns it into a full sort of
-    the row (a 2.5x slower search). The barrier keeps later slices from merging into it."""
-    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
-
-
-def num_candidates(k: int) -> int:
-    """Rows rescored in float32 per query (and groups pre-selected)."""
-    return k + max(k, EXTRA_CANDIDATES)
-
-
-class _QueryTerms(NamedTuple):
-    """Per query (Q, 1), the factors of its error bound against a row: residual * |e - e'| + rounded * |e'|
-    + norm * |e|."""
-
-    residual: jax.Array
-    rounded: jax.Array
-    norm: jax.Array
-    slack: jax.Array
-
-
-def _query_terms(q_QxD: jax.Array) -> _QueryTerms:
-    rounded_QxD = q_QxD.astype(jnp.bfloat16).astype(jnp.float32)
-    norm = jnp.linalg.norm(q_QxD, axis=1, keepdims=True)
-    gamma = q_QxD.shape[1] * _F32_UNIT_ROUNDOFF
-    rounded = jnp.linalg.norm(q_QxD - rounded_QxD, axis=1, keepdims=True) + gamma * jnp.linalg.norm(
-        rounded_QxD, axis=1, keepdims=True)  # fmt: skip
-    return _QueryTerms(norm, rounded, gamma * norm, _ABSOLUTE_SLACK * (1.0 + norm))
-
-
 @functools.cache
 def cpu_has_bfloat16_units() -> bool:
     """Whether this host's CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); elsewhere XLA
@@ -103,6 +72,44 @@ def applies(num_rows: int, k: int) -> bool:
     return -(-num_rows // _GROUP) > num_candidates(k)
 
 
+def num_candidates(k: int) -> int:
+    """Rows rescored in float32 per query (and groups pre-selected)."""
+    return k + max(k, EXTRA_CANDIDATES)
+
+
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k kept whole: XLA:CPU runs a top_k as its fast TopK call only while every use of the result
+    is a slice from 0 to k; slicing the k-th value out, or the indices to fewer, turns it into a full sort of
+    the row (a 2.5x slower search). The barrier keeps later slices from merging into it."""
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
+class _QueryTerms(NamedTuple):
+    """Per query, (Q, 1) each: its error bound against a row e is
+    per_residual |e - e'| + per_rounded |e'| + per_norm |e| (+ slack (1 + |e|))."""
+
+    per_residual: jax.Array  # |q|
+    per_rounded: jax.Array  # |q - q'| + D u |q'|
+    per_norm: jax.Array  # D u |q|
+    slack: jax.Array
+
+
+def _query_terms(q_QxD: jax.Array) -> _QueryTerms:
+    rounded_QxD = q_QxD.astype(jnp.bfloat16).astype(jnp.float32)
+    norm = jnp.linalg.norm(q_QxD, axis=1, keepdims=True)
+    gamma = q_QxD.shape[1] * _F32_UNIT_ROUNDOFF
+    per_rounded = jnp.linalg.norm(q_QxD - rounded_QxD, axis=1, keepdims=True) + gamma * jnp.linalg.norm(
+        rounded_QxD, axis=1, keepdims=True)  # fmt: skip
+    return _QueryTerms(norm, per_rounded, gamma * norm, _ABSOLUTE_SLACK * (1.0 + norm))
+
+
+def _error_bound(terms: _QueryTerms, rounded_norm: jax.Array, residual_norm: jax.Array) -> jax.Array:
+    """Bounds on |q.e - fl(q'.e')|, broadcast over (Q, M) rows (or groups, with their largest norms)."""
+    norm = rounded_norm + residual_norm  # >= |e|
+    error = terms.per_residual * residual_norm + terms.per_rounded * rounded_norm + terms.per_norm * norm
+    return _SAFETY * error + terms.slack * (1.0 + norm)
+
+
 def approximate_scores(q_QxD: jax.Array, t: Tables) -> jax.Array:
     """fl(q'.e') (Q, N rounded up to whole groups): the bfloat16 matmul."""
     return jnp.einsum("qd,nd->qn", q_QxD.astype(jnp.bfloat16), t.rows_NxD, preferred_element_type=jnp.float32)
@@ -111,13 +118,6 @@ def approximate_scores(q_QxD: jax.Array, t: Tables) -> jax.Array:
 def error_bounds(q_QxD: jax.Array, t: Tables) -> jax.Array:
     """Bounds (Q, N) on |q.e - fl(q'.e')| for every row (what the search computes only for its candidates)."""
     return _error_bound(_query_terms(q_QxD), t.rounded_norm_N, t.residual_norm_N)
-
-
-def _error_bound(terms: _QueryTerms, rounded_norm: jax.Array, residual_norm: jax.Array) -> jax.Array:
-    """Bounds on |q.e - fl(q'.e')|, broadcast over (Q, M) rows (or groups, with their largest norms)."""
-    norm = rounded_norm + residual_norm  # >= |e|
-    error = terms.residual * residual_norm + terms.rounded * rounded_norm + terms.norm * norm
-    return _SAFETY * error + terms.slack * (1.0 + norm)
 
 
 def prescreened_topk(q_QxD: jax.Array, emb_NxD: jax.Array, t: Tables, k: int, *,
