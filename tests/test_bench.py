@@ -68,7 +68,7 @@ def test_quick_mips_embed_and_mfu_rows(quick_rows):
     assert {r["method"].split(" ")[0] for r in rows["mips"]} == {"rag_jax", "faiss", "ScaNN"}
     ours = [r for r in rows["mips"] if r["method"].startswith("rag_jax")]
     assert len(ours) == 2 and all(r["recall_vs_exact"] >= 0.999 for r in ours)  # plain, pre-selected (f32 near-ties)
-    assert 0.0 <= ours[1]["certified"] <= 1.0
+    assert ours[1]["certified"] > 0.9  # the pre-selection proves most queries itself
     assert [r["batching"] for r in rows["embed"]] == ["same batches", "own pipeline"]
     assert all(r["ours_psg_per_s"] > 0 and r["reference_psg_per_s"] > 0 for r in rows["embed"])
     (mfu,) = rows["mfu"]  # this is a CPU-only run: a clear skip line, not figures

@@ -23,7 +23,6 @@ Initializer = Callable[..., jax.Array]
 MASK_VALUE = -1e9
 
 
-
 def gelu_erf(x: jax.Array) -> jax.Array:
     """The exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu(approximate=False) uses erfc,
     which agrees to float32 rounding but runs about 1.6x slower on XLA:CPU (and the GELU of a BERT feed-forward
