@@ -4,9 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Tests see 8 simulated CPU devices so that sharded code paths run for real.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
-PYTEST_ARGS ?= -n 2
+# loadgroup: tests marked with one xdist_group share a worker (and their module fixtures).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: setup run test clean
 
@@ -23,8 +22,9 @@ $(VENV)/.installed: setup.py
 run: setup
 	JAX_PLATFORMS=cpu $(PY) -m experiments.train_nq
 
+# tests/conftest.py gives the tests 8 simulated CPU devices.
 test: setup
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) tests
+	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

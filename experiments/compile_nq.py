@@ -11,7 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
-from rag_jax import aot
+from rag_jax.training import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/nq.py:paper", "Training config to compile.")
 _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g. v4-8,v4-32,v5e-16,v6e-16.")

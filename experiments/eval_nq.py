@@ -5,7 +5,8 @@
 
 --model is a Hugging Face RAG directory (RagSequenceForGeneration / RagTokenForGeneration layout, with its
 question_encoder_tokenizer/ and generator_tokenizer/ subfolders when it has them) or a rag_jax training workdir; for
-a workdir, --index and the other settings default to the run's own. --questions is JSONL with {"question",
+a workdir, --index and the other settings default to the run's own, and an export of a run (experiments.export)
+answers as the run's workdir does (rag_jax/inference/model_dir.py). --questions is JSONL with {"question",
 "answers"} per line. Writes one JSON line per question and prints EM, F1 and retrieval recall@k.
 """
 
@@ -16,10 +17,10 @@ import tqdm
 from absl import app, flags
 
 from experiments import cli
-from rag_jax import decode, evaluation, inference, rag, retriever, tokenizers
-from rag_jax.data import nq_open
-from rag_jax.models import hf
-from rag_jax.retrieval import index_io
+from rag_jax.data import nq_open, tokenizers
+from rag_jax.inference import answering, metrics, model_dir
+from rag_jax.retrieval import index_io, retriever
+from rag_jax.training import trained_model, workdir
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
@@ -36,6 +37,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
 _RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann"], "Search backend.")
 _DOC_ENCODER_ID = flags.DEFINE_string("doc_encoder_id", None, "Refuse an index not built by this encoder id.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions.")
+_ANSWER_PREFIX_SPACE = flags.DEFINE_bool(
+    "answer_prefix_space", None, "With --score: tokenise gold answers as ' answer' (rag_jax training labels) or not; "
+    "default: as the model directory records (a workdir or an export of one), else not.")
 flags.mark_flags_as_required(["model", "questions", "output"])
 
 RECALL_KS = (1, 5, 20, 100)
@@ -53,33 +57,11 @@ def _tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
     return pair
 
 
-def _load_hf(path: str):
-    loaded = hf.load_rag(path)
-    model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
-    params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
-    arch = (loaded.hf_config.get("architectures") or ["RagSequenceForGeneration"])[0]
-    defaults = dict(
-        model_type="token" if "Token" in arch else "sequence",
-        index=None,
-        # RAG-Token's generate reads the RAG config; RAG-Sequence's calls the generator's own generate, which in
-        # transformers 5 sees only part of it (decode.GenerationConfig.for_rag_sequence says which).
-        generation=lambda model_type, **overrides: (
-            decode.GenerationConfig.from_hf(loaded.hf_config, **overrides)
-            if model_type == "token"
-            else decode.GenerationConfig.for_rag_sequence(loaded.hf_config, **overrides)
-        ),
-        answer_prefix_space=False,
-        doc_encoder_id=None,
-    )
-    return model, params, defaults
-
-
 def _load_model(path: str):
-    if os.path.exists(os.path.join(path, "config.json")):
-        return _load_hf(path)
-    from rag_jax import checkpoint  # a rag_jax training workdir
-
-    return checkpoint.load_for_inference_with_defaults(path)
+    if workdir.is_workdir(path):
+        trained = trained_model.load(path)
+        return trained.model, trained.params, trained.defaults
+    return model_dir.load_hf_rag(path)
 
 
 def _read_questions(path: str, limit: int | None) -> list[dict]:
@@ -98,11 +80,10 @@ def _read_questions(path: str, limit: int | None) -> list[dict]:
 
 def evaluate() -> None:
     model, params, defaults = _load_model(_MODEL.value)
-    index_dir = _INDEX.value or defaults["index"]
+    index_dir = _INDEX.value or defaults.index
     if not index_dir:
         raise cli.UsageError("--index is required for a Hugging Face model directory")
-    expected_encoder = _DOC_ENCODER_ID.value or defaults["doc_encoder_id"]
-    index = index_io.load_index(index_dir, expected_encoder=expected_encoder,
+    index = index_io.load_index(index_dir, expected_encoder=_DOC_ENCODER_ID.value,
                                 expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
     n_docs = _N_DOCS.value or model.config.n_docs
     if n_docs > index.num_passages:
@@ -112,27 +93,25 @@ def evaluate() -> None:
         if example.get("gold_passage_id", -1) >= 0:
             index.passages.row_for_id(example["gold_passage_id"])
 
-    model_type = _MODEL_TYPE.value or defaults["model_type"]
+    model_type = _MODEL_TYPE.value or defaults.model_type
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value),
                                    ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip
-    if "generation" in defaults:
-        generation = defaults["generation"](model_type, **overrides)
-    else:  # a rag_jax workdir: the run's own dev-evaluation settings
-        generation = decode.GenerationConfig.from_hf(defaults["generation_hf"], **overrides)
+    generation = defaults.generation_config(model_type, **overrides)
+    prefix_space = defaults.answer_prefix_space if _ANSWER_PREFIX_SPACE.value is None else _ANSWER_PREFIX_SPACE.value
     pair = _tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size, model.generator_config.vocab_size)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value)
-    settings = inference.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
+    settings = answering.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,
-                                        answer_prefix_space=defaults["answer_prefix_space"])  # fmt: skip
+                                        answer_prefix_space=prefix_space)  # fmt: skip
     print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []
     with open(_OUTPUT.value, "w") as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
-        for record, texts in inference.answer_questions(model, params, searcher, examples, settings, generation, bar):
+        for record, texts in answering.answer_questions(model, params, searcher, examples, settings, generation, bar):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             answered.append((record, texts))
-    summary = inference.summarize(answered, sorted({k for k in RECALL_KS if k < n_docs} | {n_docs}))
-    print(f"wrote {_OUTPUT.value}\n{evaluation.format_summary(summary)}")
+    summary = answering.summarize(answered, sorted({k for k in RECALL_KS if k < n_docs} | {n_docs}))
+    print(f"wrote {_OUTPUT.value}\n{metrics.format_summary(summary)}")
 
 
 def main(argv):

@@ -13,8 +13,12 @@ worker runs the same command (jax.distributed finds its peers); elsewhere pass -
 import os
 import sys
 
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
+
+from experiments import cli
+from rag_jax.training import loop
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
 
@@ -31,22 +35,7 @@ try:  # the default config is parsed (with the overrides) right here
 except (KeyError, AttributeError) as e:
     sys.exit(_unknown_field(e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, index, metrics); default ./workdir/nq_VARIANT.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-
-
-def _init_distributed() -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        # Cross-process collectives of the CPU backend (tests, laptops); accelerators ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice: peers from the environment
-        jax.distributed.initialize()
-
+cli.define_distributed_flags()
 
 _MAIN_STARTED = False
 
@@ -56,19 +45,16 @@ def main(argv):
     _MAIN_STARTED = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save step at INFO
-        logging.set_verbosity(logging.WARNING)
-    _init_distributed()
-    from rag_jax import experiment, train  # pylint: disable=g-import-not-at-top (after distributed init)
 
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("workdir", f"nq_{config.variant}")
-    if train.jax.process_index() == 0:
-        print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-    try:
-        train.train_and_evaluate(config, workdir)
-    except (experiment.ConfigError, train.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+    def train():
+        cli.init_distributed()
+        config = _CONFIG.value
+        workdir = _WORKDIR.value or os.path.join("workdir", f"nq_{config.variant}")
+        if jax.process_index() == 0:
+            print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+        loop.train_and_evaluate(config, workdir)
+
+    cli.run(train)
 
 
 if __name__ == "__main__":

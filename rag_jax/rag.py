@@ -12,14 +12,16 @@ The losses follow `transformers`' RagSequenceForGeneration.get_nll / RagTokenFor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rag_jax.context import ContextFormat
 from rag_jax.models import bart, bert
 from rag_jax.models.layers import constrain
+from rag_jax.retrieval.contexts import ContextFormat
 
 Params = dict[str, Any]
 
@@ -105,6 +107,20 @@ class Rag:
         )
         logits = logits.reshape(batch, n_docs, *logits.shape[1:])
         return constrain(logits, ("batch", "docs", "length", "vocab"))
+
+
+def init_params(model: Rag, rng: jax.Array) -> dict[str, Any]:
+    """Random parameters, still boxed with their logical axis names (nn.LogicallyPartitioned)."""
+    q_rng, g_rng = jax.random.split(rng)
+    ids = jnp.ones((1, 8), jnp.int32)
+    q_vars = model.question_encoder.init(q_rng, ids, ids)
+    g_vars = model.generator.init(g_rng, ids, ids, ids[:, :4])
+    return {"question_encoder": q_vars["params"], "generator": g_vars["params"]}
+
+
+def abstract_params(model: Rag) -> Any:
+    """Shapes and dtypes of the parameters (unboxed ShapeDtypeStructs)."""
+    return nn.meta.unbox(jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0)))
 
 
 def _rngs(dropout_rng):

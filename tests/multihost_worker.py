@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rag_jax import tokenizers
+from rag_jax.data import tokenizers
 from rag_jax.models import bert
 from rag_jax.retrieval import embed, exact, index_io, multihost, scann_backend
 

@@ -3,7 +3,7 @@
 import pytest
 
 from experiments.configs import nq
-from rag_jax import aot
+from rag_jax.training import aot
 
 pytest.importorskip("libtpu", reason="ahead-of-time TPU compilation needs libtpu (pip install 'jax[tpu]')")
 

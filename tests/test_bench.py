@@ -16,7 +16,9 @@ import pytest
 from absl import flags
 
 from experiments import bench
-from rag_jax import experiment, flops, rag, train
+from experiments.bench import common, mfu
+from rag_jax import rag
+from rag_jax.training import build, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +41,7 @@ def quick_rows(tmp_path_factory):
     return rows, done.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_benchmark(quick_rows):
     rows, stdout = quick_rows
     assert set(rows) == set(bench.BENCHMARKS)
@@ -46,6 +49,7 @@ def test_quick_run_writes_every_benchmark(quick_rows):
         assert f"== {name} (" in stdout  # each printed its table
 
 
+@pytest.mark.slow
 def test_quick_train_step_compares_the_same_computation(quick_rows):
     (row,) = quick_rows[0]["train_step"]
     assert row["size"] == "tiny" and row["ours_s"] > 0 and row["reference_s"] > 0
@@ -54,6 +58,7 @@ def test_quick_train_step_compares_the_same_computation(quick_rows):
     assert row["first_loss_rel_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_quick_decode_covers_the_three_decodings(quick_rows):
     rows = quick_rows[0]["decode"]
     assert [r["decoding"] for r in rows] == ["rag_token greedy", "rag_token beam 4", "rag_sequence thorough beam 4"]
@@ -63,6 +68,7 @@ def test_quick_decode_covers_the_three_decodings(quick_rows):
         assert row["same_output"] >= 0.75
 
 
+@pytest.mark.slow
 def test_quick_mips_embed_and_mfu_rows(quick_rows):
     rows = quick_rows[0]
     assert {r["method"].split(" ")[0] for r in rows["mips"]} == {"rag_jax", "faiss", "ScaNN"}
@@ -79,7 +85,7 @@ def test_quick_mips_embed_and_mfu_rows(quick_rows):
 
 
 def _sized_config(width: int, ffn: int, q_vocab: int, g_vocab: int):
-    config = bench.model_config("tiny")
+    config = common.model_config("tiny")
     for enc in (config.model.question_encoder, config.model.doc_encoder):
         enc.hidden_size, enc.intermediate_size, enc.num_heads, enc.num_layers, enc.vocab_size = width, ffn, 4, 2, q_vocab
     g = config.model.generator
@@ -99,8 +105,8 @@ def test_flop_counter_matches_xla_cost_analysis(sizes):
     """Analytic matmul FLOPs of forward + backward vs XLA's count of the loss's value_and_grad, on one CPU device.
     XLA also counts softmax, layer norm, GELU and the loss (not in the analytic count): at most 20% more."""
     config = _sized_config(*sizes)
-    model = experiment.build_rag(config, load_weights=False).rag
-    params = jax.eval_shape(lambda r: nn.meta.unbox(train.init_params(model, r)), jax.random.PRNGKey(0))
+    model = build.build_rag(config, load_weights=False).rag
+    params = jax.eval_shape(lambda r: nn.meta.unbox(rag.init_params(model, r)), jax.random.PRNGKey(0))
     b, k = config.train.global_batch_size, config.model.n_docs
     lq, s, t = config.data.max_question_length, config.model.max_combined_length, config.data.max_target_length
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -122,8 +128,8 @@ def test_flop_counter_matches_xla_cost_analysis(sizes):
 
 def test_flop_counter_terms():
     """Hand-countable cases: one BERT layer, and BART's LM head alone."""
-    cfg = bench.model_config("tiny")
-    model = experiment.build_rag(cfg, load_weights=False).rag
+    cfg = common.model_config("tiny")
+    model = build.build_rag(cfg, load_weights=False).rag
     q = model.question_encoder_config  # 1 layer, hidden 32, mlp 64, [CLS] pooling, no projection
     e, f, n, length = q.hidden_size, q.intermediate_size, 3, 5
     expected = 2 * n * length * (4 * e * e + 2 * e * f) + 2 * 2 * n * length * length * e
@@ -142,25 +148,25 @@ def test_flop_counter_terms():
     ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
 ])  # fmt: skip
 def test_device_peaks(kind, name):
-    assert bench.device_peak(kind).name == name
+    assert mfu.device_peak(kind).name == name
 
 
 def test_device_peak_values_and_unknown_kinds():
-    assert bench.device_peak("TPU v4").bf16_flops == 275e12
-    assert bench.device_peak("TPU v5 lite").bf16_flops == 197e12
-    assert bench.device_peak("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
-    assert bench.device_peak("cpu") is None
+    assert mfu.device_peak("TPU v4").bf16_flops == 275e12
+    assert mfu.device_peak("TPU v5 lite").bf16_flops == 197e12
+    assert mfu.device_peak("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
+    assert mfu.device_peak("cpu") is None
 
 
 def test_mfu_rows_run_on_cpu():
     """The accelerator-only code path, run here on the tiny config against a made-up peak so that it cannot rot."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(["test"])
-    peak = bench.DevicePeak("nominal", bf16_flops=1e12, hbm_bytes_per_s=1e10)
-    rows = bench.mfu_rows(bench.model_config("tiny"), peak, repeats=1, mips_rows=4096, mips_queries=(4,))
+    peak = mfu.DevicePeak("nominal", bf16_flops=1e12, hbm_bytes_per_s=1e10)
+    rows = mfu.mfu_rows(common.model_config("tiny"), peak, repeats=1, mips_rows=4096, mips_queries=(4,))
     step, mips = rows
-    c = bench.model_config("tiny")
-    model = experiment.build_rag(c, load_weights=False).rag
+    c = common.model_config("tiny")
+    model = build.build_rag(c, load_weights=False).rag
     expected = flops.rag_train_step_flops(model, c.train.global_batch_size, c.model.n_docs,
                                           c.data.max_question_length, c.model.max_combined_length,
                                           c.data.max_target_length)  # fmt: skip
@@ -174,14 +180,14 @@ def test_mfu_rows_run_on_cpu():
 
 
 def test_rag_token_marginal_equals_the_logsumexp_formula():
-    """decode.marginal_log_probs (one exp per logit, made for speed) is the reference's
+    """rag_decoding.marginal_log_probs (one exp per logit, made for speed) is the reference's
     logsumexp_z(log p(z|x) + log_softmax(logits_z)), including where the documents disagree strongly."""
-    from rag_jax import decode
+    from rag_jax.inference import rag_decoding
 
     key_logits, key_docs = jax.random.split(jax.random.PRNGKey(0))
     logits_NxKxV = jax.random.normal(key_logits, (6, 3, 500)) * jnp.asarray([1.0, 5.0, 20.0])[None, :, None]
     doc_lp_NxK = jax.nn.log_softmax(jax.random.normal(key_docs, (6, 3)) * 3, axis=-1)
     expected = jax.nn.logsumexp(jax.nn.log_softmax(logits_NxKxV, axis=-1) + doc_lp_NxK[..., None], axis=1)
-    got = decode.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
+    got = rag_decoding.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.exp(got).sum(-1), 1.0, rtol=1e-5)

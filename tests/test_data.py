@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rag_jax import tokenizers as tk
+from rag_jax.data import tokenizers as tk
 from rag_jax.data import nq_open, pipeline
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------

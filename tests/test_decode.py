@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from rag_jax import decode, rag
+from rag_jax import rag
+from rag_jax.inference import generation, rag_decoding
 from rag_jax.models import hf
 from tests import hf_models
 
@@ -84,12 +85,12 @@ def _assert_same(ours, reference: np.ndarray):
 
 
 def _token(checkpoint, inputs, gen):
-    return decode.rag_token_generate(checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen)
+    return rag_decoding.rag_token_generate(checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen)
 
 
 def _sequence(checkpoint, inputs, gen, **kwargs):
     """Our RAG-Sequence decoding and its candidates (one compilation per gen / mode / mask_beams / shape)."""
-    return decode.rag_sequence_generate(
+    return rag_decoding.rag_sequence_generate(
         checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen, return_candidates=True, **kwargs
     )
 
@@ -110,7 +111,7 @@ TOKEN_CASES = [
 def test_rag_token_generate_matches_reference(checkpoint, kwargs):
     inputs = _inputs(seed=0)
     reference = _reference(checkpoint["token"], inputs, **kwargs)
-    gen = decode.GenerationConfig.from_hf(checkpoint["hf_config"], **kwargs)
+    gen = generation.GenerationConfig.from_hf(checkpoint["hf_config"], **kwargs)
     _assert_same(_token(checkpoint, inputs, gen), reference)
 
 
@@ -145,7 +146,7 @@ FAST = SEQUENCE_CASES[0]  # the setting the fast-decoding tests share (one compi
 def test_rag_sequence_thorough_matches_reference(checkpoint, kwargs):
     inputs = _inputs(seed=1, repeat_first_doc=True)
     reference = _reference(checkpoint["sequence"], inputs, do_deduplication=True, **kwargs)
-    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **kwargs)
+    gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **kwargs)
     ours, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=True)
     _assert_same(ours, reference)
     # A real choice: several distinct hypotheses per example, and (with beams) repeats for deduplication to drop.
@@ -159,7 +160,7 @@ def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup):
     """Every scored hypothesis gets -loss of the reference's rescoring forward pass over its example's K docs (the
     scored ones: the first occurrences with deduplication, else all, which takes more than one packed pass)."""
     inputs = _inputs(seed=1, repeat_first_doc=True)
-    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     _, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=dedup)
     ids, mask, doc_scores = map(torch.as_tensor, inputs)
     hyps, first = np.asarray(candidates.ids_BxCxL), np.asarray(candidates.is_first_BxC)
@@ -183,7 +184,7 @@ def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup):
 
 def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):
     inputs = _inputs(seed=1, repeat_first_doc=True)
-    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     fast, candidates = _sequence(checkpoint, inputs, gen, mode="fast")
     _, thorough_candidates = _sequence(checkpoint, inputs, gen, do_deduplication=True)
     np.testing.assert_array_equal(candidates.ids_BxCxL, thorough_candidates.ids_BxCxL)
@@ -205,7 +206,7 @@ def test_fast_decoding_marginalises_over_the_docs_that_produced_a_hypothesis(che
     """Fast scores sum p(z|x) p(y|x,z) over the docs whose beams hold y, thorough ones over all docs (ε = 0 here):
     thorough >= fast for every hypothesis, and strictly greater where other docs give y probability."""
     inputs = _inputs(seed=1, repeat_first_doc=True)
-    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     _, fast = _sequence(checkpoint, inputs, gen, mode="fast")
     _, thorough = _sequence(checkpoint, inputs, gen, do_deduplication=True)
     first = np.asarray(fast.is_first_BxC)
@@ -218,7 +219,7 @@ def test_search_masks_context_padding_only_when_asked(checkpoint):
     """The reference's per-doc beam search sees the contexts unmasked (attention_mask=None); mask_beams=True
     gives the masked search, which is what the generator's generate does with the mask passed explicitly."""
     inputs = _inputs(seed=1, repeat_first_doc=True)
-    gen = decode.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
+    gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     _, unmasked = _sequence(checkpoint, inputs, gen, do_deduplication=True)
     _, masked = _sequence(checkpoint, inputs, gen, do_deduplication=True, mask_beams=True)
     ids, mask, _ = map(torch.as_tensor, inputs)
@@ -246,23 +247,23 @@ def test_generation_config_resolves_like_transformers(checkpoint, tmp_path):
     (directory / "generation_config.json").unlink()
     (directory / "config.json").write_text(json.dumps(hf_config))
     expected = transformers.RagTokenForGeneration.from_pretrained(directory).generation_config
-    ours = decode.GenerationConfig.from_hf(hf_config)
+    ours = generation.GenerationConfig.from_hf(hf_config)
     assert (ours.num_beams, ours.max_length, ours.min_length) == (expected.num_beams, expected.max_length, 2)
     assert (expected.num_beams, expected.max_length, expected.min_length) == (3, 11, 2)
     assert ours.bad_words_ids == tuple(map(tuple, expected.bad_words_ids)) == ((0, 0),)
     assert ours.no_repeat_ngram_size == expected.no_repeat_ngram_size == 3
     assert (ours.decoder_start_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 2, 1)
-    assert decode.GenerationConfig.from_hf(hf_config, num_beams=1).num_beams == 1
+    assert generation.GenerationConfig.from_hf(hf_config, num_beams=1).num_beams == 1
 
-    sequence = decode.GenerationConfig.for_rag_sequence(hf_config)
+    sequence = generation.GenerationConfig.for_rag_sequence(hf_config)
     assert (sequence.num_beams, sequence.max_length, sequence.min_length, sequence.bad_words_ids) == (1, 21, 0, None)
-    assert decode.GenerationConfig.for_rag_sequence(hf_config, max_length=7).max_length == 7
+    assert generation.GenerationConfig.for_rag_sequence(hf_config, max_length=7).max_length == 7
 
 
 # ---------------------------------------------------------------------------------------------- logits processors
 
 
-_process = jax.jit(decode.process_scores, static_argnames="gen")
+_process = jax.jit(generation.process_scores, static_argnames="gen")
 
 
 @pytest.mark.parametrize("cur_len", [1, 2, 3, 5, 8])
@@ -276,7 +277,7 @@ def test_logits_processors_match_transformers(cur_len):
     junk = rng.integers(0, vocab, size=(rows, max_length - cur_len))
     bad = [[1, 2, 3], [0, 0], [3], [2], [3, 1]]  # [2] = [eos] is dropped, as transformers does
     for ngram in (1, 2, 3):
-        gen = decode.GenerationConfig(
+        gen = generation.GenerationConfig(
             max_length=max_length, min_length=4, no_repeat_ngram_size=ngram, bad_words_ids=bad,
             forced_bos_token_id=5, forced_eos_token_id=EOS, eos_token_id=EOS,
         )  # fmt: skip

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from experiments.configs import nq
-from rag_jax import tokenizers
+from rag_jax.data import tokenizers
 from rag_jax.models import hf
 from rag_jax.retrieval import corpus, embed
 from tests import hf_models

@@ -1,4 +1,4 @@
-"""Tests for rag_jax/evaluation.py: SQuAD answer metrics, DPR has_answer, recall@k and the summary."""
+"""Tests for rag_jax/inference/metrics.py: SQuAD answer metrics, DPR has_answer, recall@k and the summary."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rag_jax import evaluation as ev
+from rag_jax.inference import metrics as ev
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "rag_jax" / "assets" / "nq_open_mini"
 

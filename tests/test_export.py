@@ -1,13 +1,24 @@
-"""Export to the Hugging Face layout: transformers loads what rag_jax writes, tensor for tensor."""
+"""Export to the Hugging Face layout: transformers loads what rag_jax writes, tensor for tensor, and an export of a
+training run answers and scores exactly as the run's workdir."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from rag_jax import export, rag, tokenizers
+from rag_jax import rag
+from rag_jax.data import tokenizers
+from rag_jax.inference import export
 from rag_jax.models import hf
 from tests import hf_models
+
+# The tests of this module share one training run: the Makefile's --dist loadgroup keeps them on one worker.
+pytestmark = pytest.mark.xdist_group("export")
 
 
 @pytest.mark.parametrize("model_type,projection_dim", [("sequence", 0), ("token", 7)])
@@ -52,32 +63,42 @@ def test_only_dpr_pooling_exports():
     assert np.isfinite(hf.dpr_config_dict(bert.BertConfig())["layer_norm_eps"])
 
 
-def test_trained_workdir_exports_to_transformers_with_the_same_losses(tmp_path):
-    """A rag_jax run's checkpoint, exported with experiments.export, gives transformers the losses rag_jax computes."""
-    import json
-    import subprocess
-    import sys
+def _run(*args, expect=0):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
 
-    import jax
 
-    from rag_jax import checkpoint, train
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny rag_jax training run on bundled questions, and its Hugging Face export (experiments.export)."""
+    from rag_jax.training import loop
     from tests import train_task
 
-    task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
+    tmp = tmp_path_factory.mktemp("export")
+    task = train_task.write_bundled_task(str(tmp / "task"), num_questions=8, num_distractors=8)
     config = train_task.tiny_config(task, **{"train.steps": 2, "train.checkpoint_every": 2,
                                             "train.async_checkpoints": False})  # fmt: skip
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    for fmt in ("hf", "orbax"):
-        done = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--format={fmt}",
-                               f"--output={tmp_path / fmt}"], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    again = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
-                            f"--output={tmp_path / 'hf'}"], capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 1 and "not empty" in again.stderr
+    workdir = str(tmp / "run")
+    loop.train_and_evaluate(config, workdir)
+    _run("experiments.export", f"--workdir={workdir}", "--format=hf", f"--output={tmp / 'hf'}")
+    return {"workdir": workdir, "hf": str(tmp / "hf"), "task": task}
 
-    model, params, _ = checkpoint.load_for_inference(workdir)
+
+@pytest.mark.slow
+def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_run, tmp_path):
+    """A rag_jax run's checkpoint, exported with experiments.export, gives transformers the losses rag_jax computes."""
+    import jax
+
+    from rag_jax.training import trained_model
+
+    workdir, hf_dir = trained_run["workdir"], trained_run["hf"]
+    _run("experiments.export", f"--workdir={workdir}", "--format=orbax", f"--output={tmp_path / 'orbax'}")
+    again = _run("experiments.export", f"--workdir={workdir}", f"--output={hf_dir}", expect=1)
+    assert "not empty" in again.stderr
+
+    model, params, _, _ = trained_model.load(workdir)
     orbax_params = export.load_params_orbax(str(tmp_path / "orbax"))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(orbax_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -97,10 +118,59 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(tmp_path):
             "token": rag.rag_token_nll(logits, scores, labels, pad_token_id=1)}  # fmt: skip
     for model_type, cls in (("sequence", transformers.RagSequenceForGeneration),
                             ("token", transformers.RagTokenForGeneration)):  # fmt: skip
-        reference = cls.from_pretrained(str(tmp_path / "hf")).eval()
+        reference = cls.from_pretrained(hf_dir).eval()
         with torch.no_grad():
             q = reference.question_encoder(torch.as_tensor(q_ids), attention_mask=torch.as_tensor(q_mask)).pooler_output
             ref_scores = torch.bmm(q.unsqueeze(1), torch.as_tensor(doc_embeds).transpose(1, 2)).squeeze(1)
             loss = reference(context_input_ids=torch.as_tensor(ctx), context_attention_mask=torch.as_tensor(ctx_mask),
                              doc_scores=ref_scores, labels=torch.as_tensor(labels)).loss  # fmt: skip
         assert hf_models.relative_error(ours[model_type], loss.numpy()) <= 1e-4, model_type
+
+
+def _eval(model: str, model_type: str, index: str, questions: str, output: str) -> list[dict]:
+    _run("experiments.eval_nq", f"--model={model}", f"--model_type={model_type}", f"--index={index}",
+         f"--questions={questions}", f"--output={output}", "--score", "--batch_size=4")
+    with open(output) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_export_answers_and_scores_like_its_workdir(trained_run, tmp_path):
+    """eval_nq on the HF export = eval_nq on the workdir (predictions, gold-answer NLLs), for both model types; and
+    transformers' own greedy RagTokenForGeneration.generate on the export gives the workdir's RAG-Token answers."""
+    from rag_jax.retrieval import index_io, retriever
+
+    workdir, hf_dir, questions = trained_run["workdir"], trained_run["hf"], trained_run["task"]["questions"]
+    index = os.path.join(workdir, "index")
+    results = {}
+    for model_type in ("sequence", "token"):
+        for name, model in (("workdir", workdir), ("export", hf_dir)):
+            out = str(tmp_path / f"{name}-{model_type}.jsonl")
+            results[name, model_type] = _eval(model, model_type, index, questions, out)
+        ours, exported = results["workdir", model_type], results["export", model_type]
+        assert [r["prediction"] for r in exported] == [r["prediction"] for r in ours], model_type
+        assert [r["doc_ids"] for r in exported] == [r["doc_ids"] for r in ours], model_type
+        for key in ("nll_sequence", "nll_token"):
+            got, want = np.array([r[key] for r in exported]), np.array([r[key] for r in ours])
+            assert hf_models.relative_error(got, want) <= 1e-4, (model_type, key)
+
+    reference = transformers.RagTokenForGeneration.from_pretrained(hf_dir).eval()
+    pair = tokenizers.load_rag_tokenizers(hf_dir)
+    records = results["workdir", "token"]
+    texts = [r["question"] for r in records]
+    encoded = pair.question(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        q = reference.question_encoder(encoded["input_ids"], attention_mask=encoded["attention_mask"]).pooler_output
+    fmt = rag.RagConfig.from_hf(reference.config.to_dict()).context
+    found = retriever.Retriever(index_io.load_index(index), pair.question, pair.generator, fmt)(
+        q.numpy(), encoded["input_ids"].numpy(), reference.config.n_docs)
+    assert found.doc_ids == [r["doc_ids"] for r in records]
+    embeds = torch.as_tensor(found.doc_embeds_BxKxD)
+    with torch.no_grad():
+        scores = torch.bmm(q.unsqueeze(1), embeds.transpose(1, 2)).squeeze(1)
+        tokens = reference.generate(context_input_ids=torch.as_tensor(found.context_input_ids_BKxS, dtype=torch.long),
+                                    context_attention_mask=torch.as_tensor(found.context_attention_mask_BKxS,
+                                                                           dtype=torch.long),
+                                    doc_scores=scores)  # fmt: skip
+    answers = [a.strip() for a in pair.generator.batch_decode(tokens, skip_special_tokens=True)]
+    assert answers == [r["prediction"] for r in records]

@@ -284,6 +284,7 @@ def _run_job(mode: str, workdir) -> list[tuple[int, str]]:
     return results
 
 
+@pytest.mark.multiprocess
 def test_two_hosts_build_load_and_search(tmp_path):
     rng = np.random.default_rng(5)
     small = _passages_tsv(tmp_path / "small.tsv", 37)
@@ -332,6 +333,7 @@ def test_two_hosts_build_load_and_search(tmp_path):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("breakage, host", [("missing", 1), ("wrong_dim", 0)])
 def test_a_host_with_a_broken_shard_stops_both_hosts(tmp_path, breakage, host):
     passages = _passages_tsv(tmp_path / "p.tsv", 40)

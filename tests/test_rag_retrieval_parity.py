@@ -10,7 +10,9 @@ import pytest
 import torch
 import transformers
 
-from rag_jax import context, rag, retriever, tokenizers
+from rag_jax import rag
+from rag_jax.data import tokenizers
+from rag_jax.retrieval import contexts as context, retriever
 from rag_jax.models import hf
 from rag_jax.retrieval import corpus, embed
 from tests import hf_models
@@ -63,6 +65,7 @@ def _labels(gtok, answers):
     return gtok(answers, padding=True, return_tensors="np")["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["sequence", "token"])
 def test_retrieval_inputs_losses_and_gradients_match_reference(setup, model_type):
     qtok, gtok = setup["qtok"], setup["gtok"]

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import transformers
 
-from rag_jax import tokenizers as tk
+from rag_jax.data import tokenizers as tk
 
 
 @pytest.fixture(scope="module")

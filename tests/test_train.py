@@ -12,9 +12,10 @@ import optax
 import pytest
 
 from experiments.configs import nq
-from rag_jax import checkpoint, context, experiment, sharding, train
-from rag_jax import tokenizers as tk
-from rag_jax.retrieval import corpus, device_contexts
+from rag_jax import sharding
+from rag_jax.data import tokenizers as tk
+from rag_jax.retrieval import contexts, corpus
+from rag_jax.training import build, checkpoint, loop, optim
 from tests import train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +37,10 @@ def _mesh(data, model):
 
 def _steps(config, workdir, mesh, steps=2):
     """(losses, final params, gold hits per step, initial params) of `steps` updates on `mesh`."""
-    run = train.setup(config, workdir, mesh)
+    run = loop.setup(config, workdir, mesh)
     state = run.initial_state()
     initial = jax.device_get(state.params)
-    pipeline = train.make_pipeline(run)
+    pipeline = loop.make_pipeline(run)
     rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(mesh))
     losses, hits = [], []
     for step in range(steps):
@@ -116,10 +117,10 @@ def test_gradient_accumulation_equals_one_batch(task, workdir, reference):
 def test_device_contexts_equal_tokenizer(max_length):
     """On-device assembly of `<s> title / text // question </s>` gives the tokenizer's ids on the bundled corpus."""
     toks = tk.load_rag_tokenizers()
-    fmt = context.ContextFormat(max_combined_length=max_length)
+    fmt = contexts.ContextFormat(max_combined_length=max_length)
     passages = list(corpus.read_passages(train_task.MINI_PASSAGES))
     width = max_length - 2
-    encoded = toks.generator([device_contexts.passage_part(p.title, p.text, fmt) for p in passages],
+    encoded = toks.generator([contexts.passage_part(p.title, p.text, fmt) for p in passages],
                              add_special_tokens=False)["input_ids"]
     table = np.full((len(passages), width), toks.generator.pad_token_id, np.int32)
     lengths = np.zeros(len(passages), np.int32)
@@ -128,12 +129,12 @@ def test_device_contexts_equal_tokenizer(max_length):
         lengths[i] = min(len(ids), width)
     examples = train_task.bundled_questions(8, start=100)
     q_ids = toks.question([e["question"] for e in examples], padding=True, return_tensors="np")["input_ids"]
-    questions = context.decode_questions(q_ids, toks.question)
+    questions = contexts.decode_questions(q_ids, toks.question)
     rows = np.arange(len(passages) - len(passages) % 8).reshape(8, -1)  # every passage, once
-    host_ids, host_mask = context.generator_inputs(questions, [[passages[r].title for r in rr] for rr in rows],
+    host_ids, host_mask = contexts.generator_inputs(questions, [[passages[r].title for r in rr] for rr in rows],
                                                    [[passages[r].text for r in rr] for rr in rows], toks.generator, fmt)
-    q_tokens, q_lengths = device_contexts.question_tokens(questions, toks.generator, width)
-    ids, mask = jax.jit(device_contexts.assemble_contexts, static_argnums=4, static_argnames=("bos", "eos", "pad"))(
+    q_tokens, q_lengths = contexts.question_tokens(questions, toks.generator, width)
+    ids, mask = jax.jit(contexts.assemble_contexts, static_argnums=4, static_argnames=("bos", "eos", "pad"))(
         table[rows], lengths[rows], q_tokens, q_lengths, max_length, bos=0, eos=2, pad=1)
     np.testing.assert_array_equal(np.asarray(ids).reshape(host_ids.shape), host_ids)
     np.testing.assert_array_equal(np.asarray(mask).reshape(host_mask.shape), host_mask)
@@ -165,8 +166,8 @@ def test_unknown_config_field_fails_naming_it(tmp_path, flags, name, suggestion)
 ])
 def test_startup_errors_name_the_field(task, tmp_path, overrides, expected):
     config = train_task.tiny_config(task, **overrides)
-    with pytest.raises(experiment.ConfigError, match=expected.replace(".", r"\.")) as error:
-        train.setup(config, str(tmp_path), _mesh(8, 1))
+    with pytest.raises(build.ConfigError, match=expected.replace(".", r"\.")) as error:
+        loop.setup(config, str(tmp_path), _mesh(8, 1))
     if expected == "train.global_batch_size":
         assert "data axis" in str(error.value) and "mesh.data" in str(error.value)
     if "vocab" in expected or "tokenizers" in expected:
@@ -176,15 +177,16 @@ def test_startup_errors_name_the_field(task, tmp_path, overrides, expected):
 def test_paper_config_needs_its_paths():
     config = nq.get_config("paper")
     config.data.passages = train_task.MINI_PASSAGES
-    with pytest.raises(experiment.ConfigError, match=r"data\.manual_dir"):
-        experiment.check_config(config)
+    with pytest.raises(build.ConfigError, match=r"data\.manual_dir"):
+        build.check_config(config)
     assert config.optim.learning_rate == 3e-5 and config.model.n_docs == 10
     assert config.train.global_batch_size == 64 and config.model.label_smoothing == 0.1
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path, monkeypatch):
     """Updates turn NaN from the third one on: the run stops at step 3 and checkpoint 2 stays the latest."""
-    original = experiment.make_optimizer
+    original = optim.make_optimizer
 
     def poisoned(config):
         base = original(config)
@@ -200,14 +202,15 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path, mo
 
         return optax.GradientTransformation(init, update)
 
-    monkeypatch.setattr(experiment, "make_optimizer", poisoned)
+    monkeypatch.setattr(optim, "make_optimizer", poisoned)
     config = train_task.tiny_config(task, **{"train.steps": 6, "train.checkpoint_every": 1, "train.log_every": 1})
-    with pytest.raises(train.NonFiniteLossError, match="step 3") as error:
-        train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(2, 1))
+    with pytest.raises(loop.NonFiniteLossError, match="step 3") as error:
+        loop.train_and_evaluate(config, str(tmp_path), mesh=_mesh(2, 1))
     assert "checkpoints/2" in str(error.value)
     assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 2
 
 
+@pytest.mark.slow
 def test_pretrained_weights_start_sharded(task, tmp_path):
     """Hugging Face DPR encoders and BART as the starting point: the state holds exactly their weights, laid out by
     the rules (attention heads split over `model`; BART's 50,265-row vocabulary does not split 2 ways: replicated)."""
@@ -222,7 +225,7 @@ def test_pretrained_weights_start_sharded(task, tmp_path):
                                              "model.doc_encoder.init": paths["context"],
                                              "model.generator.init": paths["bart"], "index.max_length": 40})
     mesh = _mesh(2, 2)
-    run = train.setup(config, str(tmp_path / "run"), mesh)
+    run = loop.setup(config, str(tmp_path / "run"), mesh)
     state = run.initial_state()
     loaded = {"question_encoder": hf.load_encoder(paths["question"], pooling="cls").params,
               "generator": hf.load_bart(paths["bart"]).params}
@@ -233,7 +236,7 @@ def test_pretrained_weights_start_sharded(task, tmp_path):
     heads = jax.sharding.PartitionSpec(None, "model", None)  # (embed, heads, kv): 4 heads over 2 devices
     assert g["encoder_layer_0"]["self_attn"]["query"]["kernel"].sharding.spec == heads
     with sharding.use(mesh):
-        batch = run.batches(state.params, train.make_pipeline(run).batch_at(0))
+        batch = run.batches(state.params, loop.make_pipeline(run).batch_at(0))
         _, metrics = run.train_step(state, batch, jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)),
                                     run.corpus)
     assert np.isfinite(float(metrics["loss"]))

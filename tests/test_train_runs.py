@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from rag_jax import checkpoint, sharding, train, train_eval
+from rag_jax import sharding
+from rag_jax.training import dev_eval, loop, trained_model
 from rag_jax.retrieval import corpus
 from tests import train_task
 
@@ -56,7 +57,7 @@ def _wait_until(process, condition, what, timeout=300):
 
 
 def _params(workdir):
-    _, params, _ = checkpoint.load_for_inference(workdir)
+    params = trained_model.load(workdir).params
     return jax.device_get(params)
 
 
@@ -65,6 +66,7 @@ def task(tmp_path_factory):
     return train_task.write_bundled_task(str(tmp_path_factory.mktemp("task")), num_questions=32, num_distractors=32)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_exact(task, tmp_path):
     """Uninterrupted run vs. the same run SIGKILLed after a checkpoint, restarted, stopped by SIGTERM (which saves),
     and restarted again: identical final parameters and metrics.jsonl."""
@@ -110,6 +112,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(task, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1, gloo) vs 1 process x 4 devices, mesh 2 x 2."""
     overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2,
@@ -128,7 +132,7 @@ def test_two_processes_equal_one(task, tmp_path):
 
     single = str(tmp_path / "one")
     config = train_task.tiny_config(task, **overrides)
-    train.train_and_evaluate(config, single, mesh=sharding.make_mesh(2, 2, devices=jax.devices()[:4]))
+    loop.train_and_evaluate(config, single, mesh=sharding.make_mesh(2, 2, devices=jax.devices()[:4]))
 
     two, one = _metrics(workdir), _metrics(single)
     assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3, 3]  # the last line: the evaluation
@@ -140,12 +144,13 @@ def test_two_processes_equal_one(task, tmp_path):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * (np.abs(y).max() + 1e-12) + 1e-7)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_to_exact_match(tmp_path):
     """From scratch, 8 questions whose contexts hold the question: greedy RAG-Token answers reach EM >= 0.9."""
     task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8, max_words=12)
     overrides = {"train.steps": 120, "train.eval_every": 120, "train.checkpoint_every": 120, "train.log_every": 40,
                  "optim.learning_rate": 5e-3, "optim.warmup_steps": 10, "eval.num_examples": 8}
-    result = train.train_and_evaluate(train_task.tiny_config(task, **overrides), str(tmp_path / "run"),
+    result = loop.train_and_evaluate(train_task.tiny_config(task, **overrides), str(tmp_path / "run"),
                                       mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     assert result["eval/exact_match"] >= 90.0, result
 
@@ -172,6 +177,7 @@ def _retrieval_task(directory):
             "passages": os.path.join(directory, "passages.tsv")}
 
 
+@pytest.mark.slow
 def test_doc_score_gradient_teaches_retrieval(tmp_path):
     """The question encoder gets gradient only through the doc scores; recall@1 of the gold passage must rise.
 
@@ -192,9 +198,9 @@ def test_doc_score_gradient_teaches_retrieval(tmp_path):
     config = train_task.tiny_config(task, **overrides)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     workdir = str(tmp_path / "run")
-    run = train.setup(config, workdir, mesh)
-    before = train_eval.evaluate(run.model, run.initial_state().params, run.retriever, run.dev_examples, config)
-    after = train.train_and_evaluate(config, workdir, mesh=mesh)
+    run = loop.setup(config, workdir, mesh)
+    before = dev_eval.evaluate(run.model, run.initial_state().params, run.retriever, run.dev_examples, config)
+    after = loop.train_and_evaluate(config, workdir, mesh=mesh)
     assert before["eval/gold_recall@1"] <= 50.0, before  # 7 of 16 at the start (chance: 1 of 16)
     assert after["eval/gold_recall@1"] >= before["eval/gold_recall@1"] + 25.0, (before, after)
     recalls = [m["gold_recall"] for m in _metrics(workdir) if "gold_recall" in m]  # top-4 on the training batches

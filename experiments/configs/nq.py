@@ -9,8 +9,9 @@ Variants:
   tiny   the smallest working model, for tests.
 
 Any field can be overridden on the command line, e.g. `--config.train.steps=10 --config.model.n_docs=2`; an unknown
-field stops the run at start-up. Sources of the paper values: /work/shared/REFERENCE.md ("REF"), i.e. Lewis et al.
-2020 and `transformers/examples/research_projects/rag` (finetune_rag.sh, lightning_base.py) and RagConfig defaults.
+field stops the run at start-up. Sources of the paper values ("REF"): Lewis et al. 2020, Hugging Face's
+`transformers/examples/research_projects/rag` (finetune_rag.sh, lightning_base.py) and transformers' RagConfig
+defaults.
 """
 
 import os
@@ -182,7 +183,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper(c: ml_collections.ConfigDict) -> None:
-    """Lewis et al. (2020) NQ fine-tuning as the HF research project runs it (REF = /work/shared/REFERENCE.md)."""
+    """Lewis et al. (2020) NQ fine-tuning as the HF research project runs it (REF: see the module docstring)."""
     c.data.source = "official"  # NQ-open train/dev (Lee et al. 2019); RAG reports NQ numbers on its dev set
     c.data.manual_dir = placeholder(str)  # set: directory with NQ-open.{train,dev}.jsonl
     c.data.passages = placeholder(str)  # set: DPR's psgs_w100.tsv (21M 100-word Wikipedia passages, Dec 2018)

@@ -9,7 +9,8 @@ Two builder configs:
 
 Each example: {"question": str, "answers": list[str], "gold_passage_id": int (-1 when unknown)}.
 `get_data_source` prepares the dataset once under `data_dir` and returns a random-access source for one split;
-the input pipeline (rag_jax/data/pipeline.py) only needs `len()` and indexing.
+`JsonlSource` serves a JSONL file of one's own the same way. The input pipeline (rag_jax/data/pipeline.py) only
+needs `len()` and indexing.
 """
 
 import json
@@ -59,6 +60,22 @@ def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(gold, int):
                 raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")
             yield line_no - 1, {"question": question, "answers": answers, "gold_passage_id": gold}
+
+
+class JsonlSource:
+    """Questions from an NQ-open style JSONL file, held in memory (a pipeline source: len + indexing)."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._examples = [ex for _, ex in read_nq_jsonl(path)]
+        if not self._examples:
+            raise ValueError(f"{path}: no questions in the file")
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._examples[index]
 
 
 class RagNqOpenConfig(tfds.core.BuilderConfig):

@@ -11,7 +11,7 @@ serves import and export, so the two cannot drift apart. Layouts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -307,11 +307,6 @@ class LoadedRag:
     generator: Loaded
     hf_config: dict[str, Any]  # the RagConfig dict: n_docs, title_sep, doc_sep, max_combined_length, ...
     directory: str
-
-
-def _architecture(hf: dict[str, Any]) -> str:
-    archs = hf.get("architectures") or []
-    return archs[0] if archs else hf.get("model_type", "")
 
 
 def load_encoder(path: str, *, pooling: str | None = None, **overrides) -> Loaded:

@@ -5,7 +5,7 @@ follow the ScaNN README's guidance and scale with the corpus size N: about sqrt(
 searched per query, AH with 2 dimensions per block (threshold 0.2, the usual choice for dot product), and the
 best `reorder_k` hashed candidates rescored exactly. Below `brute_force_below` rows a tree has too few points
 per leaf to help, so the searcher is plain brute force. On 200k clustered 128-d vectors
-(experiments/bench_retrieval.py) searching 5% of the leaves gave recall@10 0.89, 10% gave 0.95 and 20% 0.98,
+(experiments/bench/scann_recall.py) searching 5% of the leaves gave recall@10 0.89, 10% gave 0.95 and 20% 0.98,
 while reorder_k above 100 changed nothing. A searcher can cover a slice of the corpus (`row_offset`): one per
 host, merged with `merge.merge_topk` (multihost.MultiHostScannSearcher does that across the hosts of a job).
 """

@@ -1,8 +1,8 @@
 """From a run config (experiments/configs/nq.py) to the pieces of a run, with the start-up checks.
 
 Everything a training run or an evaluation of its checkpoint needs to rebuild from the config lives here: the RAG
-model (and pretrained weights), the frozen document encoder, the tokenizers, the data sources, the optimizer and
-the index directory. Each check fails with a `ConfigError` naming the config field and what to do.
+model (and pretrained weights), the frozen document encoder, the tokenizers, the data sources and the run's index
+(the optimizer is in optim.py). Each check fails with a `ConfigError` naming the config field and what to do.
 """
 
 from __future__ import annotations
@@ -15,22 +15,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from rag_jax import rag
-from rag_jax import tokenizers as tk
-from rag_jax.context import ContextFormat
 from rag_jax.data import nq_open
+from rag_jax.data import tokenizers as tk
 from rag_jax.models import bart, bert, hf
 from rag_jax.retrieval import embed, index_io, scann_backend
-from rag_jax.retrieval.exact import ExactSearcher
+from rag_jax.retrieval.contexts import ContextFormat
+from rag_jax.training import streams, workdir as workdir_lib
 
 LOSSES = ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
-_NO_DECAY = ("bias", "scale", "final_logits_bias")  # REF's no_decay list: biases and LayerNorm weights
 
 
 class ConfigError(ValueError):
@@ -192,7 +190,7 @@ def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any
         return loaded.config, loaded.params
     cfg = _encoder_config(c, jnp.float32)
     ids = jnp.zeros((1, 8), jnp.int32)
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    rng = streams.key(config.seed, streams.DOC_ENCODER)
     variables = jax.jit(bert.BertEncoder(cfg).init)(rng, ids)
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(_unbox(variables["params"])))
     return cfg, params
@@ -234,82 +232,24 @@ def check_vocab(models: Models, doc_config: bert.BertConfig, tokenizers: tk.RagT
 # ---------------------------------------------------------------------------------------------------- data
 
 
-class JsonlSource:
-    """Questions from an NQ-open style JSONL file, held in memory (a pipeline source: len + indexing)."""
-
-    def __init__(self, path: str):
-        self.name = path
-        self._examples = [ex for _, ex in nq_open.read_nq_jsonl(path)]
-        if not self._examples:
-            raise ConfigError(f"{path}: no questions in the file")
-
-    def __len__(self) -> int:
-        return len(self._examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._examples[index]
-
-
 def data_source(config: ml_collections.ConfigDict, split: str):
     """The train or dev questions: a JSONL file when data.{train,dev}_file is set, else the TFDS NQ-open source."""
     path = config.data.train_file if split == "train" else config.data.dev_file
     if path is not None:
-        return JsonlSource(path)
+        try:
+            return nq_open.JsonlSource(path)
+        except ValueError as e:
+            raise ConfigError(f"config data.{split}_file: {e}") from None
     return nq_open.get_data_source(config.data.source, split, config.data.data_dir, config.data.manual_dir)
-
-
-# ---------------------------------------------------------------------------------------------------- optimizer
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0, then polynomial (power 1) decay to end_learning_rate at train.steps (REF)."""
-    o = config.optim
-    warmup = int(o.warmup_steps)
-    decay = optax.polynomial_schedule(o.learning_rate, o.end_learning_rate, power=1.0,
-                                      transition_steps=max(1, config.train.steps - warmup))
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), decay], [warmup])
-
-
-def _decay_mask(params):
-    """True for weights that get weight decay: everything but biases and layer-norm scales (REF no_decay)."""
-
-    def decays(path, _):
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return names[-1] not in _NO_DECAY
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping then AdamW with the schedule above (the HF research project's optimizer)."""
-    o = config.optim
-    parts = []
-    if o.max_grad_norm and o.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(o.max_grad_norm))
-    parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=o.weight_decay, mask=_decay_mask))
-    if o.question_encoder_lr_scale != 1.0:
-        parts.append(optax.masked(optax.scale(o.question_encoder_lr_scale), _question_encoder_mask))
-    return optax.chain(*parts)
-
-
-def _question_encoder_mask(params):
-    return {part: jax.tree_util.tree_map(lambda _: part == "question_encoder", tree) for part, tree in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- index
 
 
-def index_dir(workdir: str) -> str:
-    return os.path.join(workdir, "index")
-
-
 def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: bert.BertConfig, doc_params: Any,
                  question_tokenizer, *, progress: bool = True) -> index_io.Index:
     """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there."""
-    target = index_dir(workdir)
+    target = workdir_lib.index_dir(workdir)
     encoder_id = embed.encoder_fingerprint(doc_config, doc_params)
     if config.index.dir is not None and not os.path.exists(target):
         _require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
@@ -327,10 +267,3 @@ def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: be
     if config.index.backend == "scann" and "scann" not in index.metadata.get("backends", {}):
         scann_backend.build_scann_index(index)
     return index
-
-
-def host_searcher(config: ml_collections.ConfigDict, index: index_io.Index):
-    """The host-side searcher of retrieval.host_searcher over `index` (`.search(q_QxD, k) -> rows, scores`)."""
-    if config.retrieval.host_searcher == "scann":
-        return scann_backend.load_scann_index(index)
-    return ExactSearcher(index, device=jax.local_devices()[0])

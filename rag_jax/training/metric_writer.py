@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from rag_jax.training import workdir as workdir_lib
+
 
 class MetricWriter:
     """metrics.jsonl and TensorBoard events in the workdir, written by process 0 only.
@@ -15,7 +17,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, start_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir_lib.metrics_file(workdir)
         self._tb = None
         if not enabled:
             return
@@ -27,7 +29,7 @@ class MetricWriter:
             f.writelines(kept)
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step or None)
+        self._tb = SummaryWriter(workdir_lib.tensorboard_dir(workdir), purge_step=start_step or None)
 
     def write(self, step: int, metrics: dict[str, float], *, perf: dict[str, float] | None = None) -> None:
         """`metrics` go to both files; `perf` (timings, not reproducible) to TensorBoard only."""

@@ -13,8 +13,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from rag_jax import decode, evaluation, rag
-from rag_jax.retriever import Retriever
+from rag_jax import rag
+from rag_jax.inference import metrics, rag_decoding
+from rag_jax.inference.generation import GenerationConfig
+from rag_jax.retrieval.retriever import Retriever
 
 QUESTION_BUCKET = 16
 
@@ -76,7 +78,7 @@ def answer_questions(
     retriever: Retriever,
     examples: Sequence[dict[str, Any]],
     settings: AnswerSettings,
-    generation: decode.GenerationConfig,
+    generation: GenerationConfig,
     progress: Iterable | None = None,
 ) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """Yields per example (record, texts of its retrieved passages); the record holds question, answers,
@@ -98,9 +100,9 @@ def answer_questions(
         context_mask = _pad_to(retrieved.context_attention_mask_BKxS, rows * k)
         scores = np.asarray(rag.doc_scores(q_pad, embeds))
         if settings.model_type == "token":
-            tokens = decode.rag_token_generate(model, params, context_ids, context_mask, scores, generation)
+            tokens = rag_decoding.rag_token_generate(model, params, context_ids, context_mask, scores, generation)
         else:
-            tokens = decode.rag_sequence_generate(
+            tokens = rag_decoding.rag_sequence_generate(
                 model, params, context_ids, context_mask, scores, generation, mode=settings.decoding
             )
         predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
@@ -128,7 +130,7 @@ def answer_questions(
 def summarize(answered: Sequence[tuple[dict[str, Any], list[str]]], ks: Sequence[int]) -> dict[str, float | int]:
     """EM / F1 of the predictions and recall@k of the retrieved passages."""
     scores = [
-        evaluation.score_question(record["answers"], prediction=record["prediction"], ranked_passages=texts)
+        metrics.score_question(record["answers"], prediction=record["prediction"], ranked_passages=texts)
         for record, texts in answered
     ]
-    return evaluation.summarize(scores, ks=ks)
+    return metrics.summarize(scores, ks=ks)

@@ -6,21 +6,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rag_jax import decode, evaluation, inference, rag
-from rag_jax.retriever import Retriever
-
-
-def dev_generation_config(model: rag.Rag, config) -> decode.GenerationConfig:
-    """Greedy decoding that starts like the training labels: from <s> (bos) at position 0.
-
-    Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
-    has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
-    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
-    """
-    g = model.generator_config
-    return decode.GenerationConfig(max_length=config.eval.max_length, num_beams=1, decoder_start_token_id=g.bos_token_id,
-                                   bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id,
-                                   pad_token_id=g.pad_token_id)
+from rag_jax import rag
+from rag_jax.inference import answering, metrics
+from rag_jax.retrieval.retriever import Retriever
+from rag_jax.training import trained_model
 
 
 def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> dict[str, float]:
@@ -30,16 +19,16 @@ def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> 
     mine = list(examples)[jax.process_index()::jax.process_count()]
     if jax.process_count() > 1:  # each host decodes its share with a full copy of the parameters
         params = multihost_utils.process_allgather(params, tiled=True)
-    settings = inference.AnswerSettings(n_docs=config.eval.n_docs, model_type="token",
+    settings = answering.AnswerSettings(n_docs=config.eval.n_docs, model_type="token",
                                         batch_size=config.eval.batch_size // jax.process_count(),
                                         max_question_length=config.data.max_question_length,
                                         answer_prefix_space=config.data.answer_prefix_space)
-    generation = dev_generation_config(model, config)
+    generation = trained_model.generation_config(model, config)
     counts = np.zeros(3 + 3 * len(ks), np.float64)
     if mine:
-        answered = list(inference.answer_questions(model, params, retriever, mine, settings, generation))
+        answered = list(answering.answer_questions(model, params, retriever, mine, settings, generation))
         for (record, texts), example in zip(answered, mine):
-            score = evaluation.score_question(record["answers"], prediction=record["prediction"],
+            score = metrics.score_question(record["answers"], prediction=record["prediction"],
                                               ranked_passages=texts)
             gold = str(example.get("gold_passage_id", -1))
             known = example.get("gold_passage_id", -1) >= 0

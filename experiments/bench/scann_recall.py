@@ -3,8 +3,8 @@
 Data are clustered synthetic vectors (Gaussian clusters, like dense passage embeddings), with held-out
 queries from the same distribution.
 
-  python -m experiments.bench_retrieval            # 200k x 128, 1,000 queries (about a minute on 2 cores)
-  python -m experiments.bench_retrieval --quick    # 20k x 64, 200 queries (seconds)
+  python -m experiments.bench.scann_recall            # 200k x 128, 1,000 queries (about a minute on 2 cores)
+  python -m experiments.bench.scann_recall --quick    # 20k x 64, 200 queries (seconds)
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Host side of a training step: this host's pipeline batch -> the step's global arrays, retrieval included.
 
 Host retrieval (config retrieval.mode="host") encodes the questions with a jitted q(x), searches on the host and forms
-the generator inputs with rag_jax/retriever.py; device retrieval only adds the question part of the generator input
+the generator inputs with rag_jax/retrieval/retriever.py; device retrieval only adds the question part of the generator input
 and puts the index and the passage token table on the devices once (`device_corpus`). Arrays carry the logical axes
 of BATCH_AXES / CORPUS_AXES, mapped to the mesh by rag_jax/sharding.py.
 """
@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rag_jax import context, rag, sharding
+from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
-from rag_jax.retrieval import device_contexts, multihost
-from rag_jax.retriever import Retriever
+from rag_jax.retrieval import contexts, multihost
+from rag_jax.retrieval.retriever import Retriever
 
 # Logical axes of every array a step can receive (host retrieval fills the context/doc entries, device retrieval the
 # question_gen ones).
@@ -82,9 +82,9 @@ class BatchBuilder:
             "gold_row": gold_rows(self.retriever.index, local["gold_passage_id"]),
         }
         if self.device_mode:
-            questions = context.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
+            questions = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
             width = self.model.config.context.max_combined_length - 2
-            arrays["question_gen_ids"], arrays["question_gen_length"] = device_contexts.question_tokens(
+            arrays["question_gen_ids"], arrays["question_gen_length"] = contexts.question_tokens(
                 questions, self.retriever.generator_tokenizer, width)
             return _global(arrays, self.mesh)
         questions = _global({k: arrays[k] for k in ("question_input_ids", "question_attention_mask")}, self.mesh)
@@ -106,7 +106,7 @@ class BatchBuilder:
 def device_corpus(index, mesh, generator_tokenizer, fmt) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
     to a multiple of them; every host reads only its devices' rows."""
-    table = on_main_first(lambda: device_contexts.passage_token_table(index, generator_tokenizer, fmt),
+    table = on_main_first(lambda: contexts.passage_token_table(index, generator_tokenizer, fmt),
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
     n_padded = -(-index.num_passages // shards) * shards

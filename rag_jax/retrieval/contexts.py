@@ -1,11 +1,19 @@
-"""Generator inputs formed on device, for retrieval inside the training step (config retrieval.mode="device").
+"""Generator inputs from retrieved passages, formed exactly as Hugging Face's `RagRetriever.postprocess_docs`, on
+the host (strings, then the tokenizer) and on the devices (token tables glued inside the jitted step).
 
-The host path (rag_jax/retriever.py) reads the retrieved passages and tokenises `title / text // question` per
-(question, passage). Inside a jitted step there are no strings, so instead: every passage's generator tokens are
-computed once (`passage_token_table`, cached in the index directory) and split over the devices with the index rows
-(`corpus` logical axis); the host tokenises only the question part of each batch (`question_tokens`);
-`make_sharded_gather` fetches the retrieved rows of the token table and of the embeddings, and `assemble_contexts`
-glues `<s> passage-part question-part </s>` together and truncates it as the tokenizer would.
+On the host, per (question, passage): `prefix + title + title_sep + text + doc_sep + question`, with one leading
+and one trailing `"` stripped from the title and every double space replaced once by a single space (Python's
+non-overlapping `str.replace`, as the reference does). The question is not the raw string but the question-encoder
+ids decoded back with `skip_special_tokens=True` (lower-cased WordPiece text for BERT). The generator tokenizer
+pads to `max_combined_length` and truncates the end, so a long passage pushes the question out: a reference quirk
+kept for parity.
+
+On the devices (retrieval inside the training step, config retrieval.mode="device") there are no strings, so
+instead: every passage's generator tokens are computed once (`passage_token_table`, cached in the index directory)
+and split over the devices with the index rows (`corpus` logical axis); the host tokenises only the question part
+of each batch (`question_tokens`); `make_sharded_gather` fetches the retrieved rows of the token table and of the
+embeddings, and `assemble_contexts` glues `<s> passage-part question-part </s>` together and truncates it as the
+tokenizer would.
 
 Why device assembly gives the reference's ids: the reference tokenises the string
 `(prefix + title + title_sep + text + doc_sep + question).replace("  ", " ")`. With doc_sep ending in exactly one
@@ -21,6 +29,7 @@ max_combined_length - 2 of them between <s> and </s>. tests/test_train.py checks
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,13 +40,52 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rag_jax import context
 from rag_jax.retrieval import corpus, index_io
 
 
-def passage_part(title: str, text: str, fmt: context.ContextFormat) -> str:
+@dataclasses.dataclass(frozen=True)
+class ContextFormat:
+    title_sep: str = " / "
+    doc_sep: str = " // "
+    max_combined_length: int = 300
+    prefix: str = ""
+
+
+def combine(title: str, text: str, question: str, fmt: ContextFormat) -> str:
+    title = title.removeprefix('"').removesuffix('"')
+    return (fmt.prefix + title + fmt.title_sep + text + fmt.doc_sep + question).replace("  ", " ")
+
+
+def decode_questions(question_input_ids_BxL: np.ndarray, question_tokenizer) -> list[str]:
+    """The question strings the reference conditions the generator on."""
+    return question_tokenizer.batch_decode(np.asarray(question_input_ids_BxL).tolist(), skip_special_tokens=True)
+
+
+def generator_inputs(
+    questions: Sequence[str],
+    titles_BxK: Sequence[Sequence[str]],
+    texts_BxK: Sequence[Sequence[str]],
+    generator_tokenizer,
+    fmt: ContextFormat,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask (B*K, max_combined_length), rows ordered question-major like the reference."""
+    strings = [
+        combine(title, text, question, fmt)
+        for question, titles, texts in zip(questions, titles_BxK, texts_BxK)
+        for title, text in zip(titles, texts)
+    ]
+    encoded = generator_tokenizer(
+        strings, max_length=fmt.max_combined_length, padding="max_length", truncation=True, return_tensors="np"
+    )
+    return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------- on-device assembly
+
+
+def passage_part(title: str, text: str, fmt: ContextFormat) -> str:
     """The generator-input string of a passage without the question (and without doc_sep's final space)."""
-    combined = context.combine(title, text, "", fmt)
+    combined = combine(title, text, "", fmt)
     if not combined.endswith(" ") or combined.endswith("  "):
         raise ValueError(f"doc_sep={fmt.doc_sep!r} must end with exactly one space for on-device assembly")
     return combined[:-1]
@@ -59,14 +107,14 @@ def question_tokens(questions: Sequence[str], generator_tokenizer, width: int) -
     return ids, lengths
 
 
-def _table_key(store: corpus.PassageStore, fmt: context.ContextFormat, generator_tokenizer, width: int) -> str:
+def _table_key(store: corpus.PassageStore, fmt: ContextFormat, generator_tokenizer, width: int) -> str:
     vocab = json.dumps(sorted(generator_tokenizer.get_vocab().items()))
     record = json.dumps([store.metadata["fingerprint"], fmt.title_sep, fmt.doc_sep, fmt.prefix, width,
                          hashlib.sha256(vocab.encode()).hexdigest()])
     return hashlib.sha256(record.encode()).hexdigest()[:12]
 
 
-def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: context.ContextFormat, *,
+def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, *,
                         batch_size: int = 4096) -> np.ndarray:
     """Every passage's generator tokens: int32 (N, 1 + W), column 0 the length, then W = max_combined_length - 2
     tokens (pad-filled; longer passages are cut, their question part is cut by the tokenizer anyway).

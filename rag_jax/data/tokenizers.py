@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import transformers
 
-_ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizers")
+_ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers")
 QUESTION_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bert-base-uncased")
 GENERATOR_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bart-large")
 
@@ -34,7 +34,7 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 _WHERE_TO_GET = (
     "Point to a directory holding the tokenizer files (e.g. a RagTokenizer/BertTokenizer/BartTokenizer "
-    "save_pretrained output), or use the bundled defaults from rag_jax.tokenizers.default_tokenizer_dirs()."
+    "save_pretrained output), or use the bundled defaults from rag_jax.data.tokenizers.default_tokenizer_dirs()."
 )
 
 

@@ -1,5 +1,6 @@
-"""Decoding for RAG: RAG-Token greedy / beam search, RAG-Sequence "thorough" and "fast" decoding.
+"""Generation settings and the search algorithms of decoding: logits processors, greedy search, beam search.
 
+Model-agnostic: a search drives a `step_fn` (rag_decoding.py feeds it BART's decode cache over K documents).
 Everything matches Hugging Face's `generate` for RagTokenForGeneration / RagSequenceForGeneration (transformers 5)
 token for token on the same weights, up to float32 rounding where two hypotheses score within an ulp:
   - logits processors in the reference's order (no-repeat-ngram, bad words, min length, forced BOS, forced EOS),
@@ -22,9 +23,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from rag_jax import rag
-from rag_jax.models import bart
 
 NEG = -1.0e9  # the reference's "impossible" beam score (a finite number, not -inf)
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
@@ -131,6 +129,13 @@ class GenerationConfig:
         values["max_length"] = min(_GLOBAL_DEFAULTS["max_length"] + 1, max_positions)
         values.update(overrides)
         return cls(**values)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The settings as transformers' GenerationConfig fields (generation_config.json)."""
+        values = dataclasses.asdict(self)
+        if self.bad_words_ids is not None:
+            values["bad_words_ids"] = [list(word) for word in self.bad_words_ids]
+        return values
 
     @property
     def beam_fill_token_id(self) -> int:
@@ -252,7 +257,7 @@ def greedy_search(step_fn: StepFn, state: Any, batch_size: int, gen: GenerationC
     return jax.lax.while_loop(cond, body, carry)[1]
 
 
-def _gather(x_BxMx___: jax.Array, idx_BxK: jax.Array) -> jax.Array:
+def gather_rows(x_BxMx___: jax.Array, idx_BxK: jax.Array) -> jax.Array:
     """x[b, idx[b, k], ...] (B, K, ...)."""
     idx = idx_BxK.reshape(idx_BxK.shape + (1,) * (x_BxMx___.ndim - 2))
     return jnp.take_along_axis(x_BxMx___, idx, axis=1)
@@ -296,7 +301,7 @@ def beam_search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int
         log_probs = log_probs.reshape(batch_size, nb, vocab) + s.running_scores_BxN[:, :, None]
         topk_lp, topk_idx = jax.lax.top_k(log_probs.reshape(batch_size, nb * vocab), keep)
         src_beam, token = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
-        topk_seqs = jax.lax.dynamic_update_index_in_dim(_gather(s.running_BxNxL, src_beam), token, cur_len, axis=2)
+        topk_seqs = jax.lax.dynamic_update_index_in_dim(gather_rows(s.running_BxNxL, src_beam), token, cur_len, axis=2)
         hits = jnp.broadcast_to(cur_len + 1 >= max_length, token.shape)
         if gen.eos_token_id is not None:
             hits = hits | (token == gen.eos_token_id)
@@ -304,9 +309,9 @@ def beam_search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int
         # Next running beams: the best candidates that did not stop.
         running_lp = topk_lp + hits.astype(jnp.float32) * NEG
         _, next_idx = jax.lax.top_k(running_lp, nb)
-        running = _gather(topk_seqs, next_idx)
-        running_scores = _gather(running_lp, next_idx)
-        source_row = (jnp.arange(batch_size)[:, None] * nb + _gather(src_beam, next_idx)).reshape(num_rows)
+        running = gather_rows(topk_seqs, next_idx)
+        running_scores = gather_rows(running_lp, next_idx)
+        source_row = (jnp.arange(batch_size)[:, None] * nb + gather_rows(src_beam, next_idx)).reshape(num_rows)
 
         # Finished hypotheses: merge the stopped candidates among the top num_beams into the kept ones.
         just_finished = hits & is_top_nb[None]
@@ -317,9 +322,9 @@ def beam_search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int
         finished_lp = finished_lp + (~just_finished).astype(jnp.float32) * NEG
         merged_scores = jnp.concatenate([s.scores_BxN, finished_lp], axis=1)
         _, best = jax.lax.top_k(merged_scores, nb)
-        sequences = _gather(jnp.concatenate([s.sequences_BxNxL, topk_seqs], axis=1), best)
-        scores = _gather(merged_scores, best)
-        is_finished = _gather(jnp.concatenate([s.is_finished_BxN, just_finished], axis=1), best)
+        sequences = gather_rows(jnp.concatenate([s.sequences_BxNxL, topk_seqs], axis=1), best)
+        scores = gather_rows(merged_scores, best)
+        is_finished = gather_rows(jnp.concatenate([s.is_finished_BxN, just_finished], axis=1), best)
 
         state = reorder(state, source_row)
         cur_len = cur_len + 1
@@ -359,309 +364,3 @@ def search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int, gen
     if gen.num_beams == 1:
         return greedy_search(step_fn, state, batch_size, gen)
     return beam_search(step_fn, reorder, state, batch_size, gen)
-
-
-# ---------------------------------------------------------------------------------------------- BART plumbing
-
-
-def _encode(model: rag.Rag, params, ids_BKxS, mask_BKxS):
-    return model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, method=bart.Bart.encode)
-
-
-def _tiled_cache(model: rag.Rag, params, encoder_out, mask, copies: int, n_docs: int, max_length: int):
-    """A decode cache for rows (example, copy, doc) from encoder rows (example, doc): the reference's
-    extend_enc_output / repeat_interleave. The cross-attention keys/values are projected once, then tiled."""
-    cache = model.generator.apply(
-        {"params": params["generator"]}, encoder_out, mask, max_length - 1, method=bart.Bart.init_cache
-    )
-
-    def tile(x):
-        x = x.reshape(-1, 1, n_docs, *x.shape[1:])
-        return jnp.broadcast_to(x, (x.shape[0], copies, *x.shape[2:])).reshape(-1, *x.shape[3:])
-
-    return cache._replace(
-        self_kv=jax.tree.map(tile, cache.self_kv),
-        cross_kv=jax.tree.map(tile, cache.cross_kv),
-        encoder_mask_BxS=tile(cache.encoder_mask_BxS),
-    )
-
-
-def _decode_step(model: rag.Rag, params, cache: bart.DecodeCache, tokens_R: jax.Array):
-    logits, cache = model.generator.apply(
-        {"params": params["generator"]}, tokens_R[:, None], cache, method=bart.Bart.decode_step
-    )
-    return logits[:, 0], cache
-
-
-def _reorder_self_kv(cache: bart.DecodeCache, idx_N: jax.Array, rows_per_beam: int) -> bart.DecodeCache:
-    """Follows the beams in the self-attention cache (rows_per_beam consecutive rows per beam). Only the
-    self-attention keys/values differ between beams of one example; cross-attention and masks are identical copies,
-    so they are left in place."""
-
-    def take(x):
-        x = x.reshape(-1, rows_per_beam, *x.shape[1:])
-        return jnp.take(x, idx_N, axis=0).reshape(-1, *x.shape[2:])
-
-    return cache._replace(self_kv=jax.tree.map(take, cache.self_kv))
-
-
-def _check_shapes(context_input_ids, doc_scores, n_docs):
-    batch, docs = doc_scores.shape
-    if n_docs is not None and n_docs != docs:
-        raise ValueError(f"decode: n_docs={n_docs} but doc_scores has {docs} columns; pass doc_scores (B, n_docs)")
-    if context_input_ids.shape[0] != batch * docs:
-        raise ValueError(
-            f"decode: context_input_ids has {context_input_ids.shape[0]} rows, expected B*K = {batch}*{docs}"
-        )
-    return batch, docs
-
-
-# --------------------------------------------------------------------------------------------------- RAG-Token
-
-
-def marginal_log_probs(logits_NxKxV: jax.Array, doc_lp_NxK: jax.Array) -> jax.Array:
-    """RAG-Token's next-token log-probabilities log Σ_z p(z|x) softmax(logits_z) (N, V).
-
-    The same function as logsumexp_z(doc_lp_z + log_softmax(logits_z)), with one exp per logit instead of two
-    (the per-doc normaliser and the mixture share exp(logits_z - max_z)) and the mixture over docs as a matmul; the
-    transcendental passes over the (N, K, V) logits cost more than the decoder step on CPU. Values agree to float32
-    rounding, except that a token whose probability is below ~e^-87 under every document gets -inf (exp underflow)
-    instead of a finite score that low.
-    """
-    logits_NxKxV = logits_NxKxV.astype(jnp.float32)
-    exp_NxKxV = jnp.exp(logits_NxKxV - jnp.max(logits_NxKxV, axis=-1, keepdims=True))
-    weights_NxK = jnp.exp(doc_lp_NxK - jnp.log(exp_NxKxV.sum(-1)))  # p(z|x) / per-doc normaliser
-    # HIGHEST: TPUs would otherwise multiply float32 in one bf16 pass (a 1e-3 relative error in the mixture).
-    mixture_NxV = jnp.einsum("nk,nkv->nv", weights_NxK, exp_NxKxV, precision=jax.lax.Precision.HIGHEST)
-    return jnp.log(mixture_NxV)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "gen"))
-def rag_token_generate(
-    model: rag.Rag,
-    params,
-    context_input_ids_BKxS: jax.Array,
-    context_attention_mask_BKxS: jax.Array,
-    doc_scores_BxK: jax.Array,
-    gen: GenerationConfig,
-) -> jax.Array:
-    """RAG-Token decoding (RagTokenForGeneration.generate): greedy or beam search over the next-token scores
-    logsumexp_z(log p(z|x) + log_softmax(logits_z)). The encoder runs once per context; its states are tiled over
-    (example, beam, doc). Returns (B * num_return_sequences, max_length) int32, filled past the end."""
-    batch, n_docs = _check_shapes(context_input_ids_BKxS, doc_scores_BxK, None)
-    nb = gen.num_beams
-    encoder_out = _encode(model, params, context_input_ids_BKxS, context_attention_mask_BKxS)
-    cache = _tiled_cache(model, params, encoder_out, context_attention_mask_BKxS, nb, n_docs, gen.max_length)
-    doc_lp_NxK = jnp.repeat(jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1), nb, axis=0)
-
-    def step(cache, tokens_N):
-        logits, cache = _decode_step(model, params, cache, jnp.repeat(tokens_N, n_docs))
-        return marginal_log_probs(logits.reshape(batch * nb, n_docs, -1), doc_lp_NxK), cache
-
-    reorder = functools.partial(_reorder_self_kv, rows_per_beam=n_docs)
-    return search(step, reorder, cache, batch, gen)
-
-
-# ------------------------------------------------------------------------------------------------ RAG-Sequence
-
-
-class SequenceCandidates(NamedTuple):
-    """The hypotheses RAG-Sequence decoding chooses from, C = K * num_beams per example, doc-major (doc z's beams
-    at z*num_beams ...), as the reference lists them.
-
-    ids_BxCxL: the hypotheses (start token first, filled past the end).
-    is_first_BxC: False where a hypothesis repeats an earlier one (the reference's deduplication keeps the first).
-    scores_BxC: the selection score (thorough: -loss of the reference; fast: log Σ_z p(z|x) p(y|x,z) over the docs
-      whose beams hold y); -inf for repeats when deduplicating.
-    """
-
-    ids_BxCxL: jax.Array
-    is_first_BxC: jax.Array
-    scores_BxC: jax.Array
-
-
-def _per_doc_hypotheses(model, params, ids_BKxS, mask_BKxS, batch, n_docs, gen_doc: GenerationConfig):
-    """The generator's own `generate` over each of the B*K contexts with num_return_sequences = num_beams:
-    (B, K * num_beams, L)."""
-    nb = gen_doc.num_beams
-    encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
-    cache = _tiled_cache(model, params, encoder_out, mask_BKxS, nb, 1, gen_doc.max_length)
-    step = functools.partial(_decode_step, model, params)
-    reorder = functools.partial(_reorder_self_kv, rows_per_beam=1)
-    ids = search(step, reorder, cache, batch * n_docs, gen_doc)
-    return ids.reshape(batch, n_docs * nb, gen_doc.max_length)
-
-
-def _first_occurrences(ids_BxCxL: jax.Array):
-    """(B, C, C) equality of hypotheses and (B, C) flags of those not seen at a lower index."""
-    same_BxCxC = jnp.all(ids_BxCxL[:, :, None, :] == ids_BxCxL[:, None, :, :], axis=-1)
-    earlier = jnp.tril(jnp.ones(same_BxCxC.shape[1:], bool), k=-1)
-    return same_BxCxC, ~jnp.any(same_BxCxC & earlier[None], axis=-1)
-
-
-def _first_token_is_bos(ids_BxCxL: jax.Array, bos_token_id: int | None):
-    """Per example, whether every hypothesis starts (after the start token) with BOS: the reference's use_bos,
-    decided over the candidate batch of ONE example (repeats do not change it: they copy kept hypotheses)."""
-    if bos_token_id is None:
-        return None
-    return jnp.all(ids_BxCxL[:, :, 1] == bos_token_id, axis=1)
-
-
-# Rows (hypothesis x doc) per rescoring pass: enough to keep the matmuls wide, few enough that the pass's
-# (rows, length, vocabulary) logits stay small.
-_RESCORE_ROWS = 64
-
-
-def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad):
-    """-loss of every needed hypothesis against all K docs: the reference's rescoring forward pass (labels = the
-    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig); -inf where not needed.
-
-    The reference rescores only the unique hypotheses of each example. Here the needed (example, hypothesis) pairs
-    of the whole batch are packed to the front and scored in passes of _RESCORE_ROWS rows until none is left, so
-    the work follows the number of unique hypotheses while every shape stays static. exclude_bos_score's all-rows
-    test stays per example, as in the reference's one-example loss (repeats copy kept hypotheses: no change)."""
-    batch, n_docs = doc_scores_BxK.shape
-    num_candidates, length = ids_BxCxL.shape[1:]
-    pairs = batch * num_candidates
-    chunk = min(pairs, max(1, _RESCORE_ROWS // n_docs))
-    num_chunks = -(-pairs // chunk)
-    needed_P = needed_BxC.reshape(pairs)
-    num_needed = needed_P.sum()
-    # Needed pairs first, each group in order; the tail past `pairs` (a partial last chunk) writes nowhere.
-    order_P = jnp.argsort(~needed_P, stable=True).astype(jnp.int32)
-    order_P = jnp.concatenate([order_P, jnp.full((num_chunks * chunk - pairs,), pairs, jnp.int32)])
-    ids_PxL = ids_BxCxL.reshape(pairs, length)
-    encoder_out_BxKxSxE = encoder_out.reshape(batch, n_docs, *encoder_out.shape[1:])
-    mask_BxKxS = mask_BKxS.reshape(batch, n_docs, -1)
-    use_bos_B = _first_token_is_bos(ids_BxCxL, model.generator_config.bos_token_id)
-
-    def rescore(i, scores_P):
-        pair_N = jax.lax.dynamic_slice(order_P, (i * chunk,), (chunk,))
-        safe_N = jnp.minimum(pair_N, pairs - 1)
-        example_N = safe_N // num_candidates
-        ids_NxL = ids_PxL[safe_N]
-        # rows (hypothesis, doc): the reference's generator_input_ids.repeat(num_candidates, 1)
-        logits = model.generator.apply(
-            {"params": params["generator"]},
-            jnp.repeat(ids_NxL, n_docs, axis=0),
-            encoder_out_BxKxSxE[example_N].reshape(chunk * n_docs, *encoder_out.shape[1:]),
-            mask_BxKxS[example_N].reshape(chunk * n_docs, -1),
-            method=bart.Bart.decode,
-        )
-        nll_N = rag.rag_sequence_nll(
-            logits.reshape(chunk, n_docs, *logits.shape[1:]),
-            doc_scores_BxK[example_N],
-            ids_NxL,
-            pad_token_id=pad,
-            bos_token_id=model.generator_config.bos_token_id,
-            epsilon=model.config.label_smoothing,
-            exclude_bos_score=True,
-            use_bos_B=None if use_bos_B is None else use_bos_B[example_N],
-        )
-        return scores_P.at[pair_N].set(-nll_N, mode="drop")
-
-    _, scores_P = jax.lax.while_loop(
-        lambda carry: carry[0] * chunk < num_needed,
-        lambda carry: (carry[0] + 1, rescore(*carry)),
-        (0, jnp.full((pairs,), -jnp.inf, jnp.float32)),
-    )
-    return scores_P.reshape(batch, num_candidates)
-
-
-def _fast_scores(model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb):
-    """log Σ_{z: y in doc z's beams} p(z|x) p(y|x,z): each hypothesis scored only against the doc(s) whose beam
-    search produced it (the paper's approximation p(y|x,z) = 0 elsewhere), one forward pass per doc-beam.
-    log p(y|x,z) sums the non-pad target tokens, dropping the first one under the same rule as thorough decoding."""
-    batch, n_docs = doc_scores_BxK.shape
-    ids_BxKxNxL = ids_BxCxL.reshape(batch, n_docs, nb, -1)
-    use_bos_B = _first_token_is_bos(ids_BxCxL, model.generator_config.bos_token_id)
-
-    def one_beam(ids_BxKxT):
-        decoder_ids = ids_BxKxT.reshape(batch * n_docs, -1)
-        logits = model.generator.apply(
-            {"params": params["generator"]}, decoder_ids, encoder_out, mask_BKxS, method=bart.Bart.decode
-        )
-        target = rag.shift_left(decoder_ids, pad)
-        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[..., None], axis=-1)[..., 0]
-        token_lp = jnp.where(target != pad, token_lp, 0.0).reshape(batch, n_docs, -1)
-        if use_bos_B is not None:
-            token_lp = token_lp.at[:, :, 0].multiply(jnp.where(use_bos_B, 0.0, 1.0)[:, None])
-        return token_lp.sum(-1)
-
-    ll_BxKxN = jnp.moveaxis(jax.lax.map(one_beam, jnp.moveaxis(ids_BxKxNxL, 2, 0)), 0, 2)
-    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
-    joint_BxC = (doc_lp_BxK[:, :, None] + ll_BxKxN).reshape(batch, -1)  # per produced row
-    # For hypothesis j and doc z: the row of doc z's beams equal to j (at most one), else -inf.
-    same_BxCxKxN = same_BxCxC.reshape(batch, -1, n_docs, nb)
-    per_doc = jnp.max(jnp.where(same_BxCxKxN, joint_BxC.reshape(batch, 1, n_docs, nb), -jnp.inf), axis=-1)
-    return jax.nn.logsumexp(per_doc, axis=-1)
-
-
-def rag_sequence_generate(
-    model: rag.Rag,
-    params,
-    context_input_ids_BKxS: jax.Array,
-    context_attention_mask_BKxS: jax.Array,
-    doc_scores_BxK: jax.Array,
-    gen: GenerationConfig,
-    *,
-    mode: str = "thorough",
-    do_deduplication: bool | None = None,
-    n_docs: int | None = None,
-    mask_beams: bool = False,
-    return_candidates: bool = False,
-):
-    """RAG-Sequence decoding. Returns (B * num_return_sequences, max_length) int32, filled past the end, and with
-    `return_candidates` also the `SequenceCandidates`.
-
-    `gen` is the setting of the per-document beam search (`GenerationConfig.for_rag_sequence`): its num_beams is
-    also the number of hypotheses kept per document, its num_return_sequences the number returned per example.
-    mode="thorough" (RagSequenceForGeneration.generate): each document's hypotheses are rescored against all K
-      docs by the reference's loss and the best by -loss are returned. Vectorised over the batch.
-    mode="fast" (the paper's approximation; not in the reference): a hypothesis gets p(y|x,z) = 0 for the docs whose
-      beams do not hold it, so no extra forward passes over other docs; label smoothing plays no part.
-    do_deduplication (None: the model's RagConfig): repeats of a hypothesis are masked out (-inf) instead of removed.
-    n_docs: K, checked against doc_scores (B, K), from which it is taken when None.
-    mask_beams: the reference passes attention_mask=None to the generator's generate, which transformers 5 turns
-      into an all-ones mask (pad tokens of the contexts are attended to while searching); the rescoring uses the
-      real mask. False reproduces that; True masks the padding during the search as well.
-    """
-    if mode not in ("thorough", "fast"):
-        raise ValueError(f"rag_sequence_generate: mode={mode!r}; use 'thorough' or 'fast'")
-    _, docs = _check_shapes(context_input_ids_BKxS, doc_scores_BxK, n_docs)
-    if gen.num_return_sequences > docs * gen.num_beams:
-        raise ValueError(
-            f"rag_sequence_generate: num_return_sequences={gen.num_return_sequences} exceeds the K * num_beams = "
-            f"{docs * gen.num_beams} hypotheses per example"
-        )
-    dedup = model.config.do_deduplication if do_deduplication is None else bool(do_deduplication)
-    out, candidates = _rag_sequence_generate(
-        model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, mode, dedup,
-        bool(mask_beams),
-    )  # fmt: skip
-    return (out, candidates) if return_candidates else out
-
-
-@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "mask_beams"))
-def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup, mask_beams):
-    batch, docs = doc_scores_BxK.shape
-    pad = model.generator_config.pad_token_id
-    nb = gen.num_beams
-    gen_doc = dataclasses.replace(gen, num_return_sequences=nb)
-    search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
-    ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, batch, docs, gen_doc)
-
-    same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
-    encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
-    if mode == "thorough":
-        needed_BxC = is_first_BxC if dedup else jnp.ones_like(is_first_BxC)
-        scores = _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad)
-    else:
-        scores = _fast_scores(
-            model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb
-        )
-    if dedup:
-        scores = jnp.where(is_first_BxC, scores, -jnp.inf)
-    _, best_BxR = jax.lax.top_k(scores, gen.num_return_sequences)
-    out = _gather(ids_BxCxL, best_BxR).reshape(-1, gen.max_length)
-    return out, SequenceCandidates(ids_BxCxL, is_first_BxC, scores)

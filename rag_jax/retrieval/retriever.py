@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
-from rag_jax import context
-from rag_jax.retrieval import corpus, exact, index_io, merge, scann_backend
+from rag_jax.retrieval import contexts, corpus, exact, index_io, merge, scann_backend
 
 
 @dataclasses.dataclass
@@ -43,7 +41,7 @@ class Retriever:
         index: index_io.Index,
         question_tokenizer,
         generator_tokenizer,
-        fmt: context.ContextFormat,
+        fmt: contexts.ContextFormat,
         backend: str = "exact",
     ):
         self.index = index
@@ -63,8 +61,8 @@ class Retriever:
         found = self.index.passages.get(flat)
         batch, k = rows_BxK.shape
         passages = [found[i * k : (i + 1) * k] for i in range(batch)]
-        questions = context.decode_questions(question_input_ids_BxL, self.question_tokenizer)
-        ids, mask = context.generator_inputs(
+        questions = contexts.decode_questions(question_input_ids_BxL, self.question_tokenizer)
+        ids, mask = contexts.generator_inputs(
             questions,
             [[p.title for p in row] for row in passages],
             [[p.text for p in row] for row in passages],

@@ -61,11 +61,11 @@ def _f1_single(prediction: str, gold: str) -> float:
 def _max_over_golds(metric, prediction: str, answers: Sequence[str]) -> float:
     if isinstance(answers, str):
         raise TypeError(
-            "rag_jax/evaluation.py: `answers` must be a list of gold answer strings, got a single str "
+            "rag_jax/inference/metrics.py: `answers` must be a list of gold answer strings, got a single str "
             f"{answers!r}; wrap it in a list."
         )
     if not answers:
-        raise ValueError("rag_jax/evaluation.py: `answers` is empty; every question needs at least one gold answer.")
+        raise ValueError("rag_jax/inference/metrics.py: `answers` is empty; every question needs at least one gold answer.")
     return max(metric(prediction, gold) for gold in answers)
 
 
@@ -131,7 +131,7 @@ def has_answer(answers: Sequence[str], passage_text: str) -> bool:
     """True if some gold answer occurs as a contiguous token subsequence of the passage (DPR string match)."""
     if isinstance(answers, str):
         raise TypeError(
-            f"rag_jax/evaluation.py: has_answer takes a list of answers, got the str {answers!r}; wrap it in a list."
+            f"rag_jax/inference/metrics.py: has_answer takes a list of answers, got the str {answers!r}; wrap it in a list."
         )
     passage_tokens = simple_tokenize(_nfd(passage_text))
     return any(_contains_sequence(passage_tokens, a) for a in _answer_token_lists(answers))
@@ -160,9 +160,9 @@ def retrieval_recall_at_k(examples: Sequence[tuple[Sequence[str], Sequence[str]]
       k: how many of the top passages count; questions with fewer than k passages use what they have.
     """
     if k < 1:
-        raise ValueError(f"rag_jax/evaluation.py: retrieval_recall_at_k needs k >= 1, got k={k}.")
+        raise ValueError(f"rag_jax/inference/metrics.py: retrieval_recall_at_k needs k >= 1, got k={k}.")
     if not examples:
-        raise ValueError("rag_jax/evaluation.py: retrieval_recall_at_k got no examples.")
+        raise ValueError("rag_jax/inference/metrics.py: retrieval_recall_at_k got no examples.")
     hits = sum(first_hit_rank(answers, list(passages)[:k]) is not None for answers, passages in examples)
     return hits / len(examples)
 
@@ -217,7 +217,7 @@ def summarize(scores: Sequence[QuestionScore], ks: Sequence[int] = (1, 5, 20, 10
     if retrieved:
         for k in ks:
             if k < 1:
-                raise ValueError(f"rag_jax/evaluation.py: summarize got k={k} in ks; every k must be >= 1.")
+                raise ValueError(f"rag_jax/inference/metrics.py: summarize got k={k} in ks; every k must be >= 1.")
             hits = sum(s.first_hit_rank is not None and s.first_hit_rank < k for s in retrieved)
             out[f"recall@{k}"] = 100.0 * hits / len(retrieved)
             out[f"recall@{k}_hits"] = hits

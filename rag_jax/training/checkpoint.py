@@ -13,18 +13,14 @@ of a multi-host job take part in every save and restore (each writes and reads i
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from rag_jax.training import workdir as workdir_lib
+
 ITEMS = ("params", "opt_state", "data", "config")
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -35,7 +31,7 @@ class Checkpointer:
     """Saves and restores (state, data position, config) under WORKDIR/checkpoints, keeping the last `keep`."""
 
     def __init__(self, workdir: str, *, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = checkpoint_dir(workdir)
+        self.directory = workdir_lib.checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -53,7 +49,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-        """Starts saving `state` (a train.TrainState) at `step`; returns once the arrays are off the devices."""
+        """Starts saving `state` (a step.TrainState) at `step`; returns once the arrays are off the devices."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -97,56 +93,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def load_for_inference(workdir: str, *, step: int | None = None, sharding=None):
-    """(Rag model, params, run config) of a training run's checkpoint, for evaluation (eval_nq --model=WORKDIR).
-
-    The model is rebuilt from the config saved in the checkpoint (no pretrained weights are read); params come back
-    float32 with `sharding` (default: on the first local device). `step` defaults to the latest. The run's index is
-    at WORKDIR/index and its tokenizers in WORKDIR/{question_encoder,generator}_tokenizer/.
-    """
-    from rag_jax import experiment, train  # pylint: disable=g-import-not-at-top (train imports this module)
-
-    checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{checkpointer.directory}: no complete checkpoint; train first "
-                                    "(python -m experiments.train_nq --workdir=...)")
-        config = checkpointer.restore_config(step)
-        model = experiment.build_rag(config, load_weights=False).rag
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                          train.abstract_params(model))
-        params = checkpointer.restore_params(step, abstract)
-    finally:
-        checkpointer.close()
-    return model, params, config
-
-
-def load_for_inference_with_defaults(workdir: str, *, step: int | None = None):
-    """(model, params, defaults) for experiments/eval_nq: the run's own settings as evaluation defaults.
-
-    defaults: model_type (the training loss), index (WORKDIR/index), generation_hf / generator_hf (a
-    decode.GenerationConfig.from_hf dict: the run's greedy dev-evaluation settings, decoding from <s>),
-    answer_prefix_space (how the run tokenised its labels) and doc_encoder_id (None: the run checked WORKDIR/index
-    against its document encoder when it started).
-    """
-    from rag_jax import experiment  # pylint: disable=g-import-not-at-top
-
-    model, params, config = load_for_inference(workdir, step=step)
-    g = model.generator_config
-    # As the run's own dev evaluation (train.dev_generation_config): greedy, starting from <s> like its labels.
-    generation = {"max_length": int(config.eval.max_length), "num_beams": 1, "min_length": 0,
-                  "decoder_start_token_id": g.bos_token_id, "bos_token_id": g.bos_token_id,
-                  "eos_token_id": g.eos_token_id, "pad_token_id": g.pad_token_id}
-    defaults = {
-        "model_type": config.model.loss,
-        "index": experiment.index_dir(os.path.abspath(workdir)),
-        "generation_hf": generation,
-        "generator_hf": generation,
-        "answer_prefix_space": bool(config.data.answer_prefix_space),
-        "doc_encoder_id": None,
-    }
-    return model, params, defaults

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rag_jax import experiment, sharding, train, train_inputs
+from rag_jax import sharding
+from rag_jax.training import build, inputs, optim, step as step_lib
 from rag_jax.models import bart, bert, hf, hf_files
 
 GIB = 1024**3
@@ -135,11 +136,11 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) ->
     config = sizes_only(config)
     devices = topology.devices()
     mesh = sharding.mesh_from_config(config.mesh, devices=devices)
-    experiment.check_batch(config, sharding.data_size(mesh), 1)
-    model = experiment.build_rag(config, load_weights=False).rag
-    tx = experiment.make_optimizer(config)
-    abstract_state, state_shardings = train.state_layout(model, tx, mesh)
-    step = train.make_train_step(model, tx, config, mesh, state_shardings, train_inputs.HOST_KEYS)
+    build.check_batch(config, sharding.data_size(mesh), 1)
+    model = build.build_rag(config, load_weights=False).rag
+    tx = optim.make_optimizer(config)
+    abstract_state, state_shardings = step_lib.state_layout(model, tx, mesh)
+    step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, inputs.HOST_KEYS)
     batch = abstract_batch(config, model, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     compiled = step.lower(abstract_state, batch, rng, {}).compile()
@@ -171,6 +172,6 @@ def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, 
     }
     return {
         key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "doc_embeds" else jnp.int32,
-                                  sharding=sharding.named_sharding(mesh, train_inputs.BATCH_AXES[key]))
+                                  sharding=sharding.named_sharding(mesh, inputs.BATCH_AXES[key]))
         for key, shape in shapes.items()
     }  # fmt: skip

@@ -1,0 +1,76 @@
+"""Benchmarks against the references, each measured in the same process on the same machine.
+
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,mfu [--quick] [--sizes=tiny,small]
+      [--results=bench_results.jsonl]
+
+Sub-benchmarks:
+  train_step  one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
+              transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch
+  decode      RAG-Token greedy / beam 4 and RAG-Sequence thorough beam 4 decoding vs the reference's `generate`
+  embed       document encoder passages/second vs DPRContextEncoder
+  mips        exact top-k vs faiss IndexFlatIP; ScaNN
+  mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
+              (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth
+
+Every sub-benchmark prints a table and appends one JSON line per row to --results. Figures are steady-state
+(after warm-up, so compilation is excluded) medians of repeats; ratios are reference time / rag_jax time, so > 1
+means rag_jax is faster. --quick runs everything at tiny sizes, to check that it still runs (not for figures).
+
+One module per sub-benchmark (experiments/bench/<name>.py, each with `run(options) -> rows`); what they share is
+in common.py. experiments/bench/scann_recall.py is the separate ScaNN leaves-fraction study.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from absl import app, flags
+
+from experiments.bench import BENCHMARKS
+from experiments.bench.common import Options, machine
+
+_BENCHMARKS = flags.DEFINE_list("benchmarks", list(BENCHMARKS), f"Which sub-benchmarks to run, of {list(BENCHMARKS)}.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: checks that every benchmark still runs.")
+_RESULTS = flags.DEFINE_string("results", "bench_results.jsonl", "JSON lines file to append results to.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Model sizes for train_step and decode (tiny, small).")
+_MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
+_MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")
+
+
+def report(name: str, rows: list[dict], results: str, quick: bool) -> None:
+    """Prints rows as a table and appends them to the results file (with the 1-minute load average, since other
+    jobs on the machine skew the timings)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    widths = [max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys]
+    print(f"\n== {name} ({machine()}, load {os.getloadavg()[0]:.1f})")
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for row in rows:
+        print("  ".join(_fmt(row.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
+    with open(results, "a") as f:
+        for row in rows:
+            record = {"benchmark": name, "machine": machine(), "load": os.getloadavg()[0], "quick": quick}
+            f.write(json.dumps({**record, **row}) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv):
+    del argv
+    unknown = [b for b in _BENCHMARKS.value if b not in BENCHMARKS]
+    unknown += [f"size {s}" for s in _SIZES.value if s not in ("tiny", "small")]
+    if unknown:
+        raise app.UsageError(f"unknown {unknown}; benchmarks are {list(BENCHMARKS)}, sizes tiny and small")
+    opts = Options(quick=_QUICK.value, repeats=1 if _QUICK.value else _REPEATS.value, sizes=tuple(_SIZES.value),
+                   mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value)
+    for name in _BENCHMARKS.value:
+        module = importlib.import_module(f"experiments.bench.{name}")
+        report(name, module.run(opts), _RESULTS.value, opts.quick)
+
+
+if __name__ == "__main__":
+    app.run(main)

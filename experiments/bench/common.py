@@ -1,0 +1,187 @@
+"""What the sub-benchmarks share: timing, the benchmark models (rag_jax and the same weights exported for the
+reference) and random batches with realistic padding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command line's settings that sub-benchmarks read."""
+
+    quick: bool = False  # tiny sizes: checks that everything runs (no figures)
+    repeats: int = 5  # timed repeats per measurement (median reported)
+    sizes: tuple[str, ...] = ("tiny", "small")  # model sizes for train_step and decode
+    mfu_batch_per_device: int = 8
+    mfu_mips_rows: int = 4_000_000
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() after `warmup` untimed calls; fn must block until its work is done."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def paired_median_seconds(ours: Callable[[], object], reference: Callable[[], object], repeats: int,
+                          warmup: int = 1) -> tuple[float, float]:  # fmt: skip
+    """Median wall times of two blocking functions, timed alternately (ours, reference, ours, ...) after `warmup`
+    untimed calls of each, so that both see the same background load (other jobs on a shared machine)."""
+    for _ in range(warmup):
+        ours()
+        reference()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((ours, times[0]), (reference, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.device_count()}x "
+            f"{jax.devices()[0].device_kind} (jax), torch {torch.get_num_threads()} threads")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- shared models
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+    """The run config of a benchmark model: experiments/configs/nq.py `tiny`, or `small` (4-layer 256-wide
+    encoders, 3+3-layer 256-wide BART, K=5, 128 source tokens, batch 8). Real vocabulary sizes (30,522 / 50,265).
+    Dropout is 0 everywhere, on both sides, so that both compute the same function (the first step's losses are
+    compared)."""
+    from experiments.configs import nq
+
+    if size not in ("tiny", "small"):
+        raise ValueError(f"--sizes: unknown size {size!r}; choose tiny or small")
+    c = nq.get_config("tiny")
+    if size == "small":
+        for enc in (c.model.question_encoder, c.model.doc_encoder):
+            enc.hidden_size, enc.num_layers, enc.num_heads, enc.intermediate_size = 256, 4, 4, 1024
+            enc.max_position_embeddings = 512
+        g = c.model.generator
+        g.d_model, g.encoder_layers, g.decoder_layers, g.heads, g.ffn_dim = 256, 3, 3, 4, 1024
+        g.max_position_embeddings = 1024
+        c.model.n_docs, c.model.max_combined_length = 5, 128
+        c.data.max_question_length, c.data.max_target_length = 32, 12
+        c.train.global_batch_size = 8
+    for enc in (c.model.question_encoder, c.model.doc_encoder):
+        enc.dropout = 0.0
+    c.model.generator.dropout = c.model.generator.attention_dropout = 0.0
+    c.model.label_smoothing = 0.0
+    return c
+
+
+@dataclasses.dataclass
+class Twins:
+    """One random RAG model in rag_jax (its initial sharded train state) and exported for the reference."""
+
+    config: ml_collections.ConfigDict
+    model: Any  # rag_jax.rag.Rag
+    mesh: Any
+    tx: Any  # the run's optax optimizer
+    state: Any  # rag_jax.training.step.TrainState, initial
+    hf_dir: str  # the same weights in the Hugging Face RAG layout
+    hf_config: dict[str, Any]
+
+
+_TWINS: dict[str, Twins] = {}
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def twins(size: str) -> Twins:
+    """The Twins of `size`, built once per process (in a temporary directory removed at exit)."""
+    if size not in _TWINS:
+        if not _SCRATCH:
+            _SCRATCH.append(tempfile.TemporaryDirectory(prefix="rag_jax_bench_"))
+        _TWINS[size] = make_twins(size, _SCRATCH[0].name)
+    return _TWINS[size]
+
+
+def jax_model(config: ml_collections.ConfigDict) -> Twins:
+    """The rag_jax side alone (no export): model, mesh over every available device, optimizer, initial state."""
+    from rag_jax import sharding
+    from rag_jax.training import build, optim, step
+
+    model = build.build_rag(config, load_weights=False).rag
+    mesh = sharding.mesh_from_config(config.mesh)
+    tx = optim.make_optimizer(config)
+    state = step.create_train_state(model, tx, mesh, jax.random.PRNGKey(config.seed))
+    return Twins(config, model, mesh, tx, state, hf_dir="", hf_config={})
+
+
+def make_twins(size: str, directory: str) -> Twins:
+    """Builds the model of `size` with rag_jax's own initialisation and exports it to `directory`/hf-`size`."""
+    from rag_jax.inference import export
+    from rag_jax.training import build
+
+    pair = jax_model(model_config(size))
+    tokenizers = build.load_tokenizers(pair.config)
+    pair.hf_dir = os.path.join(directory, f"hf-{size}")
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
+    export.save_hf_rag(pair.hf_dir, pair.model, params, "sequence", tokenizers.question, tokenizers.generator)
+    with open(os.path.join(pair.hf_dir, "config.json")) as f:
+        pair.hf_config = json.load(f)
+    return pair
+
+
+def padded(rng: np.random.Generator, rows: int, length: int, low: int, high: int, pad: int, min_len: int):
+    """Random ids in [low, high) (rows, length), right-padded with `pad` to random lengths >= min_len; 0/1 mask."""
+    ids = rng.integers(low, high, size=(rows, length), dtype=np.int32)
+    lengths = rng.integers(min_len, length + 1, size=rows)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    return np.where(mask > 0, ids, pad).astype(np.int32), mask
+
+
+def contexts(rng: np.random.Generator, model, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generator inputs as the retriever makes them: `<s> ...` padded to max_combined_length (rows, S)."""
+    g = model.generator_config
+    ids, mask = padded(rng, rows, length, 3, g.vocab_size, g.pad_token_id, length // 2)
+    ids[:, 0] = g.bos_token_id
+    return ids, mask
+
+
+def train_batch(config: ml_collections.ConfigDict, model, seed: int = 0) -> dict[str, np.ndarray]:
+    """One global host-retrieval batch (HOST_KEYS of the step) of random tokens with realistic padding."""
+    rng = np.random.default_rng(seed)
+    b, k = config.train.global_batch_size, config.model.n_docs
+    lq, s, t = config.data.max_question_length, config.model.max_combined_length, config.data.max_target_length
+    g = model.generator_config
+    q_ids, q_mask = padded(rng, b, lq, 1000, model.question_encoder_config.vocab_size, 0, lq // 2)
+    q_ids[:, 0] = 101  # [CLS]
+    ctx_ids, ctx_mask = contexts(rng, model, b * k, s)
+    labels, label_mask = padded(rng, b, t, 3, g.vocab_size, g.pad_token_id, 3)  # <s> answer </s> pad...
+    labels[:, 0] = g.bos_token_id
+    labels[np.arange(b), label_mask.sum(1) - 1] = g.eos_token_id
+    d = model.question_encoder_config.output_dim
+    return {
+        "question_input_ids": q_ids, "question_attention_mask": q_mask, "labels": labels,
+        "gold_row": np.full((b,), -1, np.int32),
+        "context_input_ids": ctx_ids.reshape(b, k, s), "context_attention_mask": ctx_mask.reshape(b, k, s),
+        "doc_embeds": rng.normal(size=(b, k, d)).astype(np.float32), "doc_rows": np.tile(np.arange(k, dtype=np.int32), (b, 1)),
+    }  # fmt: skip
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)

@@ -1,0 +1,71 @@
+"""decode: RAG-Token greedy / beam 4 and RAG-Sequence thorough beam 4 decoding vs the reference's `generate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench.common import Options, Twins, contexts, paired_median_seconds, twins
+
+
+def _decode_cases(pair: Twins, max_length: int) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, rag_jax GenerationConfig, the reference's generate kwargs). min_length = max_length bans EOS until
+    the end, so every row generates max_length - 1 new tokens on both sides (fixed work, not the random weights'
+    EOS timing)."""
+    from rag_jax.inference.generation import GenerationConfig
+
+    length = dict(max_length=max_length, min_length=max_length)
+    token = lambda beams: GenerationConfig.from_hf(pair.hf_config, num_beams=beams, **length)
+    sequence = GenerationConfig.for_rag_sequence(pair.hf_config, num_beams=4, **length)
+    return [
+        ("rag_token greedy", token(1), dict(num_beams=1, **length)),
+        ("rag_token beam 4", token(4), dict(num_beams=4, **length)),
+        ("rag_sequence thorough beam 4", sequence, dict(num_beams=4, do_deduplication=True, **length)),
+    ]
+
+
+def run(opts: Options) -> list[dict]:
+    """Seconds per decoding call over a batch of questions with their K contexts, rag_jax (jitted, compiled
+    during warm-up) vs RagTokenForGeneration / RagSequenceForGeneration `generate` on the same weights."""
+    import torch
+    import transformers
+
+    from rag_jax.inference import rag_decoding
+
+    batch, new_tokens = (4, 3) if opts.quick else (16, 20)
+    rows = []
+    for size in ["tiny"] if opts.quick else opts.sizes:
+        pair = twins(size)
+        params = pair.state.params
+        references = {"token": transformers.RagTokenForGeneration.from_pretrained(pair.hf_dir).eval(),
+                      "sequence": transformers.RagSequenceForGeneration.from_pretrained(pair.hf_dir).eval()}
+        k, s = pair.config.model.n_docs, pair.config.model.max_combined_length
+        rng = np.random.default_rng(1)
+        ids, mask = contexts(rng, pair.model, batch * k, s)
+        scores = rng.normal(size=(batch, k)).astype(np.float32)
+        jax_inputs = tuple(map(jnp.asarray, (ids, mask, scores)))
+        torch_inputs = dict(context_input_ids=torch.as_tensor(ids, dtype=torch.long),
+                            context_attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                            doc_scores=torch.as_tensor(scores), n_docs=k)  # fmt: skip
+        for name, gen, kwargs in _decode_cases(pair, new_tokens + 1):
+            if name.startswith("rag_token"):
+                run_ours = lambda: rag_decoding.rag_token_generate(pair.model, params, *jax_inputs, gen)
+                reference = references["token"]
+            else:
+                run_ours = lambda: rag_decoding.rag_sequence_generate(pair.model, params, *jax_inputs, gen,
+                                                                mode="thorough", do_deduplication=True)
+                reference = references["sequence"]
+
+            def run_reference():
+                with torch.no_grad():
+                    return reference.generate(**torch_inputs, **kwargs).numpy()
+
+            out_ours, out_ref = np.asarray(run_ours()), run_reference()  # also the warm-up (compilation)
+            agree = float(np.mean(np.all(out_ours[:, : out_ref.shape[1]] == out_ref, axis=1)))
+            t_ours, t_ref = paired_median_seconds(lambda: run_ours().block_until_ready(), run_reference, opts.repeats,
+                                                  warmup=0)  # fmt: skip
+            rows.append(dict(size=size, decoding=name, batch=batch, n_docs=k, new_tokens=new_tokens, ours_s=t_ours,
+                             reference_s=t_ref, speedup=t_ref / t_ours, same_output=agree))  # fmt: skip
+    return rows

@@ -1,0 +1,110 @@
+"""mfu, accelerators only: the `paper` config's step in bf16 as a fraction of the device's peak FLOP/s (model FLOPs
+from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from experiments.bench.common import Options, jax_model, median_seconds, model_config, train_batch
+from experiments.bench.train_step import JaxTrainer
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+    name: str
+    bf16_flops: float  # dense peak FLOP/s per device (jax device)
+    hbm_bytes_per_s: float
+
+
+# Matched in order against jax's device_kind (TPU v5e reports "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite"), so
+# the more specific names come first. Vendor datasheet figures; H100/H200 are the SXM parts, dense (no sparsity).
+PEAKS: tuple[tuple[tuple[str, ...], DevicePeak], ...] = (
+    (("v6 lite", "v6e"), DevicePeak("TPU v6e", 918e12, 1640e9)),
+    (("v5 lite", "v5e"), DevicePeak("TPU v5e", 197e12, 819e9)),
+    (("v5p", "tpu v5"), DevicePeak("TPU v5p", 459e12, 2765e9)),
+    (("tpu v4",), DevicePeak("TPU v4", 275e12, 1228e9)),
+    (("h200",), DevicePeak("H200", 989e12, 4800e9)),
+    (("h100 pcie",), DevicePeak("H100 PCIe", 756e12, 2000e9)),
+    (("h100",), DevicePeak("H100 SXM", 989e12, 3350e9)),
+    (("a100-sxm4-40gb", "a100-pcie-40gb"), DevicePeak("A100 40GB", 312e12, 1555e9)),
+    (("a100",), DevicePeak("A100 80GB", 312e12, 2039e9)),
+)
+
+
+def device_peak(device_kind: str) -> DevicePeak | None:
+    """The peak bf16 FLOP/s and HBM bandwidth of a jax device kind, or None when it is not in PEAKS."""
+    kind = device_kind.lower()
+    for names, peak in PEAKS:
+        if any(name in kind for name in names):
+            return peak
+    return None
+
+
+def paper_config(batch_per_device: int) -> ml_collections.ConfigDict:
+    """experiments/configs/nq.py `paper` with its networks' sizes (BERT-base encoders, BART-large, K=10, 128
+    question / 300 source / 25 target tokens, bf16) and random weights; the batch is per device."""
+    from experiments.configs import nq
+    from rag_jax.training import aot
+
+    config = aot.sizes_only(nq.get_config("paper"))
+    config.train.global_batch_size = batch_per_device * jax.device_count()
+    return config
+
+
+def mfu_rows(config: ml_collections.ConfigDict, peak: DevicePeak, repeats: int, mips_rows: int,
+             mips_queries: tuple[int, ...] = (8, 64)) -> list[dict]:  # fmt: skip
+    """Training-step MFU of `config` on all devices, and exact MIPS bytes/second on one, against `peak`."""
+    from rag_jax.training import flops
+    from rag_jax.retrieval import exact
+
+    pair = jax_model(config)
+    model, mesh = pair.model, pair.mesh
+    trainer = JaxTrainer(pair, train_batch(config, model))
+    pair.state = None  # the trainer steps its own copy; one state in device memory, not two
+    xla_cost = trainer.compile().cost_analysis()
+    xla_cost = xla_cost[0] if isinstance(xla_cost, (list, tuple)) else xla_cost
+    seconds = median_seconds(trainer.step, repeats, warmup=1)  # compiled above; warm-up runs one step
+    c = config
+    b, k = c.train.global_batch_size, c.model.n_docs
+    model_flops = flops.rag_train_step_flops(model, b, k, c.data.max_question_length, c.model.max_combined_length,
+                                             c.data.max_target_length)  # fmt: skip
+    devices = mesh.size
+    rows = [dict(measure="train_step", device=peak.name, devices=devices, dtype=c.model.compute_dtype, batch=b,
+                 n_docs=k, seconds=seconds, model_tflops=model_flops / 1e12,
+                 xla_tflops=float(xla_cost.get("flops", 0.0)) * devices / 1e12,
+                 achieved_tflops_per_s=model_flops / seconds / 1e12,
+                 fraction_of_peak=model_flops / seconds / (peak.bf16_flops * devices))]  # fmt: skip
+    del trainer, pair  # free the device memory for the corpus
+
+    dim = 768
+    corpus_NxD = jax.random.normal(jax.random.PRNGKey(2), (mips_rows, dim), jnp.float32)
+    search = jax.jit(exact.exact_topk, static_argnames=("k",))
+    for q in mips_queries:
+        queries = jax.random.normal(jax.random.PRNGKey(3), (q, dim), jnp.float32)
+        seconds = median_seconds(lambda: jax.block_until_ready(search(queries, corpus_NxD, k=10)), repeats)
+        corpus_bytes = corpus_NxD.size * corpus_NxD.dtype.itemsize  # read once per search
+        rows.append(dict(measure=f"exact MIPS {mips_rows}x{dim} f32, {q} queries, top-10", device=peak.name,
+                         devices=1, seconds=seconds, achieved_gb_per_s=corpus_bytes / seconds / 1e9,
+                         fraction_of_peak=corpus_bytes / seconds / peak.hbm_bytes_per_s))  # fmt: skip
+    return rows
+
+
+def run(opts: Options) -> list[dict]:
+    """The paper config's training-step MFU in bf16 and exact MIPS bandwidth, on an accelerator only."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        reason = "no accelerator (jax.devices() is CPU): MFU is measured on TPU/GPU only"
+        print(f"mfu: skipped: {reason}")
+        return [dict(status="skipped", reason=reason)]
+    peak = device_peak(device.device_kind)
+    if peak is None:
+        reason = f"device kind {device.device_kind!r} is not in experiments/bench/mfu.py PEAKS; add its peak figures"
+        print(f"mfu: skipped: {reason}")
+        return [dict(status="skipped", reason=reason)]
+    if opts.quick:
+        return mfu_rows(model_config("tiny"), peak, opts.repeats, mips_rows=100_000)
+    return mfu_rows(paper_config(opts.mfu_batch_per_device), peak, opts.repeats, mips_rows=opts.mfu_mips_rows)

@@ -1,0 +1,106 @@
+"""train_step: one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
+transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from experiments.bench.common import Options, Twins, paired_median_seconds, relative, train_batch, twins
+
+
+class JaxTrainer:
+    """rag_jax's real training step (rag_jax.training.step.make_train_step, host retrieval) stepping a donated state."""
+
+    def __init__(self, pair: Twins, batch: dict[str, np.ndarray]):
+        from rag_jax import sharding
+        from rag_jax.training import inputs, step
+
+        self.mesh = pair.mesh
+        _, state_shardings = step.state_layout(pair.model, pair.tx, self.mesh)
+        self.step_fn = step.make_train_step(pair.model, pair.tx, pair.config, self.mesh, state_shardings,
+                                            inputs.HOST_KEYS)  # fmt: skip
+        self.state = jax.tree_util.tree_map(lambda x: x.copy(), pair.state)  # the step donates its state
+        axes = inputs.BATCH_AXES
+        self.batch = {key: jax.device_put(value, sharding.named_sharding(self.mesh, axes[key]))
+                      for key, value in batch.items()}  # fmt: skip
+        self.rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(self.mesh))
+
+    def compile(self):
+        """The lowered and compiled step (for XLA's cost analysis); stepping uses the same executable."""
+        from rag_jax import sharding
+
+        with sharding.use(self.mesh):
+            self.step_fn = self.step_fn.lower(self.state, self.batch, self.rng, {}).compile()
+        return self.step_fn
+
+    def step(self) -> float:
+        """One step; returns its loss (blocks until the step is done)."""
+        from rag_jax import sharding
+
+        with sharding.use(self.mesh):  # the models' logical constraints apply when the step is traced
+            self.state, metrics = self.step_fn(self.state, self.batch, self.rng, {})
+        return float(metrics["loss"])
+
+
+class TorchTrainer:
+    """The reference's training step: RagSequenceForGeneration with the retriever bypassed (context ids and doc
+    scores from the question encoder, as the reference computes them with a retriever), loss.backward(), the
+    same gradient clipping, torch.optim.AdamW."""
+
+    def __init__(self, pair: Twins, batch: dict[str, np.ndarray]):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.model = transformers.RagSequenceForGeneration.from_pretrained(pair.hf_dir).train()
+        o = pair.config.optim
+        self.max_grad_norm = float(o.max_grad_norm)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                                           eps=o.eps, weight_decay=o.weight_decay)  # fmt: skip
+        b, k, s = batch["context_input_ids"].shape
+        as_long = lambda key: torch.as_tensor(batch[key], dtype=torch.long)
+        self.inputs = dict(question_input_ids=as_long("question_input_ids"),
+                           question_attention_mask=as_long("question_attention_mask"), labels=as_long("labels"),
+                           context_input_ids=as_long("context_input_ids").reshape(b * k, s),
+                           context_attention_mask=as_long("context_attention_mask").reshape(b * k, s),
+                           doc_embeds=torch.as_tensor(batch["doc_embeds"]))  # fmt: skip
+
+    def step(self) -> float:
+        x = self.inputs
+        self.optimizer.zero_grad(set_to_none=True)
+        q_BxD = self.model.question_encoder(x["question_input_ids"], attention_mask=x["question_attention_mask"])
+        scores_BxK = self.torch.bmm(q_BxD.pooler_output.unsqueeze(1), x["doc_embeds"].transpose(1, 2)).squeeze(1)
+        out = self.model(context_input_ids=x["context_input_ids"], context_attention_mask=x["context_attention_mask"],
+                         doc_scores=scores_BxK, labels=x["labels"])  # fmt: skip
+        loss = out.loss.mean()  # per-example NLLs (reduce_loss False), averaged as rag_jax's step does
+        loss.backward()
+        if self.max_grad_norm > 0:
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def run(opts: Options) -> list[dict]:
+    """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size; with the analytic model
+    FLOPs of the step (rag_jax/training/flops.py) and the rate each side achieves."""
+    from rag_jax.training import flops
+
+    rows = []
+    for size in ["tiny"] if opts.quick else opts.sizes:
+        pair = twins(size)
+        batch = train_batch(pair.config, pair.model)
+        ours, theirs = JaxTrainer(pair, batch), TorchTrainer(pair, batch)
+        # The first step of each starts from the same weights: the same loss means the same computation.
+        loss_ours, loss_ref = ours.step(), theirs.step()
+        t_ours, t_ref = paired_median_seconds(ours.step, theirs.step, opts.repeats, warmup=0 if opts.quick else 1)
+        c = pair.config
+        gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
+                                           c.data.max_question_length, c.model.max_combined_length,
+                                           c.data.max_target_length) / 1e9  # fmt: skip
+        rows.append(dict(size=size, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
+                         source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
+                         devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours,
+                         model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref,
+                         first_loss_rel_diff=relative(loss_ours, loss_ref)))  # fmt: skip
+    return rows

@@ -1,0 +1,62 @@
+"""A Hugging Face RAG directory read for answering: the model, its parameters, and the defaults it carries.
+
+The defaults are what eval_nq uses unless a flag says otherwise: the model type (from `architectures`), the
+generation settings as transformers resolves them (RAG-Token: generation_config.json, else config.json; RAG-Sequence:
+the generator's own `generate`, see GenerationConfig.for_rag_sequence), and how gold answers are tokenised. A
+directory exported from a rag_jax run (export.RUN_KEY in config.json) is answered as its workdir is: with the run's
+generation settings (its generation_config.json) for either model type, and the run's answer tokenisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from rag_jax import rag
+from rag_jax.inference import export
+from rag_jax.inference.generation import GenerationConfig
+from rag_jax.models import hf
+
+MODEL_TYPES = ("sequence", "token")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDefaults:
+    """Answering defaults of a model directory or a training workdir."""
+
+    model_type: str  # "sequence" | "token"
+    generation: dict[str, GenerationConfig]  # model type -> decoding settings
+    answer_prefix_space: bool  # gold answers tokenised as " answer" (how rag_jax training labels are made)
+    index: str | None = None  # the index the model was trained with, when known (a workdir's own)
+
+    def generation_config(self, model_type: str, **overrides) -> GenerationConfig:
+        return dataclasses.replace(self.generation[model_type], **overrides)
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_hf_rag(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
+    """(model, params, defaults) of a Hugging Face RAG directory."""
+    loaded = hf.load_rag(path)
+    model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
+    params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
+    arch = (loaded.hf_config.get("architectures") or ["RagSequenceForGeneration"])[0]
+    generation_file = _read_json(os.path.join(loaded.directory, export.GENERATION_CONFIG_FILE))
+    token = GenerationConfig.from_hf(generation_file if generation_file is not None else loaded.hf_config)
+    run = loaded.hf_config.get(export.RUN_KEY)
+    if run is not None and generation_file is not None:  # a rag_jax export: the run's settings for both types
+        generation = {"token": token, "sequence": token}
+    else:
+        generation = {"token": token, "sequence": GenerationConfig.for_rag_sequence(loaded.hf_config)}
+    defaults = ModelDefaults(
+        model_type="token" if "Token" in arch else "sequence",
+        generation=generation,
+        answer_prefix_space=bool((run or {}).get("answer_prefix_space", False)),
+    )
+    return model, params, defaults

@@ -1,0 +1,48 @@
+"""The optimizer of a run: gradient clipping, then AdamW with warm-up and linear decay (the Hugging Face research
+project's recipe), weight decay off for biases and layer norms, and an optional learning-rate scale for q(x)."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+_NO_DECAY = ("bias", "scale", "final_logits_bias")  # REF's no_decay list: biases and LayerNorm weights
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0, then polynomial (power 1) decay to end_learning_rate at train.steps (REF)."""
+    o = config.optim
+    warmup = int(o.warmup_steps)
+    decay = optax.polynomial_schedule(o.learning_rate, o.end_learning_rate, power=1.0,
+                                      transition_steps=max(1, config.train.steps - warmup))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    """True for weights that get weight decay: everything but biases and layer-norm scales (REF no_decay)."""
+
+    def decays(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in _NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW with the schedule above (the HF research project's optimizer)."""
+    o = config.optim
+    parts = []
+    if o.max_grad_norm and o.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.max_grad_norm))
+    parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=_decay_mask))
+    if o.question_encoder_lr_scale != 1.0:
+        parts.append(optax.masked(optax.scale(o.question_encoder_lr_scale), _question_encoder_mask))
+    return optax.chain(*parts)
+
+
+def _question_encoder_mask(params):
+    return {part: jax.tree_util.tree_map(lambda _: part == "question_encoder", tree) for part, tree in params.items()}

@@ -1,0 +1,185 @@
+"""The training step: the sharded train state and the jitted `train_step(state, batch, rng, corpus) -> (state,
+metrics)` (state donated, no I/O).
+
+One step: question encoding q(x), doc scores q(x)·d(z) against the retrieved documents' precomputed embeddings, BART
+over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. The document encoder is frozen:
+it is not in the state, its embeddings are the index. Retrieval (config retrieval.mode):
+  host    the loop encodes the batch's questions with a separate jitted call, searches on the host (exact or
+          ScaNN, rag_jax/retrieval/retriever.py), forms the generator inputs there exactly as the reference does,
+          and the step receives them with the retrieved embeddings; `corpus` is empty.
+  device  `corpus` holds the index embeddings and every passage's generator tokens, split over all devices; the
+          step searches (exact MIPS, make_sharded_topk) and assembles the generator inputs itself
+          (rag_jax/retrieval/contexts.py). The query is q(x) without dropout in both modes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rag_jax import rag, sharding
+from rag_jax.retrieval import contexts, exact
+from rag_jax.training import build, optim
+from rag_jax.training.inputs import BATCH_AXES
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # {"question_encoder": ..., "generator": ...}
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+
+def _boxed_state(model: rag.Rag, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = rag.init_params(model, rng)
+    # The optimizer state mirrors the boxed params, so Adam's moments inherit their logical axes.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_layout(model: rag.Rag, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, state shardings): eval_shape -> logical specs -> NamedShardings."""
+    boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx), jax.random.PRNGKey(0))
+    unboxed = nn.meta.unbox(boxed)
+    shardings = sharding.tree_shardings(mesh, nn.get_partition_spec(boxed), unboxed)
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      unboxed, shardings)
+    return abstract, shardings
+
+
+def create_train_state(model: rag.Rag, tx: optax.GradientTransformation, mesh, rng: jax.Array,
+                       pretrained: dict[str, Any] | None = None) -> TrainState:
+    """The initial state, created already sharded; `pretrained` parts (numpy trees) replace the random ones."""
+    _, shardings = state_layout(model, tx, mesh)
+    pretrained = pretrained or {}
+    # Traced outside `sharding.use`: Flax's DenseGeneral reshapes a boxed kernel at init, and a current mesh would
+    # apply the kernel's 3-axis constraint to the flat 2-d array. out_shardings places everything anyway.
+    params = jax.jit(lambda r: nn.meta.unbox(rag.init_params(model, r)), out_shardings=shardings.params)(rng)
+    for part, tree in pretrained.items():
+        expected = jax.tree_util.tree_structure(params[part])
+        if jax.tree_util.tree_structure(tree) != expected:
+            raise build.ConfigError(f"pretrained {part} parameters do not match the model's structure")
+        params[part] = jax.tree_util.tree_map(
+            lambda x, ref, s: jax.device_put(np.asarray(x, ref.dtype), s), tree, params[part],
+            shardings.params[part])
+    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=shardings)
+    return init(params)
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+
+def _split_microbatches(batch: dict[str, jax.Array], count: int, mesh) -> dict[str, jax.Array]:
+    """(B, ...) -> (count, B/count, ...) with microbatch i = rows i, i+count, ...: each device keeps its rows."""
+
+    def split(key, x):
+        x = x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
+        spec = sharding.named_sharding(mesh, (None,) + BATCH_AXES[key])
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return {key: split(key, x) for key, x in batch.items()}
+
+
+def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh,
+                    state_shardings: TrainState, batch_keys, corpus_shardings: dict | None = None,
+                    num_passages: int | None = None) -> Callable:
+    """The jitted `train_step(state, batch, rng, corpus) -> (state, metrics)` (state donated).
+
+    batch: global arrays with `batch_keys` (BATCH_AXES layout). rng: the run's base key; the step uses
+    fold_in(rng, step). corpus: {} for host retrieval, else inputs.device_corpus's arrays.
+    metrics: replicated float32 scalars loss, grad_norm, update_norm, learning_rate, gold_hits, gold_known.
+    """
+    gcfg = model.generator_config
+    pad, bos, eos = gcfg.pad_token_id, gcfg.bos_token_id, gcfg.eos_token_id
+    epsilon = float(config.model.label_smoothing)
+    accum = int(config.train.grad_accum_steps)
+    n_docs = int(config.model.n_docs)
+    schedule = optim.learning_rate_schedule(config)
+    device_mode = config.retrieval.mode == "device"
+    if device_mode:
+        topk = exact.make_sharded_topk(mesh, n_docs, num_passages, corpus_axes=sharding.corpus_axes())
+        gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
+    max_len = model.config.context.max_combined_length
+
+    def constrain(key, x):
+        return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
+
+    def retrieve(params, batch, corpus):
+        q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
+        rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), corpus["embeddings"])
+        embeds, table = gather(rows_BxK, corpus["embeddings"], corpus["tokens"])
+        ids, mask = contexts.assemble_contexts(table[..., 1:], table[..., 0], batch["question_gen_ids"],
+                                                      batch["question_gen_length"], max_len, bos=bos, eos=eos,
+                                                      pad=pad)
+        found = {"doc_rows": rows_BxK, "doc_embeds": embeds.astype(jnp.float32), "context_input_ids": ids,
+                 "context_attention_mask": mask}
+        return {**batch, **{key: constrain(key, x) for key, x in found.items()}}
+
+    def loss_fn(params, batch, rng):
+        q_rng, g_rng = jax.random.split(rng)
+        q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"],
+                                       dropout_rng=q_rng)
+        scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
+        b, k, s = batch["context_input_ids"].shape
+        logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
+                                        batch["context_attention_mask"].reshape(b * k, s), batch["labels"],
+                                        dropout_rng=g_rng)
+        if config.model.loss == "sequence":
+            nll_B = rag.rag_sequence_nll(logits, scores_BxK, batch["labels"], pad_token_id=pad, bos_token_id=bos,
+                                         epsilon=epsilon)
+        else:
+            nll_B = rag.rag_token_nll(logits, scores_BxK, batch["labels"], pad_token_id=pad, epsilon=epsilon)
+        return nll_B.mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch, rng, corpus):
+        rng = jax.random.fold_in(rng, state.step)
+        if device_mode:
+            batch = retrieve(state.params, batch, corpus)
+        model_batch = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "labels",
+                                                   "context_input_ids", "context_attention_mask", "doc_embeds")}
+        if accum == 1:
+            loss, grads = grad_fn(state.params, model_batch, rng)
+        else:
+            micro = _split_microbatches(model_batch, accum, mesh)
+
+            def body(carry, xs):
+                mb, i = xs
+                loss_i, grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+            loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        gold = batch["gold_row"]
+        hits = jnp.any(batch["doc_rows"] == gold[:, None], axis=1) & (gold >= 0)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),  # inf/NaN here means the new parameters are bad
+            "learning_rate": schedule(state.step),
+            "gold_hits": hits.sum().astype(jnp.float32),
+            "gold_known": (gold >= 0).sum().astype(jnp.float32),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_shardings = {key: sharding.named_sharding(mesh, BATCH_AXES[key]) for key in batch_keys}
+    corpus_shardings = corpus_shardings or {}
+    replicated = sharding.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated, corpus_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+

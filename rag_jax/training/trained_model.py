@@ -1,0 +1,64 @@
+"""A training run read back for answering: its model and parameters from the latest (or a given) checkpoint, and
+the defaults its config implies for inference.
+
+`generation_config` is the one place that says how a rag_jax-trained model decodes: the periodic dev evaluation
+(dev_eval.py), eval_nq on a workdir and the Hugging Face export all take it from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from rag_jax import rag
+from rag_jax.inference.generation import GenerationConfig
+from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
+from rag_jax.training import build, checkpoint, workdir as workdir_lib
+
+
+def generation_config(model: rag.Rag, config: ml_collections.ConfigDict) -> GenerationConfig:
+    """Greedy decoding that starts like the training labels: from <s> (bos) at position 0.
+
+    Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
+    has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
+    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
+    """
+    g = model.generator_config
+    return GenerationConfig(max_length=int(config.eval.max_length), num_beams=1, min_length=0,
+                            decoder_start_token_id=g.bos_token_id, bos_token_id=g.bos_token_id,
+                            eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id)
+
+
+class TrainedModel(NamedTuple):
+    model: rag.Rag
+    params: Any
+    config: ml_collections.ConfigDict  # the run config saved in the checkpoint
+    defaults: ModelDefaults
+
+
+def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedModel:
+    """The run's model (rebuilt from the config saved in the checkpoint; no pretrained weights are read), its
+    float32 parameters placed with `sharding` (default: the first local device), and its inference defaults: the
+    training loss as model type, `generation_config`, the run's answer tokenisation and WORKDIR/index. `step`
+    defaults to the latest checkpoint."""
+    checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{checkpointer.directory}: no complete checkpoint; train first "
+                                    "(python -m experiments.train_nq --workdir=...)")
+        config = checkpointer.restore_config(step)
+        model = build.build_rag(config, load_weights=False).rag
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                          rag.abstract_params(model))
+        params = checkpointer.restore_params(step, abstract)
+    finally:
+        checkpointer.close()
+    generation = generation_config(model, config)
+    defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
+                             answer_prefix_space=bool(config.data.answer_prefix_space),
+                             index=workdir_lib.index_dir(workdir))
+    return TrainedModel(model, params, config, defaults)
