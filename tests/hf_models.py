@@ -72,3 +72,44 @@ def padded_ids(rng: np.random.Generator, batch: int, length: int, vocab: int, pa
 def relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def save_sentence_transformer(model: transformers.BertModel, directory, *, pooling: str = "mean",
+                              normalize: bool = True, transformer_path: str = "") -> None:
+    """Saves `model` in the sentence-transformers layout: modules.json listing Transformer (in `transformer_path`,
+    "" = the directory itself, as current versions save; old ones used "0_Transformer"), Pooling (1_Pooling) and,
+    when `normalize`, Normalize (2_Normalize, which has no files)."""
+    import json
+    import os
+
+    model.save_pretrained(os.path.join(directory, transformer_path))
+    with open(os.path.join(directory, transformer_path, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": 32, "do_lower_case": False}, f)
+    modes = {f"pooling_mode_{m}": m == {"mean": "mean_tokens", "cls": "cls_token"}.get(pooling, pooling)
+             for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}  # fmt: skip
+    os.makedirs(os.path.join(directory, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(directory, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": model.config.hidden_size, **modes}, f)
+    modules = [{"idx": 0, "name": "0", "path": transformer_path, "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    with open(os.path.join(directory, "modules.json"), "w") as f:
+        json.dump(modules, f)
+
+
+def sentence_transformer_reference(model: transformers.BertModel, ids, mask, *, pooling: str = "mean",
+                                   normalize: bool = True) -> np.ndarray:
+    """What sentence-transformers computes: BertModel's last hidden states, pooled ([CLS], or the mean over the
+    attention mask with the count clamped at 1e-9), then torch.nn.functional.normalize."""
+    ids, mask = torch.as_tensor(np.asarray(ids)), torch.as_tensor(np.asarray(mask))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled.numpy()

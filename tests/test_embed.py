@@ -34,3 +34,18 @@ def test_length_sorted_batches_return_each_passage_its_own_vector(tmp_path):
             for p in passages
         ])  # fmt: skip
     np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fingerprint_covers_pooling_and_normalisation_and_keeps_older_indexes():
+    """An index must refuse an encoder that pools or normalises differently; an index built before BertConfig had
+    `normalize` keeps its identity (the values below were computed by the code of that time)."""
+    from rag_jax.models import bert  # pylint: disable=g-import-not-at-top
+
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    mean = bert.BertConfig(hidden_size=32, num_heads=2, pooling="mean")
+    assert embed.encoder_fingerprint(mean, params) == "4ed7d38fdc6071f5"
+    assert embed.encoder_fingerprint(bert.BertConfig(), params) == "d78119767a55b0ff"
+    others = {embed.encoder_fingerprint(c, params) for c in (
+        bert.BertConfig(hidden_size=32, num_heads=2, pooling="cls"),
+        bert.BertConfig(hidden_size=32, num_heads=2, pooling="mean", normalize=True))}  # fmt: skip
+    assert len(others) == 2 and "4ed7d38fdc6071f5" not in others

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import transformers
 
+from rag_jax.models import sentence_transformers_dir
+
 _ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers")
 QUESTION_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bert-base-uncased")
 GENERATOR_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bart-large")
@@ -97,8 +99,12 @@ def load_question_tokenizer(path: str = QUESTION_TOKENIZER_DIR) -> transformers.
     """BERT WordPiece tokenizer (lower-casing, as bert-base-uncased / DPR) from a directory or hub id.
 
     The directory needs tokenizer.json or vocab.txt; tokenizer_config.json, when present, sets lower-casing etc.
-    Pairs (title, text) get token_type_ids 0 then 1, as the DPR context encoder expects.
+    A sentence-transformers directory gives the tokenizer of its Transformer module. Pairs (title, text) get
+    token_type_ids 0 then 1, as the DPR context encoder expects.
     """
+    pipeline = sentence_transformers_dir.read_pipeline(path) if os.path.isdir(path) else None
+    if pipeline is not None:
+        path = pipeline.transformer_dir
     return _load(transformers.BertTokenizerFast, path, _BERT_FILE_SETS, "the", "Question encoder (BERT)")
 
 

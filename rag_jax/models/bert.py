@@ -4,7 +4,9 @@ A post-LayerNorm BERT whose pooled output is chosen by `pooling`:
   "cls"     the [CLS] hidden state (DPR; `pooler_output` of DPRQuestionEncoder / DPRContextEncoder),
   "pooler"  BERT's dense + tanh pooler over [CLS] (BertModel's `pooler_output`),
   "mean"    the mean of the non-padding hidden states (sentence-transformers style retrievers),
-optionally followed by a linear projection (DPR's `encode_proj`, when `projection_dim` > 0).
+optionally followed by a linear projection (DPR's `encode_proj`, when `projection_dim` > 0), and by L2
+normalisation when `normalize` (sentence-transformers' Normalize module: inner products of such vectors are the
+cosine similarities the model was trained to rank by).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class BertConfig:
     pad_token_id: int = 0
     pooling: str = "cls"
     projection_dim: int = 0
+    normalize: bool = False
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -128,4 +131,17 @@ class BertEncoder(nn.Module):
             pooled = (x.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
         if cfg.projection_dim:
             pooled = layers.dense(cfg.projection_dim, ("embed", "mlp"), name="projection", **common)(pooled)
-        return x, pooled.astype(jnp.float32)
+        pooled = pooled.astype(jnp.float32)
+        if cfg.normalize:
+            pooled = l2_normalize(pooled)
+        return x, pooled
+
+
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' Normalize uses
+
+
+def l2_normalize(x_BxD: jax.Array) -> jax.Array:
+    """x / max(||x||, eps) as torch.nn.functional.normalize computes it. The norm is taken as sqrt(max(||x||^2,
+    eps^2)), the same value, so that an all-zero row (a padding row of a batch) gets a zero gradient, not NaN."""
+    squared_Bx1 = jnp.sum(jnp.square(x_BxD), axis=-1, keepdims=True)
+    return x_BxD / jnp.sqrt(jnp.maximum(squared_Bx1, NORMALIZE_EPS**2))

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models import bart, bert, hf_files
+from rag_jax.models import bart, bert, hf_files, sentence_transformers_dir
 from rag_jax.models.hf_files import CheckpointError
+from rag_jax.models.sentence_transformers_dir import pretrained_retriever_dir  # noqa: F401 (part of this interface)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +311,14 @@ class LoadedRag:
 
 
 def load_encoder(path: str, *, pooling: str | None = None, **overrides) -> Loaded:
-    """A BERT-family encoder: BertModel (pooler output by default), DPRQuestionEncoder or DPRContextEncoder."""
+    """A BERT-family encoder: BertModel (pooler output by default), DPRQuestionEncoder or DPRContextEncoder, or a
+    sentence-transformers directory (its modules.json sets pooling and normalize: sentence_transformers_dir).
+    `pooling` and a `normalize` override replace what the checkpoint says."""
     directory = hf_files.resolve(path)
+    pipeline = sentence_transformers_dir.read_pipeline(directory)
+    if pipeline is not None:
+        directory, pooling = pipeline.transformer_dir, pooling or pipeline.pooling
+        overrides = {"normalize": pipeline.normalize, **overrides}
     hf = hf_files.read_config(directory)
     model_type = hf.get("model_type")
     if model_type not in ("bert", "dpr"):
@@ -416,9 +423,11 @@ def encoder_tensors(cfg: bert.BertConfig, params: dict[str, Any], prefix: str) -
 
 
 def dpr_config_dict(cfg: bert.BertConfig) -> dict[str, Any]:
-    """DPRConfig fields for an encoder; only [CLS] pooling exists in DPR."""
-    if cfg.pooling != "cls":
-        raise CheckpointError(f"only 'cls' pooling can be exported as a DPR encoder, this one uses {cfg.pooling!r}")
+    """DPRConfig fields for an encoder; DPR has only [CLS] pooling and no normalisation."""
+    if cfg.pooling != "cls" or cfg.normalize:
+        used = f"{cfg.pooling!r} pooling" + (" with L2 normalisation" if cfg.normalize else "")
+        raise CheckpointError(f"only 'cls' pooling without normalisation can be exported as a DPR encoder (DPR has "
+                              f"neither mean pooling nor normalisation); this one uses {used}")
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,

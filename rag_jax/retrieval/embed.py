@@ -9,6 +9,7 @@ third fewer tokens to encode); the vectors are written back in corpus order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -32,9 +33,22 @@ _KEYS = ("input_ids", "attention_mask", "token_type_ids")
 _CPU_ENCODER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+# BertConfig fields added after indexes were first built, with the value every earlier encoder had. At that value
+# they are left out of the fingerprint, so an index built before the field existed still matches its encoder.
+_LATER_FIELDS = {"normalize": False}
+
+
+def _config_identity(config: bert.BertConfig) -> str:
+    """The dataclass repr of `config` (every field: pooling, normalize, sizes, ...), less `_LATER_FIELDS` at their
+    old values."""
+    fields = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+              if not (f.name in _LATER_FIELDS and getattr(config, f.name) == _LATER_FIELDS[f.name])]  # fmt: skip
+    return f"{type(config).__name__}({', '.join(fields)})"
+
+
 def encoder_fingerprint(config: bert.BertConfig, params: Any) -> str:
     """A short identity of an encoder (config and weights): an index records it and refuses other encoders."""
-    digest = hashlib.sha256(repr(config).encode())
+    digest = hashlib.sha256(_config_identity(config).encode())
     for leaf in jax.tree_util.tree_leaves(params):
         digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
     return digest.hexdigest()[:16]
