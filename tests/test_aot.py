@@ -32,3 +32,15 @@ def test_unknown_accelerator_type_is_named():
         aot.parse_topology("v4-7")
     with pytest.raises(ValueError, match="tpu-9000"):
         aot.parse_topology("tpu-9000")
+
+
+def test_sizes_only_keeps_a_sentence_transformers_pooling_and_normalisation(tmp_path):
+    """Compiling needs no weights: a checkpoint encoder becomes random-init with its sizes, and, left to the
+    checkpoint ("auto", unset), a sentence-transformers directory's pooling and normalisation (old layout here)."""
+    from tests import hf_models  # pylint: disable=g-import-not-at-top (torch)
+
+    hf_models.save_sentence_transformer(hf_models.bert_model(seed=1), tmp_path, transformer_path="0_Transformer")
+    config = nq.get_config("tiny")
+    config.model.doc_encoder.init = str(tmp_path)
+    d = aot.sizes_only(config).model.doc_encoder
+    assert (d.init, d.hidden_size, d.num_layers, d.pooling, d.normalize) == ("random", 36, 2, "mean", True)

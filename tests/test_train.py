@@ -240,3 +240,66 @@ def test_pretrained_weights_start_sharded(task, tmp_path):
         _, metrics = run.train_step(state, batch, jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)),
                                     run.corpus)
     assert np.isfinite(float(metrics["loss"]))
+
+
+
+def _sentence_transformers_dir(which: str, directory: str) -> str:
+    from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from tests import hf_models  # pylint: disable=g-import-not-at-top (torch)
+
+    if which == "minilm":
+        try:
+            return hf.pretrained_retriever_dir()
+        except hf.CheckpointError as e:
+            pytest.skip(f"all-MiniLM-L6-v2 is not installed ({e})")
+    hf_models.save_sentence_transformer(hf_models.bert_model(seed=9, vocab_size=30522, max_position_embeddings=64),
+                                        directory, pooling="mean", normalize=True)  # fmt: skip
+    tk.load_question_tokenizer().save_pretrained(directory)
+    return directory
+
+
+
+def test_sentence_transformers_encoders_from_the_config_index_unit_vectors(task, tmp_path):
+    """A sentence-transformers directory as both encoders (pooling "auto" and normalize unset: mean pooling and L2
+    normalisation from its modules.json) and as the question tokenizer; explicit config values win."""
+    encoder = _sentence_transformers_dir("small", str(tmp_path / "encoder"))
+    config = train_task.tiny_config(task, **{"model.question_encoder.init": encoder, "model.doc_encoder.init": encoder,
+                                             "tokenizers.question": encoder, "index.max_length": 64})
+    assert config.model.doc_encoder.pooling == "auto" and config.model.doc_encoder.normalize is None
+    build.check_config(config)
+    q_config = build.build_rag(config).rag.question_encoder_config
+    d_config, d_params = build.doc_encoder(config)
+    assert (q_config.pooling, q_config.normalize) == (d_config.pooling, d_config.normalize) == ("mean", True)
+    index = build.ensure_index(config, str(tmp_path / "run"), d_config, d_params, build.load_tokenizers(config).question,
+                               progress=False)  # fmt: skip
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings(), axis=-1), 1.0, rtol=1e-5)
+
+    config.model.doc_encoder.pooling, config.model.doc_encoder.normalize = "cls", False
+    assert build.doc_encoder(config)[0].pooling == "cls" and not build.doc_encoder(config)[0].normalize
+    config.model.question_encoder.init = "random"  # "auto" is [CLS] for random init
+    assert build.build_rag(config).rag.question_encoder_config.pooling == "cls"
+    config.model.question_encoder.pooling = "max"
+    with pytest.raises(build.ConfigError, match=r"model\.question_encoder\.pooling='max'"):
+        build.check_config(config)
+
+
+@pytest.mark.slow
+def test_minilm_encoders_from_the_config_index_and_train(task, tmp_path):
+    """The real all-MiniLM-L6-v2 as both encoders and the question tokenizer: the run builds its index of unit
+    vectors and takes training steps (its 6-layer step takes 30-60 s to compile on 2 CPU cores)."""
+    encoder = _sentence_transformers_dir("minilm", str(tmp_path / "encoder"))
+    config = train_task.tiny_config(task, **{"model.question_encoder.init": encoder, "model.doc_encoder.init": encoder,
+                                             "tokenizers.question": encoder, "index.max_length": 64})
+    run = loop.setup(config, str(tmp_path / "run"), _mesh(1, 1))
+    q_config = run.model.question_encoder_config
+    assert (q_config.pooling, q_config.normalize, q_config.hidden_size, q_config.num_layers) == ("mean", True, 384, 6)
+    np.testing.assert_allclose(np.linalg.norm(run.index.embeddings(), axis=-1), 1.0, rtol=1e-5)
+    state = run.initial_state()
+    pipeline = loop.make_pipeline(run)
+    rng = jax.device_put(jax.random.PRNGKey(0), sharding.replicated(run.mesh))
+    losses = []
+    for step in range(2):
+        with sharding.use(run.mesh):
+            state, metrics = run.train_step(state, run.batches(state.params, pipeline.batch_at(step)), rng, run.corpus)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and int(state.step) == 2

@@ -29,8 +29,9 @@ VARIANTS = ("local", "paper", "tiny")
 def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            # "random", a local Hugging Face BERT/DPR checkpoint directory (then sizes come from it), or, for the
-            # question encoder, "doc_encoder": start as a copy of the document encoder (as DPR's twin encoders do).
+            # "random", a local Hugging Face BERT/DPR or sentence-transformers checkpoint directory (then sizes come
+            # from it; rag_jax.models.hf.pretrained_retriever_dir() is all-MiniLM-L6-v2's), or, for the question
+            # encoder, "doc_encoder": start as a copy of the document encoder (as DPR's twin encoders do).
             init="random",
             vocab_size=30522,  # random init only; must cover the question tokenizer (bert-base-uncased: 30,522)
             hidden_size=hidden,  # random init only
@@ -39,7 +40,13 @@ def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) 
             intermediate_size=mlp,  # random init only
             max_position_embeddings=512,  # random init only
             initializer_range=init_range,  # random init only: std of the normal initialiser
-            pooling="cls",  # the vector of a text: "cls" ([CLS] state, DPR), "pooler" (BERT's pooler) or "mean"
+            # The vector of a text: "cls" ([CLS] state, DPR), "pooler" (BERT's pooler), "mean" (of the token states)
+            # or "auto": as the checkpoint says (a sentence-transformers directory's Pooling module; [CLS] for DPR;
+            # the pooler for a BertModel that has one) and "cls" for random init.
+            pooling="auto",
+            # L2-normalise that vector (scores become cosines): None = as the checkpoint says (a sentence-transformers
+            # Normalize module; no for DPR, BERT and random init); True or False to choose.
+            normalize=placeholder(bool),
             dropout=0.1,  # hidden and attention dropout while training (BERT's default)
         )
     )

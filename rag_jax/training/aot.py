@@ -17,7 +17,7 @@ import ml_collections
 
 from rag_jax import sharding
 from rag_jax.training import build, inputs, optim, step as step_lib
-from rag_jax.models import bart, bert, hf, hf_files
+from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir
 
 GIB = 1024**3
 
@@ -82,12 +82,25 @@ def sizes_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if part.init is None:
             _set_encoder_sizes(part, bert.BertConfig())  # BERT-base, DPR's encoders
         elif part.init != "random":
-            _set_encoder_sizes(part, hf.bert_config_from_hf(hf_files.read_config(hf_files.resolve(part.init))))
+            _set_encoder_from_checkpoint(part, hf_files.resolve(part.init))
     if m.generator.init is None:
         _set_generator_sizes(m.generator, bart.BartConfig())  # BART-large
     elif m.generator.init != "random":
         _set_generator_sizes(m.generator, hf.bart_config_from_hf(hf_files.read_config(hf_files.resolve(m.generator.init))))
     return config
+
+
+def _set_encoder_from_checkpoint(c: ml_collections.ConfigDict, directory: str) -> None:
+    """Sizes from the checkpoint's config.json, and a sentence-transformers directory's pooling and normalisation
+    where the config leaves them to the checkpoint."""
+    pipeline = sentence_transformers_dir.read_pipeline(directory)
+    if pipeline is not None:
+        directory = pipeline.transformer_dir
+        if c.get("pooling") == build.AUTO_POOLING:
+            c.pooling = pipeline.pooling
+        if c.get("normalize") is None:
+            c.normalize = pipeline.normalize
+    _set_encoder_sizes(c, hf.bert_config_from_hf(hf_files.read_config(directory)))
 
 
 def _set_encoder_sizes(c: ml_collections.ConfigDict, cfg) -> None:

@@ -29,6 +29,7 @@ RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
+AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
+    for part in ("question_encoder", "doc_encoder"):
+        pooling, choices = m[part].get("pooling", "cls"), (AUTO_POOLING, *bert.POOLINGS)
+        if pooling not in choices:
+            raise ConfigError(f"config model.{part}.pooling={pooling!r}; choose one of {choices}")
     if m.compute_dtype not in DTYPES:
         raise ConfigError(f"config model.compute_dtype={m.compute_dtype!r}; choose one of {sorted(DTYPES)}")
     for field, value in (("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
@@ -124,11 +129,21 @@ def check_batch(config: ml_collections.ConfigDict, data_ways: int, num_processes
 
 
 def _encoder_config(c: ml_collections.ConfigDict, dtype) -> bert.BertConfig:
+    """A random-init encoder's config ("auto" pooling is [CLS], as DPR's)."""
+    pooling = c.get("pooling", "cls")
     return bert.BertConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
         intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
         hidden_dropout=c.dropout, attention_dropout=c.dropout, initializer_range=c.initializer_range,
-        pooling=c.get("pooling", "cls"), dtype=dtype)
+        pooling="cls" if pooling == AUTO_POOLING else pooling, normalize=bool(c.get("normalize")), dtype=dtype)
+
+
+def _load_encoder(c: ml_collections.ConfigDict, **overrides) -> hf.Loaded:
+    """The checkpoint encoder of config section c; "auto" pooling and unset normalize keep the checkpoint's."""
+    pooling = c.get("pooling", "cls")  # a config saved before the field existed used [CLS]
+    if c.get("normalize") is not None:
+        overrides["normalize"] = c.normalize
+    return hf.load_encoder(c.init, pooling=None if pooling == AUTO_POOLING else pooling, **overrides)
 
 
 def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig:
@@ -167,7 +182,7 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
             q_cfg = dataclasses.replace(d_cfg, **q_overrides)
             pretrained["question_encoder"] = d_params
         else:
-            loaded = hf.load_encoder(m.question_encoder.init, pooling=m.question_encoder.pooling, **q_overrides)
+            loaded = _load_encoder(m.question_encoder, **q_overrides)
             q_cfg, pretrained["question_encoder"] = loaded.config, loaded.params
         if m.generator.init == "random":
             g_cfg = _generator_config(m.generator, dtype)
@@ -186,7 +201,7 @@ def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any
     """The frozen document encoder d(z): its config and numpy params (random ones are a function of the seed)."""
     c = config.model.doc_encoder
     if c.init != "random":
-        loaded = hf.load_encoder(c.init, pooling=c.get("pooling", "cls"))
+        loaded = _load_encoder(c)
         return loaded.config, loaded.params
     cfg = _encoder_config(c, jnp.float32)
     ids = jnp.zeros((1, 8), jnp.int32)
