@@ -3,8 +3,9 @@
   python -m experiments.build_index --encoder=DIR --passages=FILE --output=DIR [--backend=exact|scann]
       [--batch_size=N] [--max_length=N] [--dtype=float32|float16|bfloat16]
 
---encoder is a Hugging Face DPRContextEncoder (or BERT) directory; --passages a DPR psgs_w100.tsv-style TSV or a
-JSONL file of {"id", "title", "text"}. Rerunning the same command after an interruption resumes.
+--encoder is a Hugging Face DPRContextEncoder, BERT or sentence-transformers (e.g. all-MiniLM-L6-v2: mean pooling,
+L2-normalised vectors) directory; --passages a DPR psgs_w100.tsv-style TSV or a JSONL file of {"id", "title",
+"text"}. Rerunning the same command after an interruption resumes.
 
 Several hosts: on a multi-host TPU slice every worker runs the same command (jax.distributed finds its peers;
 elsewhere pass --coordinator_address, --num_processes and --process_id); each host embeds and writes only its own
@@ -19,10 +20,11 @@ from absl import app, flags
 
 from experiments import cli
 from rag_jax.data import tokenizers
-from rag_jax.models import hf
+from rag_jax.models import hf, sentence_transformers_dir
 from rag_jax.retrieval import embed
 
-_ENCODER = flags.DEFINE_string("encoder", None, "Document encoder checkpoint directory (DPRContextEncoder).")
+_ENCODER = flags.DEFINE_string("encoder", None, "Document encoder checkpoint directory (DPRContextEncoder, BERT or "
+                                "sentence-transformers).")
 _PASSAGES = flags.DEFINE_string("passages", None, "Passages file (.tsv in DPR layout or .jsonl).")
 _OUTPUT = flags.DEFINE_string("output", None, "Index directory to write (created; resumed if it exists).")
 _TOKENIZER = flags.DEFINE_string(
@@ -45,7 +47,9 @@ flags.mark_flags_as_required(["encoder", "passages", "output"])
 def tokenizer_for(encoder_dir: str, override: str | None):
     if override:
         return tokenizers.load_question_tokenizer(override)
-    has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in ("tokenizer.json", "vocab.txt"))
+    # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder: the loader finds it.
+    own_files = ("tokenizer.json", "vocab.txt", sentence_transformers_dir.MODULES_FILE)
+    has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in own_files)
     return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)
 
 

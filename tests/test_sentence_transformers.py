@@ -76,6 +76,9 @@ def test_tokenizer_comes_from_the_transformer_module(tmp_path):
     hf_models.save_sentence_transformer(hf_models.bert_model(seed=8), tmp_path, transformer_path="0_Transformer")
     tokenizers.load_question_tokenizer().save_pretrained(tmp_path / "0_Transformer")
     assert tokenizers.load_question_tokenizer(str(tmp_path)).tokenize("Paris IS") == ["paris", "is"]
+    from experiments import build_index  # pylint: disable=g-import-not-at-top (defines absl flags)
+
+    assert build_index.tokenizer_for(str(tmp_path), None).name_or_path == str(tmp_path / "0_Transformer")
 
 
 def test_dpr_export_names_pooling_and_normalisation():
@@ -106,6 +109,7 @@ def test_minilm_matches_transformers_and_ranks_the_relevant_passage_first(minilm
     directory, loaded, tokenizer = minilm
     assert (loaded.config.pooling, loaded.config.normalize, loaded.config.hidden_size) == ("mean", True, 384)
     assert sentence_transformers_dir.read_pipeline(directory).max_seq_length == 256
+    assert tokenizer.tokenize("Jane AUSTEN's café") == ["jane", "austen", "'", "s", "cafe"]  # uncased, no accents
     reference = transformers.BertModel.from_pretrained(directory).eval()
     texts = QUESTIONS + [p.text for p in PASSAGES]
     batch = tokenizer(texts, padding=True, return_tensors="np")
