@@ -47,7 +47,8 @@ flags.mark_flags_as_required(["encoder", "passages", "output"])
 def tokenizer_for(encoder_dir: str, override: str | None):
     if override:
         return tokenizers.load_question_tokenizer(override)
-    # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder: the loader finds it.
+    # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder; the loader
+    # finds it there.
     own_files = ("tokenizer.json", "vocab.txt", sentence_transformers_dir.MODULES_FILE)
     has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in own_files)
     return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)

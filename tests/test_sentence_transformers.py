@@ -62,13 +62,14 @@ def test_unsupported_pipelines_are_refused_by_file(tmp_path):
     hf_models.save_sentence_transformer(hf_models.bert_model(seed=7), tmp_path)
     modules_path, pooling_path = tmp_path / "modules.json", tmp_path / "1_Pooling" / "config.json"
     modules = json.loads(modules_path.read_text())
-    modules_path.write_text(json.dumps(modules[:2] + [{"path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    dense = {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    modules_path.write_text(json.dumps(modules[:2] + [dense]))
     with pytest.raises(hf.CheckpointError, match=r"modules\.json: modules \['Transformer', 'Pooling', 'Dense'\]"):
         hf.load_encoder(str(tmp_path))
     modules_path.write_text(json.dumps(modules))
     config = json.loads(pooling_path.read_text())
     pooling_path.write_text(json.dumps({**config, "pooling_mode_max_tokens": True}))
-    with pytest.raises(hf.CheckpointError, match=r"1_Pooling/config\.json: pooling modes \['max_tokens', 'mean_tokens'\]"):
+    with pytest.raises(hf.CheckpointError, match=r"1_Pooling/config\.json: pooling modes \['max_tokens', 'mean_t"):
         hf.load_encoder(str(tmp_path))
 
 
@@ -82,7 +83,7 @@ def test_tokenizer_comes_from_the_transformer_module(tmp_path):
 
 
 def test_dpr_export_names_pooling_and_normalisation():
-    with pytest.raises(hf.CheckpointError, match="neither mean pooling nor normalisation.*'cls' pooling with L2 norm"):
+    with pytest.raises(hf.CheckpointError, match=r"no normalisation, so this encoder \('cls' pooling with L2 norm"):
         hf.dpr_config_dict(bert.BertConfig(normalize=True))
 
 
@@ -92,7 +93,7 @@ QUESTIONS = ["who wrote the novel pride and prejudice", "what is the boiling poi
 PASSAGES = [
     corpus.Passage("p0", "Pride and Prejudice", "Pride and Prejudice is an 1813 novel of manners by Jane Austen."),
     corpus.Passage("p1", "Boiling point", "At sea level, pure water boils at 100 degrees Celsius (212 Fahrenheit)."),
-    corpus.Passage("p2", "Mount Everest", "Mount Everest is Earth's highest mountain above sea level, in the Himalayas."),
+    corpus.Passage("p2", "Mount Everest", "Mount Everest is Earth's highest mountain above sea level."),
 ]
 
 

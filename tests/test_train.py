@@ -270,8 +270,8 @@ def test_sentence_transformers_encoders_from_the_config_index_unit_vectors(task,
     q_config = build.build_rag(config).rag.question_encoder_config
     d_config, d_params = build.doc_encoder(config)
     assert (q_config.pooling, q_config.normalize) == (d_config.pooling, d_config.normalize) == ("mean", True)
-    index = build.ensure_index(config, str(tmp_path / "run"), d_config, d_params, build.load_tokenizers(config).question,
-                               progress=False)  # fmt: skip
+    question_tokenizer = build.load_tokenizers(config).question
+    index = build.ensure_index(config, str(tmp_path / "run"), d_config, d_params, question_tokenizer, progress=False)
     np.testing.assert_allclose(np.linalg.norm(index.embeddings(), axis=-1), 1.0, rtol=1e-5)
 
     config.model.doc_encoder.pooling, config.model.doc_encoder.normalize = "cls", False

@@ -311,9 +311,9 @@ class LoadedRag:
 
 
 def load_encoder(path: str, *, pooling: str | None = None, **overrides) -> Loaded:
-    """A BERT-family encoder: BertModel (pooler output by default), DPRQuestionEncoder or DPRContextEncoder, or a
-    sentence-transformers directory (its modules.json sets pooling and normalize: sentence_transformers_dir).
-    `pooling` and a `normalize` override replace what the checkpoint says."""
+    """A BERT-family encoder: BertModel (pooler output by default), DPR question/context encoder, or a
+    sentence-transformers directory (whose modules.json sets pooling and normalize); `pooling` and a `normalize`
+    override take precedence."""
     directory = hf_files.resolve(path)
     pipeline = sentence_transformers_dir.read_pipeline(directory)
     if pipeline is not None:
@@ -426,8 +426,8 @@ def dpr_config_dict(cfg: bert.BertConfig) -> dict[str, Any]:
     """DPRConfig fields for an encoder; DPR has only [CLS] pooling and no normalisation."""
     if cfg.pooling != "cls" or cfg.normalize:
         used = f"{cfg.pooling!r} pooling" + (" with L2 normalisation" if cfg.normalize else "")
-        raise CheckpointError(f"only 'cls' pooling without normalisation can be exported as a DPR encoder (DPR has "
-                              f"neither mean pooling nor normalisation); this one uses {used}")
+        raise CheckpointError(f"DPR has only 'cls' pooling and no normalisation, so this encoder ({used}) cannot be "
+                              "exported as one; export the parameters alone (experiments.export --format=orbax)")
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
