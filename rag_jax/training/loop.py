@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import build, checkpoint, dev_eval, inputs, optim, streams, workdir as workdir_lib
+from rag_jax.training import build, checkpoint, config_check, dev_eval, inputs, optim, streams, workdir as workdir_lib
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
 
@@ -118,6 +118,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     Raises build.ConfigError naming the field for start-up problems. `mesh` defaults to config.mesh.
     """
     build.check_config(config)
+    config_check.check_workdir(workdir)
     workdir = os.path.abspath(workdir)
     mesh = mesh if mesh is not None else sharding.mesh_from_config(config.mesh)
     build.check_batch(config, sharding.data_size(mesh), jax.process_count())
