@@ -172,23 +172,49 @@ def data_source(config: ml_collections.ConfigDict, split: str):
 # ---------------------------------------------------------------------------------------------------- index
 
 
+# Where each identity field of the run's index comes from in its config.
+_IDENTITY_SOURCES = {"encoder_id": "model.doc_encoder (and seed, for a random one)",
+                     "pooling": "model.doc_encoder.pooling", "normalize": "model.doc_encoder.normalize",
+                     "max_length": "index.max_length", "tokenizer_id": "tokenizers.question", "dtype": "index.dtype"}
+
+
+def index_identity(config: ml_collections.ConfigDict, doc_config: bert.BertConfig, doc_params: Any,
+                   question_tokenizer) -> dict[str, Any]:
+    """The identity (index_io.IDENTITY_FIELDS) of the index this run's config makes."""
+    return {"encoder_id": embed.encoder_fingerprint(doc_config, doc_params), "dtype": config.index.dtype,
+            **embed.index_identity(doc_config, question_tokenizer, config.index.max_length)}
+
+
 def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: bert.BertConfig, doc_params: Any,
                  question_tokenizer, *, progress: bool = True) -> index_io.Index:
-    """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there."""
+    """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there.
+
+    An index already there that the config would not make (another document encoder, tokenizer, length or dtype)
+    is refused naming the config field: the run's question encoder was trained against it.
+    """
     target = workdir_lib.index_dir(workdir)
-    encoder_id = embed.encoder_fingerprint(doc_config, doc_params)
+    identity = index_identity(config, doc_config, doc_params, question_tokenizer)
     if config.index.dir is not None and not os.path.exists(target):
         require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
         os.makedirs(workdir, exist_ok=True)
         os.symlink(os.path.abspath(config.index.dir), target)
+    recorded = index_io.read_metadata(target) if os.path.isdir(target) else None
+    mismatch = recorded is not None and index_io.identity_mismatch(recorded, identity)
+    if mismatch:
+        field, got, want = mismatch
+        remedy = ("point index.dir at an index built with the run's settings" if config.index.dir is not None else
+                  "resume with the config the run was started with, or train into a new --workdir (or delete "
+                  f"{target} to rebuild it, if no checkpoint was trained against it)")
+        raise ConfigError(f"{target}: the run's index has {field}={got!r}, but this config gives {want!r} (config "
+                          f"{_IDENTITY_SOURCES[field]}); {remedy}")
     try:
-        index = index_io.load_index(target, expected_encoder=encoder_id)
+        index = index_io.load_index(target, expected_encoder=identity["encoder_id"])
     except index_io.IndexFormatError:
         if config.index.dir is not None:  # a linked index is never rebuilt here: say why it does not fit
-            index_io.load_index(target, expected_encoder=encoder_id)
+            raise
         index = embed.build_index(
-            doc_config, doc_params, question_tokenizer, config.data.passages, target, encoder_id=encoder_id,
-            batch_size=config.index.batch_size, max_length=config.index.max_length,
+            doc_config, doc_params, question_tokenizer, config.data.passages, target,
+            encoder_id=identity["encoder_id"], batch_size=config.index.batch_size, max_length=config.index.max_length,
             shard_size=config.index.shard_size, dtype=config.index.dtype, backend="exact", progress=progress)
     if config.index.backend == "scann" and "scann" not in index.metadata.get("backends", {}):
         scann_backend.build_scann_index(index)
