@@ -114,7 +114,8 @@ def run(main: Callable[[], None]) -> None:
 
 def check_new_output(path: str, flag: str, *, overwrite: bool, directory: bool = False) -> None:
     """Refuses an output path that would lose data or cannot be written, before any work: an existing file (or a
-    non-empty directory) without `overwrite`, a file where a directory goes and the reverse, a missing parent."""
+    non-empty directory) without `overwrite`, a file where a directory goes and the reverse, a file's missing
+    parent (a directory's parents are made with it)."""
     kind = "directory" if directory else "file"
     if os.path.exists(path):
         if directory != os.path.isdir(path):
@@ -125,6 +126,8 @@ def check_new_output(path: str, flag: str, *, overwrite: bool, directory: bool =
                              f"replace it (it is replaced only once the new one is complete), or give a new {kind}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
+        if directory:  # made with it
+            return
         raise UsageError(f"{flag}={path}: the directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag}={path}: the directory {parent} is not writable")
