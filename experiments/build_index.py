@@ -19,9 +19,6 @@ import os
 from absl import app, flags
 
 from experiments import cli
-from rag_jax.data import tokenizers
-from rag_jax.models import hf, sentence_transformers_dir
-from rag_jax.retrieval import embed
 
 _ENCODER = flags.DEFINE_string("encoder", None, "Document encoder checkpoint directory (DPRContextEncoder, BERT or "
                                 "sentence-transformers).")
@@ -31,20 +28,25 @@ _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "Tokenizer directory; default: the encoder directory if it has one, else bert-base-uncased."
 )
 _BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "scann"], "Also build a ScaNN searcher with 'scann'.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Passages per encoder call.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 256, "Maximum tokens of title + text.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 100_000, "Passages per embeddings shard file.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Passages per encoder call.", lower_bound=1)
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 256, "Maximum tokens of title + text.", lower_bound=1)
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 100_000, "Passages per embeddings shard file.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "Storage dtype of embeddings.")
-_HOST_INDEX = flags.DEFINE_integer("host_index", None, "Build only this host's part (with --num_hosts), no JAX job.")
-_NUM_HOSTS = flags.DEFINE_integer("num_hosts", None, "Hosts the index is split over; default: the JAX job's processes.")
+_HOST_INDEX = flags.DEFINE_integer("host_index", None, "Build only this host's part (with --num_hosts), no JAX job.",
+                                   lower_bound=0)
+_NUM_HOSTS = flags.DEFINE_integer("num_hosts", None, "Hosts the index is split over; default: the JAX job's processes.",
+                                  lower_bound=1)
 _DEVICES_PER_HOST = flags.DEFINE_integer(
-    "devices_per_host", None, "Accelerators per host of the job that will load the index; default: this host's."
-)
+    "devices_per_host", None, "Accelerators per host of the job that will load the index; default: this host's.",
+    lower_bound=1)
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["encoder", "passages", "output"])
 
 
 def tokenizer_for(encoder_dir: str, override: str | None):
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.models import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+
     if override:
         return tokenizers.load_question_tokenizer(override)
     # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder; the loader
@@ -54,15 +56,37 @@ def tokenizer_for(encoder_dir: str, override: str | None):
     return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)
 
 
+def _check_flags() -> None:
+    """What the flags alone can tell, before anything loads."""
+    if (_HOST_INDEX.value is None) != (_NUM_HOSTS.value is None):
+        raise cli.UsageError("--host_index and --num_hosts go together (or leave both to the JAX job)")
+    if _HOST_INDEX.value is not None and _HOST_INDEX.value >= _NUM_HOSTS.value:
+        raise cli.UsageError(f"--host_index={_HOST_INDEX.value} must be below --num_hosts={_NUM_HOSTS.value} (hosts "
+                             "are numbered from 0)")
+    if not os.path.isfile(_PASSAGES.value):  # (--encoder and --tokenizer may be hub ids: their loaders check them)
+        raise cli.UsageError(f"--passages={_PASSAGES.value}: no such file")
+    from rag_jax.retrieval import index_io, index_writer  # pylint: disable=g-import-not-at-top (numpy only)
+
+    index_writer.refuse_foreign_directory(_OUTPUT.value)
+    recorded = index_io.read_metadata(_OUTPUT.value) if os.path.isdir(_OUTPUT.value) else None
+    for flag, field in ((_MAX_LENGTH, "max_length"), (_DTYPE, "dtype"), (_SHARD_SIZE, "shard_size")):
+        if recorded is not None and field in recorded and recorded[field] != flag.value:
+            raise cli.UsageError(
+                f"--{flag.name}={flag.value}, but {_OUTPUT.value} holds an index built with "
+                f"{field}={recorded[field]!r}; rerun with --{flag.name}={recorded[field]} to resume it, or give a new "
+                "--output")
+
+
 def main(argv):
     del argv
 
-    if (_HOST_INDEX.value is None) != (_NUM_HOSTS.value is None):
-        raise app.UsageError("--host_index and --num_hosts go together (or leave both to the JAX job)")
-    if _HOST_INDEX.value is None:
-        cli.init_distributed()
-
     def build():
+        _check_flags()
+        from rag_jax.models import hf  # pylint: disable=g-import-not-at-top (after the flag checks)
+        from rag_jax.retrieval import embed  # pylint: disable=g-import-not-at-top
+
+        if _HOST_INDEX.value is None:
+            cli.init_distributed()
         encoder = hf.load_encoder(_ENCODER.value)
         tokenizer = tokenizer_for(_ENCODER.value, _TOKENIZER.value)
         if len(tokenizer) > encoder.config.vocab_size:
@@ -83,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

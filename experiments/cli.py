@@ -1,20 +1,19 @@
-"""What every entry point shares: distributed start-up, quiet logging, and bad input ending with one clear line on
-stderr and exit status 1, not a traceback."""
+"""What every entry point shares: flag parsing and distributed start-up, quiet logging, outputs that appear whole or
+not at all, and bad input ending with one clear line on stderr and exit status 1, not a traceback.
+
+This module imports nothing heavy, and the entry points import the library inside `main`: a bad flag or config
+field is refused in a fraction of a second, before jax, the models or an index load.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging as py_logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator, TextIO
 
 from absl import flags, logging
-
-from rag_jax.models.hf_files import CheckpointError
-from rag_jax.retrieval.corpus import CorpusError
-from rag_jax.retrieval.index_io import IndexFormatError
-from rag_jax.retrieval.merge import SearchError
-from rag_jax.training.build import ConfigError
-from rag_jax.training.loop import NonFiniteLossError
 
 
 class UsageError(ValueError):
@@ -22,16 +21,48 @@ class UsageError(ValueError):
 
 
 # Errors that describe the user's input (files, flags, config fields) or a run that cannot go on, each with a message
-# that names the culprit and says what to do.
-USER_ERRORS = (CheckpointError, CorpusError, IndexFormatError, SearchError, ConfigError, NonFiniteLossError,
-               UsageError, FileNotFoundError, FileExistsError)
+# that names the culprit and says what to do: (module, class names). They are looked up among the modules already
+# loaded when an error arrives (a class whose module never loaded cannot have been raised), so that this list
+# imports nothing.
+_USER_ERRORS = (
+    ("builtins", ("FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError")),
+    ("experiments.cli", ("UsageError",)),
+    ("rag_jax.models.hf_files", ("CheckpointError",)),
+    ("rag_jax.retrieval.corpus", ("CorpusError",)),
+    ("rag_jax.retrieval.index_io", ("IndexFormatError",)),
+    ("rag_jax.retrieval.merge", ("SearchError",)),
+    ("rag_jax.training.config_check", ("ConfigError",)),
+    ("rag_jax.training.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
+    ("rag_jax.training.loop", ("NonFiniteLossError",)),
+)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is one of the errors above (its message is meant for the user), not a bug."""
+    for module_name, names in _USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+            return True
+    return False
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with a bad flag reported as one `error:` line (app.run(main, flags_parser=parse_flags))."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e} (see --helpshort)")
 
 
 def define_distributed_flags() -> None:
     """--coordinator_address, --num_processes, --process_id: for entry points that run as several processes."""
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.", lower_bound=0)
+    flags.register_multi_flags_validator(
+        ["num_processes", "process_id"],
+        lambda f: f["process_id"] is None or f["num_processes"] is None or f["process_id"] < f["num_processes"],
+        message="--process_id must be below --num_processes (processes are numbered from 0)")
 
 
 def init_distributed() -> None:
@@ -49,13 +80,76 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
+def verbose() -> bool:
+    """--verbosity=1 (or more): library INFO logs, and tracebacks for user errors too."""
+    return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+
+
+class _NoLibraryTracebacks(py_logging.Filter):
+    """Drops the tracebacks that libraries log beside an exception they then raise (orbax logs a failed background
+    save with its traceback, then raises it in the main thread, where it is reported as one line)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return not (record.exc_info and record.levelno >= py_logging.ERROR)
+
+
 def run(main: Callable[[], None]) -> None:
     """Runs `main` with library INFO logging quieted (--verbosity brings it back) and user errors as one line."""
     # absl would print every library's INFO lines (jax probing for a TPU, orbax at every save).
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    if not verbose():
+        logging.get_absl_logger().addFilter(_NoLibraryTracebacks())
     try:
         main()
-    except USER_ERRORS as e:
+    except Exception as e:  # pylint: disable=broad-except
+        if verbose() or not is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def check_new_output(path: str, flag: str, *, overwrite: bool, directory: bool = False) -> None:
+    """Refuses an output path that would lose data or cannot be written, before any work: an existing file (or a
+    non-empty directory) without `overwrite`, a file where a directory goes and the reverse, a file's missing
+    parent (a directory's parents are made with it)."""
+    kind = "directory" if directory else "file"
+    if os.path.exists(path):
+        if directory != os.path.isdir(path):
+            raise UsageError(f"{flag}={path} is {'a directory' if os.path.isdir(path) else 'a file'}; give a {kind} "
+                             "path")
+        if not overwrite and (not directory or os.listdir(path)):
+            raise UsageError(f"{flag}={path} exists{' and is not empty' if directory else ''}; pass --overwrite to "
+                             f"replace it (it is replaced only once the new one is complete), or give a new {kind}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        if directory:  # made with it
+            return
+        raise UsageError(f"{flag}={path}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag}={path}: the directory {parent} is not writable")
+
+
+def partial_path(path: str) -> str:
+    """Where an output is written before it is renamed to `path`: beside it, hidden, named for this process."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[TextIO]:
+    """A text file that appears at `path` (replacing any file there) only when the `with` block completes; a
+    failure leaves `path` as it was and no partial file behind."""
+    partial = partial_path(path)
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

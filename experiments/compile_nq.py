@@ -7,11 +7,12 @@ Checkpoint fields of the config (model.*.init, model.init_from_rag) are read for
 the `paper` variant mean BERT-base encoders and BART-large.
 """
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
-from rag_jax.training import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/nq.py:paper", "Training config to compile.")
 _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g. v4-8,v4-32,v5e-16,v6e-16.")
@@ -19,13 +20,20 @@ _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g
 
 def main(argv):
     del argv
+    # Compiling needs no local accelerator: the CPU backend keeps libtpu from probing this machine for a TPU (and
+    # a running job's TPU is left alone). aot.Topology.devices quiets libtpu's own start-up where there is none.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     def compile_all():
+        from rag_jax.training import aot  # pylint: disable=g-import-not-at-top (after the flags, and JAX_PLATFORMS)
+
+        topologies = []
         for name in _TOPOLOGY.value:
             try:
-                topology = aot.parse_topology(name)
+                topologies.append((name, aot.parse_topology(name)))
             except ValueError as e:
                 raise cli.UsageError(str(e)) from None
+        for name, topology in topologies:
             print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
             print(aot.compile_train_step(_CONFIG.value, topology).summary(), flush=True)
 
@@ -33,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

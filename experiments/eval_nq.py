@@ -7,45 +7,54 @@
 question_encoder_tokenizer/ and generator_tokenizer/ subfolders when it has them) or a rag_jax training workdir; for
 a workdir, --index and the other settings default to the run's own, and an export of a run (experiments.export)
 answers as the run's workdir does (rag_jax/inference/model_dir.py). --questions is JSONL with {"question",
-"answers"} per line. Writes one JSON line per question and prints EM, F1 and retrieval recall@k.
+"answers"} per line. Writes one JSON line per question and prints EM, F1 and retrieval recall@k. --output appears
+only when the evaluation completes, and replaces an existing file only with --overwrite.
+
+A model that knows the index it was trained with (a workdir's own index, or an export of a run) refuses an --index
+of another identity (another document encoder, tokenizer, length or dtype: index_io.IDENTITY_FIELDS).
 """
 
 import json
 import os
 
-import tqdm
 from absl import app, flags
 
 from experiments import cli
-from rag_jax.data import nq_open, tokenizers
-from rag_jax.inference import answering, metrics, model_dir
-from rag_jax.retrieval import index_io, retriever
-from rag_jax.training import trained_model, workdir
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
 _QUESTIONS = flags.DEFINE_string("questions", None, "JSONL questions file: {\"question\", \"answers\": [...]}.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write one JSON line per question.")
-_N_DOCS = flags.DEFINE_integer("n_docs", None, "Documents retrieved per question; default: the model's n_docs.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output (once the evaluation completes).")
+_N_DOCS = flags.DEFINE_integer("n_docs", None, "Documents retrieved per question; default: the model's n_docs.",
+                               lower_bound=1)
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Default: from the checkpoint.")
 _DECODING = flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"], "RAG-Sequence decoding.")
-_NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the checkpoint's generation config.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum output length, start token included (as generate).")
-_MIN_LENGTH = flags.DEFINE_integer("min_length", None, "Minimum output length, start token included.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the checkpoint's generation config.",
+                                  lower_bound=1)
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum output length, start token included (as generate).",
+                                   lower_bound=1)
+_MIN_LENGTH = flags.DEFINE_integer("min_length", None, "Minimum output length, start token included.", lower_bound=0)
 _SCORE = flags.DEFINE_bool("score", False, "Also write nll_sequence / nll_token of the first gold answer.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.", lower_bound=1)
 _RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann"], "Search backend.")
 _DOC_ENCODER_ID = flags.DEFINE_string("doc_encoder_id", None, "Refuse an index not built by this encoder id.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions.", lower_bound=1)
 _ANSWER_PREFIX_SPACE = flags.DEFINE_bool(
     "answer_prefix_space", None, "With --score: tokenise gold answers as ' answer' (rag_jax training labels) or not; "
     "default: as the model directory records (a workdir or an export of one), else not.")
 flags.mark_flags_as_required(["model", "questions", "output"])
+flags.register_multi_flags_validator(
+    ["min_length", "max_length"],
+    lambda f: f["min_length"] is None or f["max_length"] is None or f["min_length"] <= f["max_length"],
+    message="--min_length must not exceed --max_length")
 
 RECALL_KS = (1, 5, 20, 100)
 
 
 def _tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+
     own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
     pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
     for name, tok, vocab in (("question", pair.question, question_vocab), ("generator", pair.generator, generator_vocab)):
@@ -58,15 +67,40 @@ def _tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
 
 
 def _load_model(path: str):
+    from rag_jax.inference import model_dir  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.training import trained_model, workdir  # pylint: disable=g-import-not-at-top
+
     if workdir.is_workdir(path):
         trained = trained_model.load(path)
         return trained.model, trained.params, trained.defaults
     return model_dir.load_hf_rag(path)
 
 
+def _check_index_identity(index, defaults) -> None:
+    """The model's own index identity, when it knows one, must be the given index's."""
+    from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
+
+    if defaults.index_identity:
+        index_io.check_identity(index, defaults.index_identity, f"--model={_MODEL.value}")
+    elif defaults.index and _INDEX.value and os.path.abspath(_INDEX.value) != os.path.abspath(defaults.index):
+        raise cli.UsageError(
+            f"--index={_INDEX.value} cannot be checked against the index the run was trained with: "
+            f"{os.path.join(defaults.index, index_io.METADATA_FILE)} is missing; restore it (rerunning train_nq on "
+            "the workdir rebuilds it), or leave --index out")
+
+
+def _check_flags() -> None:
+    """What the flags and paths alone can tell, before anything loads."""
+    cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
+    if not os.path.isfile(_QUESTIONS.value):
+        raise cli.UsageError(f"--questions={_QUESTIONS.value}: no such file (a JSONL questions file)")
+    if _INDEX.value is not None and not os.path.isdir(_INDEX.value):
+        raise cli.UsageError(f"--index={_INDEX.value}: no such directory (an index built by experiments.build_index)")
+
+
 def _read_questions(path: str, limit: int | None) -> list[dict]:
-    if not os.path.exists(path):
-        raise cli.UsageError(f"{path}: questions file not found")
+    from rag_jax.data import nq_open  # pylint: disable=g-import-not-at-top (after the flag checks)
+
     try:
         examples = [example for _, example in nq_open.read_nq_jsonl(path)]
     except ValueError as e:
@@ -79,16 +113,23 @@ def _read_questions(path: str, limit: int | None) -> list[dict]:
 
 
 def evaluate() -> None:
+    _check_flags()
+    import tqdm  # pylint: disable=g-import-not-at-top (after the flag checks)
+
+    from rag_jax.inference import answering, metrics  # pylint: disable=g-import-not-at-top
+    from rag_jax.retrieval import index_io, retriever  # pylint: disable=g-import-not-at-top
+
+    examples = _read_questions(_QUESTIONS.value, _LIMIT.value)
     model, params, defaults = _load_model(_MODEL.value)
     index_dir = _INDEX.value or defaults.index
     if not index_dir:
         raise cli.UsageError("--index is required for a Hugging Face model directory")
     index = index_io.load_index(index_dir, expected_encoder=_DOC_ENCODER_ID.value,
                                 expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
-    n_docs = _N_DOCS.value or model.config.n_docs
+    _check_index_identity(index, defaults)
+    n_docs = _N_DOCS.value if _N_DOCS.value is not None else model.config.n_docs
     if n_docs > index.num_passages:
         raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in {index_dir}")
-    examples = _read_questions(_QUESTIONS.value, _LIMIT.value)
     for example in examples:  # fail before any work on an unknown gold passage id
         if example.get("gold_passage_id", -1) >= 0:
             index.passages.row_for_id(example["gold_passage_id"])
@@ -106,7 +147,7 @@ def evaluate() -> None:
     print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []
-    with open(_OUTPUT.value, "w") as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
+    with cli.atomic_output(_OUTPUT.value) as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
         for record, texts in answering.answer_questions(model, params, searcher, examples, settings, generation, bar):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             answered.append((record, texts))
@@ -120,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

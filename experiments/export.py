@@ -1,37 +1,51 @@
 """Exports a rag_jax training run out of training.
 
-  python -m experiments.export --workdir=DIR --format=hf|orbax --output=DIR [--step=N]
+  python -m experiments.export --workdir=DIR --format=hf|orbax --output=DIR [--step=N] [--overwrite]
 
 hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGeneration `from_pretrained` loads
        (config.json, generation_config.json, model.safetensors, question_encoder_tokenizer/, generator_tokenizer/);
-       the architecture follows the run's loss (RAG-Sequence or RAG-Token). It carries the run's generation settings
-       and answer tokenisation, so eval_nq on it answers and scores exactly as eval_nq on the workdir.
+       the architecture follows the run's loss (RAG-Sequence or RAG-Token). It carries the run's generation settings,
+       answer tokenisation and index identity, so eval_nq on it answers and scores exactly as eval_nq on the workdir.
 orbax: the parameters only (no optimizer state), for serving, with the run's config.json.
-Both refuse to write into an existing non-empty directory.
+Both refuse to write into an existing non-empty directory unless --overwrite, and the directory appears only when
+the export is complete (an interrupted export leaves nothing behind, and an overwritten one its old content).
 """
 
 from absl import app, flags
 
 from experiments import cli
-from rag_jax.data import tokenizers
-from rag_jax.inference import export
-from rag_jax.training import checkpoint, trained_model, workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "orbax"], "Output layout.")
 _OUTPUT = flags.DEFINE_string("output", None, "New directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output (once the export is complete).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest that restores.", lower_bound=0)
 flags.mark_flags_as_required(["workdir", "output"])
+
+
+def _check_flags() -> None:
+    """What the flags and paths alone can tell, before anything loads."""
+    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top (no jax: paths only)
+
+    if not workdir.is_workdir(_WORKDIR.value):
+        raise cli.UsageError(f"--workdir={_WORKDIR.value} is not a training workdir (no "
+                             f"{workdir.checkpoints_dir(_WORKDIR.value)})")
+    cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
 
 
 def main(argv):
     del argv
 
     def run():
-        export.refuse_to_overwrite(_OUTPUT.value)  # before the (slow) restore
+        _check_flags()  # before the (slow) restore
+        from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+        from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
+        from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
+
         trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
         if _FORMAT.value == "orbax":
-            export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config))
+            export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
+                                     overwrite=_OVERWRITE.value)
         else:
             dirs = workdir.tokenizer_dirs(_WORKDIR.value)
             question = tokenizers.load_question_tokenizer(dirs["question"])
@@ -39,11 +53,12 @@ def main(argv):
             defaults = trained.defaults
             export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
                                generation=defaults.generation[defaults.model_type],
-                               answer_prefix_space=defaults.answer_prefix_space)
+                               answer_prefix_space=defaults.answer_prefix_space,
+                               index_identity=defaults.index_identity, overwrite=_OVERWRITE.value)
         print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}")
 
     cli.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

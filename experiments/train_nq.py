@@ -13,12 +13,11 @@ worker runs the same command (jax.distributed finds its peers); elsewhere pass -
 import os
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
-from rag_jax.training import loop
+from rag_jax.training import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
 
@@ -47,9 +46,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
     def train():
-        cli.init_distributed()
         config = _CONFIG.value
         workdir = _WORKDIR.value or os.path.join("workdir", f"nq_{config.variant}")
+        config_check.check_config(config)  # every field, before jax and the models load
+        config_check.check_workdir(workdir)
+        import jax  # pylint: disable=g-import-not-at-top (after the config checks)
+
+        from rag_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+        cli.init_distributed()
         if jax.process_index() == 0:
             print(f"workdir: {os.path.abspath(workdir)}", flush=True)
         loop.train_and_evaluate(config, workdir)
@@ -59,7 +64,7 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        app.run(main)
+        app.run(main, flags_parser=cli.parse_flags)
     except (KeyError, AttributeError) as e:
         if _MAIN_STARTED:  # a real error of the run, not of the command line
             raise

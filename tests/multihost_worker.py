@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from rag_jax.data import tokenizers
 from rag_jax.models import bert
-from rag_jax.retrieval import embed, exact, index_io, multihost, scann_backend
+from rag_jax.retrieval import embed, exact, index_io, index_writer, multihost, scann_backend
 
 NUM_PROCESSES = 2
 TINY_BERT = dict(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
@@ -77,8 +77,8 @@ def good(workdir: str) -> None:
     # (d): a clustered synthetic index written as two host parts, searched with per-host ScaNN merged over hosts.
     out = os.path.join(workdir, "clustered")
     emb_NxD = data["big_emb"]
-    writer = index_io.IndexWriter(out, "synthetic", emb_NxD.shape[1], None, 2_000, os.path.join(workdir, "big.tsv"),
-                                  host_index=pid, num_hosts=NUM_PROCESSES, devices_per_host=2)
+    writer = index_writer.IndexWriter(out, "synthetic", emb_NxD.shape[1], None, 2_000, os.path.join(workdir, "big.tsv"),
+                                      host_index=pid, num_hosts=NUM_PROCESSES, devices_per_host=2)
     writer.write(emb_NxD[writer.rows_done:writer.stop_row])
     writer.finalize()
     multihost_utils.sync_global_devices("every part written")

@@ -1,11 +1,17 @@
 """Ahead-of-time compilation of the real train step for a TPU topology, on this CPU-only machine."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from experiments.configs import nq
 from rag_jax.training import aot
 
 pytest.importorskip("libtpu", reason="ahead-of-time TPU compilation needs libtpu (pip install 'jax[tpu]')")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tiny_train_step_compiles_for_a_tpu_slice():
@@ -44,3 +50,31 @@ def test_sizes_only_keeps_a_sentence_transformers_pooling_and_normalisation(tmp_
     config.model.doc_encoder.init = str(tmp_path)
     d = aot.sizes_only(config).model.doc_encoder
     assert (d.init, d.hidden_size, d.num_layers, d.pooling, d.normalize) == ("random", 36, 2, "mean", True)
+
+
+LIBTPU_NOISE = ("unexpected worker hostname", "could not determine TPU", "Failed to find host bounds")
+
+
+def _without_tpu_settings(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    return {**env, **extra}
+
+
+def test_describing_a_slice_prints_no_libtpu_errors_without_a_tpu():
+    """libtpu loads when a slice is described; on a machine without a TPU it is told it runs alone, so it prints
+    none of its "could not determine TPU accelerator type" / "unexpected worker hostname" errors."""
+    code = "from rag_jax.training import aot; print(len(aot.parse_topology('v5e-8').devices()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=_without_tpu_settings(JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr
+    assert not any(noise in done.stderr for noise in LIBTPU_NOISE), done.stderr
+
+
+@pytest.mark.slow
+def test_compile_nq_prints_no_libtpu_errors_without_a_tpu():
+    """The command as a user runs it, JAX_PLATFORMS unset: the report and nothing from libtpu's start-up."""
+    done = subprocess.run([sys.executable, "-m", "experiments.compile_nq", "--config=experiments/configs/nq.py:tiny",
+                           "--topology=v5e-8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=_without_tpu_settings())
+    assert done.returncode == 0 and "v5e-8 (v5e:2x4, 8 devices" in done.stdout, done.stderr[-3000:]
+    assert not any(noise in done.stderr for noise in LIBTPU_NOISE), done.stderr[-3000:]

@@ -101,3 +101,22 @@ def test_eval_bad_input(workspace, case, flags, message):
     args = [f"--model={workspace}/rag", f"--index={workspace}/index", f"--output={workspace}/x.jsonl"]
     done = run("experiments.eval_nq", *args, *(f"{k}={v}" for k, v in base.items()), expect_ok=False)
     assert message in done.stderr, done.stderr
+
+
+def test_an_output_appears_only_when_complete(tmp_path):
+    """eval_nq's --output: an interrupted run leaves an existing file as it was and no partial file beside it."""
+    from experiments import cli  # pylint: disable=g-import-not-at-top
+
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("earlier\n")
+    with pytest.raises(RuntimeError):
+        with cli.atomic_output(str(out)) as f:
+            f.write("half\n")
+            raise RuntimeError("killed")
+    assert out.read_text() == "earlier\n" and os.listdir(tmp_path) == ["predictions.jsonl"]
+    with cli.atomic_output(str(out)) as f:
+        f.write("new\n")
+    assert out.read_text() == "new\n" and os.listdir(tmp_path) == ["predictions.jsonl"]
+    with pytest.raises(cli.UsageError, match="--overwrite"):
+        cli.check_new_output(str(out), "--output", overwrite=False)
+    cli.check_new_output(str(out), "--output", overwrite=True)

@@ -3,6 +3,7 @@ training run answers and scores exactly as the run's workdir."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -53,6 +54,29 @@ def test_export_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         export.refuse_to_overwrite(str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_an_export_directory_appears_only_when_complete(tmp_path):
+    """Written beside its destination and renamed at the end: an interrupted export leaves the old directory as it
+    was (and nothing else); with overwrite, a complete one replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        with export.new_directory(str(out), overwrite=True) as partial:
+            (pathlib.Path(partial) / "half.bin").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["keep.txt"]
+    with export.new_directory(str(out), overwrite=True) as partial:
+        (pathlib.Path(partial) / "new.bin").write_bytes(b"new")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["new.bin"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        with export.new_directory(str(out)):
+            pass
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match="is a file"):
+        with export.new_directory(str(tmp_path / "file"), overwrite=True):
+            pass
 
 
 def test_only_dpr_pooling_exports():

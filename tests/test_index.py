@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rag_jax.retrieval import corpus, exact, index_io, merge, prescreen
-from rag_jax.retrieval.index_io import IndexFormatError, IndexWriter, load_index
+from rag_jax.retrieval.index_io import IndexFormatError, load_index
+from rag_jax.retrieval.index_writer import IndexWriter
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "rag_jax/assets/nq_open_mini"
 BUNDLED = ASSETS / "passages.tsv"
@@ -339,6 +340,64 @@ def test_load_refuses_changed_passages(built_index, small_passages, tmp_path):
     index_io.write_metadata(str(built_index), meta)
     with pytest.raises(IndexFormatError, match="num_passages=54"):
         load_index(built_index)
+
+
+IDENTITY = {"pooling": "cls", "normalize": False, "max_length": 256, "tokenizer_id": "tok-A"}
+
+
+@pytest.mark.parametrize("field, value", [("max_length", 128), ("tokenizer_id", "tok-B"), ("pooling", "mean")])
+def test_writer_refuses_to_resume_with_another_identity(tmp_path, small_passages, field, value):
+    """Vectors made at another length, with another tokenizer or pooling must not join an index's."""
+    IndexWriter(tmp_path, "enc-A", 16, None, 10, small_passages, identity=IDENTITY).write(_embeddings(25, 16))
+    with pytest.raises(IndexFormatError, match=f"{field}=.*fresh output directory"):
+        IndexWriter(tmp_path, "enc-A", 16, None, 10, small_passages, identity={**IDENTITY, field: value})
+    assert json.loads((tmp_path / "index.json").read_text())[field] == IDENTITY[field]  # left as it was
+
+
+def test_an_index_without_identity_loads_but_does_not_resume(built_index, small_passages):
+    """Written before the identity was recorded: loading treats it as unknown, resuming refuses (rebuild)."""
+    index = load_index(built_index)
+    assert index.identity == {"encoder_id": "enc-A", "dtype": "float32"}
+    index_io.check_identity(index, {"encoder_id": "enc-A", "max_length": 64}, "the model")  # unknown: not checked
+    with pytest.raises(IndexFormatError, match="written before rag_jax recorded pooling.*fresh output directory"):
+        IndexWriter(built_index, "enc-A", 16, None, 10, small_passages, identity=IDENTITY)
+
+
+def test_check_identity_names_the_field_and_the_source(tmp_path, small_passages):
+    w = IndexWriter(tmp_path, "enc-A", 16, None, 10, small_passages, identity=IDENTITY)
+    w.write(_embeddings(53, 16))
+    index = load_index(w.finalize())
+    index_io.check_identity(index, {"encoder_id": "enc-A", **IDENTITY, "dtype": "float32"}, "the model")
+    with pytest.raises(IndexFormatError, match="max_length=256, but the model M was trained with .*max_length=64"):
+        index_io.check_identity(index, {**IDENTITY, "max_length": 64}, "the model M")
+
+
+def test_writer_refuses_a_directory_that_holds_no_index(tmp_path, small_passages):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(IndexFormatError, match="not empty and holds no index"):
+        IndexWriter(tmp_path / "mine", "enc", 16, None, 10, small_passages)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(IndexFormatError, match="is a file"):
+        IndexWriter(tmp_path / "file", "enc", 16, None, 10, small_passages)
+
+
+def test_non_finite_vectors_never_reach_a_search(tmp_path, small_passages, built_index):
+    """float16 storage turns values beyond 65504 into inf: refused when written. A damaged shard (a NaN) is refused
+    when read, naming the file, the row and its passage."""
+    w = IndexWriter(tmp_path / "f16", "enc", 16, None, 10, small_passages, dtype="float16")
+    with pytest.raises(IndexFormatError, match="non-finite embeddings .as float16"):
+        w.write(np.full((4, 16), 1e6, np.float32))
+    shard = np.load(built_index / "embeddings-00002.npy")
+    shard[4, 7] = np.nan
+    np.save(built_index / "embeddings-00002.npy", shard)
+    index = load_index(built_index)
+    np.testing.assert_array_equal(index.read_rows(0, 20).shape, (20, 16))  # the rows before it read fine
+    for read in (lambda: index.read_rows(0, 53), lambda: index.gather_rows([[3, 24]]),
+                 lambda: exact.ExactSearcher(index)):
+        with pytest.raises(IndexFormatError, match=r"embeddings-00002.npy: row 24 \(passage 25\) holds non-finite"):
+            read()
 
 
 # ----------------------------------------------------------------------------------------------- merge

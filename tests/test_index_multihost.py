@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from rag_jax.retrieval import corpus, exact, index_io, merge
-from rag_jax.retrieval.index_io import IndexFormatError, IndexWriter, load_index
+from rag_jax.retrieval.index_io import IndexFormatError, load_index
+from rag_jax.retrieval.index_writer import IndexWriter
 from tests import multihost_worker
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

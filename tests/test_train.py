@@ -15,7 +15,7 @@ from experiments.configs import nq
 from rag_jax import sharding
 from rag_jax.data import tokenizers as tk
 from rag_jax.retrieval import contexts, corpus
-from rag_jax.training import build, checkpoint, loop, optim
+from rag_jax.training import build, checkpoint, config_check, loop, optim
 from tests import train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +181,59 @@ def test_paper_config_needs_its_paths():
         build.check_config(config)
     assert config.optim.learning_rate == 3e-5 and config.model.n_docs == 10
     assert config.train.global_batch_size == 64 and config.model.label_smoothing == 0.1
+
+
+def _leaf_fields(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("variant", nq.VARIANTS)
+def test_every_config_field_has_a_rule_and_the_variants_pass_them(variant):
+    """Each field of each variant is checked for type and range at start-up (config_check.RULES), and the presets
+    themselves pass."""
+    config = nq.get_config(variant)
+    unchecked = {"variant", "eval.recall_ks"}  # informational; checked on its own (a tuple)
+    missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
+    assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
+    config_check.check_fields(config)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("optim.learning_rate", -0.001, "must be a number > 0"),
+    ("optim.eps", 0.0, "> 0"),
+    ("optim.warmup_steps", -1, ">= 0"),
+    ("train.steps", 2.5, "must be an integer, got float"),
+    ("train.global_batch_size", True, "must be an integer, got bool"),
+    ("model.generator.dropout", 1.0, "< 1.0"),
+    ("model.question_encoder.pooling", "max", "choose one of"),
+    ("data.answer_prefix_space", "yes", "true or false"),
+    ("optim.max_grad_norm", float("nan"), "finite"),
+    ("eval.max_length", 1, ">= 2"),
+])
+def test_impossible_config_values_name_the_field(task, field, value, expected):
+    config = train_task.tiny_config(task)
+    with config.unlocked(), config.ignore_type():
+        node = config
+        *path, last = field.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    with pytest.raises(build.ConfigError, match=f"config {field.replace('.', '[.]')}=") as error:
+        build.check_config(config)
+    assert expected in str(error.value) and f"--config.{field}=" in str(error.value)
+
+
+def test_a_question_without_answers_is_refused_at_start_up(task, tmp_path):
+    """Labels need a gold answer: found when the file is read, naming its line, not in the middle of training."""
+    bad = train_task.write_questions(str(tmp_path / "train.jsonl"), [{"question": "q1", "answers": ["a"]},
+                                                                     {"question": "q2", "answers": []}])
+    config = train_task.tiny_config(task, **{"data.train_file": bad})
+    with pytest.raises(build.ConfigError, match=r"config data\.train_file: .*train\.jsonl:2: .*non-empty list"):
+        build.data_source(config, "train")
 
 
 @pytest.mark.slow

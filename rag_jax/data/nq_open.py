@@ -54,8 +54,9 @@ def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             answers = record.get("answers", record.get("answer"))
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}.")
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{where}: field 'answer' (or 'answers') must be a list of strings, got {answers!r}.")
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
+                                 f"gold answers that labels and exact match need), got {answers!r}.")
             gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
             if not isinstance(gold, int):
                 raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")

@@ -5,15 +5,18 @@ tokenizer subfolders), or to a parameters-only orbax checkpoint.
 A trained run's export carries what answering with it needs besides the weights, so that it behaves exactly like
 its workdir: the run's generation settings (generation_config.json, which transformers' RagTokenForGeneration
 `generate` reads, and the generator's decoder start, which RagSequenceForGeneration's per-document `generate`
-reads) and how the run tokenised answers (config.json key RUN_KEY). model_dir.load_hf_rag reads both back: a
-directory with RUN_KEY is answered with generation_config.json's settings by either model type, as its workdir is.
+reads), how the run tokenised answers and the identity of the index it was trained with (config.json key RUN_KEY).
+model_dir.load_hf_rag reads them back: a directory with RUN_KEY is answered with generation_config.json's settings by
+either model type, as its workdir is, and refuses an index of another identity. Exports appear only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 import transformers
 from safetensors.numpy import save_file
@@ -24,13 +27,41 @@ from rag_jax.inference.generation import GenerationConfig
 from rag_jax.models import hf
 
 ARCHITECTURES = {"sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
-RUN_KEY = "rag_jax_run"  # config.json: {"answer_prefix_space": bool} of the trained run that was exported
+RUN_KEY = "rag_jax_run"  # config.json: {"answer_prefix_space": bool, "index_identity": {...}} of an exported run
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def refuse_to_overwrite(directory: str) -> None:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory}: is a file; give a directory path to export into")
     if os.path.exists(directory) and os.listdir(directory):
-        raise FileExistsError(f"{directory}: exists and is not empty; export writes into a new directory only")
+        raise FileExistsError(f"{directory}: exists and is not empty; export writes into a new directory only "
+                              "(pass --overwrite to replace it once the new export is complete)")
+
+
+@contextlib.contextmanager
+def new_directory(directory: str, *, overwrite: bool = False) -> Iterator[str]:
+    """A directory that appears at `directory` only when complete: written under a temporary name beside it, then
+    renamed. An existing non-empty one is refused, or with `overwrite` replaced once the new one is complete; an
+    interrupted export leaves `directory` as it was."""
+    if overwrite and os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory}: is a file; give a directory path to export into")
+    if not overwrite:
+        refuse_to_overwrite(directory)
+    head, name = os.path.split(os.path.abspath(directory))
+    partial, old = (os.path.join(head, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+        if os.path.exists(directory):
+            os.rename(directory, old)
+            os.rename(partial, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, directory)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def save_hf_rag(
@@ -43,17 +74,28 @@ def save_hf_rag(
     *,
     generation: GenerationConfig | None = None,
     answer_prefix_space: bool | None = None,
+    index_identity: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Writes `params` as a Hugging Face RAG checkpoint. `generation` (the settings to answer with) goes to
     generation_config.json and the generator's decoder start; `answer_prefix_space` records how gold answers were
-    tokenised in training. Refuses a non-empty `directory`."""
-    refuse_to_overwrite(directory)
-    os.makedirs(directory, exist_ok=True)
+    tokenised in training, `index_identity` the index it was trained with. Refuses a non-empty `directory` unless
+    `overwrite`; the directory appears only when complete (`new_directory`)."""
+    with new_directory(directory, overwrite=overwrite) as partial:
+        _write_hf_rag(partial, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
+                      answer_prefix_space, index_identity)
+    return directory
+
+
+def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
+                  answer_prefix_space, index_identity) -> None:
     cfg = model.config
     generator_fields = hf.bart_config_dict(model.generator_config)
     if generation is not None:
         generator_fields["decoder_start_token_id"] = generation.decoder_start_token_id
     run = {} if answer_prefix_space is None else {"answer_prefix_space": bool(answer_prefix_space)}
+    if index_identity is not None:
+        run["index_identity"] = dict(index_identity)
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         transformers.DPRConfig(**hf.dpr_config_dict(model.question_encoder_config)),
         transformers.BartConfig(**generator_fields, forced_eos_token_id=None),
@@ -72,19 +114,19 @@ def save_hf_rag(
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     question_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_QUESTION_SUBDIR))
     generator_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_GENERATOR_SUBDIR))
-    return directory
 
 
-def save_params_orbax(directory: str, params: dict[str, Any], run_config: dict[str, Any]) -> str:
-    """A parameters-only orbax checkpoint (no optimizer state) for serving, with the run's config beside it."""
+def save_params_orbax(directory: str, params: dict[str, Any], run_config: dict[str, Any], *,
+                      overwrite: bool = False) -> str:
+    """A parameters-only orbax checkpoint (no optimizer state) for serving, with the run's config beside it; the
+    directory appears only when complete (`new_directory`)."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top (only this export needs orbax)
 
-    refuse_to_overwrite(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(os.path.abspath(directory), "params"), params)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2, sort_keys=True)
+    with new_directory(directory, overwrite=overwrite) as partial:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(partial, "params"), params)
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=2, sort_keys=True)
     return directory
 
 

@@ -29,6 +29,9 @@ class ModelDefaults:
     generation: dict[str, GenerationConfig]  # model type -> decoding settings
     answer_prefix_space: bool  # gold answers tokenised as " answer" (how rag_jax training labels are made)
     index: str | None = None  # the index the model was trained with, when known (a workdir's own)
+    # The identity (index_io.IDENTITY_FIELDS) of the index the model was trained with, when known: a workdir's
+    # index records it, an export of a run carries it (export.RUN_KEY); eval_nq refuses an index of another.
+    index_identity: dict | None = None
 
     def generation_config(self, model_type: str, **overrides) -> GenerationConfig:
         return dataclasses.replace(self.generation[model_type], **overrides)
@@ -58,5 +61,6 @@ def load_hf_rag(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
         model_type="token" if "Token" in arch else "sequence",
         generation=generation,
         answer_prefix_space=bool((run or {}).get("answer_prefix_space", False)),
+        index_identity=(run or {}).get("index_identity"),
     )
     return model, params, defaults

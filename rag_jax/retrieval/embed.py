@@ -22,7 +22,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from rag_jax.models import bert
-from rag_jax.retrieval import corpus, index_io, multihost, scann_backend
+from rag_jax.retrieval import corpus, index_io, index_writer, multihost, scann_backend
 
 BUCKET = 32  # sequence lengths are rounded up to a multiple of this
 SORT_WINDOW = 32  # batches whose passages are grouped by length together
@@ -52,6 +52,25 @@ def encoder_fingerprint(config: bert.BertConfig, params: Any) -> str:
     for leaf in jax.tree_util.tree_leaves(params):
         digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
     return digest.hexdigest()[:16]
+
+
+# Texts whose token ids show how a tokenizer normalises (case, accents, punctuation) and splits pairs.
+_PROBES = (("Hello World", "Ünïcödé déjà-vu, 1,234.5!"), ("the cat's HAT", "naïve café"))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short identity of a tokenizer: its vocabulary and what it makes of a few probe texts (so lower-casing and
+    accent stripping count), not where it was loaded from."""
+    digest = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode())
+    for pair in _PROBES:
+        digest.update(repr(tokenizer(*pair)["input_ids"]).encode())
+    return digest.hexdigest()[:16]
+
+
+def index_identity(config: bert.BertConfig, tokenizer, max_length: int) -> dict[str, Any]:
+    """The index_io.RECORDED_IDENTITY fields of an index this encoder, tokenizer and length make."""
+    return {"pooling": config.pooling, "normalize": bool(getattr(config, "normalize", False)),
+            "max_length": int(max_length), "tokenizer_id": tokenizer_fingerprint(tokenizer)}
 
 
 def bucketed_length(length: int, max_length: int) -> int:
@@ -163,10 +182,15 @@ def build_index(
         host_index, num_hosts = 0, 1
     if devices_per_host is None:
         devices_per_host = jax.local_device_count() if num_hosts > 1 else 1
+    if not 1 <= max_length <= config.max_position_embeddings:
+        raise index_io.IndexFormatError(
+            f"max_length={max_length} must lie in [1, {config.max_position_embeddings}], the document encoder's "
+            "positions; lower it (build_index --max_length, config index.max_length)")
     encoder_id = encoder_id or encoder_fingerprint(config, params)
-    writer = index_io.IndexWriter(
+    writer = index_writer.IndexWriter(
         output_dir, encoder_id, config.output_dim, None, shard_size, passages_path, dtype=dtype,
         host_index=host_index, num_hosts=num_hosts, devices_per_host=devices_per_host,
+        identity=index_identity(config, tokenizer, max_length),
     )  # fmt: skip
     encode = make_encode_fn(config)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params))

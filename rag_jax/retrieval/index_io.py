@@ -1,9 +1,11 @@
-"""The index directory: passage embeddings in resumable shards, plus metadata tying them to an encoder and corpus.
+"""The index directory: passage embeddings in resumable shards, plus metadata tying them to an encoder and corpus;
+its layout and format, and reading it (`load_index`). Writing it: index_writer.py.
 
 Layout of `index_dir/`:
-  index.json              metadata: encoder_id, dim, dtype, num_passages, shard_size, num_hosts, shards (file,
-                          first row, rows, building host), passages file (path and fingerprint), complete flag,
-                          backends (e.g. ScaNN searchers' parameters)
+  index.json              metadata: the identity (encoder_id, pooling, normalize, tokenizer_id, max_length, dtype),
+                          dim, num_passages, shard_size, num_hosts, shards (file, first row, rows, building host),
+                          passages file (path and fingerprint), complete flag, backends (e.g. ScaNN searchers'
+                          parameters)
   embeddings-00000.npy    the N x D matrix in row order, at most shard_size rows a file (bfloat16 is stored as its
                           uint16 bit pattern, since .npy has no bfloat16)
   index.host-00001-of-00004.json   progress of host 1 of a 4-host build (only that host writes it)
@@ -16,10 +18,18 @@ files of its own range and its own progress file, so writers never touch the sam
 a host reads only the files it wrote. Each range is cut into files of at most shard_size rows (with H > 1 a
 host's last file may be short); files are numbered in row order over all hosts. index.json, whose content only
 depends on the layout, is written once every host's part is complete: by the writer that finishes last when
-the hosts share a filesystem, or by each host after a barrier (`write_index_metadata`).
+the hosts share a filesystem, or by each host after a barrier (`IndexWriter.write_index_metadata`).
 
 Every file is written to a temporary name and renamed, so a killed embedding job leaves only whole shards and
-`IndexWriter` resumes after the last one (per host).
+`index_writer.IndexWriter` resumes after the last one (per host).
+
+The identity of an index (IDENTITY_FIELDS) is everything besides the passages that its vectors depend on: the
+encoder (weights and config, pooling and normalisation included, as `encoder_id`), the tokenizer, the maximum
+length and the stored dtype. A build resumes only into an index of the same identity, and a model that knows the
+identity of the index it was trained with refuses another (`check_identity`). Indexes written before rag_jax
+recorded pooling, normalize, max_length and tokenizer_id lack them: loading treats them as unknown (not checked),
+and resuming such an index is refused, since its vectors cannot be matched to this run's settings (rebuild it).
+Non-finite vectors are refused when written and when read, so none reaches a search.
 """
 
 from __future__ import annotations
@@ -38,12 +48,17 @@ METADATA_FILE = "index.json"
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # How each dtype is stored in .npy (bfloat16 has no .npy type code, so its bits go in as uint16).
-_STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                    "bfloat16": np.dtype(np.uint16)}
 # Fields that must agree between runs resuming one directory (and between the hosts of one build), with the
 # value an index written before multi-host building implies.
-_LAYOUT_FIELDS = {"version": None, "encoder_id": None, "dim": None, "dtype": None, "shard_size": None,
+LAYOUT_FIELDS = {"version": None, "encoder_id": None, "dim": None, "dtype": None, "shard_size": None,
                   "passages_fingerprint": None, "num_hosts": 1, "devices_per_host": 1}
+# The identity fields recorded since issue 17 (see the module docstring); an older index lacks them.
+RECORDED_IDENTITY = ("pooling", "normalize", "max_length", "tokenizer_id")
+IDENTITY_FIELDS = ("encoder_id", *RECORDED_IDENTITY, "dtype")
+# What a directory that build_index may write into can hold besides nothing: the files of an index.
+INDEX_FILE_PREFIXES = (METADATA_FILE, "index.host-", "passage_store.json")
 
 
 class IndexFormatError(ValueError):
@@ -84,7 +99,7 @@ def shard_layout(num_passages: int, shard_size: int, num_hosts: int = 1, devices
     return shards
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def read_json(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     try:
@@ -94,192 +109,38 @@ def _read_json(path: str) -> dict[str, Any] | None:
         raise IndexFormatError(f"{path}: not valid JSON ({e}); delete the index directory and rebuild it") from None
 
 
-def _read_metadata(index_dir: str) -> dict[str, Any] | None:
-    return _read_json(os.path.join(index_dir, METADATA_FILE))
+def read_metadata(index_dir: str) -> dict[str, Any] | None:
+    return read_json(os.path.join(index_dir, METADATA_FILE))
+
+
+def identity(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields an index's metadata records (an older index records fewer)."""
+    return {field: metadata[field] for field in IDENTITY_FIELDS if field in metadata}
+
+
+def identity_mismatch(recorded: dict[str, Any], expected: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(field, recorded value, expected value) of the first identity field both record with different values."""
+    for field in IDENTITY_FIELDS:
+        if field in expected and field in recorded and expected[field] != recorded[field]:
+            return field, recorded[field], expected[field]
+    return None
+
+
+def check_identity(index: "Index", expected: dict[str, Any], source: str) -> None:
+    """Refuses `index` if it differs from the `expected` identity (that of the index a model was trained with, as
+    `source` says) in a field both record."""
+    mismatch = identity_mismatch(index.identity, expected)
+    if mismatch:
+        field, got, want = mismatch
+        raise IndexFormatError(
+            f"{os.path.join(index.index_dir, METADATA_FILE)}: {field}={got!r}, but {source} was trained with an index "
+            f"of {field}={want!r} (other document vectors); use that index, or build one with the same document "
+            "encoder, tokenizer, --max_length and --dtype")
 
 
 def write_metadata(index_dir: str, metadata: dict[str, Any]) -> None:
     """Atomically replaces index.json (also used by backends to record themselves under "backends")."""
     corpus._atomic_write_json(os.path.join(index_dir, METADATA_FILE), metadata)
-
-
-class IndexWriter:
-    """Appends passage embeddings (in row order) to an index directory, resuming an interrupted run.
-
-    Usage (the embedding job; on each of H hosts at once with host_index=h, num_hosts=H):
-      writer = IndexWriter(out_dir, encoder_id, dim, None, shard_size, passages_path, dtype="float16")
-      for passages in batches(writer.passages.iter_passages(writer.rows_done, writer.stop_row)):
-        writer.write(encode(passages))         # emb_BxD, any B
-      writer.finalize()
-
-    On construction the passage store is built (or reused) in `output_dir`; `rows_done` is the row after the last
-    whole shard of this host already on disk, i.e. where to restart. Rows written since the last whole shard are
-    held in memory and lost if the job dies, which costs at most one shard of recomputation.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, encoder_id: str, dim: int, num_passages: int | None,
-                 shard_size: int, passages_path: str | os.PathLike, dtype: str = "float32", *, host_index: int = 0,
-                 num_hosts: int = 1, devices_per_host: int = 1):
-        """encoder_id: any string identifying the document encoder (name + checkpoint fingerprint); an index is
-        only reused for the same one. num_passages: None takes the count from the passages file, otherwise it must
-        agree. dtype: "float32", "float16" or "bfloat16" storage of the embeddings. host_index / num_hosts: this
-        writer's part of a build on several hosts (see `host_rows`); devices_per_host: accelerators per host of the
-        job that will load the index (it places the host boundaries; irrelevant with one host)."""
-        self.output_dir = os.fspath(output_dir)
-        if dtype not in DTYPES:
-            raise IndexFormatError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
-        if dim <= 0 or shard_size <= 0:
-            raise IndexFormatError(f"dim ({dim}) and shard_size ({shard_size}) must be positive")
-        if not 0 <= host_index < num_hosts or devices_per_host < 1:
-            raise IndexFormatError(f"host_index={host_index} must be in [0, num_hosts={num_hosts}) and "
-                                   f"devices_per_host={devices_per_host} positive")
-        if not os.path.isfile(passages_path):
-            raise IndexFormatError(f"{passages_path}: passages file not found")
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.dim, self.shard_size, self.dtype = int(dim), int(shard_size), dtype
-        self.host_index, self.num_hosts = int(host_index), int(num_hosts)
-        self.metadata = {
-            "version": INDEX_VERSION, "encoder_id": encoder_id, "dim": self.dim, "dtype": dtype,
-            "num_passages": num_passages, "shard_size": self.shard_size, "num_hosts": self.num_hosts,
-            "devices_per_host": int(devices_per_host) if num_hosts > 1 else 1,
-            "passages_path": os.path.abspath(passages_path),
-            "passages_fingerprint": corpus.file_fingerprint(passages_path),
-            "complete": False, "shards": [], "backends": {}}
-        # One host: index.json is also the progress record. Several: each host only ever writes its own file.
-        self._progress_path = os.path.join(
-            self.output_dir, METADATA_FILE if num_hosts == 1 else host_progress_file(host_index, num_hosts))
-        # Check a previous run's metadata before (re)building the passage store, which would overwrite its own.
-        old = _read_json(self._progress_path)
-        for previous in (old, _read_metadata(self.output_dir)):
-            if previous is not None:
-                self._check_resumable(previous, num_passages_known=num_passages is not None)
-        self.passages = corpus.PassageStore.build(passages_path, self.output_dir)
-        if num_passages is not None and num_passages != self.passages.num_passages:
-            raise IndexFormatError(f"num_passages={num_passages} but {passages_path} holds "
-                                   f"{self.passages.num_passages} passages; pass None to take the file's count")
-        self.num_passages = self.metadata["num_passages"] = self.passages.num_passages
-        if old is not None:  # Same file (by fingerprint), maybe moved: remember where it is now.
-            self.metadata = {**old, "passages_path": self.metadata["passages_path"]}
-        self.start_row, self.stop_row = host_rows(self.num_passages, self.num_hosts, self.host_index,
-                                                  self.metadata["devices_per_host"])
-        self._layout = shard_layout(self.num_passages, self.shard_size, self.num_hosts,
-                                    self.metadata["devices_per_host"])
-        self._own = [s for s in self._layout if s["host"] == self.host_index]
-        if num_hosts > 1:
-            self.metadata.update(host_index=self.host_index, host_rows=[self.start_row, self.stop_row])
-        self._shards_done = self._count_whole_shards()
-        # A shard lost since a complete run (deleted to be rebuilt) makes this part incomplete again.
-        self.metadata["complete"] = bool(self.metadata["complete"]) and self.rows_done == self.stop_row
-        corpus._atomic_write_json(self._progress_path, self.metadata)
-        self._buffer: list[np.ndarray] = []
-        self._buffered = 0
-        self.index_written = False  # Set by finalize() once index.json describes the whole, complete index.
-
-    def _check_resumable(self, old: dict[str, Any], num_passages_known: bool) -> None:
-        where = os.path.join(self.output_dir, METADATA_FILE)
-        fields = list(_LAYOUT_FIELDS) + (["num_passages"] if num_passages_known else [])
-        for field in fields:
-            if old.get(field, _LAYOUT_FIELDS.get(field)) != self.metadata[field]:
-                raise IndexFormatError(
-                    f"{where}: this directory holds an index with {field}={old.get(field)!r}, but this run has "
-                    f"{field}={self.metadata[field]!r}; use a fresh output directory (or delete this one) instead of "
-                    "resuming into it")
-
-    def _count_whole_shards(self) -> int:
-        names = os.listdir(self.output_dir)
-        for entry in self._own:  # Leftovers of this host's writes that were killed before their rename.
-            for name in names:
-                if name.startswith(entry["file"] + ".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(self.output_dir, name))
-        done = 0
-        for entry in self._own:
-            path = os.path.join(self.output_dir, entry["file"])
-            if not os.path.exists(path):
-                break
-            arr = np.load(path, mmap_mode="r")
-            want = (entry["rows"], self.dim)
-            if arr.shape != want or arr.dtype != _STORAGE_DTYPES[self.dtype]:
-                raise IndexFormatError(f"{path}: shape {arr.shape} dtype {arr.dtype}, expected {want} "
-                                       f"{_STORAGE_DTYPES[self.dtype]}; delete the index directory and rebuild it")
-            done += 1
-        return done
-
-    @property
-    def rows_done(self) -> int:
-        """The row after this host's whole shards on disk: where to restart embedding (stop_row when done)."""
-        return self._own[self._shards_done]["start"] if self._shards_done < len(self._own) else self.stop_row
-
-    def _limit(self) -> str:
-        if self.num_hosts == 1:
-            return f"num_passages={self.num_passages}"
-        return (f"row {self.stop_row}, the end of host {self.host_index}'s rows [{self.start_row}, {self.stop_row}) "
-                f"of num_passages={self.num_passages}")
-
-    def write(self, embeddings_NxD) -> None:
-        """Appends the embeddings of the next N rows (numpy or jax array; cast to the index dtype)."""
-        emb = np.asarray(embeddings_NxD)
-        if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise IndexFormatError(f"write() got embeddings of shape {emb.shape}; expected (N, {self.dim})")
-        if self.rows_done + self._buffered + emb.shape[0] > self.stop_row:
-            raise IndexFormatError(f"write() would go past {self._limit()} (have {self.rows_done + self._buffered} "
-                                   f"rows, got {emb.shape[0]} more); restart the embedding loop at writer.rows_done")
-        if not np.all(np.isfinite(emb.astype(np.float32, copy=False))):
-            raise IndexFormatError(f"write() got non-finite embeddings in rows starting at "
-                                   f"{self.rows_done + self._buffered}; check the encoder (NaN weights or overflow)")
-        self._buffer.append(emb.astype(DTYPES[self.dtype]))
-        self._buffered += emb.shape[0]
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._buffered > 0 and self._buffered >= self._own[self._shards_done]["rows"]:
-            entry = self._own[self._shards_done]
-            data = np.concatenate(self._buffer, axis=0) if len(self._buffer) > 1 else self._buffer[0]
-            shard, rest = data[:entry["rows"]], data[entry["rows"]:]
-            path = os.path.join(self.output_dir, entry["file"])
-            corpus._atomic_save_npy(path, shard.view(_STORAGE_DTYPES[self.dtype]))
-            self._shards_done += 1
-            self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
-
-    def finalize(self) -> str:
-        """Marks this host's part complete; writes index.json if that completes the index. Returns the directory.
-
-        With one host the index is then complete. With several, index.json appears when the last host to finish
-        sees every host's progress file complete (shared filesystem); hosts that do not share one call
-        `write_index_metadata()` after a barrier instead. `index_written` says whether this call wrote it.
-        """
-        self._flush()
-        if self.rows_done != self.stop_row or self._buffered:
-            raise IndexFormatError(f"finalize(): only {self.rows_done + self._buffered - self.start_row} of "
-                                   f"{self.stop_row - self.start_row} rows were written; write the rest (from "
-                                   "writer.rows_done) before finalize()")
-        if self.num_hosts == 1:
-            self.write_index_metadata()
-        else:
-            self.metadata["complete"] = True
-            corpus._atomic_write_json(self._progress_path, self.metadata)
-            if self.all_hosts_complete():
-                self.write_index_metadata()
-        return self.output_dir
-
-    def all_hosts_complete(self) -> bool:
-        """Whether every host's progress file in this directory says its part is complete (for this layout)."""
-        for host in range(self.num_hosts):
-            progress = _read_json(os.path.join(self.output_dir, host_progress_file(host, self.num_hosts)))
-            if progress is None or not progress.get("complete"):
-                return False
-            self._check_resumable(progress, num_passages_known=True)
-        return True
-
-    def write_index_metadata(self) -> None:
-        """Writes the complete index.json of the whole layout (call once every host's part is on disk)."""
-        meta = {k: v for k, v in self.metadata.items() if k not in ("host_index", "host_rows")}
-        meta.update(shards=self._layout, complete=True)
-        old = _read_metadata(self.output_dir)
-        if old is not None and old.get("complete"):
-            meta["backends"] = old.get("backends", {})  # A rerun keeps the searchers built since.
-        self.metadata = meta if self.num_hosts == 1 else self.metadata
-        write_metadata(self.output_dir, meta)
-        self.index_written = True
 
 
 class Index:
@@ -309,6 +170,22 @@ class Index:
     def encoder_id(self) -> str:
         return self.metadata["encoder_id"]
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the vectors depend on besides the passages (IDENTITY_FIELDS; fewer for an older index)."""
+        return identity(self.metadata)
+
+    def _finite(self, i: int, rows: np.ndarray, first: int) -> np.ndarray:
+        """`rows` of shard i (starting at row `first` of the index), refused if a value is NaN or inf: a damaged
+        file, since the writer stores finite vectors only."""
+        bad = ~np.isfinite(rows).all(axis=-1)
+        if bad.any():
+            row = first + int(np.argmax(bad))
+            raise IndexFormatError(
+                f"{self.shard_path(i)}: row {row} (passage {self.passages[row].id}) holds non-finite values; the file "
+                f"is damaged: delete it and rerun build_index on {self.index_dir} to embed its rows again")
+        return rows
+
     def shard_path(self, i: int) -> str:
         return os.path.join(self.index_dir, self.shard_entries[i]["file"])
 
@@ -323,7 +200,7 @@ class Index:
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:
             return f"shard {path} cannot be read as .npy ({e})"
-        want, storage = (entry["rows"], self.dim), _STORAGE_DTYPES[self.metadata["dtype"]]
+        want, storage = (entry["rows"], self.dim), STORAGE_DTYPES[self.metadata["dtype"]]
         if arr.shape != want or arr.dtype != storage:
             return (f"shard {path} has shape {arr.shape} dtype {arr.dtype}, expected {want} {storage} "
                     f"({self.metadata['dim']}-d rows {entry['start']}..{entry['start'] + entry['rows'] - 1})")
@@ -366,7 +243,7 @@ class Index:
         for i in self.shards_for_rows(start, stop):
             lo = max(start, int(self._starts[i])) - int(self._starts[i])
             hi = min(stop, int(self._starts[i + 1])) - int(self._starts[i])
-            parts.append(self.shard(i)[lo:hi])
+            parts.append(self._finite(i, self.shard(i)[lo:hi], int(self._starts[i]) + lo))
         out = np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dim), self.dtype)
         return out if dtype is None else out.astype(dtype)
 
@@ -380,7 +257,13 @@ class Index:
         shard_of = np.searchsorted(self._starts, flat, side="right") - 1
         for i in np.unique(shard_of):
             sel = shard_of == i
-            out[sel] = self.shard(int(i))[flat[sel] - self._starts[i]]
+            local = flat[sel] - self._starts[i]
+            rows_found = self.shard(int(i))[local]
+            bad = ~np.isfinite(rows_found).all(axis=-1)
+            if bad.any():  # the same message as a read of that row
+                first = int(flat[sel][np.argmax(bad)])
+                self._finite(int(i), rows_found[bad][:1], first)
+            out[sel] = rows_found
         return out.reshape(rows.shape + (self.dim,))
 
     def embeddings(self, dtype=None) -> np.ndarray:
@@ -398,7 +281,7 @@ def load_index(index_dir: str | os.PathLike, expected_encoder: str | None = None
     """
     index_dir = os.fspath(index_dir)
     where = os.path.join(index_dir, METADATA_FILE)
-    meta = _read_metadata(index_dir)
+    meta = read_metadata(index_dir)
     if meta is None:
         progress = sorted(n for n in os.listdir(index_dir) if n.startswith("index.host-")) \
             if os.path.isdir(index_dir) else []

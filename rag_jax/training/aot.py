@@ -8,6 +8,7 @@ compiled executable reports per-device memory (`memory_analysis`) and FLOPs (`co
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 
@@ -48,8 +49,30 @@ class Topology:
         # Compiling touches no TPU, so several compiling processes (tests, parallel jobs) may share libtpu; without
         # this, libtpu's lockfile lets only one process at a time load it.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if not _has_tpu_chips():
+            # Without them libtpu, loaded here, looks for the slice it runs on and prints "could not determine TPU
+            # accelerator type" and "unexpected worker hostname" errors; compiling needs neither, so it is told:
+            # this host alone (any accelerator type will do, the topology is passed explicitly).
+            os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         kwargs = {"chip_config_name": self.chip_config_name} if self.chip_config_name else {}
         return list(topologies.get_topology_desc(platform="tpu", topology_name=self.topology_name, **kwargs).devices)
+
+
+# PCI ids of TPU chips (Google's vendor id; v3, v4, v5p, v5e, v6e, 7x and one unnamed), as jax's TPU start-up
+# (jax/_src/hardware_utils.py) recognises them. Other Google devices (gVNIC) share the vendor id.
+_TPU_PCI = ("0x1ae0", ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"))
+
+
+def _has_tpu_chips() -> bool:
+    """Whether this machine has TPU chips on its PCI bus."""
+    vendor_id, device_ids = _TPU_PCI
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        device = os.path.join(os.path.dirname(vendor), "device")
+        with open(vendor) as f, open(device) as g:
+            if f.read().strip() == vendor_id and g.read().strip() in device_ids:
+                return True
+    return False
 
 
 def parse_topology(accelerator_type: str) -> Topology:

@@ -2,7 +2,8 @@
 
 Everything a training run or an evaluation of its checkpoint needs to rebuild from the config lives here: the RAG
 model (and pretrained weights), the frozen document encoder, the tokenizers, the data sources and the run's index
-(the optimizer is in optim.py). Each check fails with a `ConfigError` naming the config field and what to do.
+(the optimizer is in optim.py). Each check fails with a `ConfigError` naming the config field and what to do; the
+checks of the config alone are in config_check.py.
 """
 
 from __future__ import annotations
@@ -23,91 +24,11 @@ from rag_jax.models import bart, bert, hf
 from rag_jax.retrieval import embed, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.training import streams, workdir as workdir_lib
+# The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
+# part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
+from rag_jax.training.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, check_config, require_path
 
-LOSSES = ("sequence", "token")
-RETRIEVAL_MODES = ("host", "device")
-HOST_SEARCHERS = ("exact", "scann")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
-AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
-
-
-class ConfigError(ValueError):
-    """A run config that cannot work; the message names the field (e.g. `train.global_batch_size`)."""
-
-
-def _require_path(value, field: str, what: str, *, directory: bool) -> str:
-    if value is None:
-        raise ConfigError(f"config {field} is not set: give {what} (e.g. --config.{field}=/path)")
-    check = os.path.isdir if directory else os.path.isfile
-    if not check(value):
-        kind = "directory" if directory else "file"
-        raise ConfigError(f"config {field}={value!r}: no such {kind} ({what})")
-    return value
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Value checks that need no devices or files beyond the paths named in the config."""
-    m, t = config.model, config.train
-    if m.loss not in LOSSES:
-        raise ConfigError(f"config model.loss={m.loss!r}; choose one of {LOSSES}")
-    if config.retrieval.mode not in RETRIEVAL_MODES:
-        raise ConfigError(f"config retrieval.mode={config.retrieval.mode!r}; choose one of {RETRIEVAL_MODES}")
-    if config.retrieval.host_searcher not in HOST_SEARCHERS:
-        raise ConfigError(
-            f"config retrieval.host_searcher={config.retrieval.host_searcher!r}; choose one of {HOST_SEARCHERS}"
-        )
-    if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
-        raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
-                          "with the index)")
-    for part in ("question_encoder", "doc_encoder"):
-        pooling, choices = m[part].get("pooling", "cls"), (AUTO_POOLING, *bert.POOLINGS)
-        if pooling not in choices:
-            raise ConfigError(f"config model.{part}.pooling={pooling!r}; choose one of {choices}")
-    if m.compute_dtype not in DTYPES:
-        raise ConfigError(f"config model.compute_dtype={m.compute_dtype!r}; choose one of {sorted(DTYPES)}")
-    for field, value in (("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
-                         ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every),
-                         ("train.checkpoint_every", t.checkpoint_every), ("model.n_docs", m.n_docs),
-                         ("eval.batch_size", config.eval.batch_size), ("eval.n_docs", config.eval.n_docs)):
-        if int(value) < 1:
-            raise ConfigError(f"config {field}={value} must be >= 1")
-    if t.global_batch_size % t.grad_accum_steps:
-        raise ConfigError(f"config train.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"train.grad_accum_steps={t.grad_accum_steps}")
-    if not 0.0 <= m.label_smoothing < 1.0:
-        raise ConfigError(f"config model.label_smoothing={m.label_smoothing} must lie in [0, 1)")
-    if config.retrieval.mode == "device" and not m.doc_sep.endswith(" "):
-        raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
-                          "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
-    _require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
-                  directory=False)
-    for field in ("data.train_file", "data.dev_file"):
-        value = config.data.get(field.split(".")[1])
-        if value is not None:
-            _require_path(value, field, "a JSONL questions file", directory=False)
-    if config.data.train_file is None or config.data.dev_file is None:
-        if config.data.data_dir is not None:
-            _require_path(config.data.data_dir, "data.data_dir", "the TFDS data directory (create it, or leave it "
-                          "unset for TFDS's default)", directory=True)
-        if config.data.source == "official":
-            _require_path(config.data.manual_dir, "data.manual_dir",
-                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl", directory=True)
-        elif config.data.source != "mini":
-            raise ConfigError(f"config data.source={config.data.source!r}; choose 'mini' or 'official'")
-    for field in ("tokenizers.question", "tokenizers.generator"):
-        _require_path(config.tokenizers.get(field.split(".")[1]), field, "a tokenizer directory", directory=True)
-    if m.init_from_rag is None:
-        for part in ("question_encoder", "generator"):
-            init = m[part].init
-            if init != "random" and not (part == "question_encoder" and init == DOC_ENCODER):
-                _require_path(init, f"model.{part}.init", "'random' or a Hugging Face checkpoint directory",
-                              directory=True)
-    else:
-        _require_path(m.init_from_rag, "model.init_from_rag", "a Hugging Face RAG checkpoint directory", directory=True)
-    if m.doc_encoder.init != "random":
-        _require_path(m.doc_encoder.init, "model.doc_encoder.init", "'random' or a BERT/DPR checkpoint directory",
-                      directory=True)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.compute_dtype
 
 
 def check_batch(config: ml_collections.ConfigDict, data_ways: int, num_processes: int) -> None:
@@ -261,23 +182,49 @@ def data_source(config: ml_collections.ConfigDict, split: str):
 # ---------------------------------------------------------------------------------------------------- index
 
 
+# Where each identity field of the run's index comes from in its config.
+_IDENTITY_SOURCES = {"encoder_id": "model.doc_encoder (and seed, for a random one)",
+                     "pooling": "model.doc_encoder.pooling", "normalize": "model.doc_encoder.normalize",
+                     "max_length": "index.max_length", "tokenizer_id": "tokenizers.question", "dtype": "index.dtype"}
+
+
+def index_identity(config: ml_collections.ConfigDict, doc_config: bert.BertConfig, doc_params: Any,
+                   question_tokenizer) -> dict[str, Any]:
+    """The identity (index_io.IDENTITY_FIELDS) of the index this run's config makes."""
+    return {"encoder_id": embed.encoder_fingerprint(doc_config, doc_params), "dtype": config.index.dtype,
+            **embed.index_identity(doc_config, question_tokenizer, config.index.max_length)}
+
+
 def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: bert.BertConfig, doc_params: Any,
                  question_tokenizer, *, progress: bool = True) -> index_io.Index:
-    """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there."""
+    """WORKDIR/index for this run's document encoder: linked to config index.dir, or built (resumably) there.
+
+    An index already there that the config would not make (another document encoder, tokenizer, length or dtype)
+    is refused naming the config field: the run's question encoder was trained against it.
+    """
     target = workdir_lib.index_dir(workdir)
-    encoder_id = embed.encoder_fingerprint(doc_config, doc_params)
+    identity = index_identity(config, doc_config, doc_params, question_tokenizer)
     if config.index.dir is not None and not os.path.exists(target):
-        _require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
+        require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
         os.makedirs(workdir, exist_ok=True)
         os.symlink(os.path.abspath(config.index.dir), target)
+    recorded = index_io.read_metadata(target) if os.path.isdir(target) else None
+    mismatch = recorded is not None and index_io.identity_mismatch(recorded, identity)
+    if mismatch:
+        field, got, want = mismatch
+        remedy = ("point index.dir at an index built with the run's settings" if config.index.dir is not None else
+                  "resume with the config the run was started with, or train into a new --workdir (or delete "
+                  f"{target} to rebuild it, if no checkpoint was trained against it)")
+        raise ConfigError(f"{target}: the run's index has {field}={got!r}, but this config gives {want!r} (config "
+                          f"{_IDENTITY_SOURCES[field]}); {remedy}")
     try:
-        index = index_io.load_index(target, expected_encoder=encoder_id)
+        index = index_io.load_index(target, expected_encoder=identity["encoder_id"])
     except index_io.IndexFormatError:
         if config.index.dir is not None:  # a linked index is never rebuilt here: say why it does not fit
-            index_io.load_index(target, expected_encoder=encoder_id)
+            raise
         index = embed.build_index(
-            doc_config, doc_params, question_tokenizer, config.data.passages, target, encoder_id=encoder_id,
-            batch_size=config.index.batch_size, max_length=config.index.max_length,
+            doc_config, doc_params, question_tokenizer, config.data.passages, target,
+            encoder_id=identity["encoder_id"], batch_size=config.index.batch_size, max_length=config.index.max_length,
             shard_size=config.index.shard_size, dtype=config.index.dtype, backend="exact", progress=progress)
     if config.index.backend == "scann" and "scann" not in index.metadata.get("backends", {}):
         scann_backend.build_scann_index(index)

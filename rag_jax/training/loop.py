@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import build, checkpoint, dev_eval, inputs, optim, streams, workdir as workdir_lib
+from rag_jax.training import build, checkpoint, config_check, dev_eval, inputs, optim, streams, workdir as workdir_lib
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
 
@@ -118,6 +118,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     Raises build.ConfigError naming the field for start-up problems. `mesh` defaults to config.mesh.
     """
     build.check_config(config)
+    config_check.check_workdir(workdir)
     workdir = os.path.abspath(workdir)
     mesh = mesh if mesh is not None else sharding.mesh_from_config(config.mesh)
     build.check_batch(config, sharding.data_size(mesh), jax.process_count())
@@ -170,6 +171,42 @@ def make_pipeline(run: Run) -> pipeline_lib.TrainPipeline:
         answer_prefix_space=c.data.answer_prefix_space)
 
 
+# What a resumed run must share with its checkpoints to restore them, named when they do not fit.
+_STATE_FIELDS = ("model", "optim", "tokenizers", "seed")
+
+
+def _resume(run: Run, checkpointer: checkpoint.Checkpointer) -> tuple[int, TrainState, dict[str, Any]] | None:
+    """(step, state, data position) of the newest checkpoint that restores, or None for a fresh run. Newer ones
+    that do not restore (damaged files) are reported and moved aside; a checkpoint of another model or optimizer
+    (other array shapes) stops the run naming the config fields that differ."""
+
+    def restore(step: int):
+        mismatch = checkpointer.shape_mismatch(step, run.abstract_state)
+        if mismatch:
+            try:
+                changed = config_check.differences(checkpointer.restore_config(step).to_dict(), run.config,
+                                                   _STATE_FIELDS)
+            except Exception:  # pylint: disable=broad-except (a damaged config item: the shapes say enough)
+                changed = []
+            raise build.ConfigError(
+                f"{checkpointer.step_dir(step)} does not fit this run's model ({mismatch}); the run was trained with "
+                f"{'; '.join(changed) if changed else 'another config'}. Resume with the run's own config, or train "
+                "into a new --workdir")
+        return checkpointer.restore(step, run.abstract_state)
+
+    if checkpointer.latest_step() is None:
+        return None
+    step, (state, data_state), skipped = checkpointer.restore_newest(restore, fatal=(build.ConfigError,))
+    for bad, cause in skipped:
+        moved = checkpointer.set_aside(bad) if jax.process_index() == 0 else None
+        _log(f"skipped checkpoint {checkpointer.step_dir(bad)}, which does not restore ({cause}); moved it to {moved}")
+    if skipped:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("rag_jax: damaged checkpoints moved aside")
+        checkpointer.reload()
+    return step, state, data_state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints when there is one) and returns the last logged metrics.
 
@@ -182,9 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                            async_save=config.train.async_checkpoints)
     pipeline = make_pipeline(run)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, data_state = checkpointer.restore(start, run.abstract_state)
+    resumed = _resume(run, checkpointer)
+    if resumed is not None:
+        start, state, data_state = resumed
         pipeline.set_state(data_state)
         _log(f"resumed from {checkpointer.directory}/{start}")
     else:
@@ -206,7 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         checked = ("loss", "grad_norm", "update_norm")
         if not all(math.isfinite(values[k]) for k in checked):
-            checkpointer.wait()
+            try:
+                checkpointer.wait()
+            except checkpoint.CheckpointSaveError:
+                pass  # the divergence is what stopped the run; latest_step leaves the failed save out
             kept = checkpointer.latest_step()
             found = ", ".join(f"{k} {values[k]}" for k in checked)
             raise NonFiniteLossError(
@@ -215,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 "; lower optim.learning_rate or check the data, then rerun to resume from it")
         interval.append(values)
 
+    stopped = True  # by an error, unless the loop ends: then a failed last save is the error to report
     try:
         for step in range(start, steps):
             local = next(pipeline)
@@ -224,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                     state, metrics = train_step(state, batch, dropout_rng, corpus)
             if pending is not None:
                 settle(*pending)
+            if jax.process_count() == 1:  # several processes learn of a failed save at the next one (orbax's barrier)
+                checkpointer.check()  # a background save that failed (disk full) stops the run now
             done = step + 1
             pending = (done, metrics)
             stop = preemption.reached(done)
@@ -264,8 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 _log(f"preempted (SIGTERM): saved step {done}; rerun the same command to resume")
                 last["preempted"] = True
                 break
+        stopped = False
     finally:
-        checkpointer.close()
+        checkpointer.close(quiet=stopped)
         writer.close()
         preemption.close()
     last["step"] = int(jax.device_get(state.step))

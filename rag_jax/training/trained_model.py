@@ -7,6 +7,8 @@ the defaults its config implies for inference.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +17,8 @@ import ml_collections
 from rag_jax import rag
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
+from rag_jax.models.hf_files import CheckpointError
+from rag_jax.retrieval import index_io
 from rag_jax.training import build, checkpoint, workdir as workdir_lib
 
 
@@ -31,6 +35,10 @@ def generation_config(model: rag.Rag, config: ml_collections.ConfigDict) -> Gene
                             eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id)
 
 
+# Errors of rebuilding a checkpoint's model that an older checkpoint would not get round (a moved init checkpoint).
+_NOT_DAMAGE = (build.ConfigError, CheckpointError)
+
+
 class TrainedModel(NamedTuple):
     model: rag.Rag
     params: Any
@@ -41,24 +49,35 @@ class TrainedModel(NamedTuple):
 def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedModel:
     """The run's model (rebuilt from the config saved in the checkpoint; no pretrained weights are read), its
     float32 parameters placed with `sharding` (default: the first local device), and its inference defaults: the
-    training loss as model type, `generation_config`, the run's answer tokenisation and WORKDIR/index. `step`
-    defaults to the latest checkpoint."""
+    training loss as model type, `generation_config`, the run's answer tokenisation, WORKDIR/index and its identity.
+    `step` defaults to the newest checkpoint that restores (newer, damaged ones are named on stderr)."""
+    if not workdir_lib.is_workdir(workdir):
+        raise FileNotFoundError(f"{workdir_lib.checkpoints_dir(workdir)} not found: {workdir} is not a training "
+                                "workdir (python -m experiments.train_nq --workdir=... makes one)")
     checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{checkpointer.directory}: no complete checkpoint; train first "
-                                    "(python -m experiments.train_nq --workdir=...)")
-        config = checkpointer.restore_config(step)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def restore(at: int):
+        config = checkpointer.restore_config(at)
         model = build.build_rag(config, load_weights=False).rag
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                           rag.abstract_params(model))
-        params = checkpointer.restore_params(step, abstract)
+        return config, model, checkpointer.restore_params(at, abstract)
+
+    try:
+        if step is None:  # the newest that restores, as a resumed run does
+            step, (config, model, params), skipped = checkpointer.restore_newest(restore, fatal=_NOT_DAMAGE)
+            for bad, cause in skipped:
+                print(f"skipped checkpoint {checkpointer.step_dir(bad)}, which does not restore ({cause}); using "
+                      f"{checkpointer.step_dir(step)}", file=sys.stderr)
+        else:
+            config, model, params = checkpointer.restore_step(step, restore, fatal=_NOT_DAMAGE)
     finally:
         checkpointer.close()
     generation = generation_config(model, config)
+    index_dir = workdir_lib.index_dir(workdir)
+    recorded = index_io.read_metadata(index_dir) if os.path.isdir(index_dir) else None
     defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
-                             answer_prefix_space=bool(config.data.answer_prefix_space),
-                             index=workdir_lib.index_dir(workdir))
+                             answer_prefix_space=bool(config.data.answer_prefix_space), index=index_dir,
+                             index_identity=index_io.identity(recorded) if recorded else None)
     return TrainedModel(model, params, config, defaults)

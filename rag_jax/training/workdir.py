@@ -1,6 +1,7 @@
 """The layout of a training workdir: every path inside it is named here and nowhere else.
 
   WORKDIR/checkpoints/<step>/        orbax checkpoints (checkpoint.py)
+  WORKDIR/checkpoints_skipped/<step>/  checkpoints that did not restore, moved aside by a resumed run (kept to look at)
   WORKDIR/index/                     the run's index, or a link to config index.dir (build.ensure_index)
   WORKDIR/question_encoder_tokenizer/, WORKDIR/generator_tokenizer/
                                      the run's tokenizers, in the RagTokenizer layout of a Hugging Face RAG directory
@@ -17,6 +18,10 @@ from rag_jax.data import tokenizers
 
 def checkpoints_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def skipped_checkpoints_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints_skipped")
 
 
 def index_dir(workdir: str) -> str:
