@@ -25,8 +25,6 @@ PASSAGES = os.path.join(ROOT, "rag_jax/assets/nq_open_mini/passages.tsv")
 QUESTIONS = os.path.join(ROOT, "rag_jax/assets/nq_open_mini/questions.jsonl")
 REAL_VOCAB = dict(vocab_size=30522, max_position_embeddings=512)
 
-# The module's fixtures are built once: keep its tests on one xdist worker.
-pytestmark = pytest.mark.xdist_group("cli_hostile")
 
 
 def run(*args, timeout=300, env=None):

@@ -18,9 +18,6 @@ from rag_jax.inference import export
 from rag_jax.models import hf
 from tests import hf_models
 
-# The tests of this module share one training run: the Makefile's --dist loadgroup keeps them on one worker.
-pytestmark = pytest.mark.xdist_group("export")
-
 
 @pytest.mark.parametrize("model_type,projection_dim", [("sequence", 0), ("token", 7)])
 def test_hf_round_trip_is_exact(tmp_path, model_type, projection_dim):

@@ -66,3 +66,18 @@ def cli_overrides(task: dict[str, str], **overrides) -> list[str]:
              f"--config.data.train_file={task['questions']}", f"--config.data.dev_file={task['questions']}",
              f"--config.data.passages={task['passages']}"]
     return flags + [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int = 1200) -> str:
+    """A byte-level BPE tokenizer in BART's layout (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) trained on `texts`:
+    a generator vocabulary 40x smaller than bart-large's, so that a test can train a generator in seconds (the output
+    layer over 50,265 entries is most of a small BART's work)."""
+    import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    bpe = hf_tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    os.makedirs(directory, exist_ok=True)
+    bpe.save_model(directory)  # vocab.json + merges.txt, which BartTokenizerFast.from_pretrained reads
+    transformers.BartTokenizerFast.from_pretrained(directory).save_pretrained(directory)
+    return directory

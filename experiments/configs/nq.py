@@ -1,12 +1,15 @@
 """RAG on NQ-open: `python -m experiments.train_nq --config=experiments/configs/nq.py:VARIANT`.
 
 Variants:
-  local  (default) tiny random-init encoders and BART, real bundled tokenizers, the bundled mini NQ-open task
-         (1,800 train / 200 dev questions, 2,600 passages); about 5 minutes on 2 CPU cores, index included.
-  paper  the RAG paper's NQ fine-tuning: DPR BERT-base encoders, BART-large, K=10, the Hugging Face research
-         project's recipe. Point the model fields at local Hugging Face checkpoint directories and the data fields
-         at NQ-open and DPR's psgs_w100.tsv.
-  tiny   the smallest working model, for tests.
+  local      (default) the bundled mini NQ-open task (1,800 train / 200 dev questions, 2,600 passages) with the
+             pretrained retriever all-MiniLM-L6-v2 as question and (frozen) document encoder and a small BART from
+             random weights, warmed up by denoising; real bundled tokenizers. A laptop run.
+  knowledge  the bundled knowledge task (rag_jax/data/knowledge_task.py; experiments.knowledge_demo sets its files)
+             with the same retriever and a small BART: what `make run` trains.
+  paper      the RAG paper's NQ fine-tuning: DPR BERT-base encoders, BART-large, K=10, the Hugging Face research
+             project's recipe. Point the model fields at local Hugging Face checkpoint directories and the data
+             fields at NQ-open and DPR's psgs_w100.tsv.
+  tiny       the smallest working model (random encoders), for tests.
 
 Any field can be overridden on the command line, e.g. `--config.train.steps=10 --config.model.n_docs=2`; an unknown
 field stops the run at start-up. Sources of the paper values ("REF"): Lewis et al. 2020, Hugging Face's
@@ -19,11 +22,13 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from rag_jax.models import sentence_transformers_dir
+
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rag_jax", "assets")
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "paper", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "tiny")
 
 
 def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
@@ -131,7 +136,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8  # Adam epsilon
     c.optim.max_grad_norm = 1.0  # global gradient norm clip; 0 disables
     # Question encoder updates x this. From scratch, a lower value keeps q(x) from drifting on the random generator's
-    # likelihoods before the generator has learnt to read passages; REF trains both at one rate (1.0).
+    # likelihoods before the generator has learnt to read passages; REF trains both at one rate (1.0). 0 freezes q(x)
+    # (its backward pass is then skipped).
     c.optim.question_encoder_lr_scale = 1.0
 
     c.train = ml_collections.ConfigDict()
@@ -151,6 +157,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_length = 20  # greedy decoding length, counting the decoder start token (as HF generate)
     c.eval.recall_ks = (1, 3)  # report retrieval recall@k (answer string in the top k) for these k
 
+    # A randomly initialised generator can first learn to reconstruct the corpus' passages (BART's text infilling),
+    # which teaches it to copy from its input (rag_jax/training/denoise.py has the measurements). 0 steps: none.
+    c.denoise = ml_collections.ConfigDict()
+    c.denoise.steps = 0  # warm-up steps before RAG training (only for model.generator.init="random")
+    c.denoise.batch_size = 16  # passages a step
+    c.denoise.learning_rate = 1e-3  # peak of its own AdamW (linear warm-up over min(100, steps/5), decay to 10%)
+    c.denoise.max_length = 64  # passage tokens (`title / text`, BART's <s> ... </s>)
+    c.denoise.mask_ratio = 0.3  # BART: 30% of the tokens masked
+    c.denoise.mean_span = 3.0  # BART: Poisson(3) span lengths, each span one <mask>
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel ways; -1: all devices left after `model`
     c.mesh.model = 1  # tensor-parallel ways (vocabulary, MLP, heads)
@@ -160,7 +176,73 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _tiny(c)
     elif variant == "paper":
         _paper(c)
+    elif variant == "local":
+        _local(c)
+    elif variant == "knowledge":
+        _knowledge(c)
     return c
+
+
+def pretrained_retriever() -> str:
+    """all-MiniLM-L6-v2's directory; when it is not installed, a name that says how to install it (the start-up
+    checks then name the config field that needs it)."""
+    try:
+        return sentence_transformers_dir.pretrained_retriever_dir()
+    except sentence_transformers_dir.CheckpointError:
+        return f"all-MiniLM-L6-v2 (not installed: {sentence_transformers_dir.PRETRAINED_RETRIEVER_PIP})"
+
+
+def _small_generator(c: ml_collections.ConfigDict) -> None:
+    """A BART small enough to train on a laptop, initialised and warmed up so that it learns to read passages."""
+    g = c.model.generator
+    g.d_model, g.encoder_layers, g.decoder_layers, g.heads, g.ffn_dim = 128, 2, 2, 4, 512
+    # 1/sqrt(d_model), not BART's 0.02: at 0.02 this width, trained from scratch, was measured to stay at the answers'
+    # marginal distribution for 1,000+ steps (attention and the tied output layer start too close to uniform).
+    g.init_std = 0.088
+    g.dropout = g.attention_dropout = 0.0  # a few thousand steps on small data: nothing to regularise yet
+    c.denoise.steps = 300
+
+
+def _pretrained_retriever(c: ml_collections.ConfigDict) -> None:
+    """all-MiniLM-L6-v2 as q(x) and as the frozen d(z), its own tokenizer for questions and passages."""
+    retriever = pretrained_retriever()
+    c.tokenizers.question = retriever
+    c.model.question_encoder.init = retriever
+    c.model.doc_encoder.init = retriever
+    c.model.question_encoder.dropout = 0.0
+    # q(x) already retrieves well (gold passage in the top 3 for 98% of the mini NQ dev questions) and a from-scratch
+    # generator's early likelihoods would only pull it away: frozen (no backward pass, no Adam moments for it).
+    c.optim.question_encoder_lr_scale = 0.0
+    c.retrieval.mode = "device"  # no host round trip between question encoding and the step: 1.5x the steps/s here
+    c.index.max_length = 256  # the length all-MiniLM-L6-v2 was trained with
+
+
+def _local(c: ml_collections.ConfigDict) -> None:
+    _pretrained_retriever(c)
+    _small_generator(c)
+
+
+def _knowledge(c: ml_collections.ConfigDict) -> None:
+    """The bundled knowledge task: short passages (four facts about one entity), one-word answers."""
+    _pretrained_retriever(c)
+    _small_generator(c)
+    c.data.passages = placeholder(str)  # experiments.knowledge_demo sets these three
+    c.data.max_question_length = 20  # the task's questions are at most 19 tokens
+    c.data.max_target_length = 6  # <s> answer </s>: answers are at most 4 tokens
+    c.model.n_docs = 2
+    c.model.max_combined_length = 80  # a passage is at most ~50 generator tokens, ` // question` at most ~20
+    c.index.max_length = 64
+    c.denoise.max_length = 56  # passages are at most ~52 tokens
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 100
+    c.train.steps = 1000
+    c.train.global_batch_size = 16
+    c.train.log_every = 100
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 0  # experiments.knowledge_demo evaluates at the end
+    c.eval.n_docs = 2
+    c.eval.max_length = 8
+    c.eval.recall_ks = (1, 2)
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:

@@ -77,3 +77,19 @@ class Retriever:
             context_input_ids_BKxS=ids,
             context_attention_mask_BKxS=mask,
         )
+
+
+class RandomPassages(Retriever):
+    """A closed-book control: K passages drawn at random for every question (the same draws for a given seed),
+    formed into generator inputs exactly as retrieved ones would be. A model that answers well from these has
+    memorised its answers instead of reading them."""
+
+    def __init__(self, retriever: Retriever, seed: int = 0):  # pylint: disable=super-init-not-called (no searcher)
+        self.index, self.format = retriever.index, retriever.format
+        self.question_tokenizer, self.generator_tokenizer = retriever.question_tokenizer, retriever.generator_tokenizer
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int) -> Retrieved:
+        rows = np.stack([self._rng.choice(self.index.num_passages, n_docs, replace=False) for _ in range(len(q_BxD))])
+        # The doc scores are the model's own q(x)·d(z) for these passages (the answering code computes them).
+        return self.gather(rows, np.zeros(rows.shape, np.float32), question_input_ids_BxL)

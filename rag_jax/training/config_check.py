@@ -134,6 +134,9 @@ RULES: dict[str, Any] = {
     "eval.num_examples": _COUNT,  # 0: all
     "eval.batch_size": _POSITIVE, "eval.n_docs": _POSITIVE,
     "eval.max_length": _Number(integer=True, low=2),  # the decoder start token and one more
+    "denoise.steps": _COUNT, "denoise.batch_size": _POSITIVE, "denoise.learning_rate": _SCALE,
+    "denoise.max_length": _Number(integer=True, low=3),  # <s>, one token, </s>
+    "denoise.mask_ratio": _RATE, "denoise.mean_span": _SCALE,
     "mesh.data": _Number(integer=True, low=1, allow=(-1,)),  # -1: every device `model` leaves
     "mesh.model": _POSITIVE, "mesh.dcn_data": _POSITIVE,
 }

@@ -12,9 +12,11 @@ from rag_jax.retrieval.retriever import Retriever
 from rag_jax.training import trained_model
 
 
-def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> dict[str, float]:
+def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,
+             records: list | None = None) -> dict[str, float]:
     """Dev metrics: exact match / F1 of greedy RAG-Token answers, answer recall@k of retrieval, and recall@k of the
-    gold passage (where known). Every process answers its share of the questions; counts are summed over them."""
+    gold passage (where known). Every process answers its share of the questions; counts are summed over them.
+    `records`, when given, receives this process's answer records (answering.answer_questions')."""
     ks = [k for k in config.eval.recall_ks if k <= config.eval.n_docs]
     mine = list(examples)[jax.process_index()::jax.process_count()]
     if jax.process_count() > 1:  # each host decodes its share with a full copy of the parameters
@@ -27,6 +29,8 @@ def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config) -> 
     counts = np.zeros(3 + 3 * len(ks), np.float64)
     if mine:
         answered = list(answering.answer_questions(model, params, retriever, mine, settings, generation))
+        if records is not None:
+            records.extend(record for record, _ in answered)
         for (record, texts), example in zip(answered, mine):
             score = metrics.score_question(record["answers"], prediction=record["prediction"],
                                               ranked_passages=texts)

@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import build, checkpoint, config_check, dev_eval, inputs, optim, streams, workdir as workdir_lib
+from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, inputs, optim, streams,
+                              workdir as workdir_lib)
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
 
@@ -108,8 +109,14 @@ class Run:
     corpus: dict[str, jax.Array]  # device retrieval: the index on the devices; else {}
 
     def initial_state(self) -> TrainState:
-        return create_train_state(self.model, self.tx, self.mesh, streams.params_key(self.config.seed),
-                                  self.pretrained)
+        """Step 0: random or pretrained parameters; a random generator warmed up by denoising when configured."""
+        state = create_train_state(self.model, self.tx, self.mesh, streams.params_key(self.config.seed),
+                                   self.pretrained)
+        if not denoise.applies(self.config):
+            return state
+        generator = denoise.warm_up(self.model, state.params["generator"], self.config, self.tokenizers.generator,
+                                    self.mesh, self.state_shardings.params["generator"], log=_log)
+        return state.replace(params={**state.params, "generator": generator})
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
@@ -235,6 +242,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
          f"{jax.process_count()} processes, retrieval {config.retrieval.mode}, K={config.model.n_docs}, "
          f"RAG-{config.model.loss}, {index.num_passages} passages")
     last: dict[str, Any] = {"step": start}
+
+    def evaluate(done, params):
+        t0 = time.time()
+        results = dev_eval.evaluate(model, params, retriever, dev_examples, config)
+        writer.write(done, results)
+        _log(f"eval at step {done}: " + " | ".join(
+            f"{k[5:]} {v:.2f}" for k, v in results.items() if k != "eval/num_questions")
+             + f" ({int(results['eval/num_questions'])} questions, {time.time() - t0:.0f}s)")
+        return results
+
+    if start == 0 and config.train.eval_every and dev_examples:  # the baseline: what retrieval finds before training
+        evaluate(0, state.params)
     interval: list[dict[str, float]] = []
     pending = None
     clock, clock_step, t_start = time.time(), start, time.time()
@@ -293,13 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 last = {"step": done, **logged}
                 interval, clock, clock_step = [], now, done
             if run_eval and dev_examples:
-                t0 = time.time()
-                results = dev_eval.evaluate(model, state.params, retriever, dev_examples, config)
-                writer.write(done, results)
-                _log(f"eval at step {done}: " + " | ".join(
-                    f"{k[5:]} {v:.2f}" for k, v in results.items() if k != "eval/num_questions")
-                     + f" ({int(results['eval/num_questions'])} questions, {time.time() - t0:.0f}s)")
-                last.update(results)
+                last.update(evaluate(done, state.params))
             # After the evaluation: a run killed before this save completes redoes both from the previous one.
             if save:
                 checkpointer.save(done, state, pipeline.get_state(), config)

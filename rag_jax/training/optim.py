@@ -39,9 +39,17 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         parts.append(optax.clip_by_global_norm(o.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=_decay_mask))
-    if o.question_encoder_lr_scale != 1.0:
-        parts.append(optax.masked(optax.scale(o.question_encoder_lr_scale), _question_encoder_mask))
+    scale = float(o.question_encoder_lr_scale)
+    if scale == 0.0:  # frozen q(x): no Adam moments for it (22M parameters of all-MiniLM-L6-v2 not updated a step)
+        return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()},
+                                     _question_encoder_labels)
+    if scale != 1.0:
+        parts.append(optax.masked(optax.scale(scale), _question_encoder_mask))
     return optax.chain(*parts)
+
+
+def _question_encoder_labels(params):
+    return {part: "frozen" if part == "question_encoder" else "trained" for part in params}
 
 
 def _question_encoder_mask(params):

@@ -110,6 +110,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         topk = exact.make_sharded_topk(mesh, n_docs, num_passages, corpus_axes=sharding.corpus_axes())
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
+    frozen_question_encoder = float(config.optim.question_encoder_lr_scale) == 0.0
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
@@ -129,6 +130,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         q_rng, g_rng = jax.random.split(rng)
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"],
                                        dropout_rng=q_rng)
+        if frozen_question_encoder:  # its gradient would be scaled to 0: not computing it saves its backward pass
+            q_BxD = jax.lax.stop_gradient(q_BxD)
         scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
         b, k, s = batch["context_input_ids"].shape
         logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),

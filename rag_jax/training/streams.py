@@ -11,6 +11,7 @@ import jax
 
 DOC_ENCODER = 1  # a randomly initialised (frozen) document encoder d(z)
 DROPOUT = 2  # dropout in the training step
+DENOISE = 3  # the generator's denoising warm-up: passages drawn and spans masked (denoise.py)
 
 
 def params_key(seed: int) -> jax.Array:
@@ -19,5 +20,5 @@ def params_key(seed: int) -> jax.Array:
 
 
 def key(seed: int, stream: int) -> jax.Array:
-    """The key of one named stream (DOC_ENCODER, DROPOUT)."""
+    """The key of one named stream (DOC_ENCODER, DROPOUT, DENOISE)."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), stream)

@@ -1,0 +1,144 @@
+"""RAG's whole lifecycle on a laptop, on a knowledge task whose held-out answers can only be read, not remembered.
+
+  python -m experiments.knowledge_demo --workdir=W                     # the bundled task (rag_jax.data.knowledge_task)
+  python -m experiments.knowledge_demo --workdir=W --passages=P.tsv --train_file=T.jsonl --dev_file=D.jsonl \\
+      [--swapped_passages=P2.tsv --swapped_dev_file=D2.jsonl] [--config.train.steps=...]
+
+1. builds the index of the passages with the pretrained retriever (all-MiniLM-L6-v2) and trains RAG on the training
+   questions, exactly as `experiments.train_nq --config=experiments/configs/nq.py:knowledge` does (W/run; a rerun
+   resumes);
+2. answers the held-out questions (entities the training never asked about): exact match, gold-passage recall@K;
+3. closed-book control: the same model given random passages instead of the retrieved ones;
+4. index hot-swap (the paper's): the changed corpus is indexed with the same document encoder (W/swapped_index) and
+   the same model, not retrained, answers the questions again: how many answers follow the changed facts.
+It prints a few answers with the passage each came from and a summary, and writes W/knowledge_demo.json (percents).
+Questions are NQ-open JSONL with "gold_passage_id"; passages DPR's TSV layout or JSONL {"id", "title", "text"}.
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import cli
+from rag_jax.data import knowledge_task, nq_open, tokenizers
+from rag_jax.retrieval import embed, index_io
+from rag_jax.retrieval.retriever import RandomPassages, Retriever
+from rag_jax.training import build, dev_eval, loop, trained_model, workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py") + ":knowledge",
+    "Training config (default: the knowledge variant of experiments/configs/nq.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join("workdir", "knowledge"), "Where everything is written.")
+_PASSAGES = flags.DEFINE_string("passages", None, "Passages file; default: the bundled task's.")
+_TRAIN = flags.DEFINE_string("train_file", None, "Training questions (JSONL with gold_passage_id).")
+_DEV = flags.DEFINE_string("dev_file", None, "Held-out questions (JSONL with gold_passage_id).")
+_SWAPPED_PASSAGES = flags.DEFINE_string("swapped_passages", None, "The changed corpus, for the index hot-swap.")
+_SWAPPED_DEV = flags.DEFINE_string("swapped_dev_file", None, "The held-out questions with the changed answers.")
+_ENTITIES = flags.DEFINE_integer("task_entities", 1100, "Bundled task: entities (one passage each).")
+_HELDOUT = flags.DEFINE_integer("task_heldout", 100, "Bundled task: held-out entities (4 dev questions each).")
+_EXAMPLES = flags.DEFINE_integer("examples", 5, "Answers to print.")
+
+FILE_FLAGS = ("passages", "train_file", "dev_file", "swapped_passages", "swapped_dev_file")
+
+
+def task_files(workdir: str) -> dict[str, str | None]:
+    """The user's files when --passages/--train_file/--dev_file are given, else the bundled task (written once)."""
+    given = {name: flags.FLAGS[name].value for name in FILE_FLAGS}
+    if any(given[name] for name in ("passages", "train_file", "dev_file")):
+        missing = [f"--{name}" for name in ("passages", "train_file", "dev_file") if not given[name]]
+        if missing or bool(given["swapped_passages"]) != bool(given["swapped_dev_file"]):
+            raise cli.UsageError("give --passages, --train_file and --dev_file together (and --swapped_passages "
+                                 f"with --swapped_dev_file); missing: {missing or ['the other swapped flag']}")
+        return given
+    directory = os.path.join(workdir, "task")
+    if not os.path.exists(os.path.join(directory, "swapped_dev.jsonl")):
+        knowledge_task.write_task(knowledge_task.make_task(_ENTITIES.value, _HELDOUT.value), directory)
+    return {"passages": os.path.join(directory, "passages.jsonl"), "train_file": os.path.join(directory, "train.jsonl"),
+            "dev_file": os.path.join(directory, "dev.jsonl"),
+            "swapped_passages": os.path.join(directory, "swapped_passages.jsonl"),
+            "swapped_dev_file": os.path.join(directory, "swapped_dev.jsonl")}
+
+
+def _questions(path: str) -> list[dict]:
+    return [example for _, example in nq_open.read_nq_jsonl(path)]
+
+
+def _summary(metrics: dict[str, float], k: int) -> tuple[float, float | None]:
+    return metrics["eval/exact_match"], metrics.get(f"eval/gold_recall@{k}")
+
+
+def _show(title: str, records: list[dict], index: index_io.Index, count: int) -> None:
+    print(f"\n{title}")
+    for record in records[:count]:
+        top = index.passages.get([index.passages.row_for_id(record["doc_ids"][0])])[0]
+        mark = "ok" if record["prediction"] in record["answers"] else f"gold {record['answers'][0]!r}"
+        print(f"  {record['question']!r} -> {record['prediction']!r} ({mark}; from '{top.title}')")
+
+
+def run_demo() -> dict:
+    workdir = os.path.abspath(_WORKDIR.value)
+    files = task_files(workdir)
+    config = _CONFIG.value
+    config.data.passages, config.data.train_file, config.data.dev_file = (
+        files["passages"], files["train_file"], files["dev_file"])
+    run_dir = os.path.join(workdir, "run")
+    loop.train_and_evaluate(config, run_dir)
+
+    trained = trained_model.load(run_dir)
+    model, params, config = trained.model, trained.params, trained.config
+    dirs = workdir_lib.tokenizer_dirs(run_dir)
+    question_tok = tokenizers.load_question_tokenizer(dirs["question"])
+    generator_tok = tokenizers.load_generator_tokenizer(dirs["generator"])
+    index = index_io.load_index(workdir_lib.index_dir(run_dir))
+    retriever = Retriever(index, question_tok, generator_tok, model.config.context)
+    dev = _questions(files["dev_file"])
+    config.eval.num_examples = 0
+    k = int(config.eval.n_docs)
+    results: dict[str, float | None] = {}
+    records: list[dict] = []
+    metrics = dev_eval.evaluate(model, params, retriever, dev, config, records)
+    results["heldout_exact_match"], results["heldout_gold_recall"] = _summary(metrics, k)
+    _show("held-out questions (retrieved passages):", records, index, _EXAMPLES.value)
+
+    closed: list[dict] = []
+    metrics = dev_eval.evaluate(model, params, RandomPassages(retriever, seed=config.seed), dev, config, closed)
+    results["closed_book_exact_match"] = metrics["eval/exact_match"]
+    _show("closed-book control (random passages):", closed, index, min(_EXAMPLES.value, 3))
+
+    results["swapped_exact_match"] = None
+    if files["swapped_passages"]:
+        doc_config, doc_params = build.doc_encoder(config)
+        swapped_index = embed.build_index(
+            doc_config, doc_params, question_tok, files["swapped_passages"], os.path.join(workdir, "swapped_index"),
+            batch_size=config.index.batch_size, max_length=config.index.max_length, dtype=config.index.dtype)
+        swapped = Retriever(swapped_index, question_tok, generator_tok, model.config.context)
+        swapped_records: list[dict] = []
+        metrics = dev_eval.evaluate(model, params, swapped, _questions(files["swapped_dev_file"]), config,
+                                    swapped_records)
+        results["swapped_exact_match"] = metrics["eval/exact_match"]
+        _show("after the index hot-swap (changed facts, same model):", swapped_records, swapped_index,
+              _EXAMPLES.value)
+
+    results["num_heldout_questions"] = len(dev)
+    with open(os.path.join(workdir, "knowledge_demo.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\nsummary (percent of held-out questions):")
+    print(f"  exact match {results['heldout_exact_match']:.1f} | gold passage in the top {k} "
+          f"{results['heldout_gold_recall'] or 0:.1f} | closed-book exact match "
+          f"{results['closed_book_exact_match']:.1f}"
+          + (f" | after the hot-swap, answers following the changed corpus {results['swapped_exact_match']:.1f}"
+             if results["swapped_exact_match"] is not None else ""))
+    print(f"wrote {os.path.join(workdir, 'knowledge_demo.json')}")
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run(run_demo)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,48 @@
+"""Writes an invented-entities knowledge task (rag_jax/data/knowledge_task.py) as the files knowledge_demo reads.
+
+  python -m experiments.make_knowledge_task --output=DIR [--schema=companies] [--entities=400] [--heldout=50]
+  python -m experiments.knowledge_demo --workdir=W --passages=DIR/passages.tsv --train_file=DIR/train.jsonl \\
+      --dev_file=DIR/dev.jsonl --swapped_passages=DIR/swapped_passages.tsv --swapped_dev_file=DIR/swapped_dev.jsonl
+
+Passages are written in DPR's TSV layout (id, text, title), questions as NQ-open JSONL with "gold_passage_id": the
+same files a knowledge base of one's own would be.
+"""
+
+import os
+
+from absl import app, flags
+
+from experiments import cli
+from rag_jax.data import knowledge_task
+from rag_jax.retrieval import corpus
+
+SCHEMAS = {"people": knowledge_task.PEOPLE, "companies": knowledge_task.COMPANIES}
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the five files into.", required=True)
+_SCHEMA = flags.DEFINE_enum("schema", "companies", sorted(SCHEMAS), "What the entities are (people: make run's task).")
+_ENTITIES = flags.DEFINE_integer("entities", 400, "Entities, one passage each.", lower_bound=2)
+_HELDOUT = flags.DEFINE_integer("heldout", 50, "Held-out entities (the dev questions ask about them).", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "The task is a function of this seed.")
+
+
+def write() -> None:
+    if _HELDOUT.value >= _ENTITIES.value:
+        raise cli.UsageError(f"--heldout={_HELDOUT.value} must be below --entities={_ENTITIES.value}")
+    task = knowledge_task.make_task(_ENTITIES.value, _HELDOUT.value, seed=_SEED.value, schema=SCHEMAS[_SCHEMA.value])
+    directory = _OUTPUT.value
+    paths = knowledge_task.write_task(task, directory)
+    for name in ("passages", "swapped_passages"):  # JSONL -> DPR's TSV layout
+        tsv = os.path.join(directory, f"{name}.tsv")
+        corpus.write_passages_tsv(tsv, list(corpus.read_passages(paths[name])))
+        os.remove(paths[name])
+    print(f"wrote {_ENTITIES.value} {_SCHEMA.value} ({_HELDOUT.value} held out) to {directory}: passages.tsv, "
+          "swapped_passages.tsv, train.jsonl, dev.jsonl, swapped_dev.jsonl")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run(write)
+
+
+if __name__ == "__main__":
+    app.run(main)
