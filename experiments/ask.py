@@ -79,9 +79,7 @@ def ask(questions: list[str]) -> None:
 
     model, params, defaults = model_loading.load_model(_MODEL.value)
     index_dir, index = model_loading.load_index(_INDEX.value, model, defaults, f"--model={_MODEL.value}")
-    n_docs = _N_DOCS.value if _N_DOCS.value is not None else model.config.n_docs
-    if n_docs > index.num_passages:
-        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in {index_dir}")
+    n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
     model_type = _MODEL_TYPE.value or defaults.model_type
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value)) if v}
     generation = defaults.generation_config(model_type, **overrides)

@@ -90,9 +90,7 @@ def evaluate() -> None:
     model, params, defaults = model_loading.load_model(_MODEL.value)
     index_dir, index = model_loading.load_index(
         _INDEX.value, model, defaults, f"--model={_MODEL.value}", expected_encoder=_DOC_ENCODER_ID.value)
-    n_docs = _N_DOCS.value if _N_DOCS.value is not None else model.config.n_docs
-    if n_docs > index.num_passages:
-        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in {index_dir}")
+    n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
     for example in examples:  # fail before any work on an unknown gold passage id
         if example.get("gold_passage_id", -1) >= 0:
             index.passages.row_for_id(example["gold_passage_id"])

@@ -29,11 +29,12 @@ def tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
 
     own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
     pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
-    for name, tok, vocab in (("question", pair.question, question_vocab), ("generator", pair.generator, generator_vocab)):
+    for name, tok, vocab, subdir in (("question", pair.question, question_vocab, tokenizers.RAG_QUESTION_SUBDIR),
+                                     ("generator", pair.generator, generator_vocab, tokenizers.RAG_GENERATOR_SUBDIR)):
         if len(tok) > vocab:
             raise cli.UsageError(
                 f"{model_dir}: the {name} tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
-                f"put the model's own tokenizer in {model_dir}/{tokenizers.RAG_QUESTION_SUBDIR if name == 'question' else tokenizers.RAG_GENERATOR_SUBDIR}"
+                f"put the model's own tokenizer in {model_dir}/{subdir}"
             )
     return pair
 
@@ -64,3 +65,12 @@ def load_index(index_arg: str | None, model, defaults, model_flag: str, expected
                                 expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
     check_index_identity(index, defaults, model_flag, index_arg)
     return index_dir, index
+
+
+def n_docs_for(n_docs_flag: int | None, model, index, index_dir: str) -> int:
+    """--n_docs, else the model's own K; no more than the corpus holds."""
+    n_docs = n_docs_flag if n_docs_flag is not None else model.config.n_docs
+    if n_docs > index.num_passages:
+        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in "
+                             f"{index_dir}")
+    return n_docs
