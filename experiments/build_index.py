@@ -77,34 +77,29 @@ def _check_flags() -> None:
                 "--output")
 
 
-def main(argv):
-    del argv
+def build():
+    _check_flags()
+    from rag_jax.models import hf  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.retrieval import embed  # pylint: disable=g-import-not-at-top
 
-    def build():
-        _check_flags()
-        from rag_jax.models import hf  # pylint: disable=g-import-not-at-top (after the flag checks)
-        from rag_jax.retrieval import embed  # pylint: disable=g-import-not-at-top
-
-        if _HOST_INDEX.value is None:
-            cli.init_distributed()
-        encoder = hf.load_encoder(_ENCODER.value)
-        tokenizer = tokenizer_for(_ENCODER.value, _TOKENIZER.value)
-        if len(tokenizer) > encoder.config.vocab_size:
-            raise cli.UsageError(
-                f"tokenizer has {len(tokenizer)} entries but the encoder's vocabulary has "
-                f"{encoder.config.vocab_size}; pass the encoder's own tokenizer with --tokenizer"
-            )
-        index = embed.build_index(
-            encoder.config, encoder.params, tokenizer, _PASSAGES.value, _OUTPUT.value,
-            batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, shard_size=_SHARD_SIZE.value,
-            dtype=_DTYPE.value, backend=_BACKEND.value, all_hosts=_HOST_INDEX.value is None,
-            host_index=_HOST_INDEX.value, num_hosts=_NUM_HOSTS.value, devices_per_host=_DEVICES_PER_HOST.value,
-        )  # fmt: skip
-        if index is not None:
-            print(f"index: {_OUTPUT.value} ({index.num_passages} passages x {index.dim}, encoder {index.encoder_id})")
-
-    cli.run(build)
+    if _HOST_INDEX.value is None:
+        cli.init_distributed()
+    encoder = hf.load_encoder(_ENCODER.value)
+    tokenizer = tokenizer_for(_ENCODER.value, _TOKENIZER.value)
+    if len(tokenizer) > encoder.config.vocab_size:
+        raise cli.UsageError(
+            f"tokenizer has {len(tokenizer)} entries but the encoder's vocabulary has "
+            f"{encoder.config.vocab_size}; pass the encoder's own tokenizer with --tokenizer"
+        )
+    index = embed.build_index(
+        encoder.config, encoder.params, tokenizer, _PASSAGES.value, _OUTPUT.value,
+        batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, shard_size=_SHARD_SIZE.value,
+        dtype=_DTYPE.value, backend=_BACKEND.value, all_hosts=_HOST_INDEX.value is None,
+        host_index=_HOST_INDEX.value, num_hosts=_NUM_HOSTS.value, devices_per_host=_DEVICES_PER_HOST.value,
+    )  # fmt: skip
+    if index is not None:
+        print(f"index: {_OUTPUT.value} ({index.num_passages} passages x {index.dim}, encoder {index.encoder_id})")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.main_running(build), flags_parser=cli.parse_flags)

@@ -109,6 +109,21 @@ def run(main: Callable[[], None]) -> None:
         sys.exit(1)
 
 
+def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
+    """The absl `main` of an entry point that takes flags only: refuses positional arguments (a forgotten `--` is
+    not silently ignored), then runs `job` as `run` does."""
+
+    def main(argv: list[str]) -> None:
+        def checked_job() -> None:
+            if len(argv) > 1:
+                raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (this command takes --flags only)")
+            job()
+
+        run(checked_job)
+
+    return main
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 

@@ -18,27 +18,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/nq.py:p
 _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g. v4-8,v4-32,v5e-16,v6e-16.")
 
 
-def main(argv):
-    del argv
+def compile_all():
     # Compiling needs no local accelerator: the CPU backend keeps libtpu from probing this machine for a TPU (and
     # a running job's TPU is left alone). aot.Topology.devices quiets libtpu's own start-up where there is none.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from rag_jax.training import aot  # pylint: disable=g-import-not-at-top (after the flags, and JAX_PLATFORMS)
 
-    def compile_all():
-        from rag_jax.training import aot  # pylint: disable=g-import-not-at-top (after the flags, and JAX_PLATFORMS)
-
-        topologies = []
-        for name in _TOPOLOGY.value:
-            try:
-                topologies.append((name, aot.parse_topology(name)))
-            except ValueError as e:
-                raise cli.UsageError(str(e)) from None
-        for name, topology in topologies:
-            print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
-            print(aot.compile_train_step(_CONFIG.value, topology).summary(), flush=True)
-
-    cli.run(compile_all)
+    topologies = []
+    for name in _TOPOLOGY.value:
+        try:
+            topologies.append((name, aot.parse_topology(name)))
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+    for name, topology in topologies:
+        print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
+        print(aot.compile_train_step(_CONFIG.value, topology).summary(), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.main_running(compile_all), flags_parser=cli.parse_flags)

@@ -117,10 +117,5 @@ def evaluate() -> None:
     print(f"wrote {_OUTPUT.value}\n{metrics.format_summary(summary)}")
 
 
-def main(argv):
-    del argv
-    cli.run(evaluate)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.main_running(evaluate), flags_parser=cli.parse_flags)

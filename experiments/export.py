@@ -33,32 +33,27 @@ def _check_flags() -> None:
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
 
 
-def main(argv):
-    del argv
+def export_run():
+    _check_flags()  # before the (slow) restore
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
 
-    def run():
-        _check_flags()  # before the (slow) restore
-        from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
-        from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
-        from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
-
-        trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
-        if _FORMAT.value == "orbax":
-            export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
-                                     overwrite=_OVERWRITE.value)
-        else:
-            dirs = workdir.tokenizer_dirs(_WORKDIR.value)
-            question = tokenizers.load_question_tokenizer(dirs["question"])
-            generator = tokenizers.load_generator_tokenizer(dirs["generator"])
-            defaults = trained.defaults
-            export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
-                               generation=defaults.generation[defaults.model_type],
-                               answer_prefix_space=defaults.answer_prefix_space,
-                               index_identity=defaults.index_identity, overwrite=_OVERWRITE.value)
-        print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}")
-
-    cli.run(run)
+    trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
+    if _FORMAT.value == "orbax":
+        export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
+                                 overwrite=_OVERWRITE.value)
+    else:
+        dirs = workdir.tokenizer_dirs(_WORKDIR.value)
+        question = tokenizers.load_question_tokenizer(dirs["question"])
+        generator = tokenizers.load_generator_tokenizer(dirs["generator"])
+        defaults = trained.defaults
+        export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
+                           generation=defaults.generation[defaults.model_type],
+                           answer_prefix_space=defaults.answer_prefix_space,
+                           index_identity=defaults.index_identity, overwrite=_OVERWRITE.value)
+    print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.main_running(export_run), flags_parser=cli.parse_flags)

@@ -134,11 +134,5 @@ def run_demo() -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(run_demo)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.main_running(run_demo))

@@ -38,11 +38,5 @@ def write() -> None:
           "swapped_passages.tsv, train.jsonl, dev.jsonl, swapped_dev.jsonl")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(write)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.main_running(write))

@@ -105,6 +105,7 @@ START_UP_CASES = [
     ("eval_empty_answers", EVAL + ("--questions={tmp}/no_answers.jsonl", "--score"),
      ["no_answers.jsonl:2", "non-empty list"]),
     ("eval_unknown_flag", EVAL + ("--n_doc=3",), ["n_doc"]),
+    ("eval_positional_argument", EVAL + ("n_docs=3",), ["unexpected arguments: n_docs=3"]),
     # build_index
     ("build_batch_size_0", BUILD + ("--batch_size=0",), ["--batch_size=0"]),
     ("build_max_length_0", BUILD + ("--max_length=0",), ["--max_length=0"]),
@@ -114,6 +115,7 @@ START_UP_CASES = [
     ("build_output_is_a_file", BUILD + ("--output={tmp}/afile",), ["afile", "is a file"]),
     ("build_output_is_someones_dir", BUILD + ("--output={tmp}/mine",), ["mine", "holds no index"]),
     ("build_passages_missing", BUILD + ("--passages={tmp}/nothing.tsv",), ["--passages=", "no such file"]),
+    ("build_positional_argument", BUILD + ("psgs.tsv",), ["unexpected arguments: psgs.tsv"]),
     # train_nq: every config field's type and range, combinations, the workdir, the process flags
     ("train_negative_lr", TRAIN + ("--config.optim.learning_rate=-0.001",), ["optim.learning_rate=-0.001", "> 0"]),
     ("train_zero_steps", TRAIN + ("--config.train.steps=0",), ["train.steps=0", ">= 1"]),
@@ -135,6 +137,7 @@ START_UP_CASES = [
     # export
     ("export_not_a_workdir", EXPORT, ["--workdir=", "not a training workdir"]),
     ("export_negative_step", EXPORT + ("--step=-1",), ["--step=-1"]),
+    ("export_positional_argument", EXPORT + ("hf",), ["unexpected arguments: hf"]),
     # ask
     ("ask_model_missing", ("experiments.ask", "--model={tmp}/no_model", "who"), ["--model=", "no such directory"]),
     ("ask_empty_question", ASK + ("who wrote it", " "), ["question 2 is empty"]),
