@@ -1,0 +1,64 @@
+"""DPR's contrastive bi-encoder loss with global in-batch negatives (Karpukhin et al. 2020, sec. 3.2).
+
+Each question's positive passage is scored against every passage of the *global* batch (all questions' positives
+and hard negatives) by inner product, and the loss is the mean negative log-likelihood of the positive under the
+softmax over those scores (DPR's BiEncoderNllLoss). The batch arrays are global jax arrays sharded over the data
+axis; the score matmul q·dᵀ reads every device's passage vectors, so GSPMD gathers them across the data axis: the
+negatives are global without an explicit all_gather, and a sharded step equals the one-device step
+(tests/test_contrastive.py checks both this and parity with transformers' DPR encoders).
+
+Passage layout: passages_PxL holds, for Q questions and H hard negatives each, Q*(1+H) rows; question i's positive
+is row i*(1+H) (DPR's layout: positive first, then that question's hard negatives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax.models import bert
+
+
+def scores(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
+    """Inner-product scores of every question against every passage of the global batch (float32)."""
+    return jnp.einsum("qd,pd->qp", q_QxD.astype(jnp.float32), d_PxD.astype(jnp.float32))
+
+
+def positive_rows(num_questions: int, num_passages: int) -> jax.Array:
+    """Row of each question's positive: i * (1 + hard negatives per question)."""
+    if num_passages % num_questions:
+        raise ValueError(f"{num_passages} passages are not a whole number per question ({num_questions} questions)")
+    return jnp.arange(num_questions) * (num_passages // num_questions)
+
+
+def nll(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood of each question's positive among all passages of the batch."""
+    logp_QxP = jax.nn.log_softmax(scores(q_QxD, d_PxD), axis=-1)
+    rows = positive_rows(q_QxD.shape[0], d_PxD.shape[0])
+    return -jnp.mean(jnp.take_along_axis(logp_QxP, rows[:, None], axis=-1))
+
+
+def encode(module: bert.BertEncoder, params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array, **kwargs) -> jax.Array:
+    """The pooled (retrieval) vectors of a batch of token ids."""
+    return module.apply({"params": params}, ids_BxL, mask_BxL, **kwargs)[1]
+
+
+def bi_encoder_loss(
+    question_module: bert.BertEncoder,
+    document_module: bert.BertEncoder,
+    params: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    shared_encoder: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+    """The contrastive loss of one global batch. params = {"question": ..., "document": ...}, or {"question": ...}
+    alone when `shared_encoder` (one BERT encodes both sides, as a shared-weights DPR does). batch holds
+    question_ids/question_mask (Q, Lq) and passage_ids/passage_mask (Q*(1+H), Lp)."""
+    train = {"deterministic": rngs is None, "rngs": rngs or {}}
+    document_params = params["question"] if shared_encoder else params["document"]
+    q_QxD = encode(question_module, params["question"], batch["question_ids"], batch["question_mask"], **train)
+    d_PxD = encode(document_module, document_params, batch["passage_ids"], batch["passage_mask"], **train)
+    return nll(q_QxD, d_PxD)
