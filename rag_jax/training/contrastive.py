@@ -62,3 +62,18 @@ def bi_encoder_loss(
     q_QxD = encode(question_module, params["question"], batch["question_ids"], batch["question_mask"], **train)
     d_PxD = encode(document_module, document_params, batch["passage_ids"], batch["passage_mask"], **train)
     return nll(q_QxD, d_PxD)
+
+
+def make_step(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool):
+    """A jitted optimiser step on the contrastive loss: (params, opt_state, batch, rng) -> (params, opt_state, loss).
+    Dropout draws from `rng`; the batch may be sharded over the data axis (the negatives stay global)."""
+    import optax  # only the step needs it; the loss above is usable without an optimiser
+
+    def step(params, opt_state, batch, rng):
+        loss, grads = jax.value_and_grad(bi_encoder_loss, argnums=2)(
+            question_module, document_module, params, batch, shared_encoder=shared_encoder, rngs={"dropout": rng}
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step)
