@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rag_jax.models import bert
 
@@ -67,8 +68,6 @@ def bi_encoder_loss(
 def make_step(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool):
     """A jitted optimiser step on the contrastive loss: (params, opt_state, batch, rng) -> (params, opt_state, loss).
     Dropout draws from `rng`; the batch may be sharded over the data axis (the negatives stay global)."""
-    import optax  # only the step needs it; the loss above is usable without an optimiser
-
     def step(params, opt_state, batch, rng):
         loss, grads = jax.value_and_grad(bi_encoder_loss, argnums=2)(
             question_module, document_module, params, batch, shared_encoder=shared_encoder, rngs={"dropout": rng}
