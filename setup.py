@@ -25,6 +25,7 @@ setuptools.setup(
         "tensorflow-datasets",  # NQ-open builder; array_record files, no TensorFlow needed
         "array_record",
         "tensorboardX",
+        "matplotlib",  # experiments.ask --plot: the document-posterior pictures
         "scann; platform_system == 'Linux'",
     ],
     extras_require={

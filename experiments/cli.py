@@ -11,7 +11,7 @@ import contextlib
 import logging as py_logging
 import os
 import sys
-from typing import Callable, Iterator, TextIO
+from typing import IO, Callable, Iterator
 
 from absl import flags, logging
 
@@ -140,12 +140,12 @@ def partial_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[TextIO]:
-    """A text file that appears at `path` (replacing any file there) only when the `with` block completes; a
-    failure leaves `path` as it was and no partial file behind."""
+def atomic_output(path: str, binary: bool = False) -> Iterator[IO]:
+    """A text (or `binary`) file that appears at `path` (replacing any file there) only when the `with` block
+    completes; a failure leaves `path` as it was and no partial file behind."""
     partial = partial_path(path)
     try:
-        with open(partial, "w", encoding="utf-8") as f:
+        with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -2,6 +2,7 @@
 
   python -m experiments.eval_nq --model=DIR --index=DIR --questions=FILE --output=FILE
       [--n_docs=K] [--model_type=sequence|token] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
+      [--provenance]
 
 --model is a Hugging Face RAG directory (RagSequenceForGeneration / RagTokenForGeneration layout, with its
 question_encoder_tokenizer/ and generator_tokenizer/ subfolders when it has them) or a rag_jax training workdir; for
@@ -19,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, model_loading
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
@@ -36,6 +37,9 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum output length, s
                                    lower_bound=1)
 _MIN_LENGTH = flags.DEFINE_integer("min_length", None, "Minimum output length, start token included.", lower_bound=0)
 _SCORE = flags.DEFINE_bool("score", False, "Also write nll_sequence / nll_token of the first gold answer.")
+_PROVENANCE = flags.DEFINE_bool(
+    "provenance", False, "Also write which passage supported each answer: per document its id, title, prior and "
+    "posterior, and the document posteriors of every generated token (rag_jax/inference/provenance.py).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.", lower_bound=1)
 _RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann"], "Search backend.")
 _DOC_ENCODER_ID = flags.DEFINE_string("doc_encoder_id", None, "Refuse an index not built by this encoder id.")
@@ -50,43 +54,6 @@ flags.register_multi_flags_validator(
     message="--min_length must not exceed --max_length")
 
 RECALL_KS = (1, 5, 20, 100)
-
-
-def _tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
-    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
-
-    own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
-    pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
-    for name, tok, vocab in (("question", pair.question, question_vocab), ("generator", pair.generator, generator_vocab)):
-        if len(tok) > vocab:
-            raise cli.UsageError(
-                f"{model_dir}: the {name} tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
-                f"put the model's own tokenizer in {model_dir}/{tokenizers.RAG_QUESTION_SUBDIR if name == 'question' else tokenizers.RAG_GENERATOR_SUBDIR}"
-            )
-    return pair
-
-
-def _load_model(path: str):
-    from rag_jax.inference import model_dir  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.training import trained_model, workdir  # pylint: disable=g-import-not-at-top
-
-    if workdir.is_workdir(path):
-        trained = trained_model.load(path)
-        return trained.model, trained.params, trained.defaults
-    return model_dir.load_hf_rag(path)
-
-
-def _check_index_identity(index, defaults) -> None:
-    """The model's own index identity, when it knows one, must be the given index's."""
-    from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
-
-    if defaults.index_identity:
-        index_io.check_identity(index, defaults.index_identity, f"--model={_MODEL.value}")
-    elif defaults.index and _INDEX.value and os.path.abspath(_INDEX.value) != os.path.abspath(defaults.index):
-        raise cli.UsageError(
-            f"--index={_INDEX.value} cannot be checked against the index the run was trained with: "
-            f"{os.path.join(defaults.index, index_io.METADATA_FILE)} is missing; restore it (rerunning train_nq on "
-            "the workdir rebuilds it), or leave --index out")
 
 
 def _check_flags() -> None:
@@ -117,19 +84,13 @@ def evaluate() -> None:
     import tqdm  # pylint: disable=g-import-not-at-top (after the flag checks)
 
     from rag_jax.inference import answering, metrics  # pylint: disable=g-import-not-at-top
-    from rag_jax.retrieval import index_io, retriever  # pylint: disable=g-import-not-at-top
+    from rag_jax.retrieval import retriever  # pylint: disable=g-import-not-at-top
 
     examples = _read_questions(_QUESTIONS.value, _LIMIT.value)
-    model, params, defaults = _load_model(_MODEL.value)
-    index_dir = _INDEX.value or defaults.index
-    if not index_dir:
-        raise cli.UsageError("--index is required for a Hugging Face model directory")
-    index = index_io.load_index(index_dir, expected_encoder=_DOC_ENCODER_ID.value,
-                                expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
-    _check_index_identity(index, defaults)
-    n_docs = _N_DOCS.value if _N_DOCS.value is not None else model.config.n_docs
-    if n_docs > index.num_passages:
-        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in {index_dir}")
+    model, params, defaults = model_loading.load_model(_MODEL.value)
+    index_dir, index = model_loading.load_index(
+        _INDEX.value, model, defaults, f"--model={_MODEL.value}", expected_encoder=_DOC_ENCODER_ID.value)
+    n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
     for example in examples:  # fail before any work on an unknown gold passage id
         if example.get("gold_passage_id", -1) >= 0:
             index.passages.row_for_id(example["gold_passage_id"])
@@ -139,11 +100,12 @@ def evaluate() -> None:
                                    ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip
     generation = defaults.generation_config(model_type, **overrides)
     prefix_space = defaults.answer_prefix_space if _ANSWER_PREFIX_SPACE.value is None else _ANSWER_PREFIX_SPACE.value
-    pair = _tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size, model.generator_config.vocab_size)
+    pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
+                                        model.generator_config.vocab_size)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value)
     settings = answering.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,
-                                        answer_prefix_space=prefix_space)  # fmt: skip
+                                        answer_prefix_space=prefix_space, provenance=_PROVENANCE.value)  # fmt: skip
     print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []

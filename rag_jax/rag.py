@@ -233,3 +233,29 @@ def rag_token_nll(
     ll_B = jnp.where(keep_BxT, ll_BxT, 0.0).sum(-1)
     smooth_B = -jnp.where(keep_BxT, marginal_BxTxV.sum(-1), 0.0).sum(-1) if _smoothing(epsilon) else None
     return _smoothed(-ll_B, smooth_B, epsilon, logits_BxKxTxV.shape[-1], reduce)
+
+
+# ------------------------------------------------------------------------------------------------- provenance
+
+
+def target_log_likelihoods(logits_BxKxTxV: jax.Array, decoder_input_ids_BxT: jax.Array, *, pad_token_id: int):
+    """log p(y_t | x, z, y_<t) of each target (the decoder inputs shifted left) under each document: (B, K, T),
+    0 where the target is a pad. The per-document terms both losses are built from."""
+    target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
+    token_ll_BxKxT, _ = _token_log_probs(logits_BxKxTxV, target_BxT, smoothing=False)
+    return jnp.where((target_BxT != pad_token_id)[:, None], token_ll_BxKxT, 0.0)
+
+
+def doc_posteriors(doc_scores_BxK: jax.Array, token_ll_BxKxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Which retrieved document supported an answer y, from its per-document target log-likelihoods
+    (`target_log_likelihoods`): (per token (B, T, K), per answer (B, K)), each summing to one over the documents.
+
+    Per token, Figure 2 of the paper: p(z | x, y_t, y_<t) ∝ p(z|x) p(y_t | x, z, y_<t) (the terms RAG-Token's
+    marginal sums; at a pad target it is the prior). Per answer: p(z | x, y) ∝ p(z|x) Π_t p(y_t | x, z, y_<t) (the
+    terms RAG-Sequence's marginal sums, with the prior always counted: the paper's formula, not the reference's
+    position-1 quirk, which would drop it for a one-token answer).
+    """
+    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    per_token_BxKxT = jax.nn.softmax(doc_lp_BxK[:, :, None] + token_ll_BxKxT, axis=1)
+    per_answer_BxK = jax.nn.softmax(doc_lp_BxK + token_ll_BxKxT.sum(-1), axis=1)
+    return jnp.swapaxes(per_token_BxKxT, 1, 2), per_answer_BxK

@@ -87,6 +87,7 @@ EVAL = ("experiments.eval_nq", "--model={tmp}/no_model", "--questions={tmp}/ques
         "--output={tmp}/new.jsonl")
 BUILD = ("experiments.build_index", "--encoder={tmp}/no_encoder", f"--passages={PASSAGES}", "--output={tmp}/index")
 EXPORT = ("experiments.export", "--workdir={tmp}/mine", "--output={tmp}/export")
+ASK = ("experiments.ask", "--model={tmp}/mine")
 
 START_UP_CASES = [
     # eval_nq: impossible values, outputs that would lose data, missing inputs, a question without answers
@@ -134,6 +135,11 @@ START_UP_CASES = [
     # export
     ("export_not_a_workdir", EXPORT, ["--workdir=", "not a training workdir"]),
     ("export_negative_step", EXPORT + ("--step=-1",), ["--step=-1"]),
+    # ask
+    ("ask_model_missing", ("experiments.ask", "--model={tmp}/no_model", "who"), ["--model=", "no such directory"]),
+    ("ask_empty_question", ASK + ("who wrote it", " "), ["question 2 is empty"]),
+    ("ask_plot_format", ASK + ("--plot={tmp}/why.pdf", "who"), ["--plot=", ".png"]),
+    ("ask_index_missing", ASK + ("--index={tmp}/no_index", "who"), ["--index=", "no such directory"]),
 ]
 
 
@@ -266,6 +272,7 @@ def test_eval_of_a_run_refuses_an_index_of_another_identity(run_dir, tmp_path, f
                f"--questions={run_dir['task']['questions']}", f"--output={tmp_path}/out.jsonl")
     refused(done, f"{field}=", f"--model={run_dir['workdir']}")
     assert not os.path.exists(tmp_path / "out.jsonl")
+    refused(run("experiments.ask", f"--model={run_dir['workdir']}", f"--index={index}", "who wrote it"), f"{field}=")
 
 
 @pytest.mark.slow

@@ -135,11 +135,12 @@ def test_two_processes_equal_one(task, tmp_path):
     loop.train_and_evaluate(config, single, mesh=sharding.make_mesh(2, 2, devices=jax.devices()[:4]))
 
     two, one = _metrics(workdir), _metrics(single)
-    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3, 3]  # the last line: the evaluation
-    np.testing.assert_allclose([m["loss"] for m in two[:3]], [m["loss"] for m in one[:3]], rtol=1e-5)
-    assert two[3]["eval/num_questions"] == 12
-    assert two[3].keys() == one[3].keys()
-    np.testing.assert_allclose([two[3][k] for k in sorted(two[3])], [one[3][k] for k in sorted(one[3])], atol=1e-6)
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [0, 1, 2, 3, 3]  # first and last lines: the evaluations
+    np.testing.assert_allclose([m["loss"] for m in two[1:4]], [m["loss"] for m in one[1:4]], rtol=1e-5)
+    for a, b in ((two[0], one[0]), (two[4], one[4])):  # the step-0 baseline and the final evaluation
+        assert a["eval/num_questions"] == 12
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], atol=1e-6)
     for x, y in zip(jax.tree_util.tree_leaves(_params(workdir)), jax.tree_util.tree_leaves(_params(single))):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * (np.abs(y).max() + 1e-12) + 1e-7)
 

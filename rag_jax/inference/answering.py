@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from rag_jax import rag
-from rag_jax.inference import metrics, rag_decoding
+from rag_jax.inference import metrics, provenance, rag_decoding
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.retrieval.retriever import Retriever
 
@@ -30,6 +30,7 @@ class AnswerSettings:
     max_question_length: int = 128
     score: bool = False  # also the NLL of the first gold answer under RAG-Sequence and RAG-Token
     answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
+    provenance: bool = False  # also the document posteriors of each answer, per answer and per token (provenance.py)
 
     def __post_init__(self):
         if self.model_type not in ("sequence", "token"):
@@ -67,6 +68,11 @@ def _nlls(model: rag.Rag, params, context_ids, context_mask, doc_embeds, q, labe
     )
 
 
+@jax.jit
+def _posteriors(doc_scores_BxK, token_ll_BxKxL):
+    return rag.doc_posteriors(doc_scores_BxK, token_ll_BxKxL)
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -82,7 +88,8 @@ def answer_questions(
     progress: Iterable | None = None,
 ) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """Yields per example (record, texts of its retrieved passages); the record holds question, answers,
-    prediction, doc_ids, doc_scores, and with `settings.score` nll_sequence / nll_token."""
+    prediction, doc_ids, doc_scores, with `settings.score` nll_sequence / nll_token, and with `settings.provenance`
+    provenance (provenance.entry)."""
     qtok, gtok = retriever.question_tokenizer, retriever.generator_tokenizer
     rows, k = settings.batch_size, settings.n_docs
     for batch in _batches(examples, rows):
@@ -100,11 +107,17 @@ def answer_questions(
         context_mask = _pad_to(retrieved.context_attention_mask_BKxS, rows * k)
         scores = np.asarray(rag.doc_scores(q_pad, embeds))
         if settings.model_type == "token":
-            tokens = rag_decoding.rag_token_generate(model, params, context_ids, context_mask, scores, generation)
-        else:
-            tokens = rag_decoding.rag_sequence_generate(
-                model, params, context_ids, context_mask, scores, generation, mode=settings.decoding
+            decoded = rag_decoding.rag_token_generate(
+                model, params, context_ids, context_mask, scores, generation, return_token_ll=settings.provenance
             )
+        else:
+            decoded = rag_decoding.rag_sequence_generate(
+                model, params, context_ids, context_mask, scores, generation, mode=settings.decoding,
+                return_token_ll=settings.provenance,
+            )  # fmt: skip
+        tokens = decoded[0] if settings.provenance else decoded
+        if settings.provenance:
+            per_token, per_answer = (np.asarray(x) for x in _posteriors(scores, decoded[1]))
         predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
         if settings.score:
             prefix = " " if settings.answer_prefix_space else ""
@@ -122,6 +135,11 @@ def answer_questions(
             if settings.score:
                 record["nll_sequence"] = float(nll_seq[i])
                 record["nll_token"] = float(nll_tok[i])
+            if settings.provenance:
+                record["provenance"] = provenance.entry(
+                    retrieved.passages[i], scores[i], per_answer[i], per_token[i], np.asarray(tokens)[i], gtok,
+                    model.generator_config.pad_token_id,
+                )  # fmt: skip
             yield record, [p.text for p in retrieved.passages[i]]
         if progress is not None:
             progress.update(len(batch))

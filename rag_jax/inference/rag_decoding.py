@@ -65,6 +65,25 @@ def _reorder_self_kv(cache: bart.DecodeCache, idx_N: jax.Array, rows_per_beam: i
     return cache._replace(self_kv=jax.tree.map(take, cache.self_kv))
 
 
+def _answer_token_ll(model: rag.Rag, params, ids_NxL, encoder_out_BKxSxE, mask_BKxS, n_docs: int):
+    """log p(y_t | x, z, y_<t) (N, K, L) of N = B * copies finished answers under each of their example's K docs,
+    from one decoder pass over the encoder states the search already has (provenance, rag.doc_posteriors). The
+    search itself keeps only the document-marginal scores, which cannot be split back into documents."""
+    batch = mask_BKxS.shape[0] // n_docs
+    copies = ids_NxL.shape[0] // batch
+
+    def tile(x):  # (B*K, ...) -> (B*copies*K, ...), rows (example, copy, doc)
+        x = x.reshape(batch, 1, n_docs, *x.shape[1:])
+        return jnp.broadcast_to(x, (batch, copies, *x.shape[2:])).reshape(-1, *x.shape[3:])
+
+    logits = model.generator.apply(
+        {"params": params["generator"]}, jnp.repeat(ids_NxL, n_docs, axis=0), tile(encoder_out_BKxSxE),
+        tile(mask_BKxS), method=bart.Bart.decode,
+    )  # fmt: skip
+    logits = logits.reshape(ids_NxL.shape[0], n_docs, *logits.shape[1:])
+    return rag.target_log_likelihoods(logits, ids_NxL, pad_token_id=model.generator_config.pad_token_id)
+
+
 def _check_shapes(context_input_ids, doc_scores, n_docs):
     batch, docs = doc_scores.shape
     if n_docs is not None and n_docs != docs:
@@ -96,7 +115,7 @@ def marginal_log_probs(logits_NxKxV: jax.Array, doc_lp_NxK: jax.Array) -> jax.Ar
     return jnp.log(mixture_NxV)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "gen"))
+@functools.partial(jax.jit, static_argnames=("model", "gen", "return_token_ll"))
 def rag_token_generate(
     model: rag.Rag,
     params,
@@ -104,10 +123,13 @@ def rag_token_generate(
     context_attention_mask_BKxS: jax.Array,
     doc_scores_BxK: jax.Array,
     gen: GenerationConfig,
-) -> jax.Array:
+    return_token_ll: bool = False,
+):
     """RAG-Token decoding (RagTokenForGeneration.generate): greedy or beam search over the next-token scores
     logsumexp_z(log p(z|x) + log_softmax(logits_z)). The encoder runs once per context; its states are tiled over
-    (example, beam, doc). Returns (B * num_return_sequences, max_length) int32, filled past the end."""
+    (example, beam, doc). Returns (B * num_return_sequences, max_length) int32, filled past the end, and with
+    `return_token_ll` also each answer's per-document target log-likelihoods (B * num_return_sequences, K,
+    max_length) for rag.doc_posteriors."""
     batch, n_docs = _check_shapes(context_input_ids_BKxS, doc_scores_BxK, None)
     nb = gen.num_beams
     encoder_out = _encode(model, params, context_input_ids_BKxS, context_attention_mask_BKxS)
@@ -119,7 +141,10 @@ def rag_token_generate(
         return marginal_log_probs(logits.reshape(batch * nb, n_docs, -1), doc_lp_NxK), cache
 
     reorder = functools.partial(_reorder_self_kv, rows_per_beam=n_docs)
-    return generation.search(step, reorder, cache, batch, gen)
+    out = generation.search(step, reorder, cache, batch, gen)
+    if not return_token_ll:
+        return out
+    return out, _answer_token_ll(model, params, out, encoder_out, context_attention_mask_BKxS, n_docs)
 
 
 # ------------------------------------------------------------------------------------------------ RAG-Sequence
@@ -172,9 +197,12 @@ def _first_token_is_bos(ids_BxCxL: jax.Array, bos_token_id: int | None):
 _RESCORE_ROWS = 64
 
 
-def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad):
+def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad,
+                     keep_token_ll: bool = False):
     """-loss of every needed hypothesis against all K docs: the reference's rescoring forward pass (labels = the
-    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig); -inf where not needed.
+    hypotheses, exclude_bos_score=True, label smoothing from the RagConfig); -inf where not needed. With
+    `keep_token_ll`, also the per-document target log-likelihoods (B, C, K, L) that pass computes (provenance; zero
+    where not needed), else None.
 
     The reference rescores only the unique hypotheses of each example. Here the needed (example, hypothesis) pairs
     of the whole batch are packed to the front and scored in passes of _RESCORE_ROWS rows until none is left, so
@@ -195,7 +223,7 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
     mask_BxKxS = mask_BKxS.reshape(batch, n_docs, -1)
     use_bos_B = _first_token_is_bos(ids_BxCxL, model.generator_config.bos_token_id)
 
-    def rescore(i, scores_P):
+    def rescore(i, scores_P, token_ll_PxKxL):
         pair_N = jax.lax.dynamic_slice(order_P, (i * chunk,), (chunk,))
         safe_N = jnp.minimum(pair_N, pairs - 1)
         example_N = safe_N // num_candidates
@@ -218,14 +246,22 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
             exclude_bos_score=True,
             use_bos_B=None if use_bos_B is None else use_bos_B[example_N],
         )
-        return scores_P.at[pair_N].set(-nll_N, mode="drop")
+        scores_P = scores_P.at[pair_N].set(-nll_N, mode="drop")
+        if keep_token_ll:
+            token_ll_NxKxL = rag.target_log_likelihoods(
+                logits.reshape(chunk, n_docs, *logits.shape[1:]), ids_NxL, pad_token_id=pad
+            )
+            token_ll_PxKxL = token_ll_PxKxL.at[pair_N].set(token_ll_NxKxL, mode="drop")
+        return scores_P, token_ll_PxKxL
 
-    _, scores_P = jax.lax.while_loop(
+    token_ll = jnp.zeros((pairs, n_docs, length) if keep_token_ll else (0,), jnp.float32)
+    _, scores_P, token_ll = jax.lax.while_loop(
         lambda carry: carry[0] * chunk < num_needed,
-        lambda carry: (carry[0] + 1, rescore(*carry)),
-        (0, jnp.full((pairs,), -jnp.inf, jnp.float32)),
+        lambda carry: (carry[0] + 1, *rescore(*carry)),
+        (0, jnp.full((pairs,), -jnp.inf, jnp.float32), token_ll),
     )
-    return scores_P.reshape(batch, num_candidates)
+    token_ll = token_ll.reshape(batch, num_candidates, n_docs, length) if keep_token_ll else None
+    return scores_P.reshape(batch, num_candidates), token_ll
 
 
 def _fast_scores(model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb):
@@ -270,9 +306,12 @@ def rag_sequence_generate(
     n_docs: int | None = None,
     mask_beams: bool = False,
     return_candidates: bool = False,
+    return_token_ll: bool = False,
 ):
-    """RAG-Sequence decoding. Returns (B * num_return_sequences, max_length) int32, filled past the end, and with
-    `return_candidates` also the `SequenceCandidates`.
+    """RAG-Sequence decoding. Returns (B * num_return_sequences, max_length) int32, filled past the end, then with
+    `return_candidates` the `SequenceCandidates`, then with `return_token_ll` each returned answer's per-document
+    target log-likelihoods (B * num_return_sequences, K, max_length) for rag.doc_posteriors: thorough decoding
+    keeps them from its rescoring pass; fast decoding, whose scores leave most documents out, runs one decoder pass.
 
     `gen` is the setting of the per-document beam search (`GenerationConfig.for_rag_sequence`): its num_beams is
     also the number of hypotheses kept per document, its num_return_sequences the number returned per example.
@@ -295,15 +334,17 @@ def rag_sequence_generate(
             f"{docs * gen.num_beams} hypotheses per example"
         )
     dedup = model.config.do_deduplication if do_deduplication is None else bool(do_deduplication)
-    out, candidates = _rag_sequence_generate(
+    out, candidates, token_ll = _rag_sequence_generate(
         model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, mode, dedup,
-        bool(mask_beams),
+        bool(mask_beams), bool(return_token_ll),
     )  # fmt: skip
-    return (out, candidates) if return_candidates else out
+    extras = ((candidates,) if return_candidates else ()) + ((token_ll,) if return_token_ll else ())
+    return (out, *extras) if extras else out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "mask_beams"))
-def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup, mask_beams):
+@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "mask_beams", "keep_token_ll"))
+def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup, mask_beams,
+                           keep_token_ll):
     batch, docs = doc_scores_BxK.shape
     pad = model.generator_config.pad_token_id
     nb = gen.num_beams
@@ -315,7 +356,9 @@ def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, g
     encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
     if mode == "thorough":
         needed_BxC = is_first_BxC if dedup else jnp.ones_like(is_first_BxC)
-        scores = _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad)
+        scores, token_ll = _thorough_scores(
+            model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, keep_token_ll
+        )
     else:
         scores = _fast_scores(
             model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, doc_scores_BxK, pad, nb
@@ -324,4 +367,10 @@ def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, g
         scores = jnp.where(is_first_BxC, scores, -jnp.inf)
     _, best_BxR = jax.lax.top_k(scores, gen.num_return_sequences)
     out = generation.gather_rows(ids_BxCxL, best_BxR).reshape(-1, gen.max_length)
-    return out, SequenceCandidates(ids_BxCxL, is_first_BxC, scores)
+    if not keep_token_ll:
+        token_ll = None
+    elif mode == "thorough":  # the rescoring's own terms for the chosen hypotheses (dedup picks first occurrences)
+        token_ll = generation.gather_rows(token_ll, best_BxR).reshape(-1, docs, gen.max_length)
+    else:
+        token_ll = _answer_token_ll(model, params, out, encoder_out, mask_BKxS, docs)
+    return out, SequenceCandidates(ids_BxCxL, is_first_BxC, scores), token_ll

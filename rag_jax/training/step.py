@@ -110,7 +110,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         topk = exact.make_sharded_topk(mesh, n_docs, num_passages, corpus_axes=sharding.corpus_axes())
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
-    frozen_question_encoder = float(config.optim.question_encoder_lr_scale) == 0.0
+    frozen_question_encoder = optim.freezes_question_encoder(config)
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))

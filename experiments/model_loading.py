@@ -1,0 +1,76 @@
+"""What the answering entry points (eval_nq, ask) share: a model from a Hugging Face RAG directory or a rag_jax
+workdir, its tokenizers, and its index, checked against the index the model was trained with.
+
+Imports of the library happen inside the functions, so that the entry points check their flags before jax loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+from experiments import cli
+
+
+def load_model(path: str):
+    """(model, params, model_dir.ModelDefaults) of a Hugging Face RAG directory or a training workdir."""
+    from rag_jax.inference import model_dir  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.training import trained_model, workdir  # pylint: disable=g-import-not-at-top
+
+    if workdir.is_workdir(path):
+        trained = trained_model.load(path)
+        return trained.model, trained.params, trained.defaults
+    return model_dir.load_hf_rag(path)
+
+
+def tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
+    """The model directory's own tokenizers (its RAG subfolders) or the bundled defaults, checked against the
+    model's vocabulary sizes."""
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+
+    own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
+    pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
+    for name, tok, vocab, subdir in (("question", pair.question, question_vocab, tokenizers.RAG_QUESTION_SUBDIR),
+                                     ("generator", pair.generator, generator_vocab, tokenizers.RAG_GENERATOR_SUBDIR)):
+        if len(tok) > vocab:
+            raise cli.UsageError(
+                f"{model_dir}: the {name} tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
+                f"put the model's own tokenizer in {model_dir}/{subdir}"
+            )
+    return pair
+
+
+def check_index_identity(index, defaults, model_flag: str, index_arg: str | None) -> None:
+    """The model's own index identity, when it knows one, must be the given index's (`model_flag`: the model flag
+    as the user wrote it; `index_arg`: the --index the user gave, if any)."""
+    from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
+
+    if defaults.index_identity:
+        index_io.check_identity(index, defaults.index_identity, model_flag)
+    elif defaults.index and index_arg and os.path.abspath(index_arg) != os.path.abspath(defaults.index):
+        raise cli.UsageError(
+            f"--index={index_arg} cannot be checked against the index the run was trained with: "
+            f"{os.path.join(defaults.index, index_io.METADATA_FILE)} is missing; restore it (rerunning train_nq on "
+            "the workdir rebuilds it), or leave --index out")
+
+
+def load_index(index_arg: str | None, model, defaults, model_flag: str, expected_encoder: str | None = None):
+    """(directory, index) to answer from: --index (`index_arg`), else the model's own (a workdir's); checked against
+    the model."""
+    from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
+
+    index_dir = index_arg or defaults.index
+    if not index_dir:
+        raise cli.UsageError("--index is required for a Hugging Face model directory")
+    index = index_io.load_index(index_dir, expected_encoder=expected_encoder,
+                                expected_dim=model.question_encoder_config.output_dim)  # fmt: skip
+    check_index_identity(index, defaults, model_flag, index_arg)
+    return index_dir, index
+
+
+def n_docs_for(n_docs_flag: int | None, model, index, index_dir: str) -> int:
+    """--n_docs, else the model's own K; no more than the corpus holds."""
+    n_docs = n_docs_flag if n_docs_flag is not None else model.config.n_docs
+    if n_docs > index.num_passages:
+        raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in "
+                             f"{index_dir}")
+    return n_docs
