@@ -41,38 +41,62 @@ def nll(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp_QxP, rows[:, None], axis=-1))
 
 
-def encode(module: bert.BertEncoder, params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array, **kwargs) -> jax.Array:
+def encode(module: bert.BertEncoder, params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array,
+           types_BxL: jax.Array | None = None, **kwargs) -> jax.Array:
     """The pooled (retrieval) vectors of a batch of token ids."""
-    return module.apply({"params": params}, ids_BxL, mask_BxL, **kwargs)[1]
+    return module.apply({"params": params}, ids_BxL, mask_BxL, types_BxL, **kwargs)[1]
 
 
-def bi_encoder_loss(
-    question_module: bert.BertEncoder,
-    document_module: bert.BertEncoder,
-    params: dict[str, Any],
-    batch: dict[str, jax.Array],
-    *,
-    shared_encoder: bool = False,
-    rngs: dict[str, jax.Array] | None = None,
-) -> jax.Array:
-    """The contrastive loss of one global batch. params = {"question": ..., "document": ...}, or {"question": ...}
-    alone when `shared_encoder` (one BERT encodes both sides, as a shared-weights DPR does). batch holds
-    question_ids/question_mask (Q, Lq) and passage_ids/passage_mask (Q*(1+H), Lp)."""
+def vectors(question_module: bert.BertEncoder, document_module: bert.BertEncoder, params: dict[str, Any],
+            batch: dict[str, jax.Array], *, shared_encoder: bool = False,
+            rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(q_QxD, d_PxD) of one global batch. params = {"question": ..., "document": ...}, or {"question": ...} alone
+    when `shared_encoder` (one BERT encodes both sides, as a shared-weights DPR does). batch holds
+    question_ids/question_mask (Q, Lq) and passage_ids/passage_mask[/passage_types] (Q*(1+H), Lp); dropout is on
+    when `rngs` is given."""
     train = {"deterministic": rngs is None, "rngs": rngs or {}}
     document_params = params["question"] if shared_encoder else params["document"]
     q_QxD = encode(question_module, params["question"], batch["question_ids"], batch["question_mask"], **train)
-    d_PxD = encode(document_module, document_params, batch["passage_ids"], batch["passage_mask"], **train)
-    return nll(q_QxD, d_PxD)
+    # (title, text) pairs carry segment ids, as the index embeds them; without them every token is segment 0.
+    d_PxD = encode(document_module, document_params, batch["passage_ids"], batch["passage_mask"],
+                   batch.get("passage_types"), **train)
+    return q_QxD, d_PxD
+
+
+def bi_encoder_loss(question_module: bert.BertEncoder, document_module: bert.BertEncoder, params: dict[str, Any],
+                    batch: dict[str, jax.Array], *, shared_encoder: bool = False,
+                    rngs: dict[str, jax.Array] | None = None) -> jax.Array:
+    """The contrastive loss of one global batch (see `vectors` for params and batch)."""
+    return nll(*vectors(question_module, document_module, params, batch, shared_encoder=shared_encoder, rngs=rngs))
+
+
+def make_update(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool):
+    """The optimiser update on the contrastive loss (not jitted): (params, opt_state, batch, rng) -> (params,
+    opt_state, {"loss", "grad_norm", "accuracy"}), accuracy: the share of questions whose positive scores highest.
+    Dropout draws from `rng`; the batch may be sharded over the data axis (the negatives stay global)."""
+
+    def loss_fn(params, batch, rng):
+        q_QxD, d_PxD = vectors(question_module, document_module, params, batch, shared_encoder=shared_encoder,
+                               rngs={"dropout": rng})
+        best = jnp.argmax(scores(q_QxD, d_PxD), axis=-1)
+        accuracy = jnp.mean(best == positive_rows(q_QxD.shape[0], d_PxD.shape[0]))
+        return nll(q_QxD, d_PxD), accuracy
+
+    def update(params, opt_state, batch, rng):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "accuracy": accuracy}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return update
 
 
 def make_step(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool):
-    """A jitted optimiser step on the contrastive loss: (params, opt_state, batch, rng) -> (params, opt_state, loss).
-    Dropout draws from `rng`; the batch may be sharded over the data axis (the negatives stay global)."""
+    """A jitted optimiser step on the contrastive loss: (params, opt_state, batch, rng) -> (params, opt_state, loss)."""
+    update = make_update(question_module, document_module, tx, shared_encoder=shared_encoder)
+
     def step(params, opt_state, batch, rng):
-        loss, grads = jax.value_and_grad(bi_encoder_loss, argnums=2)(
-            question_module, document_module, params, batch, shared_encoder=shared_encoder, rngs={"dropout": rng}
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params, opt_state, metrics = update(params, opt_state, batch, rng)
+        return params, opt_state, metrics["loss"]
 
     return jax.jit(step)
