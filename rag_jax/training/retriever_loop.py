@@ -165,20 +165,6 @@ def global_batch(run: Run, step: int) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def encode_questions(cfg: bert.BertConfig, params, tokenizer, questions: list[str], batch_size: int,
-                     max_length: int) -> np.ndarray:
-    """Question vectors (Q, D), without dropout, in fixed-shape batches."""
-    encode = embed.make_encode_fn(cfg)
-    out = []
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        t = tokenizer(chunk + [""] * (batch_size - len(chunk)), max_length=max_length, truncation=True,
-                      padding="max_length", return_tensors="np")
-        batch = {k: t[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        out.append(np.asarray(encode(params, batch))[: len(chunk)])
-    return np.concatenate(out)
-
-
 def evaluate(run: Run, params: dict[str, Any]) -> dict[str, float]:
     """Top-k retrieval accuracy (an answer string in the top k, DPR's measure) and gold recall@k (where the dev
     questions name their gold passage) over the corpus embedded with the current document encoder."""
@@ -187,7 +173,7 @@ def evaluate(run: Run, params: dict[str, Any]) -> dict[str, float]:
     doc_params = run.document_params(params)
     vectors = embed.embed_passages(embed.make_encode_fn(run.encoders["document"]), doc_params, run.tokenizer,
                                    run.passages.passages, c.index.batch_size, c.index.max_length)
-    questions = encode_questions(run.encoders["question"], params["question"], run.tokenizer,
+    questions = embed.embed_questions(run.encoders["question"], params["question"], run.tokenizer,
                                  [e["question"] for e in run.dev], c.eval.batch_size, c.data.max_question_length)
     ks = sorted(k for k in c.eval.recall_ks if k <= len(run.passages))
     rows, _ = exact.ExactSearcher(vectors).search(questions, max(ks))
