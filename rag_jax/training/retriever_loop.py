@@ -58,8 +58,10 @@ class Run:
     batch_sharding: Any
 
     def initial_state(self) -> TrainState:
-        params = jax.device_put(self.pretrained, sharding.replicated(self.mesh))
-        return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(self.tx.init)(params))
+        replicated = sharding.replicated(self.mesh)
+        params = jax.device_put(self.pretrained, replicated)
+        init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), out_shardings=replicated)
+        return init(params)
 
     def document_params(self, params: dict[str, Any]) -> Any:
         return params["question"] if self.config.model.shared_encoder else params["document"]
