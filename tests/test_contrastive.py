@@ -139,3 +139,12 @@ def test_step_learns_synthetic_retrieval():
     after = _recall_at_1(module, params["question"], dev_q, dev_p)
     print(f"synthetic dev recall@1 (chance 1/64): before {before:.3f} after {after:.3f}, last loss {float(loss):.3f}")
     assert after >= before + 0.3
+
+
+def test_retrieved_nll_scores_the_gold_among_the_retrieved():
+    scores = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 1.0]], np.float32)
+    rows = np.array([[5, 7, 9], [1, 2, 3], [4, 6, 8]])
+    gold = np.array([7, -1, 10])  # retrieved second; unknown; known but not retrieved
+    want = -np.log(np.exp(1.0) / np.exp([2.0, 1.0, 0.0]).sum())  # the only question that counts
+    np.testing.assert_allclose(float(contrastive.retrieved_nll(scores, rows, gold)), want, rtol=1e-6)
+    assert float(contrastive.retrieved_nll(scores, rows, np.array([-1, -1, 10]))) == 0.0

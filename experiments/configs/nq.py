@@ -143,6 +143,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 600  # optimizer updates
     c.train.global_batch_size = 8  # questions per update, over all devices and hosts
+    # x the contrastive retrieval loss over each question's K retrieved passages (positive: its gold passage, when
+    # retrieved; rag_jax/training/contrastive.py retrieved_nll) added to the RAG NLL: the retrieval + generation
+    # multi-task loss. 0: RAG's marginal likelihood alone (the paper's).
+    c.train.retrieval_loss_weight = 0.0
     c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
     c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps
     c.train.checkpoint_every = 200  # orbax save every this many steps (and at the end, and on SIGTERM)

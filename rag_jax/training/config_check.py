@@ -128,6 +128,7 @@ RULES: dict[str, Any] = {
     "optim.max_grad_norm": _Number(integer=False, low=0.0),  # 0: no clipping
     "optim.question_encoder_lr_scale": _Number(integer=False, low=0.0),
     "train.steps": _POSITIVE, "train.global_batch_size": _POSITIVE, "train.grad_accum_steps": _POSITIVE,
+    "train.retrieval_loss_weight": _Number(integer=False, low=0.0),
     "train.log_every": _POSITIVE, "train.checkpoint_every": _POSITIVE,
     "train.keep_checkpoints": _Number(integer=True, low=1, allow=(None,)),  # None: keep all
     "train.async_checkpoints": _BOOL,

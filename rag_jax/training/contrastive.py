@@ -41,6 +41,18 @@ def nll(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp_QxP, rows[:, None], axis=-1))
 
 
+def retrieved_nll(scores_BxK: jax.Array, rows_BxK: jax.Array, gold_B: jax.Array) -> jax.Array:
+    """The contrastive loss over each question's retrieved passages (train_nq's train.retrieval_loss_weight): the
+    negative log-likelihood of the gold passage under the softmax of the K retrieval scores, the other retrieved
+    passages its negatives (hard ones: the retriever ranked them high). Averaged over the questions whose known gold
+    passage (gold_B >= 0) was retrieved; the others add nothing (the frozen index holds no vector to score it by here)."""
+    is_gold_BxK = (rows_BxK == gold_B[:, None]) & (gold_B[:, None] >= 0)
+    found_B = jnp.any(is_gold_BxK, axis=1)
+    logp_BxK = jax.nn.log_softmax(scores_BxK.astype(jnp.float32), axis=-1)
+    nll_B = -jnp.sum(jnp.where(is_gold_BxK, logp_BxK, 0.0), axis=1) / jnp.maximum(is_gold_BxK.sum(axis=1), 1)
+    return jnp.sum(jnp.where(found_B, nll_B, 0.0)) / jnp.maximum(found_B.sum(), 1)
+
+
 def encode(module: bert.BertEncoder, params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array,
            types_BxL: jax.Array | None = None, **kwargs) -> jax.Array:
     """The pooled (retrieval) vectors of a batch of token ids."""
