@@ -177,3 +177,22 @@ def test_bad_input_is_one_error_line(bad_files, tmp_path, name, flags, culprits)
     args = [a.format(tmp=bad_files) for a in flags]
     done = run(*TRAIN, f"--workdir={tmp_path}/w", *args)
     refused(done, *culprits)
+
+
+def _leaf_fields(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("variant", retriever_config.VARIANTS)
+def test_every_retriever_config_field_has_a_rule(variant):
+    from rag_jax.training import config_check
+
+    config = retriever_config.get_config(variant)
+    unchecked = {"variant", "eval.recall_ks"}
+    missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
+    assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
+    config_check.check_fields(config)

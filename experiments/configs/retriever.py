@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.question_encoder = nq.encoder_section(64, 2, 4, 128, init_range=0.02)
     c.model.doc_encoder = nq.encoder_section(64, 2, 4, 128, init_range=0.02)
     c.model.shared_encoder = False  # one set of weights for both sides (DPR: separate, encoder.share_encoders false)
+    # Scores x this in the loss's softmax. DPR: 1 (raw inner products). L2-normalised encoders (all-MiniLM-L6-v2)
+    # give cosines in [-1, 1]: sentence-transformers' MultipleNegativesRankingLoss uses 20 (its default scale).
+    c.model.score_scale = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-5  # DPR: learning_rate 2e-5
@@ -105,6 +108,7 @@ def _local(c: ml_collections.ConfigDict) -> None:
     for enc in (c.model.question_encoder, c.model.doc_encoder):
         enc.init = retriever
         enc.dropout = 0.1
+    c.model.score_scale = 20.0  # normalised vectors (sentence-transformers' MultipleNegativesRankingLoss scale)
     c.data.max_passage_length = 160  # the bundled passages are ~100 words
     c.index.max_length = 160
     c.optim.learning_rate = 2e-5  # DPR's rate suits fine-tuning a pretrained retriever

@@ -144,7 +144,7 @@ RULES: dict[str, Any] = {
     # experiments/configs/retriever.py (train_retriever) only
     "data.kind": _Choice(RETRIEVER_DATA), "data.hard_negatives": _PATH, "data.hard_negatives_per_question": _COUNT,
     "data.ict_keep_sentence": _Number(integer=False, low=0.0, high=1.0), "data.max_passage_length": _POSITIVE,
-    "model.shared_encoder": _BOOL,
+    "model.shared_encoder": _BOOL, "model.score_scale": _SCALE,
 }
 
 

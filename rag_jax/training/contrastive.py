@@ -34,9 +34,11 @@ def positive_rows(num_questions: int, num_passages: int) -> jax.Array:
     return jnp.arange(num_questions) * (num_passages // num_questions)
 
 
-def nll(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood of each question's positive among all passages of the batch."""
-    logp_QxP = jax.nn.log_softmax(scores(q_QxD, d_PxD), axis=-1)
+def nll(q_QxD: jax.Array, d_PxD: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Mean negative log-likelihood of each question's positive among all passages of the batch, the scores
+    multiplied by `scale` first (1 for DPR's unnormalised vectors; L2-normalised encoders' cosines lie in [-1, 1],
+    too flat a softmax without one: sentence-transformers' MultipleNegativesRankingLoss uses 20)."""
+    logp_QxP = jax.nn.log_softmax(scale * scores(q_QxD, d_PxD), axis=-1)
     rows = positive_rows(q_QxD.shape[0], d_PxD.shape[0])
     return -jnp.mean(jnp.take_along_axis(logp_QxP, rows[:, None], axis=-1))
 
@@ -82,7 +84,8 @@ def bi_encoder_loss(question_module: bert.BertEncoder, document_module: bert.Ber
     return nll(*vectors(question_module, document_module, params, batch, shared_encoder=shared_encoder, rngs=rngs))
 
 
-def make_update(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool):
+def make_update(question_module: bert.BertEncoder, document_module: bert.BertEncoder, tx, *, shared_encoder: bool,
+                scale: float = 1.0):
     """The optimiser update on the contrastive loss (not jitted): (params, opt_state, batch, rng) -> (params,
     opt_state, {"loss", "grad_norm", "accuracy"}), accuracy: the share of questions whose positive scores highest.
     Dropout draws from `rng`; the batch may be sharded over the data axis (the negatives stay global)."""
@@ -92,7 +95,7 @@ def make_update(question_module: bert.BertEncoder, document_module: bert.BertEnc
                                rngs={"dropout": rng})
         best = jnp.argmax(scores(q_QxD, d_PxD), axis=-1)
         accuracy = jnp.mean(best == positive_rows(q_QxD.shape[0], d_PxD.shape[0]))
-        return nll(q_QxD, d_PxD), accuracy
+        return nll(q_QxD, d_PxD, scale), accuracy
 
     def update(params, opt_state, batch, rng):
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)

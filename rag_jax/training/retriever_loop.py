@@ -106,12 +106,12 @@ def _train_batches(config: ml_collections.ConfigDict, passages: training_data.Co
     return training_data.Batches("gold", examples=examples, **common)
 
 
-def make_step(encoders: dict[str, bert.BertConfig], tx, schedule, shared: bool):
+def make_step(encoders: dict[str, bert.BertConfig], tx, schedule, shared: bool, scale: float = 1.0):
     """The jitted step (state donated): (state, batch, rng) -> (state, {"loss", "grad_norm", "accuracy",
     "learning_rate"})."""
     q_module = bert.BertEncoder(encoders["question"])
     d_module = bert.BertEncoder(encoders["document"])
-    update = contrastive.make_update(q_module, d_module, tx, shared_encoder=shared)
+    update = contrastive.make_update(q_module, d_module, tx, shared_encoder=shared, scale=scale)
 
     def step(state: TrainState, batch, rng):
         params, opt_state, metrics = update(state.params, state.opt_state, batch, jax.random.fold_in(rng, state.step))
@@ -148,7 +148,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     dev = _dev_examples(config, passages)
     tx = optim.make_optimizer(config)
     schedule = optim.learning_rate_schedule(config)
-    step = make_step(encoders, tx, schedule, m.shared_encoder)
+    step = make_step(encoders, tx, schedule, m.shared_encoder, m.score_scale)
     batch_sharding = sharding.named_sharding(mesh, ("batch", None))
     return Run(config, workdir, mesh, tokenizer, encoders, pretrained, passages, batches, dev, tx, schedule, step,
                batch_sharding)
