@@ -176,7 +176,7 @@ def evaluate(run: Run, params: dict[str, Any]) -> dict[str, float]:
     vectors = embed.embed_passages(embed.make_encode_fn(run.encoders["document"]), doc_params, run.tokenizer,
                                    run.passages.passages, c.index.batch_size, c.index.max_length)
     questions = embed.embed_questions(run.encoders["question"], params["question"], run.tokenizer,
-                                 [e["question"] for e in run.dev], c.eval.batch_size, c.data.max_question_length)
+                                       [e["question"] for e in run.dev], c.eval.batch_size, c.data.max_question_length)
     ks = sorted(k for k in c.eval.recall_ks if k <= len(run.passages))
     rows, _ = exact.ExactSearcher(vectors).search(questions, max(ks))
     out: dict[str, float] = {"eval/num_questions": float(len(run.dev))}
