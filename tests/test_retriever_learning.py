@@ -7,9 +7,11 @@ before/after figures. Minutes on 2 CPU cores in all."""
 import json
 import os
 
+import jax
 import pytest
 
 from experiments.configs import retriever as retriever_config
+from rag_jax import sharding
 from rag_jax.models import sentence_transformers_dir
 from rag_jax.training import retriever_loop
 
@@ -23,6 +25,11 @@ def _config(variant, **fields):
             node = node[p]
         node[last] = value
     return config
+
+
+def _one_device():
+    """Learning is measured on one CPU device: 8 simulated ones would each repeat the replicated optimizer update."""
+    return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
 
 
 def _before_after(workdir, metric):
@@ -42,7 +49,7 @@ SMALL = {"model.shared_encoder": True, "model.question_encoder.pooling": "mean",
 def ict_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ict"))
     config = _config("tiny", **SMALL, **{"data.kind": "ict", "train.steps": 300, "optim.learning_rate": 2e-3})
-    result = retriever_loop.train_and_evaluate(config, workdir)
+    result = retriever_loop.train_and_evaluate(config, workdir, mesh=_one_device())
     return workdir, result
 
 
@@ -59,7 +66,7 @@ def test_gold_pairs_after_ict_lift_gold_recall_further(ict_run, tmp_path):
     ict_workdir, ict = ict_run
     config = _config("tiny", **SMALL, **{"data.kind": "gold", "train.steps": 200, "optim.learning_rate": 1e-3,
                                          "model.question_encoder.init": ict["export"]["question_encoder"]})
-    retriever_loop.train_and_evaluate(config, str(tmp_path))
+    retriever_loop.train_and_evaluate(config, str(tmp_path), mesh=_one_device())
     before, after = _before_after(str(tmp_path), "eval/gold_recall@5")
     ict_after = _before_after(ict_workdir, "eval/gold_recall@5")[1]
     print(f"gold pairs from the ICT encoder, 200 steps: dev gold recall@5 {before:.1f}% -> {after:.1f}% (ICT alone: "
@@ -98,7 +105,7 @@ def test_fine_tuning_pretrained_minilm_raises_gold_recall_at_1(tmp_path):
                                  "train.global_batch_size": 16, "train.log_every": 10, "train.eval_every": 0,
                                  "data.max_passage_length": 128, "index.max_length": 128, "optim.warmup_steps": 5,
                                  "eval.recall_ks": (1, 5)})
-    retriever_loop.train_and_evaluate(config, str(tmp_path / "run"))
+    retriever_loop.train_and_evaluate(config, str(tmp_path / "run"), mesh=_one_device())
     before, after = _before_after(str(tmp_path / "run"), "eval/gold_recall@1")
     print(f"all-MiniLM-L6-v2 fine-tuned on 320 mini NQ train questions, 30 steps of 16: dev gold recall@1 "
           f"{before:.1f}% -> {after:.1f}%")

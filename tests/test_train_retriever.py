@@ -122,7 +122,9 @@ def test_mean_pooled_normalised_encoder_exports_as_sentence_transformers(tmp_pat
 
     cfg = bert.BertConfig(vocab_size=200, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                           max_position_embeddings=32, pooling="mean", normalize=True)
-    params = bert.BertEncoder(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    import flax.linen as nn
+
+    params = nn.meta.unbox(bert.BertEncoder(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
     params = jax.tree.map(np.asarray, params)
     tokenizer = tokenizers.load_question_tokenizer()
     export.save_hf_encoder(str(tmp_path / "enc"), cfg, params, "question", tokenizer)
