@@ -43,9 +43,6 @@ cli.define_distributed_flags()
 flags.mark_flags_as_required(["encoder", "passages", "output"])
 
 
-tokenizer_for = model_loading.encoder_tokenizer  # (tests and older callers)
-
-
 def _check_flags() -> None:
     """What the flags alone can tell, before anything loads."""
     if (_HOST_INDEX.value is None) != (_NUM_HOSTS.value is None):
