@@ -198,3 +198,40 @@ def test_every_retriever_config_field_has_a_rule(variant):
     missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
     assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
     config_check.check_fields(config)
+
+
+def test_mined_negatives_are_top_passages_without_an_answer(tmp_path):
+    """hard_negatives.mine keeps the best-ranked passages that hold no answer and are not the gold one, and the job
+    reads what it writes."""
+    from rag_jax.data import nq_open, tokenizers
+    from rag_jax.inference import metrics
+    from rag_jax.retrieval import embed, exact
+    from rag_jax.training import hard_negatives
+    from tests import hf_models
+
+    with open(PASSAGES) as f:
+        (tmp_path / "passages.tsv").write_text("".join(f.readlines()[:201]))
+    questions = [q for _, q in nq_open.read_nq_jsonl(QUESTIONS)][:20]
+    for q in questions[::2]:  # an answer most passages hold: the filter must skip many
+        q["answers"] = ["the"]
+    hf_models.dpr_context_encoder(seed=3, vocab_size=30522, max_position_embeddings=64).save_pretrained(tmp_path / "d")
+    hf_models.dpr_question_encoder(seed=4, vocab_size=30522, max_position_embeddings=64).save_pretrained(tmp_path / "q")
+    d, q = hf.load_encoder(str(tmp_path / "d")), hf.load_encoder(str(tmp_path / "q"))
+    tokenizer = tokenizers.load_question_tokenizer()
+    index = embed.build_index(d.config, d.params, tokenizer, str(tmp_path / "passages.tsv"), str(tmp_path / "index"),
+                              max_length=64, progress=False)
+    mined = list(hard_negatives.mine(index, q, tokenizer, questions, negatives=2, depth=50))
+    vectors = embed.embed_questions(q.config, q.params, tokenizer, [x["question"] for x in questions], 64, 32)
+    ranked, _ = exact.ExactSearcher(index.embeddings(dtype=np.float32)).search(vectors, 50)
+    skipped = 0
+    for question, record, rows in zip(questions, mined, ranked):
+        skipped += record["negative_ids"] != [index.passages[int(r)].id for r in rows[:2]]
+        want = [index.passages[int(r)].id for r in rows
+                if index.passages[int(r)].id != str(question["gold_passage_id"])
+                and not metrics.has_answer(question["answers"], index.passages[int(r)].text)][:2]
+        assert record["question"] == question["question"] and record["negative_ids"] == want
+    assert skipped  # some top passages held an answer or were gold: the filter was exercised
+    path = tmp_path / "negatives.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in mined))
+    read = training_data.read_mined_negatives(str(path), training_data.Corpus(str(tmp_path / "passages.tsv")))
+    assert [p.id for p in read[questions[0]["question"]]] == mined[0]["negative_ids"]
