@@ -100,7 +100,7 @@ def make_update(question_module: bert.BertEncoder, document_module: bert.BertEnc
     def update(params, opt_state, batch, rng):
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "accuracy": accuracy}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "accuracy": accuracy}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return update
