@@ -1,8 +1,9 @@
 """train_retriever learns, measured on the bundled mini NQ task (2,600 passages; dev: its last 200 questions, each
 with a gold passage): ICT from a random small BERT lifts dev gold recall@5 far above chance (5/2,600 = 0.2%);
-supervised training on the train questions' gold passages, starting from the ICT encoder, lifts it further; and
-fine-tuning the pretrained all-MiniLM-L6-v2 on the train questions raises dev gold recall@1. Each test prints its
-before/after figures. Minutes on 2 CPU cores in all."""
+supervised training on the train questions' gold passages, starting from the ICT encoder, lifts it further. Each
+test prints its before/after figures. (Fine-tuning the pretrained all-MiniLM-L6-v2 on mini NQ has not yet been seen to
+raise dev gold recall@1: 94.0% -> 94.0% at lr 2e-5, 94.0% -> 92.0% at 1e-4, in-batch and random negatives being too
+easy for it; issue 12 stays open for it.)"""
 
 import json
 import os
@@ -12,7 +13,6 @@ import pytest
 
 from experiments.configs import retriever as retriever_config
 from rag_jax import sharding
-from rag_jax.models import sentence_transformers_dir
 from rag_jax.training import retriever_loop
 
 
@@ -73,44 +73,3 @@ def test_gold_pairs_after_ict_lift_gold_recall_further(ict_run, tmp_path):
           f"{ict_after:.1f}%)")
     assert before == pytest.approx(ict_after, abs=1e-6)  # it really started from the ICT export
     assert after >= ict_after + 4.0
-
-
-def _minilm_task(directory):
-    """Mini NQ cut down so that all-MiniLM-L6-v2 (22M parameters) trains and re-embeds the corpus in about a minute
-    each on 2 cores: 320 train and 100 dev questions, the corpus their gold passages plus 300 distractors."""
-    from rag_jax.data import nq_open
-    from rag_jax.retrieval import corpus
-
-    lines = open(nq_open.MINI_QUESTIONS).readlines()
-    train, dev = lines[:320], lines[-100:]
-    golds = {str(json.loads(line)["gold_passage_id"]) for line in train + dev}
-    passages = list(corpus.read_passages(retriever_config.nq.BUNDLED_PASSAGES))
-    kept = [p for p in passages if p.id in golds] + [p for p in passages if int(p.id) > 1968][:300]
-    paths = {name: os.path.join(directory, name) for name in ("train.jsonl", "dev.jsonl", "passages.tsv")}
-    open(paths["train.jsonl"], "w").writelines(train)
-    open(paths["dev.jsonl"], "w").writelines(dev)
-    corpus.write_passages_tsv(paths["passages.tsv"], kept)
-    return paths
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not reached yet, measured on this task: dev gold recall@1 94.0% -> 94.0% "
-                   "(lr 2e-5, 30 steps of 16, random hard negatives) and 94.0% -> 92.0% (lr 1e-4): in-batch and random "
-                   "negatives are too easy for all-MiniLM-L6-v2 (loss 0.05 by step 10); mined hard negatives are the "
-                   "next thing to try")
-def test_fine_tuning_pretrained_minilm_raises_gold_recall_at_1(tmp_path):
-    try:
-        sentence_transformers_dir.pretrained_retriever_dir()
-    except sentence_transformers_dir.CheckpointError as e:
-        pytest.skip(str(e))
-    task = _minilm_task(str(tmp_path))
-    config = _config("local", **{"data.train_file": task["train.jsonl"], "data.dev_file": task["dev.jsonl"],
-                                 "data.passages": task["passages.tsv"], "train.steps": 30,
-                                 "train.global_batch_size": 16, "train.log_every": 10, "train.eval_every": 0,
-                                 "data.max_passage_length": 128, "index.max_length": 128, "optim.warmup_steps": 5,
-                                 "eval.recall_ks": (1, 5)})
-    retriever_loop.train_and_evaluate(config, str(tmp_path / "run"), mesh=_one_device())
-    before, after = _before_after(str(tmp_path / "run"), "eval/gold_recall@1")
-    print(f"all-MiniLM-L6-v2 fine-tuned on 320 mini NQ train questions, 30 steps of 16: dev gold recall@1 "
-          f"{before:.1f}% -> {after:.1f}%")
-    assert after >= before + 2.0
