@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, model_loading
 
 _ENCODER = flags.DEFINE_string("encoder", None, "Document encoder checkpoint directory (DPRContextEncoder, BERT or "
                                 "sentence-transformers).")
@@ -41,19 +41,6 @@ _DEVICES_PER_HOST = flags.DEFINE_integer(
     lower_bound=1)
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["encoder", "passages", "output"])
-
-
-def tokenizer_for(encoder_dir: str, override: str | None):
-    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.models import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
-
-    if override:
-        return tokenizers.load_question_tokenizer(override)
-    # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder; the loader
-    # finds it there.
-    own_files = ("tokenizer.json", "vocab.txt", sentence_transformers_dir.MODULES_FILE)
-    has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in own_files)
-    return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)
 
 
 def _check_flags() -> None:
@@ -85,7 +72,7 @@ def build():
     if _HOST_INDEX.value is None:
         cli.init_distributed()
     encoder = hf.load_encoder(_ENCODER.value)
-    tokenizer = tokenizer_for(_ENCODER.value, _TOKENIZER.value)
+    tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
     if len(tokenizer) > encoder.config.vocab_size:
         raise cli.UsageError(
             f"tokenizer has {len(tokenizer)} entries but the encoder's vocabulary has "

@@ -31,9 +31,11 @@ _USER_ERRORS = (
     ("rag_jax.retrieval.corpus", ("CorpusError",)),
     ("rag_jax.retrieval.index_io", ("IndexFormatError",)),
     ("rag_jax.retrieval.merge", ("SearchError",)),
+    ("rag_jax.retrieval.training_data", ("DataError",)),
     ("rag_jax.training.config_check", ("ConfigError",)),
     ("rag_jax.training.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
     ("rag_jax.training.loop", ("NonFiniteLossError",)),
+    ("rag_jax.training.retriever_loop", ("NonFiniteLossError",)),
 )
 
 
@@ -52,6 +54,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {e} (see --helpshort)")
+
+
+def unknown_config_field(error: Exception) -> str:
+    """ml_collections reports an unknown --config.* field as a KeyError/AttributeError while flags are parsed."""
+    detail = " ".join(str(error).encode().decode("unicode_escape").replace("'", "").split())
+    given = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
+    return f"error: unknown config field: {detail} (in {given})"
 
 
 def define_distributed_flags() -> None:

@@ -1,4 +1,4 @@
-"""What the answering entry points (eval_nq, ask) share: a model from a Hugging Face RAG directory or a rag_jax
+"""What the entry points that load models share (eval_nq, ask; build_index and mine_negatives for encoders): a model from a Hugging Face RAG directory or a rag_jax
 workdir, its tokenizers, and its index, checked against the index the model was trained with.
 
 Imports of the library happen inside the functions, so that the entry points check their flags before jax loads.
@@ -74,3 +74,17 @@ def n_docs_for(n_docs_flag: int | None, model, index, index_dir: str) -> int:
         raise cli.UsageError(f"--n_docs={n_docs} is larger than the corpus of {index.num_passages} passages in "
                              f"{index_dir}")
     return n_docs
+
+
+def encoder_tokenizer(encoder_dir: str, override: str | None):
+    """An encoder's tokenizer: `override`, else the encoder directory's own, else the bundled bert-base-uncased."""
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.models import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+
+    if override:
+        return tokenizers.load_question_tokenizer(override)
+    # A sentence-transformers directory (modules.json) may keep its tokenizer in a module subfolder; the loader
+    # finds it there.
+    own_files = ("tokenizer.json", "vocab.txt", sentence_transformers_dir.MODULES_FILE)
+    has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in own_files)
+    return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)

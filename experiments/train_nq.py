@@ -22,17 +22,10 @@ from rag_jax.training import config_check
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
 
 
-def _unknown_field(error: Exception) -> str:
-    """ml_collections reports an unknown --config.* field as a KeyError/AttributeError while flags are parsed."""
-    detail = " ".join(str(error).encode().decode("unicode_escape").replace("'", "").split())
-    given = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
-    return f"error: unknown config field: {detail} (in {given})"
-
-
 try:  # the default config is parsed (with the overrides) right here
     _CONFIG = config_flags.DEFINE_config_file("config", _CONFIG_FILE, "Run config file[:variant].", lock_config=True)
 except (KeyError, AttributeError) as e:
-    sys.exit(_unknown_field(e))
+    sys.exit(cli.unknown_config_field(e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, index, metrics); default ./workdir/nq_VARIANT.")
 cli.define_distributed_flags()
 
@@ -68,4 +61,4 @@ if __name__ == "__main__":
     except (KeyError, AttributeError) as e:
         if _MAIN_STARTED:  # a real error of the run, not of the command line
             raise
-        sys.exit(_unknown_field(e))
+        sys.exit(cli.unknown_config_field(e))

@@ -191,3 +191,12 @@ def test_rag_token_marginal_equals_the_logsumexp_formula():
     got = rag_decoding.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.exp(got).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_quick_retriever_step_compares_the_same_computation(quick_rows):
+    (row,) = quick_rows[0]["retriever_step"]
+    assert row["ours_s"] > 0 and row["reference_s"] > 0
+    assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
+    # Same weights and batch, dropout off: the first DPR losses agree, so both steps do the same work.
+    assert row["first_loss_rel_diff"] < 1e-4

@@ -77,9 +77,9 @@ def test_tokenizer_comes_from_the_transformer_module(tmp_path):
     hf_models.save_sentence_transformer(hf_models.bert_model(seed=8), tmp_path, transformer_path="0_Transformer")
     tokenizers.load_question_tokenizer().save_pretrained(tmp_path / "0_Transformer")
     assert tokenizers.load_question_tokenizer(str(tmp_path)).tokenize("Paris IS") == ["paris", "is"]
-    from experiments import build_index  # pylint: disable=g-import-not-at-top (defines absl flags)
+    from experiments import model_loading  # pylint: disable=g-import-not-at-top
 
-    assert build_index.tokenizer_for(str(tmp_path), None).name_or_path == str(tmp_path / "0_Transformer")
+    assert model_loading.encoder_tokenizer(str(tmp_path), None).name_or_path == str(tmp_path / "0_Transformer")
 
 
 def test_dpr_export_names_pooling_and_normalisation():

@@ -356,3 +356,28 @@ def test_minilm_encoders_from_the_config_index_and_train(task, tmp_path):
             state, metrics = run.train_step(state, run.batches(state.params, pipeline.batch_at(step)), rng, run.corpus)
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses)) and int(state.step) == 2
+
+
+@pytest.mark.slow
+def test_retrieval_loss_weight_adds_the_contrastive_loss_over_retrieved_passages(task, workdir):
+    """train.retrieval_loss_weight w: the step's loss is the RAG NLL (the w=0 step's) plus w times the gold
+    passage's NLL among the K retrieved ones."""
+    from rag_jax import rag
+    from rag_jax.training import contrastive
+
+    mesh = _mesh(1, 1)
+    rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(mesh))
+    losses = {}
+    for weight in (0.0, 0.5):
+        # K=16 of the 64 passages: with random encoders some gold passages are among them, so the term is not vacuous.
+        config = train_task.tiny_config(task, **EXACT, **{"train.retrieval_loss_weight": weight, "model.n_docs": 16})
+        run = loop.setup(config, workdir, mesh)
+        state = run.initial_state()
+        batch = run.batches(state.params, loop.make_pipeline(run).batch_at(0))
+        q = run.model.encode_questions(state.params, batch["question_input_ids"], batch["question_attention_mask"])
+        extra = float(contrastive.retrieved_nll(rag.doc_scores(q, batch["doc_embeds"]), batch["doc_rows"],
+                                                batch["gold_row"]))
+        _, metrics = run.train_step(state, batch, rng, run.corpus)
+        losses[weight] = float(metrics["loss"])
+    assert extra > 0.01, extra
+    np.testing.assert_allclose(losses[0.5], losses[0.0] + 0.5 * extra, rtol=1e-5)

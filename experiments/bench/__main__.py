@@ -1,6 +1,6 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,mfu [--quick] [--sizes=tiny,small]
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,mfu,retriever_step [--quick] [--sizes=tiny,small]
       [--results=bench_results.jsonl]
 
 Sub-benchmarks:
@@ -9,6 +9,7 @@ Sub-benchmarks:
   decode      RAG-Token greedy / beam 4 and RAG-Sequence thorough beam 4 decoding vs the reference's `generate`
   embed       document encoder passages/second vs DPRContextEncoder
   mips        exact top-k vs faiss IndexFlatIP; ScaNN
+  retriever_step  one DPR bi-encoder training step (train_retriever's) vs transformers' DPR encoders + torch AdamW
   mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
               (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth
 

@@ -31,7 +31,7 @@ BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
 VARIANTS = ("local", "knowledge", "paper", "tiny")
 
 
-def _encoder(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
+def encoder_section(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             # "random", a local Hugging Face BERT/DPR or sentence-transformers checkpoint directory (then sizes come
@@ -101,9 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.init_from_rag = placeholder(str)  # a Hugging Face RAG checkpoint directory: question encoder + generator from it
-    c.model.question_encoder = _encoder(64, 2, 4, 128, init_range=0.2)  # q(x); trained
+    c.model.question_encoder = encoder_section(64, 2, 4, 128, init_range=0.2)  # q(x); trained
     # d(z): frozen, embeds the index. Random weights need a large init range, or every passage gets the same vector.
-    c.model.doc_encoder = _encoder(64, 2, 4, 128, init_range=0.5)
+    c.model.doc_encoder = encoder_section(64, 2, 4, 128, init_range=0.5)
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
     c.model.loss = "sequence"  # "sequence" (RAG-Sequence) or "token" (RAG-Token) marginal likelihood
@@ -143,6 +143,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 600  # optimizer updates
     c.train.global_batch_size = 8  # questions per update, over all devices and hosts
+    # x the contrastive retrieval loss over each question's K retrieved passages (positive: its gold passage, when
+    # retrieved; rag_jax/training/contrastive.py retrieved_nll) added to the RAG NLL: the retrieval + generation
+    # multi-task loss. 0: RAG's marginal likelihood alone (the paper's).
+    c.train.retrieval_loss_weight = 0.0
     c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
     c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps
     c.train.checkpoint_every = 200  # orbax save every this many steps (and at the end, and on SIGTERM)

@@ -13,6 +13,7 @@ either model type, as its workdir is, and refuses an index of another identity. 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -135,3 +136,53 @@ def load_params_orbax(directory: str) -> dict[str, Any]:
 
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(os.path.join(os.path.abspath(directory), "params"))
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+
+DPR_ROLES = {"question": ("DPRQuestionEncoder", "question_encoder."), "ctx": ("DPRContextEncoder", "ctx_encoder.")}
+
+
+def save_hf_encoder(directory: str, cfg, params: dict[str, Any], role: str, tokenizer, *,
+                    overwrite: bool = False) -> str:
+    """One trained retriever encoder as a directory that transformers and rag_jax load (hf.load_encoder, and so
+    build_index --encoder and train_nq's model.*_encoder.init): a DPRQuestionEncoder (`role` "question") or
+    DPRContextEncoder ("ctx") for [CLS] pooling without normalisation, DPR's only kind; otherwise (e.g. a fine-tuned
+    all-MiniLM-L6-v2: mean pooling, L2 normalised) a sentence-transformers directory (BertModel + Pooling
+    [+ Normalize]) that keeps the pooling. The tokenizer is saved beside the weights."""
+    with new_directory(directory, overwrite=overwrite) as partial:
+        if cfg.pooling == "cls" and not cfg.normalize:
+            architecture, prefix = DPR_ROLES[role]
+            config = transformers.DPRConfig(**hf.dpr_config_dict(cfg))
+            config.architectures = [architecture]
+            config.save_pretrained(partial)
+            tensors = hf.encoder_tensors(cfg, params, prefix)
+        else:
+            _write_sentence_transformers_modules(partial, cfg)
+            tensors = hf.export_tensors(params, hf.bert_table(cfg), "")
+        save_file(tensors, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(partial)
+    return directory
+
+
+def _write_sentence_transformers_modules(directory: str, cfg) -> None:
+    """config.json of a BertModel, and modules.json with the pooling (and normalisation) rag_jax trained with."""
+    if cfg.pooling not in ("cls", "mean") or cfg.projection_dim:
+        raise hf.CheckpointError(f"an encoder with {cfg.pooling!r} pooling or a projection has no Hugging Face "
+                                 "layout that keeps it; export the parameters alone (--format=orbax)")
+    fields = hf.dpr_config_dict(dataclasses.replace(cfg, pooling="cls", normalize=False))
+    fields.pop("projection_dim")
+    config = transformers.BertConfig(**fields)
+    config.architectures = ["BertModel"]
+    config.save_pretrained(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if cfg.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(directory, "2_Normalize"))
+    os.makedirs(os.path.join(directory, "1_Pooling"))
+    with open(os.path.join(directory, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": cfg.hidden_size, "pooling_mode_cls_token": cfg.pooling == "cls",
+                   "pooling_mode_mean_tokens": cfg.pooling == "mean", "pooling_mode_max_tokens": False}, f, indent=2)
+    with open(os.path.join(directory, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)

@@ -133,6 +133,20 @@ def make_encode_fn(config: bert.BertConfig):
     return jax.jit(encode, compiler_options=_CPU_ENCODER_OPTIONS if jax.default_backend() == "cpu" else None)
 
 
+def embed_questions(cfg: bert.BertConfig, params, tokenizer, questions: list[str], batch_size: int,
+                     max_length: int) -> np.ndarray:
+    """Question vectors (Q, D), without dropout, in fixed-shape batches."""
+    encode = make_encode_fn(cfg)
+    out = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        t = tokenizer(chunk + [""] * (batch_size - len(chunk)), max_length=max_length, truncation=True,
+                      padding="max_length", return_tensors="np")
+        batch = {k: t[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out.append(np.asarray(encode(params, batch))[: len(chunk)])
+    return np.concatenate(out)
+
+
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):

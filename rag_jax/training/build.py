@@ -125,11 +125,22 @@ def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any
         loaded = _load_encoder(c)
         return loaded.config, loaded.params
     cfg = _encoder_config(c, jnp.float32)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    rng = streams.key(config.seed, streams.DOC_ENCODER)
-    variables = jax.jit(bert.BertEncoder(cfg).init)(rng, ids)
-    params = jax.tree_util.tree_map(np.asarray, jax.device_get(_unbox(variables["params"])))
-    return cfg, params
+    return cfg, _random_encoder_params(cfg, streams.key(config.seed, streams.DOC_ENCODER))
+
+
+def _random_encoder_params(cfg: bert.BertConfig, rng: jax.Array) -> Any:
+    variables = jax.jit(bert.BertEncoder(cfg).init)(rng, jnp.zeros((1, 8), jnp.int32))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(_unbox(variables["params"])))
+
+
+def trained_encoder(c: ml_collections.ConfigDict, rng: jax.Array) -> tuple[bert.BertConfig, Any]:
+    """A trained encoder of config section c (train_retriever's model.question_encoder / doc_encoder): its config,
+    with the section's dropout, and numpy params (random ones drawn from `rng`)."""
+    if c.init == "random":
+        cfg = _encoder_config(c, jnp.float32)
+        return cfg, _random_encoder_params(cfg, rng)
+    loaded = _load_encoder(c, hidden_dropout=c.dropout, attention_dropout=c.dropout)
+    return loaded.config, loaded.params
 
 
 def _unbox(tree):

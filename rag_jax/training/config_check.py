@@ -24,6 +24,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("float32", "float16", "bfloat16")
 AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
 POOLINGS = ("cls", "pooler", "mean", AUTO_POOLING)
+RETRIEVER_DATA = ("gold", "dpr", "ict")  # train_retriever's data.kind
 DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
 
 
@@ -127,6 +128,7 @@ RULES: dict[str, Any] = {
     "optim.max_grad_norm": _Number(integer=False, low=0.0),  # 0: no clipping
     "optim.question_encoder_lr_scale": _Number(integer=False, low=0.0),
     "train.steps": _POSITIVE, "train.global_batch_size": _POSITIVE, "train.grad_accum_steps": _POSITIVE,
+    "train.retrieval_loss_weight": _Number(integer=False, low=0.0),
     "train.log_every": _POSITIVE, "train.checkpoint_every": _POSITIVE,
     "train.keep_checkpoints": _Number(integer=True, low=1, allow=(None,)),  # None: keep all
     "train.async_checkpoints": _BOOL,
@@ -139,6 +141,10 @@ RULES: dict[str, Any] = {
     "denoise.mask_ratio": _RATE, "denoise.mean_span": _SCALE,
     "mesh.data": _Number(integer=True, low=1, allow=(-1,)),  # -1: every device `model` leaves
     "mesh.model": _POSITIVE, "mesh.dcn_data": _POSITIVE,
+    # experiments/configs/retriever.py (train_retriever) only
+    "data.kind": _Choice(RETRIEVER_DATA), "data.hard_negatives": _PATH, "data.hard_negatives_per_question": _COUNT,
+    "data.ict_keep_sentence": _Number(integer=False, low=0.0, high=1.0), "data.max_passage_length": _POSITIVE,
+    "model.shared_encoder": _BOOL, "model.score_scale": _SCALE,
 }
 
 
@@ -242,6 +248,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       directory=True)
     if config.index.dir is not None:
         require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
+
+
+def check_retriever_config(config: ml_collections.ConfigDict) -> None:
+    """train_retriever's config (experiments/configs/retriever.py): fields, sizes and the paths it names."""
+    check_fields(config)
+    d, m = config.data, config.model
+    for part in ("question_encoder", "doc_encoder"):
+        c = m[part]
+        if c.init == "random" and c.hidden_size % c.num_heads:
+            raise ConfigError(f"config model.{part}.hidden_size={c.hidden_size} is not divisible by model.{part}."
+                              f"num_heads={c.num_heads}; attention heads split the width evenly")
+        if c.init == "random" and max(d.max_question_length, d.max_passage_length) > c.max_position_embeddings:
+            raise ConfigError(f"config data.max_question_length / data.max_passage_length exceed model.{part}."
+                              f"max_position_embeddings={c.max_position_embeddings}")
+        if c.init != "random" and not (part == "doc_encoder" and m.shared_encoder):
+            require_path(c.init, f"model.{part}.init", "'random' or a BERT/DPR checkpoint directory", directory=True)
+    require_path(d.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout or JSONL)",
+                 directory=False)
+    if d.kind == "dpr":
+        require_path(d.train_file, "data.train_file", "DPR's training JSON (e.g. biencoder-nq-train.json)",
+                     directory=False)
+    for field in ("data.train_file", "data.dev_file", "data.hard_negatives"):
+        value = d.get(field.split(".")[1])
+        if value is not None:
+            require_path(value, field, "a data file", directory=False)
+    require_path(config.tokenizers.question, "tokenizers.question", "a tokenizer directory", directory=True)
 
 
 def check_workdir(workdir: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, inputs, optim, streams,
                               workdir as workdir_lib)
+from rag_jax.training.lifecycle import Preemption as _Preemption, duration as _duration, log as _log
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
 
@@ -31,49 +31,6 @@ from rag_jax.training.step import TrainState, create_train_state, make_train_ste
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the run stopped without saving that state."""
 
-
-
-# ---------------------------------------------------------------------------------------------------- logging
-
-
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class _Preemption:
-    """SIGTERM (TPU VM preemption, `kill`) -> save at the next step and return. Multi-process jobs use JAX's
-    preemption sync point so that every host stops at the same step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread: no handler, no preemption saves
-                self._previous = None
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:  # preemption service disabled
-                return False
-        return self.requested
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop

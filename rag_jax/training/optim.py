@@ -39,7 +39,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         parts.append(optax.clip_by_global_norm(o.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=_decay_mask))
-    scale = float(o.question_encoder_lr_scale)
+    scale = float(o.get("question_encoder_lr_scale", 1.0))  # (train_retriever has no such field)
     if freezes_question_encoder(config):  # frozen q(x): no Adam moments for it (22M parameters of all-MiniLM-L6-v2 not updated a step)
         return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()},
                                      _question_encoder_labels)
@@ -50,7 +50,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def freezes_question_encoder(config: ml_collections.ConfigDict) -> bool:
     """optim.question_encoder_lr_scale 0: q(x) never changes (the step also skips its backward pass)."""
-    return float(config.optim.question_encoder_lr_scale) == 0.0
+    return float(config.optim.get("question_encoder_lr_scale", 1.0)) == 0.0
 
 
 def _question_encoder_labels(params):

@@ -27,7 +27,7 @@ import optax
 
 from rag_jax import rag, sharding
 from rag_jax.retrieval import contexts, exact
-from rag_jax.training import build, optim
+from rag_jax.training import build, contrastive, optim
 from rag_jax.training.inputs import BATCH_AXES
 
 
@@ -111,6 +111,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
     frozen_question_encoder = optim.freezes_question_encoder(config)
+    retrieval_weight = float(config.train.get("retrieval_loss_weight", 0.0))  # (absent from configs saved before it)
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
@@ -142,7 +143,12 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                                          epsilon=epsilon)
         else:
             nll_B = rag.rag_token_nll(logits, scores_BxK, batch["labels"], pad_token_id=pad, epsilon=epsilon)
-        return nll_B.mean()
+        if not retrieval_weight:
+            return nll_B.mean()
+        # Mean over this (micro)batch's questions with a retrieved gold passage (a microbatch-weighted mean under
+        # gradient accumulation).
+        return nll_B.mean() + retrieval_weight * contrastive.retrieved_nll(scores_BxK, batch["doc_rows"],
+                                                                           batch["gold_row"])
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -151,7 +157,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         if device_mode:
             batch = retrieve(state.params, batch, corpus)
         model_batch = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "labels",
-                                                   "context_input_ids", "context_attention_mask", "doc_embeds")}
+                                                   "context_input_ids", "context_attention_mask", "doc_embeds")
+                       + (("doc_rows", "gold_row") if retrieval_weight else ())}
         if accum == 1:
             loss, grads = grad_fn(state.params, model_batch, rng)
         else:

@@ -7,6 +7,8 @@
                                      the run's tokenizers, in the RagTokenizer layout of a Hugging Face RAG directory
   WORKDIR/metrics.jsonl              one line per logged step and per dev evaluation (metric_writer.py)
   WORKDIR/tensorboard/               TensorBoard event files
+  WORKDIR/export/question_encoder/, WORKDIR/export/ctx_encoder/
+                                     train_retriever's encoders as Hugging Face directories (retriever_loop.py)
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def metrics_file(workdir: str) -> str:
 
 def tensorboard_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "tensorboard")
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "export")
 
 
 def tokenizer_dirs(workdir: str) -> dict[str, str]:

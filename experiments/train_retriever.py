@@ -1,0 +1,64 @@
+"""Trains a dense retriever (DPR's bi-encoder, or an ICT warm start) on your own passages.
+
+  python -m experiments.train_retriever                            # local: fine-tunes all-MiniLM-L6-v2 on mini NQ
+  python -m experiments.train_retriever --config=experiments/configs/retriever.py:paper \\
+      --config.data.train_file=biencoder-nq-train.json --config.data.passages=psgs_w100.tsv ...   # DPR's recipe
+  python -m experiments.train_retriever --config.data.kind=ict --config.data.passages=my_passages.tsv   # no labels
+
+A rerun with the same --workdir resumes from its latest checkpoint. The trained encoders end up in
+WORKDIR/export/question_encoder and WORKDIR/export/ctx_encoder (Hugging Face directories: build_index --encoder,
+train_nq --config.model.question_encoder.init / doc_encoder.init).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import cli
+from rag_jax.training import config_check
+
+_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "retriever.py")
+
+try:  # the default config is parsed (with the overrides) right here
+    _CONFIG = config_flags.DEFINE_config_file("config", _CONFIG_FILE, "Run config file[:variant].", lock_config=True)
+except (KeyError, AttributeError) as e:
+    sys.exit(cli.unknown_config_field(e))
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export); default "
+                               "./workdir/retriever_VARIANT.")
+cli.define_distributed_flags()
+
+_MAIN_STARTED = False
+
+
+def main(argv):
+    global _MAIN_STARTED
+    _MAIN_STARTED = True
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+    def train():
+        config = _CONFIG.value
+        workdir = _WORKDIR.value or os.path.join("workdir", f"retriever_{config.variant}")
+        config_check.check_retriever_config(config)  # every field, before jax and the models load
+        config_check.check_workdir(workdir)
+        import jax  # pylint: disable=g-import-not-at-top (after the config checks)
+
+        from rag_jax.training import retriever_loop  # pylint: disable=g-import-not-at-top
+
+        cli.init_distributed()
+        if jax.process_index() == 0:
+            print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+        retriever_loop.train_and_evaluate(config, workdir)
+
+    cli.run(train)
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main, flags_parser=cli.parse_flags)
+    except (KeyError, AttributeError) as e:
+        if _MAIN_STARTED:  # a real error of the run, not of the command line
+            raise
+        sys.exit(cli.unknown_config_field(e))
