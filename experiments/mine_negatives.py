@@ -27,38 +27,33 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 flags.mark_flags_as_required(["index", "question_encoder", "questions", "output"])
 
 
-def main(argv):
-    del argv
+def mine():
+    if not os.path.isfile(_QUESTIONS.value):
+        raise cli.UsageError(f"--questions={_QUESTIONS.value}: no such file")
+    cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
+    import json  # pylint: disable=g-import-not-at-top
 
-    def mine():
-        if not os.path.isfile(_QUESTIONS.value):
-            raise cli.UsageError(f"--questions={_QUESTIONS.value}: no such file")
-        cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
-        import json  # pylint: disable=g-import-not-at-top
+    from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.data import nq_open  # pylint: disable=g-import-not-at-top
+    from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import hard_negatives  # pylint: disable=g-import-not-at-top
 
-        from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)
-        from rag_jax.data import nq_open  # pylint: disable=g-import-not-at-top
-        from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
-        from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
-        from rag_jax.training import hard_negatives  # pylint: disable=g-import-not-at-top
-
-        try:
-            questions = [q for _, q in nq_open.read_nq_jsonl(_QUESTIONS.value)]
-        except ValueError as e:
-            raise cli.UsageError(str(e)) from None
-        encoder = hf.load_encoder(_ENCODER.value)
-        tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
-        index = index_io.load_index(_INDEX.value)
-        count = empty = 0
-        with cli.atomic_output(_OUTPUT.value) as f:
-            for record in hard_negatives.mine(index, encoder, tokenizer, questions, negatives=_NEGATIVES.value,
-                                              depth=_DEPTH.value, max_length=_MAX_LENGTH.value):
-                f.write(json.dumps(record) + "\n")
-                count, empty = count + 1, empty + (not record["negative_ids"])
-        print(f"{_OUTPUT.value}: hard negatives for {count} questions ({empty} found none in the top {_DEPTH.value})")
-
-    cli.run(mine)
+    try:
+        questions = [q for _, q in nq_open.read_nq_jsonl(_QUESTIONS.value)]
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    encoder = hf.load_encoder(_ENCODER.value)
+    tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
+    index = index_io.load_index(_INDEX.value)
+    count = empty = 0
+    with cli.atomic_output(_OUTPUT.value) as f:
+        for record in hard_negatives.mine(index, encoder, tokenizer, questions, negatives=_NEGATIVES.value,
+                                          depth=_DEPTH.value, max_length=_MAX_LENGTH.value):
+            f.write(json.dumps(record) + "\n")
+            count, empty = count + 1, empty + (not record["negative_ids"])
+    print(f"{_OUTPUT.value}: hard negatives for {count} questions ({empty} found none in the top {_DEPTH.value})")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.main_running(mine), flags_parser=cli.parse_flags)
