@@ -60,8 +60,8 @@ def setup(tmp_path_factory):
     index = embed.build_index(loaded_ctx.config, loaded_ctx.params, qtok, str(tmp / "passages.tsv"),
                               str(tmp / "index"), batch_size=64, progress=False)  # fmt: skip
     config = transformers.RagConfig.from_question_encoder_generator_configs(
-        hf_models.dpr_config(**REAL_VOCAB), hf_models.bart_config(vocab_size=50265, max_position_embeddings=160),
-        n_docs=3, max_combined_length=64,
+        hf_models.dpr_config(**REAL_VOCAB), hf_models.bart_config(vocab_size=50265, max_position_embeddings=260),
+        n_docs=3, max_combined_length=256,
     )  # fmt: skip
     config.architectures = ["RagSequenceForGeneration"]
     hf_models.randomize(transformers.RagSequenceForGeneration(config), seed=2, std=0.3).save_pretrained(tmp / "rag")
@@ -84,3 +84,19 @@ def test_answers_are_identical_with_and_without_the_overlap(setup, model_type, n
             model, params, source, examples, dataclasses.replace(settings, overlap=overlap), generation)]  # fmt: skip
     assert len(answered[True]) == len(examples)
     assert json.dumps(answered[True]) == json.dumps(answered[False])
+
+
+def test_cutting_context_padding_leaves_answers_unchanged(setup, monkeypatch):
+    """Contexts are cut to the batch's longest (rounded up to CONTEXT_BUCKET) instead of max_combined_length."""
+    model, params, defaults, searcher, examples = setup
+    generation = defaults.generation_config("sequence", num_beams=2, max_length=6)
+    settings = answering.AnswerSettings(n_docs=3, model_type="sequence", batch_size=4, score=True, provenance=True)
+    widths = []
+    prepare = answering._prepare
+    monkeypatch.setattr(answering, "_prepare", lambda *a: widths.append(prepare(*a).context_ids.shape[1]) or
+                        prepare(*a))  # fmt: skip
+    cut = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
+    assert max(widths) < model.config.context.max_combined_length  # the cut happened
+    monkeypatch.setattr(answering, "CONTEXT_BUCKET", 10_000)  # never cut
+    whole = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
+    assert json.dumps(cut) == json.dumps(whole)

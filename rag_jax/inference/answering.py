@@ -21,6 +21,10 @@ from rag_jax.inference.generation import GenerationConfig
 from rag_jax.retrieval.retriever import Retriever
 
 QUESTION_BUCKET = 16
+# The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
+# question often take a third of it; decoding's cost grows with the context length, so contexts are cut to the
+# batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway).
+CONTEXT_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +109,12 @@ def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSetti
     # Device work runs on full-size batches (padding rows repeat row 0) so that it compiles once.
     q_pad = _pad_to(q, rows)
     embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
+    context_mask = retrieved.context_attention_mask_BKxS
+    width = _bucket(int(context_mask.sum(1).max()), CONTEXT_BUCKET, context_mask.shape[1])
     return _Prepared(
         retrieved=retrieved, q_pad=q_pad, embeds=embeds,
-        context_ids=_pad_to(retrieved.context_input_ids_BKxS, rows * k),
-        context_mask=_pad_to(retrieved.context_attention_mask_BKxS, rows * k),
+        context_ids=_pad_to(retrieved.context_input_ids_BKxS[:, :width], rows * k),
+        context_mask=_pad_to(context_mask[:, :width], rows * k),
         scores_BxK=np.asarray(rag.doc_scores(q_pad, embeds)),
     )  # fmt: skip
 
