@@ -11,6 +11,8 @@ Sub-benchmarks:
   mips        exact top-k vs faiss IndexFlatIP; ScaNN
   eval        eval_nq as a whole process vs transformers' evaluation loop (eval_rag.py's), same weights, index
               contents and questions: RAG-Token greedy, RAG-Sequence thorough beam 2
+  host        the host side of host-mode retrieval alone at the paper config's per-host shapes, next to the v4-32
+              device step time compile_nq implies at 50% utilisation
   mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
               (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth
 
