@@ -52,7 +52,8 @@ def test_prefetch_raises_a_preparation_error_at_its_item():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overlap")
-    corpus.write_passages_tsv(tmp / "passages.tsv", itertools.islice(corpus.read_passages(f"{ASSETS}/passages.tsv"), 60))
+    passages = itertools.islice(corpus.read_passages(f"{ASSETS}/passages.tsv"), 60)
+    corpus.write_passages_tsv(tmp / "passages.tsv", passages)
     ctx = hf_models.randomize(transformers.DPRContextEncoder(hf_models.dpr_config(**REAL_VOCAB)), 1, std=0.5)
     ctx.save_pretrained(tmp / "ctx")
     qtok, gtok = tokenizers.load_question_tokenizer(), tokenizers.load_generator_tokenizer()
@@ -98,5 +99,5 @@ def test_cutting_context_padding_leaves_answers_unchanged(setup, monkeypatch):
     cut = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
     assert max(widths) < model.config.context.max_combined_length  # the cut happened
     monkeypatch.setattr(answering, "CONTEXT_BUCKET", 10_000)  # never cut
-    whole = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
+    whole = [r for r, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
     assert json.dumps(cut) == json.dumps(whole)

@@ -126,10 +126,10 @@ def run(opts: Options) -> list[dict]:
                 start = time.perf_counter()
                 answers = _reference_loop(model, qtok, gtok, questions[:n], kwargs)
                 reference.append(time.perf_counter() - start)
+            ratios = [r / o for o, r in zip(ours, reference)]
+            agree = float(np.mean([a == b for a, b in zip(predictions, answers)]))
             rows.append(dict(decoding=name, questions=n, ours_process_s=float(np.median(ours)),
                              reference_loop_s=float(np.median(reference)),
                              speedup=float(np.median(reference) / np.median(ours)),
-                             spread=f"{min(r / o for o, r in zip(ours, reference)):.2f}-"
-                                    f"{max(r / o for o, r in zip(ours, reference)):.2f}",
-                             same_predictions=float(np.mean([a == b for a, b in zip(predictions, answers)]))))  # fmt: skip
+                             spread=f"{min(ratios):.2f}-{max(ratios):.2f}", same_predictions=agree))  # fmt: skip
     return rows

@@ -54,7 +54,8 @@ def run(opts: Options) -> list[dict]:
                                       [[p.text for p in row] for row in chosen], gtok, fmt)  # fmt: skip
 
     rows = []
-    for mode, fn in (("host (strings, then the tokenizer)", host_side), ("device (token table)", token_table_host_side)):
+    modes = (("host (strings, then the tokenizer)", host_side), ("device (token table)", token_table_host_side))
+    for mode, fn in modes:
         per_batch = median_seconds(fn, opts.repeats) / batches
         rows.append(dict(contexts=mode, questions_per_host=QUESTIONS_PER_HOST, n_docs=N_DOCS, context_tokens=300,
                          host_ms_per_step=per_batch * 1e3, questions_per_s=QUESTIONS_PER_HOST / per_batch,
