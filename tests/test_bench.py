@@ -69,6 +69,15 @@ def test_quick_decode_covers_the_three_decodings(quick_rows):
 
 
 @pytest.mark.slow
+def test_quick_eval_and_host_rows(quick_rows):
+    rows = quick_rows[0]
+    assert [r["decoding"] for r in rows["eval"]] == ["rag_token greedy", "rag_sequence thorough beam 2"]
+    for row in rows["eval"]:  # eval_nq and transformers' loop answer alike on the same weights and index
+        assert row["ours_process_s"] > 0 and row["reference_loop_s"] > 0 and row["same_predictions"] == 1.0
+    assert [r["contexts"].split(" ")[0] for r in rows["host"]] == ["host", "device"]
+    assert all(r["host_ms_per_step"] > 0 and r["device_step_ms_v4_32"] > 100 for r in rows["host"])
+
+
 def test_quick_mips_embed_and_mfu_rows(quick_rows):
     rows = quick_rows[0]
     assert {r["method"].split(" ")[0] for r in rows["mips"]} == {"rag_jax", "faiss", "ScaNN"}

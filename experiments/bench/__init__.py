@@ -1,3 +1,3 @@
 """Benchmarks against the references (`python -m experiments.bench`); one module per sub-benchmark."""
 
-BENCHMARKS = ("train_step", "decode", "embed", "mips", "mfu", "retriever_step")
+BENCHMARKS = ("train_step", "decode", "embed", "mips", "eval", "host", "retriever_step", "mfu")

@@ -1,7 +1,7 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,mfu,retriever_step [--quick] [--sizes=tiny,small]
-      [--results=bench_results.jsonl]
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,retriever_step,mfu [--quick]
+      [--sizes=tiny,small] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
   train_step  one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
@@ -9,6 +9,10 @@ Sub-benchmarks:
   decode      RAG-Token greedy / beam 4 and RAG-Sequence thorough beam 4 decoding vs the reference's `generate`
   embed       document encoder passages/second vs DPRContextEncoder
   mips        exact top-k vs faiss IndexFlatIP; ScaNN
+  eval        eval_nq as a whole process vs transformers' evaluation loop (eval_rag.py's), same weights, index
+              contents and questions: RAG-Token greedy, RAG-Sequence thorough beam 2
+  host        the host side of host-mode retrieval alone at the paper config's per-host shapes, next to the v4-32
+              device step time compile_nq implies at 50% utilisation
   retriever_step  one DPR bi-encoder training step (train_retriever's) vs transformers' DPR encoders + torch AdamW
   mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
               (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth
@@ -38,6 +42,7 @@ _RESULTS = flags.DEFINE_string("results", "bench_results.jsonl", "JSON lines fil
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Model sizes for train_step and decode (tiny, small).")
 _MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
+_EVAL_SCALE = flags.DEFINE_float("eval_questions_scale", 1.0, "eval: fraction of the 2,620 / 655 questions to answer.")
 _MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")
 
 
@@ -67,7 +72,8 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown {unknown}; benchmarks are {list(BENCHMARKS)}, sizes tiny and small")
     opts = Options(quick=_QUICK.value, repeats=1 if _QUICK.value else _REPEATS.value, sizes=tuple(_SIZES.value),
-                   mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value)
+                   mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value,
+                   eval_questions_scale=_EVAL_SCALE.value)
     for name in _BENCHMARKS.value:
         module = importlib.import_module(f"experiments.bench.{name}")
         report(name, module.run(opts), _RESULTS.value, opts.quick)

@@ -26,6 +26,7 @@ class Options:
     sizes: tuple[str, ...] = ("tiny", "small")  # model sizes for train_step and decode
     mfu_batch_per_device: int = 8
     mfu_mips_rows: int = 4_000_000
+    eval_questions_scale: float = 1.0  # eval: fraction of the 2,620 / 655 questions
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

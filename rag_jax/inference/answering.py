@@ -6,6 +6,7 @@ Shared by `experiments.eval_nq` and the periodic dev evaluation of training. Bat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any, Iterable, Iterator, Sequence
@@ -14,11 +15,16 @@ import jax
 import numpy as np
 
 from rag_jax import rag
+from rag_jax.data import prefetch
 from rag_jax.inference import metrics, provenance, rag_decoding
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.retrieval.retriever import Retriever
 
 QUESTION_BUCKET = 16
+# The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
+# question often take a third of it; decoding's cost grows with the context length, so contexts are cut to the
+# batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway).
+CONTEXT_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,7 @@ class AnswerSettings:
     score: bool = False  # also the NLL of the first gold answer under RAG-Sequence and RAG-Token
     answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
     provenance: bool = False  # also the document posteriors of each answer, per answer and per token (provenance.py)
+    overlap: bool = True  # prepare batch n+1 on the host while batch n decodes (same outputs; data/prefetch.py)
 
     def __post_init__(self):
         if self.model_type not in ("sequence", "token"):
@@ -78,6 +85,40 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """One batch's inputs to decoding, padded to the full batch size."""
+
+    retrieved: Any  # retriever.Retrieved of the real rows
+    q_pad: np.ndarray
+    embeds: np.ndarray
+    context_ids: np.ndarray
+    context_mask: np.ndarray
+    scores_BxK: np.ndarray
+
+
+def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSettings, batch) -> _Prepared:
+    """Everything before decoding: tokenise and encode the questions, retrieve, form the generator inputs."""
+    rows, k, n = settings.batch_size, settings.n_docs, len(batch)
+    encoded = retriever.question_tokenizer([e["question"] for e in batch], truncation=True, padding=True,
+                                           max_length=settings.max_question_length, return_tensors="np")  # fmt: skip
+    length = _bucket(encoded["input_ids"].shape[1], QUESTION_BUCKET, settings.max_question_length)
+    ids, mask = (_pad_to(encoded[key], rows, length) for key in ("input_ids", "attention_mask"))
+    q = np.asarray(_encode(model, params, ids, mask))[:n]
+    retrieved = retriever(q, ids[:n], k)
+    # Device work runs on full-size batches (padding rows repeat row 0) so that it compiles once.
+    q_pad = _pad_to(q, rows)
+    embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
+    context_mask = retrieved.context_attention_mask_BKxS
+    width = _bucket(int(context_mask.sum(1).max()), CONTEXT_BUCKET, context_mask.shape[1])
+    return _Prepared(
+        retrieved=retrieved, q_pad=q_pad, embeds=embeds,
+        context_ids=_pad_to(retrieved.context_input_ids_BKxS[:, :width], rows * k),
+        context_mask=_pad_to(context_mask[:, :width], rows * k),
+        scores_BxK=np.asarray(rag.doc_scores(q_pad, embeds)),
+    )  # fmt: skip
+
+
 def answer_questions(
     model: rag.Rag,
     params,
@@ -90,22 +131,16 @@ def answer_questions(
     """Yields per example (record, texts of its retrieved passages); the record holds question, answers,
     prediction, doc_ids, doc_scores, with `settings.score` nll_sequence / nll_token, and with `settings.provenance`
     provenance (provenance.entry)."""
-    qtok, gtok = retriever.question_tokenizer, retriever.generator_tokenizer
-    rows, k = settings.batch_size, settings.n_docs
-    for batch in _batches(examples, rows):
-        n = len(batch)
-        encoded = qtok([e["question"] for e in batch], truncation=True, max_length=settings.max_question_length,
-                       padding=True, return_tensors="np")  # fmt: skip
-        length = _bucket(encoded["input_ids"].shape[1], QUESTION_BUCKET, settings.max_question_length)
-        ids, mask = (_pad_to(encoded[key], rows, length) for key in ("input_ids", "attention_mask"))
-        q = np.asarray(_encode(model, params, ids, mask))[:n]
-        retrieved = retriever(q, ids[:n], k)
-        # Device work runs on full-size batches (padding rows repeat row 0) so that it compiles once.
-        q_pad = _pad_to(q, rows)
-        embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
-        context_ids = _pad_to(retrieved.context_input_ids_BKxS, rows * k)
-        context_mask = _pad_to(retrieved.context_attention_mask_BKxS, rows * k)
-        scores = np.asarray(rag.doc_scores(q_pad, embeds))
+    # A fast tokenizer keeps its truncation/padding settings in shared state and may not be entered from two
+    # threads at once, so this thread decodes and tokenises labels with its own copy.
+    gtok = copy.deepcopy(retriever.generator_tokenizer) if settings.overlap else retriever.generator_tokenizer
+    rows = settings.batch_size
+    prepare = functools.partial(_prepare, model, params, retriever, settings)
+    # Batch n+1's host work (tokenising, encoding, searching, forming contexts) runs while batch n decodes.
+    for batch, prepared in zip(_batches(examples, rows), prefetch.prefetch(_batches(examples, rows), prepare,
+                                                                           enabled=settings.overlap)):  # fmt: skip
+        n, retrieved, scores = len(batch), prepared.retrieved, prepared.scores_BxK
+        context_ids, context_mask = prepared.context_ids, prepared.context_mask
         if settings.model_type == "token":
             decoded = rag_decoding.rag_token_generate(
                 model, params, context_ids, context_mask, scores, generation, return_token_ll=settings.provenance
@@ -123,7 +158,8 @@ def answer_questions(
             prefix = " " if settings.answer_prefix_space else ""
             labels = gtok([prefix + e["answers"][0] for e in batch], padding=True, return_tensors="np")["input_ids"]
             labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
-            nll_seq, nll_tok = _nlls(model, params, context_ids, context_mask, embeds, q_pad, _pad_to(labels, rows))
+            nll_seq, nll_tok = _nlls(model, params, context_ids, context_mask, prepared.embeds, prepared.q_pad,
+                                     _pad_to(labels, rows))  # fmt: skip
         for i, example in enumerate(batch):
             record = {
                 "question": example["question"],

@@ -1,0 +1,63 @@
+"""host: the host side of host-mode retrieval alone, at the paper config's per-host shapes (BART-large tokenizer,
+K=10, 300-token contexts, 16 questions per host per step: a 64-question batch over the 4 hosts of a v4-32 slice),
+next to the device step time that experiments.compile_nq's FLOP count implies there at 50% utilisation.
+
+Timed per batch: tokenising the questions for the question encoder, decoding those ids back to text (the
+reference's quirk), forming `title / text // question` for each of the K passages and tokenising the 160 strings
+for the generator, padded to 300. The search itself is not included (on a pod it runs on the devices).
+
+The second row is what is left on the host in device mode (retrieval.mode="device": contexts assembled on the
+devices from a per-passage token table, rag_jax/retrieval/contexts.py): the same question tokenisation and
+decoding, and the generator tokens of the 16 question parts only."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+
+from experiments.bench.common import Options, median_seconds
+
+ASSETS = "rag_jax/assets/nq_open_mini"
+QUESTIONS_PER_HOST, N_DOCS = 16, 10
+# experiments.compile_nq, paper config on v4-32: 15.5 TFLOPs per device per step; a v4 chip's bf16 peak is
+# 275 TFLOP/s, so 50% utilisation implies 15.5 / (0.5 * 275) = 0.113 s a step.
+DEVICE_STEP_S = 15.5 / (0.5 * 275)
+
+
+def run(opts: Options) -> list[dict]:
+    from rag_jax.data import tokenizers
+    from rag_jax.retrieval import contexts, corpus
+
+    qtok, gtok = tokenizers.load_question_tokenizer(), tokenizers.load_generator_tokenizer()
+    passages = list(itertools.islice(corpus.read_passages(f"{ASSETS}/passages.tsv"), 2000))
+    with open(f"{ASSETS}/questions.jsonl") as f:
+        questions = [json.loads(line)["question"] for line in f]
+    rng = np.random.default_rng(0)
+    fmt = contexts.ContextFormat(max_combined_length=300)
+    batches = 4 if opts.quick else 40
+
+    def token_table_host_side():
+        for b in range(batches):
+            batch = questions[b * QUESTIONS_PER_HOST : (b + 1) * QUESTIONS_PER_HOST]
+            ids = qtok(batch, truncation=True, max_length=128, padding=True, return_tensors="np")["input_ids"]
+            contexts.question_tokens(contexts.decode_questions(ids, qtok), gtok, 64)
+
+    def host_side():
+        for b in range(batches):
+            batch = questions[b * QUESTIONS_PER_HOST : (b + 1) * QUESTIONS_PER_HOST]
+            ids = qtok(batch, truncation=True, max_length=128, padding=True, return_tensors="np")["input_ids"]
+            rows = rng.choice(len(passages), (len(batch), N_DOCS))
+            chosen = [[passages[r] for r in row] for row in rows]
+            contexts.generator_inputs(contexts.decode_questions(ids, qtok), [[p.title for p in row] for row in chosen],
+                                      [[p.text for p in row] for row in chosen], gtok, fmt)  # fmt: skip
+
+    rows = []
+    modes = (("host (strings, then the tokenizer)", host_side), ("device (token table)", token_table_host_side))
+    for mode, fn in modes:
+        per_batch = median_seconds(fn, opts.repeats) / batches
+        rows.append(dict(contexts=mode, questions_per_host=QUESTIONS_PER_HOST, n_docs=N_DOCS, context_tokens=300,
+                         host_ms_per_step=per_batch * 1e3, questions_per_s=QUESTIONS_PER_HOST / per_batch,
+                         device_step_ms_v4_32=DEVICE_STEP_S * 1e3, host_share_of_step=per_batch / DEVICE_STEP_S))
+    return rows
