@@ -15,6 +15,7 @@ import os
 import re
 from typing import Iterable, NamedTuple
 
+import numpy as np
 import transformers
 
 from rag_jax.models import sentence_transformers_dir
@@ -133,6 +134,21 @@ def load_generator_tokenizer(path: str = GENERATOR_TOKENIZER_DIR) -> transformer
     if is_t5_tokenizer(path):
         return _load(transformers.T5Tokenizer, path, _T5_FILE_SETS, "▁the", "Generator (T5)")
     return _load(transformers.BartTokenizerFast, path, _BART_FILE_SETS, "Ġthe", "Generator (BART)")
+
+
+def decoder_labels(tokenizer, texts: list[str], *, max_length: int | None = None, padding="max_length"):
+    """Decoder inputs (B, L) int32 for target `texts`, which are also the labels (targets = these shifted left).
+
+    BART: the tokenizer's `<s> text </s>` (the reference's fine-tuning data). T5 has no BOS: `<pad> text </s>`, the
+    decoder start (pad) first, as the reference research project's finetune_rag.py builds T5's decoder inputs, so
+    that the first token of the text is a target too. `max_length` counts the start token."""
+    starts_with_pad = tokenizer.bos_token_id is None
+    length = None if max_length is None else max_length - starts_with_pad
+    ids = tokenizer(texts, max_length=length, truncation=max_length is not None, padding=padding)["input_ids"]
+    ids = np.asarray(ids, np.int32).reshape(len(texts), -1)
+    if starts_with_pad:
+        ids = np.concatenate([np.full((len(texts), 1), tokenizer.pad_token_id, np.int32), ids], axis=1)
+    return ids
 
 
 def train_sentencepiece(texts: Iterable[str], directory: str, vocab_size: int = 1000):

@@ -266,6 +266,23 @@ def load_t5(path: str, **overrides) -> Loaded:
     return Loaded(cfg, params, hf)
 
 
+def load_generator(path: str, **overrides) -> Loaded:
+    """A BART or T5 generator checkpoint, as its config.json's model_type says."""
+    directory = hf_files.resolve(path)
+    model_type = hf_files.read_config(directory).get("model_type")
+    if model_type not in ("bart", "t5"):
+        raise CheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a generator ('bart' or 't5')")
+    return (load_t5 if model_type == "t5" else load_bart)(directory, **overrides)
+
+
+def generator_config_from_hf(hf: dict[str, Any], **overrides) -> bart.BartConfig | t5.T5Config:
+    """The BART or T5 config of a generator's config.json dict (sizes only: a T5's head tying is read from its
+    weights when it loads)."""
+    if hf.get("model_type") == "t5":
+        return hf_t5.config_from_hf(hf, **overrides)
+    return bart_config_from_hf(hf, **overrides)
+
+
 RAG_QUESTION_ENCODER_PREFIX = "rag.question_encoder.question_encoder."
 RAG_GENERATOR_PREFIX = "rag.generator."
 
