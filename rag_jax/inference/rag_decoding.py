@@ -177,6 +177,20 @@ def _per_doc_hypotheses(model, params, ids_BKxS, mask_BKxS, batch, n_docs, gen_d
     return ids.reshape(batch, n_docs * nb, gen_doc.max_length)
 
 
+def _to_generate_width(ids_BxCxL: jax.Array, eos: int | None, pad: int) -> jax.Array:
+    """Pad past the end of each example's longest hypothesis, as the reference's tensors are: its per-example
+    `generate` returns the K * num_beams hypotheses padded (by the search, with `pad or eos`) only up to the longest
+    of them, and its outputs are then padded to a common width with pad. The two fills differ when pad is 0 (T5:
+    beams write EOS): the reference rescores the EOS fill inside that width as targets and returns it, pad beyond."""
+    if eos is None:
+        return ids_BxCxL
+    length = ids_BxCxL.shape[-1]
+    ends_BxCxL = jnp.concatenate([jnp.zeros_like(ids_BxCxL[..., :1], bool), ids_BxCxL[..., 1:] == eos], axis=-1)
+    lengths_BxC = jnp.where(ends_BxCxL.any(-1), jnp.argmax(ends_BxCxL, axis=-1) + 1, length)
+    width_B = lengths_BxC.max(axis=1)
+    return jnp.where(jnp.arange(length)[None, None, :] < width_B[:, None, None], ids_BxCxL, pad)
+
+
 def _first_occurrences(ids_BxCxL: jax.Array):
     """(B, C, C) equality of hypotheses and (B, C) flags of those not seen at a lower index."""
     same_BxCxC = jnp.all(ids_BxCxL[:, :, None, :] == ids_BxCxL[:, None, :, :], axis=-1)
@@ -351,6 +365,7 @@ def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, g
     gen_doc = dataclasses.replace(gen, num_return_sequences=nb)
     search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
     ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, batch, docs, gen_doc)
+    ids_BxCxL = _to_generate_width(ids_BxCxL, gen.eos_token_id, pad)
 
     same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
     encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)

@@ -16,7 +16,7 @@ import numpy as np
 
 from rag_jax.models import t5
 from rag_jax.models.hf_files import CheckpointError
-from rag_jax.models.hf_tables import Entry, attention, check_unexpected, convert, expected_shapes
+from rag_jax.models.hf_tables import Entry, attention, convert, expected_shapes
 
 _ATTENTION_NAMES = {"query": "q", "key": "k", "value": "v", "out": "o"}
 # Tied copies of the shared embedding, and a cross-attention relative bias that T5 never uses (old checkpoints).
