@@ -108,3 +108,24 @@ def test_tiny_t5_run_trains_evaluates_and_exports(tmp_path, t5_tokenizer_dir):
             got, want = np.array([r[key] for r in exported]), np.array([r[key] for r in ours])
             assert np.isfinite(want).all()
             assert hf_models.relative_error(got, want) <= 1e-4, (model_type, key)
+
+
+def test_labels_and_denoising_batches_start_from_t5s_decoder_start(t5_tokenizer_dir):
+    """T5 has no BOS: labels (= decoder inputs) are `<pad> answer </s>`, so that the first answer token is a target;
+    the denoising warm-up masks spans with <extra_id_0> and reconstructs `<pad> passage </s>`."""
+    from experiments.configs import nq
+    from rag_jax.training import denoise
+
+    tok = tokenizers.load_generator_tokenizer(t5_tokenizer_dir)
+    labels = tokenizers.decoder_labels(tok, ["paris", "the blue whale"], max_length=6)
+    answer = tok("paris")["input_ids"]
+    assert labels.shape == (2, 6) and labels[0, : len(answer) + 1].tolist() == [tok.pad_token_id] + answer
+    assert (labels[:, 0] == tok.pad_token_id).all()
+
+    config = nq.get_config("tiny")
+    texts = [p.title + " / " + p.text for p in list(corpus.read_passages(train_task.MINI_PASSAGES))[:20]]
+    batch = next(denoise.batches(texts, tok, config))
+    assert (batch["labels"][:, 0] == tok.pad_token_id).all() and (batch["ids"][:, 0] != tok.pad_token_id).all()
+    assert (batch["ids"] == tok.convert_tokens_to_ids("<extra_id_0>")).any()
+    decoded = tok.batch_decode(batch["labels"], skip_special_tokens=True)
+    assert all(any(text.startswith(d[:20]) for text in texts) for d in decoded)
