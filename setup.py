@@ -26,6 +26,7 @@ setuptools.setup(
         "array_record",
         "tensorboardX",
         "matplotlib",  # experiments.ask --plot: the document-posterior pictures
+        "sentencepiece",  # T5 generators' tokenizers (spiece.model)
         "scann; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,4 +1,4 @@
-"""The RAG model: question encoder q(x), doc scores q(x)·d(z), BART over the K retrieved documents, and the
+"""The RAG model: question encoder q(x), doc scores q(x)·d(z), a BART or T5 generator over the K retrieved documents, and the
 RAG-Sequence / RAG-Token marginal negative log-likelihoods of Lewis et al. (2020).
 
 Parameters are one tree {"question_encoder": ..., "generator": ...}. The document encoder is not part of it: the
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rag_jax.models import bart, bert
+from rag_jax.models import bart, bert, t5
 from rag_jax.models.layers import constrain
 from rag_jax.retrieval.contexts import ContextFormat
 
@@ -61,7 +61,7 @@ class Rag:
     """The two trained networks of RAG and its settings; methods are pure functions of the parameters."""
 
     question_encoder_config: bert.BertConfig
-    generator_config: bart.BartConfig
+    generator_config: bart.BartConfig | t5.T5Config
     config: RagConfig = RagConfig()
 
     @property
@@ -69,7 +69,10 @@ class Rag:
         return bert.BertEncoder(self.question_encoder_config)
 
     @property
-    def generator(self) -> bart.Bart:
+    def generator(self) -> bart.Bart | t5.T5:
+        """The generator network; both kinds have the same methods (encode, decode, init_cache, decode_step)."""
+        if isinstance(self.generator_config, t5.T5Config):
+            return t5.T5(self.generator_config)
         return bart.Bart(self.generator_config)
 
     def encode_questions(self, params: Params, input_ids_BxL, attention_mask_BxL, *, dropout_rng=None) -> jax.Array:

@@ -21,6 +21,15 @@ ODD_BART = dict(
     eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
 )  # fmt: skip
 
+# T5: d_kv * heads != d_model, unequal depths, a bucket count and distance that put positions in the log buckets.
+ODD_T5 = dict(
+    vocab_size=103, d_model=34, d_kv=7, d_ff=39, num_layers=2, num_decoder_layers=3, num_heads=5,
+    relative_attention_num_buckets=12, relative_attention_max_distance=20, dropout_rate=0.0,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+T5_VERSIONS = {"v1.0": dict(feed_forward_proj="relu"),
+               "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}  # fmt: skip
+
 
 def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     """Gives every parameter (LayerNorm and biases included) random values, so none stays at 0 or 1."""
@@ -56,6 +65,23 @@ def bart_config(**overrides) -> transformers.BartConfig:
 
 def bart_model(seed=0, **overrides) -> transformers.BartForConditionalGeneration:
     return randomize(transformers.BartForConditionalGeneration(bart_config(**overrides)), seed)
+
+
+def t5_config(version: str = "v1.0", **overrides) -> transformers.T5Config:
+    return transformers.T5Config(**{**ODD_T5, **T5_VERSIONS[version], **overrides})
+
+
+def untie_t5_head(model) -> None:
+    """Gives a v1.1 model its own LM head: transformers 5 ties every T5's head at construction and keeps it untied
+    only when it differs from the embedding (as in real v1.1 / Flan-T5 checkpoints)."""
+    if not model.config.scale_decoder_outputs:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+
+
+def t5_model(version: str = "v1.0", seed=0, **overrides) -> transformers.T5ForConditionalGeneration:
+    model = transformers.T5ForConditionalGeneration(t5_config(version, **overrides))
+    untie_t5_head(model)
+    return randomize(model, seed)
 
 
 def padded_ids(rng: np.random.Generator, batch: int, length: int, vocab: int, pad: int, first: int | None = None):

@@ -24,6 +24,17 @@ def test_tiny_train_step_compiles_for_a_tpu_slice():
     assert report.per_device_bytes["aliased"] > 0  # the donated train state is reused for the new one
 
 
+def test_tiny_t5_train_step_compiles_and_paper_t5_has_t5_large_sizes():
+    config = nq.get_config("tiny")
+    g = config.model.generator
+    g.architecture, g.d_kv, g.vocab_size = "t5", 16, 1100
+    report = aot.compile_train_step(config, aot.parse_topology("v5e-8"))
+    assert report.fits and report.flops_per_device > 0
+    sized = aot.sizes_only(nq.get_config("paper_t5")).model.generator
+    assert (sized.architecture, sized.d_model, sized.encoder_layers, sized.heads, sized.ffn_dim, sized.d_kv) == (
+        "t5", 1024, 24, 16, 2816, 64)
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [("v4-8", ("v4:2x2x1", 4)), ("v4-32", ("v4:2x2x4", 16)), ("v5e-16", ("v5e:4x4", 16)), ("v6e-8", ("v6e:2x4", 8))],

@@ -9,6 +9,8 @@ Variants:
   paper      the RAG paper's NQ fine-tuning: DPR BERT-base encoders, BART-large, K=10, the Hugging Face research
              project's recipe. Point the model fields at local Hugging Face checkpoint directories and the data
              fields at NQ-open and DPR's psgs_w100.tsv.
+  paper_t5   `paper` with a T5-large-sized generator (Flan-T5-large, T5 v1.1-large or T5-large; K=10): point
+             model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
   tiny       the smallest working model (random encoders), for tests.
 
 Any field can be overridden on the command line, e.g. `--config.train.steps=10 --config.model.n_docs=2`; an unknown
@@ -28,7 +30,7 @@ _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "knowledge", "paper", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "paper_t5", "tiny")
 
 
 def encoder_section(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
@@ -60,15 +62,19 @@ def encoder_section(hidden: int, layers: int, heads: int, mlp: int, init_range: 
 def _generator(d_model: int, layers: int, heads: int, ffn: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            init="random",  # "random" or a local Hugging Face BART checkpoint directory (then sizes come from it)
+            architecture="bart",  # "bart" or "t5" (T5 v1.0, v1.1, Flan-T5); a checkpoint's model_type must agree
+            init="random",  # "random" or a local Hugging Face BART / T5 checkpoint directory (then sizes come from it)
             vocab_size=50265,  # random init only; must cover the generator tokenizer (bart-large: 50,265)
             d_model=d_model,  # random init only
             encoder_layers=layers,  # random init only
             decoder_layers=layers,  # random init only
             heads=heads,  # random init only: encoder and decoder attention heads
             ffn_dim=ffn,  # random init only: encoder and decoder feed-forward width
-            max_position_embeddings=1024,  # random init only
-            init_std=0.02,  # random init only
+            max_position_embeddings=1024,  # random init only; BART only (T5's positions are relative)
+            init_std=0.02,  # random init only; BART only (T5 initialises as transformers does)
+            d_kv=64,  # random init only; T5 only: per-head width (T5-large: 64)
+            # random init only; T5 only: "relu" (v1.0: LM head tied to the embedding) or "gated-gelu" (v1.1, Flan-T5)
+            feed_forward_proj="gated-gelu",
             dropout=0.1,  # REF: --dropout 0.1
             attention_dropout=0.1,  # REF: --attention_dropout 0.1
         )
@@ -180,6 +186,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _tiny(c)
     elif variant == "paper":
         _paper(c)
+    elif variant == "paper_t5":
+        _paper(c)
+        _paper_t5(c)
     elif variant == "local":
         _local(c)
     elif variant == "knowledge":
@@ -323,3 +332,17 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     c.eval.n_docs = 10  # as in training (REF: the public rag-*-nq configs default to n_docs 5)
     c.eval.max_length = 50  # REF: public rag-*-nq checkpoints max_length 50
     c.eval.recall_ks = (1, 5, 10)
+
+
+def _paper_t5(c: ml_collections.ConfigDict) -> None:
+    """The paper's recipe with a T5-large-sized generator (not in the paper: RAG with T5 as transformers supports
+    it). The sizes are Flan-T5-large / T5 v1.1-large's (d_model 1024, 24 + 24 layers, 16 heads, d_ff 2816,
+    vocabulary 32,128), used as they are when compiling without a checkpoint (experiments.compile_nq)."""
+    g = c.model.generator
+    g.architecture = "t5"
+    g.init = placeholder(str)  # e.g. .../google/flan-t5-large (or t5-v1_1-large, t5-large)
+    g.vocab_size, g.d_model, g.d_kv, g.ffn_dim, g.heads = 32128, 1024, 64, 2816, 16
+    g.encoder_layers = g.decoder_layers = 24
+    g.feed_forward_proj = "gated-gelu"
+    c.tokenizers.generator = placeholder(str)  # the checkpoint's SentencePiece tokenizer directory (spiece.model)
+    c.data.answer_prefix_space = False  # SentencePiece marks word starts itself

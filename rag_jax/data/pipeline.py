@@ -14,7 +14,7 @@ numpy slice plus one batched call to each (Rust) tokenizer, far below a RAG trai
 Batch layout (local, per host; B = global_batch_size / num_shards):
   question_input_ids      int32 [B, max_question_length]  BERT ids of the question ([CLS] q [SEP], pad 0)
   question_attention_mask int32 [B, max_question_length]
-  labels                  int32 [B, max_target_length]    BART ids `<s> answer </s>`, padded with pad id (1)
+  labels                  int32 [B, max_target_length]    `<s> answer </s>` (BART), `<pad> answer </s>` (T5), padded
   gold_passage_id         int32 [B]                        -1 where unknown
   example_index           int32 [B]                        row in the data source (for audits)
   question                list[str] (host only)            raw question text
@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rag_jax.data import tokenizers
 
 ANSWER_CHOICES = ("first", "random")
 HOST_KEYS = ("question", "answers")  # Kept as Python objects; never sent to devices.
@@ -173,11 +175,10 @@ class TrainPipeline:
         q = self.question_tokenizer(
             questions, max_length=self.max_question_length, truncation=True, padding="max_length"
         )
-        y = self.generator_tokenizer(targets, max_length=self.max_target_length, truncation=True, padding="max_length")
         return {
             "question_input_ids": np.asarray(q["input_ids"], np.int32),
             "question_attention_mask": np.asarray(q["attention_mask"], np.int32),
-            "labels": np.asarray(y["input_ids"], np.int32),
+            "labels": tokenizers.decoder_labels(self.generator_tokenizer, targets, max_length=self.max_target_length),
             "gold_passage_id": np.asarray([ex.get("gold_passage_id", -1) for ex in examples], np.int32),
             "example_index": indices.astype(np.int32),
             "question": questions,

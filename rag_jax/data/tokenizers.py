@@ -1,4 +1,5 @@
-"""Tokenizer loading for RAG: BERT WordPiece (DPR question/context encoders) and BART byte-level BPE (generator).
+"""Tokenizer loading for RAG: BERT WordPiece (DPR question/context encoders) and the generator's, BART byte-level BPE
+or T5 SentencePiece (a directory with spiece.model, or a T5 tokenizer.json; `train_sentencepiece` makes a small one).
 
 Tokenizers are read from local directories in the Hugging Face layout; a hub id (e.g. "facebook/bart-large") is
 passed through to `from_pretrained` and needs a network. The defaults are the copies bundled under
@@ -9,10 +10,12 @@ vocabulary (only the special tokens), and call-time `add_prefix_space=True` is s
 therefore goes through `from_pretrained` and then checks that the vocabulary is really there.
 """
 
+import json
 import os
 import re
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
+import numpy as np
 import transformers
 
 from rag_jax.models import sentence_transformers_dir
@@ -28,6 +31,7 @@ RAG_GENERATOR_SUBDIR = "generator_tokenizer"
 # Either a serialised fast tokenizer (tokenizer.json) or the raw vocabulary files must be present.
 _BERT_FILE_SETS = (("tokenizer.json",), ("vocab.txt",))
 _BART_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+_T5_FILE_SETS = (("tokenizer.json",), ("spiece.model",))
 
 # Below this many entries a vocabulary is surely a broken load (the real ones have 30,522 and 50,265).
 _MIN_VOCAB_SIZE = 1000
@@ -44,7 +48,7 @@ class RagTokenizers(NamedTuple):
     """The two tokenizers a RAG model needs."""
 
     question: transformers.PreTrainedTokenizerBase  # BERT WordPiece: question (and context) encoder input.
-    generator: transformers.PreTrainedTokenizerBase  # BART byte-level BPE: generator input and labels.
+    generator: transformers.PreTrainedTokenizerBase  # BART byte-level BPE or T5 SentencePiece: generator input, labels.
 
 
 def default_tokenizer_dirs() -> dict[str, str]:
@@ -108,12 +112,61 @@ def load_question_tokenizer(path: str = QUESTION_TOKENIZER_DIR) -> transformers.
     return _load(transformers.BertTokenizerFast, path, _BERT_FILE_SETS, "the", "Question encoder (BERT)")
 
 
-def load_generator_tokenizer(path: str = GENERATOR_TOKENIZER_DIR) -> transformers.PreTrainedTokenizerBase:
-    """BART byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2, <mask>=50264) from a directory or hub id.
+def is_t5_tokenizer(path: str) -> bool:
+    """Whether `path` holds a T5 SentencePiece tokenizer (spiece.model, or a tokenizer_config.json naming a T5
+    tokenizer); a hub id is taken as T5 when its name says t5."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return _is_hub_id(path) and "t5" in path.lower()
+    if os.path.isfile(os.path.join(path, "spiece.model")):
+        return True
+    config = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return str(json.load(f).get("tokenizer_class", "")).startswith("T5")
 
-    The directory needs tokenizer.json or vocab.json + merges.txt.
-    """
+
+def load_generator_tokenizer(path: str = GENERATOR_TOKENIZER_DIR) -> transformers.PreTrainedTokenizerBase:
+    """The generator's tokenizer from a directory or hub id: BART byte-level BPE (<s>=0, <pad>=1, </s>=2,
+    <mask>=50264; tokenizer.json or vocab.json + merges.txt) or T5 SentencePiece (<pad>=0, </s>=1, <unk>=2, no BOS,
+    100 <extra_id_*> sentinels at the top; spiece.model or tokenizer.json)."""
+    if is_t5_tokenizer(path):
+        return _load(transformers.T5Tokenizer, path, _T5_FILE_SETS, "▁the", "Generator (T5)")
     return _load(transformers.BartTokenizerFast, path, _BART_FILE_SETS, "Ġthe", "Generator (BART)")
+
+
+def decoder_labels(tokenizer, texts: list[str], *, max_length: int | None = None, padding="max_length"):
+    """Decoder inputs (B, L) int32 for target `texts`, which are also the labels (targets = these shifted left).
+
+    BART: the tokenizer's `<s> text </s>` (the reference's fine-tuning data). T5 has no BOS: `<pad> text </s>`, the
+    decoder start (pad) first, as the reference research project's finetune_rag.py builds T5's decoder inputs, so
+    that the first token of the text is a target too. `max_length` counts the start token."""
+    starts_with_pad = tokenizer.bos_token_id is None
+    length = None if max_length is None else max_length - starts_with_pad
+    ids = tokenizer(texts, max_length=length, truncation=max_length is not None, padding=padding)["input_ids"]
+    ids = np.asarray(ids, np.int32).reshape(len(texts), -1)
+    if starts_with_pad:
+        ids = np.concatenate([np.full((len(texts), 1), tokenizer.pad_token_id, np.int32), ids], axis=1)
+    return ids
+
+
+def train_sentencepiece(texts: Iterable[str], directory: str, vocab_size: int = 1000):
+    """Trains a unigram SentencePiece model with T5's special ids (pad 0, eos 1, unk 2, no BOS) on `texts` and
+    saves it as a T5 tokenizer in `directory`: a stand-in for T5's own where none can be downloaded (tests, tiny
+    local runs). Returns the tokenizer, `vocab_size` + 100 sentinel tokens."""
+    import sentencepiece
+
+    os.makedirs(directory, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=os.path.join(directory, "spiece"), vocab_size=vocab_size,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", character_coverage=1.0, num_threads=1,
+        minloglevel=2,
+    )  # fmt: skip
+    tokenizer = load_generator_tokenizer(directory)
+    os.remove(os.path.join(directory, "spiece.vocab"))
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
 
 def load_rag_tokenizers(path: str | None = None) -> RagTokenizers:

@@ -16,6 +16,7 @@ import numpy as np
 
 from rag_jax import rag
 from rag_jax.data import prefetch
+from rag_jax.data import tokenizers
 from rag_jax.inference import metrics, provenance, rag_decoding
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.retrieval.retriever import Retriever
@@ -156,7 +157,7 @@ def answer_questions(
         predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
         if settings.score:
             prefix = " " if settings.answer_prefix_space else ""
-            labels = gtok([prefix + e["answers"][0] for e in batch], padding=True, return_tensors="np")["input_ids"]
+            labels = tokenizers.decoder_labels(gtok, [prefix + e["answers"][0] for e in batch], padding=True)
             labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
             nll_seq, nll_tok = _nlls(model, params, context_ids, context_mask, prepared.embeds, prepared.q_pad,
                                      _pad_to(labels, rows))  # fmt: skip

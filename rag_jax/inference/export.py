@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
-from rag_jax.models import hf
+from rag_jax.models import hf, hf_t5, t5
 
 ARCHITECTURES = {"sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
 RUN_KEY = "rag_jax_run"  # config.json: {"answer_prefix_space": bool, "index_identity": {...}} of an exported run
@@ -91,15 +91,25 @@ def save_hf_rag(
 def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
                   answer_prefix_space, index_identity) -> None:
     cfg = model.config
-    generator_fields = hf.bart_config_dict(model.generator_config)
+    g = model.generator_config
+    is_t5 = isinstance(g, t5.T5Config)
+    generator_fields = hf_t5.config_dict(g) if is_t5 else hf.bart_config_dict(g)
     if generation is not None:
         generator_fields["decoder_start_token_id"] = generation.decoder_start_token_id
+    if is_t5:
+        # bos_token_id None said explicitly: transformers' RAG-Sequence loss reads it from the generator's config
+        generator_config = transformers.T5Config(**generator_fields, bos_token_id=None,
+                                                 **({"prefix": cfg.context.prefix} if cfg.context.prefix else {}))
+        generator_table = hf_t5.table(g)
+    else:
+        generator_config = transformers.BartConfig(**generator_fields, forced_eos_token_id=None)
+        generator_table = hf.bart_table(g)
     run = {} if answer_prefix_space is None else {"answer_prefix_space": bool(answer_prefix_space)}
     if index_identity is not None:
         run["index_identity"] = dict(index_identity)
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         transformers.DPRConfig(**hf.dpr_config_dict(model.question_encoder_config)),
-        transformers.BartConfig(**generator_fields, forced_eos_token_id=None),
+        generator_config,
         n_docs=cfg.n_docs, max_combined_length=cfg.context.max_combined_length, title_sep=cfg.context.title_sep,
         doc_sep=cfg.context.doc_sep, label_smoothing=cfg.label_smoothing, exclude_bos_score=cfg.exclude_bos_score,
         reduce_loss=cfg.reduce_loss, do_deduplication=cfg.do_deduplication, **({RUN_KEY: run} if run else {}),
@@ -111,7 +121,7 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
 
     tensors = hf.encoder_tensors(model.question_encoder_config, params["question_encoder"],
                                  hf.RAG_QUESTION_ENCODER_PREFIX)  # fmt: skip
-    tensors.update(hf.export_tensors(params["generator"], hf.bart_table(model.generator_config), hf.RAG_GENERATOR_PREFIX))
+    tensors.update(hf.export_tensors(params["generator"], generator_table, hf.RAG_GENERATOR_PREFIX))
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     question_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_QUESTION_SUBDIR))
     generator_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_GENERATOR_SUBDIR))

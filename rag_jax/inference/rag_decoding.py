@@ -2,7 +2,7 @@
 "thorough" (the reference's) and "fast" (the paper's approximation) decoding.
 
 Matches Hugging Face's `generate` of RagTokenForGeneration / RagSequenceForGeneration (transformers 5) token for
-token on the same weights (see generation.py for the search itself). BART's decode cache is tiled over
+token on the same weights (see generation.py for the search itself). The generator's (BART's or T5's) decode cache is tiled over
 (example, beam, document) rows; the encoder runs once per context.
 """
 
@@ -18,21 +18,21 @@ import jax.numpy as jnp
 from rag_jax import rag
 from rag_jax.inference import generation
 from rag_jax.inference.generation import GenerationConfig
-from rag_jax.models import bart
+from rag_jax.models.layers import DecodeCache
 
 
-# ---------------------------------------------------------------------------------------------- BART plumbing
+# ----------------------------------------------------------------------------------------- generator plumbing
 
 
 def _encode(model: rag.Rag, params, ids_BKxS, mask_BKxS):
-    return model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, method=bart.Bart.encode)
+    return model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, method="encode")
 
 
 def _tiled_cache(model: rag.Rag, params, encoder_out, mask, copies: int, n_docs: int, max_length: int):
     """A decode cache for rows (example, copy, doc) from encoder rows (example, doc): the reference's
     extend_enc_output / repeat_interleave. The cross-attention keys/values are projected once, then tiled."""
     cache = model.generator.apply(
-        {"params": params["generator"]}, encoder_out, mask, max_length - 1, method=bart.Bart.init_cache
+        {"params": params["generator"]}, encoder_out, mask, max_length - 1, method="init_cache"
     )
 
     def tile(x):
@@ -46,14 +46,14 @@ def _tiled_cache(model: rag.Rag, params, encoder_out, mask, copies: int, n_docs:
     )
 
 
-def _decode_step(model: rag.Rag, params, cache: bart.DecodeCache, tokens_R: jax.Array):
+def _decode_step(model: rag.Rag, params, cache: DecodeCache, tokens_R: jax.Array):
     logits, cache = model.generator.apply(
-        {"params": params["generator"]}, tokens_R[:, None], cache, method=bart.Bart.decode_step
+        {"params": params["generator"]}, tokens_R[:, None], cache, method="decode_step"
     )
     return logits[:, 0], cache
 
 
-def _reorder_self_kv(cache: bart.DecodeCache, idx_N: jax.Array, rows_per_beam: int) -> bart.DecodeCache:
+def _reorder_self_kv(cache: DecodeCache, idx_N: jax.Array, rows_per_beam: int) -> DecodeCache:
     """Follows the beams in the self-attention cache (rows_per_beam consecutive rows per beam). Only the
     self-attention keys/values differ between beams of one example; cross-attention and masks are identical copies,
     so they are left in place."""
@@ -78,7 +78,7 @@ def _answer_token_ll(model: rag.Rag, params, ids_NxL, encoder_out_BKxSxE, mask_B
 
     logits = model.generator.apply(
         {"params": params["generator"]}, jnp.repeat(ids_NxL, n_docs, axis=0), tile(encoder_out_BKxSxE),
-        tile(mask_BKxS), method=bart.Bart.decode,
+        tile(mask_BKxS), method="decode",
     )  # fmt: skip
     logits = logits.reshape(ids_NxL.shape[0], n_docs, *logits.shape[1:])
     return rag.target_log_likelihoods(logits, ids_NxL, pad_token_id=model.generator_config.pad_token_id)
@@ -177,6 +177,20 @@ def _per_doc_hypotheses(model, params, ids_BKxS, mask_BKxS, batch, n_docs, gen_d
     return ids.reshape(batch, n_docs * nb, gen_doc.max_length)
 
 
+def _to_generate_width(ids_BxCxL: jax.Array, eos: int | None, pad: int) -> jax.Array:
+    """Pad past the end of each example's longest hypothesis, as the reference's tensors are: its per-example
+    `generate` returns the K * num_beams hypotheses padded (by the search, with `pad or eos`) only up to the longest
+    of them, and its outputs are then padded to a common width with pad. The two fills differ when pad is 0 (T5:
+    beams write EOS): the reference rescores the EOS fill inside that width as targets and returns it, pad beyond."""
+    if eos is None:
+        return ids_BxCxL
+    length = ids_BxCxL.shape[-1]
+    ends_BxCxL = jnp.concatenate([jnp.zeros_like(ids_BxCxL[..., :1], bool), ids_BxCxL[..., 1:] == eos], axis=-1)
+    lengths_BxC = jnp.where(ends_BxCxL.any(-1), jnp.argmax(ends_BxCxL, axis=-1) + 1, length)
+    width_B = lengths_BxC.max(axis=1)
+    return jnp.where(jnp.arange(length)[None, None, :] < width_B[:, None, None], ids_BxCxL, pad)
+
+
 def _first_occurrences(ids_BxCxL: jax.Array):
     """(B, C, C) equality of hypotheses and (B, C) flags of those not seen at a lower index."""
     same_BxCxC = jnp.all(ids_BxCxL[:, :, None, :] == ids_BxCxL[:, None, :, :], axis=-1)
@@ -234,7 +248,7 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
             jnp.repeat(ids_NxL, n_docs, axis=0),
             encoder_out_BxKxSxE[example_N].reshape(chunk * n_docs, *encoder_out.shape[1:]),
             mask_BxKxS[example_N].reshape(chunk * n_docs, -1),
-            method=bart.Bart.decode,
+            method="decode",
         )
         nll_N = rag.rag_sequence_nll(
             logits.reshape(chunk, n_docs, *logits.shape[1:]),
@@ -275,7 +289,7 @@ def _fast_scores(model, params, ids_BxCxL, same_BxCxC, encoder_out, mask_BKxS, d
     def one_beam(ids_BxKxT):
         decoder_ids = ids_BxKxT.reshape(batch * n_docs, -1)
         logits = model.generator.apply(
-            {"params": params["generator"]}, decoder_ids, encoder_out, mask_BKxS, method=bart.Bart.decode
+            {"params": params["generator"]}, decoder_ids, encoder_out, mask_BKxS, method="decode"
         )
         target = rag.shift_left(decoder_ids, pad)
         token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[..., None], axis=-1)[..., 0]
@@ -351,6 +365,7 @@ def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, g
     gen_doc = dataclasses.replace(gen, num_return_sequences=nb)
     search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
     ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, batch, docs, gen_doc)
+    ids_BxCxL = _to_generate_width(ids_BxCxL, gen.eos_token_id, pad)
 
     same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
     encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)

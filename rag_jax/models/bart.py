@@ -11,7 +11,7 @@ the logits of a full forward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,17 +54,7 @@ class BartConfig:
         layers.activation(self.activation_function)
 
 
-class DecodeCache(NamedTuple):
-    """State of incremental decoding for a batch of B sequences.
-
-    self_kv / cross_kv: one `KVCache` per decoder layer, (B, H, T_max, D) and (B, H, S, D).
-    encoder_mask_BxS: the encoder padding mask. index: number of decoder positions already written.
-    """
-
-    self_kv: tuple[layers.KVCache, ...]
-    cross_kv: tuple[layers.KVCache, ...]
-    encoder_mask_BxS: jax.Array
-    index: jax.Array
+DecodeCache = layers.DecodeCache  # shared with T5
 
 
 def _attention(cfg: BartConfig, heads: int, name: str) -> layers.MultiHeadAttention:
@@ -144,12 +134,7 @@ class DecoderLayer(nn.Module):
         `cache_index` and the updated cache is returned; without it, a full causal pass."""
         cfg = self.config
         if self_kv is not None:
-            new = self.self_attn.project_kv(x_BxTxE)
-            start = (0, 0, cache_index, 0)
-            self_kv = layers.KVCache(
-                jax.lax.dynamic_update_slice(self_kv.key, new.key.astype(self_kv.key.dtype), start),
-                jax.lax.dynamic_update_slice(self_kv.value, new.value.astype(self_kv.value.dtype), start),
-            )
+            self_kv = self.self_attn.append_kv(x_BxTxE, self_kv, cache_index)
         h = self.self_attn(x_BxTxE, self_bias, kv=self_kv, deterministic=deterministic)
         x = _add_and_norm(cfg, x_BxTxE, self.dropout(h, deterministic=deterministic), self.self_attn_norm)
         h = self.cross_attn(x, cross_bias, inputs_kv_BxKxE=encoder_out_BxSxE, kv=cross_kv, deterministic=deterministic)

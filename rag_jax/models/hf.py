@@ -1,11 +1,6 @@
-"""Import of Hugging Face checkpoints (BERT, DPR encoders, BART, whole RAG models) into rag_jax parameters.
+"""Import of Hugging Face checkpoints (BERT, DPR encoders, BART, T5, whole RAG models) into rag_jax parameters.
 
-Each architecture has one table of (Hugging Face tensor name, rag_jax parameter path, layout); the same table
-serves import and export, so the two cannot drift apart. Layouts:
-  "copy"   the same array,
-  "flat"   Hugging Face keeps it 1-D, rag_jax may split it (attention biases: (H*D,) <-> (H, D)),
-  "row"    Hugging Face keeps a (1, N) row, rag_jax a vector (N,) (BART's final_logits_bias),
-  "linear" a torch Linear weight (out, in) <-> a kernel (in..., out...); `n_in` input axes on our side.
+Each architecture has one table (rag_jax/models/hf_tables.py says how they work); T5 has its own module, hf_t5.py.
 """
 
 from __future__ import annotations
@@ -18,33 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models import bart, bert, hf_files, sentence_transformers_dir
+from rag_jax.models import bart, bert, hf_files, hf_t5, sentence_transformers_dir, t5
+from rag_jax.models.hf_tables import Entry, check_unexpected, convert, expected_shapes, export_tensors  # noqa: F401
+from rag_jax.models.hf_tables import attention as _attention
+from rag_jax.models.hf_tables import linear as _linear
+from rag_jax.models.hf_tables import norm as _norm
 from rag_jax.models.hf_files import CheckpointError
 from rag_jax.models.sentence_transformers_dir import pretrained_retriever_dir  # noqa: F401 (part of this interface)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    hf_name: str  # without the checkpoint's prefix
-    path: tuple[str, ...]  # path in the rag_jax parameter tree
-    layout: str = "copy"  # "copy", "flat", "row" or "linear"
-    n_in: int = 1  # number of input axes of a "linear" kernel on the rag_jax side
-
-
-def _linear(hf: str, path: tuple[str, ...], n_in: int = 1) -> list[Entry]:
-    return [Entry(f"{hf}.weight", path + ("kernel",), "linear", n_in), Entry(f"{hf}.bias", path + ("bias",), "flat")]
-
-
-def _norm(hf: str, path: tuple[str, ...]) -> list[Entry]:
-    return [Entry(f"{hf}.weight", path + ("scale",)), Entry(f"{hf}.bias", path + ("bias",))]
-
-
-def _attention(hf: dict[str, str], path: tuple[str, ...]) -> list[Entry]:
-    """hf maps our projection names (query/key/value/out) to the checkpoint's module names."""
-    entries = []
-    for ours in ("query", "key", "value"):
-        entries += _linear(hf[ours], path + (ours,))
-    return entries + _linear(hf["out"], path + ("out",), n_in=2)
 
 
 def bert_table(cfg: bert.BertConfig) -> list[Entry]:
@@ -91,7 +66,6 @@ def bart_table(cfg: bart.BartConfig) -> list[Entry]:
 
 # Tensors a checkpoint may hold that carry nothing we need: tied copies of the shared embedding and buffers.
 _BART_IGNORED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
-_IGNORED_SUFFIXES = ("position_ids", "embeddings.token_type_ids", "_float_tensor")
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -148,89 +122,6 @@ def bart_config_from_hf(hf: dict[str, Any], **overrides) -> bart.BartConfig:
     )
     fields.update(overrides)
     return bart.BartConfig(**fields)
-
-
-# --------------------------------------------------------------------------------------------------- conversion
-
-
-def expected_shapes(module: nn.Module, *example_args) -> dict[str, Any]:
-    """The parameter tree of `module` as ShapeDtypeStructs, without allocating it."""
-    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example_args))
-    return nn.meta.unbox(variables)["params"]
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
-    """The inverse of `_to_ours`."""
-    if entry.layout == "linear":
-        return array.reshape(int(np.prod(array.shape[: entry.n_in])), -1).T
-    if entry.layout == "flat":
-        return array.reshape(-1)
-    if entry.layout == "row":
-        return array.reshape(1, -1)
-    return array
-
-
-def _to_ours(array: np.ndarray, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
-    transposed = array.T if entry.layout == "linear" else array
-    # A transposed kernel of the wrong size can still have the right number of values: compare the split too.
-    expected_out = int(np.prod(shape[entry.n_in :])) if entry.layout == "linear" else None
-    if array.size != int(np.prod(shape)) or (expected_out is not None and array.shape[0] != expected_out):
-        raise ValueError(f"has shape {tuple(array.shape)}, which does not fit rag_jax's {shape}")
-    return transposed.reshape(shape)
-
-
-def convert(
-    tensors: dict[str, np.ndarray],
-    prefix: str,
-    table: list[Entry],
-    shapes: dict[str, Any],
-    source: str,
-    *,
-    optional: tuple[str, ...] = (),
-    dtype=np.float32,
-) -> dict[str, Any]:
-    """Builds the rag_jax parameter tree from checkpoint tensors named `prefix + entry.hf_name`.
-
-    Missing tensors (other than `optional` ones, which default to zeros) and shape mismatches raise a
-    CheckpointError naming `source` (the weights file) and the tensor.
-    """
-    params: dict[str, Any] = {}
-    for entry in table:
-        name = prefix + entry.hf_name
-        shape = tuple(_get(shapes, entry.path).shape)
-        if name not in tensors:
-            if entry.hf_name in optional:
-                _set(params, entry.path, np.zeros(shape, dtype))
-                continue
-            raise CheckpointError(f"{source}: missing weight {name} (for rag_jax parameter {'/'.join(entry.path)})")
-        try:
-            value = _to_ours(np.asarray(tensors[name]), entry, shape)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: weight {name} {e} (config.json and weights disagree?)") from None
-        _set(params, entry.path, np.asarray(value, dtype))
-    return params
-
-
-def check_unexpected(tensors: dict[str, np.ndarray], used: set[str], source: str) -> None:
-    unexpected = [n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
-    if unexpected:
-        shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise CheckpointError(
-            f"{source}: {len(unexpected)} unexpected weight(s): {shown}. The checkpoint's architecture does not match "
-            "its config.json, or it is not a BERT/DPR/BART/RAG checkpoint."
-        )
 
 
 def _normalise_legacy_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -299,7 +190,13 @@ class Loaded:
     hf_config: dict[str, Any]
 
     def module(self) -> nn.Module:
-        return bert.BertEncoder(self.config) if isinstance(self.config, bert.BertConfig) else bart.Bart(self.config)
+        return module_for(self.config)
+
+
+def module_for(config) -> nn.Module:
+    """The network a config describes: BertEncoder, Bart or T5."""
+    kinds = {bert.BertConfig: bert.BertEncoder, bart.BartConfig: bart.Bart, t5.T5Config: t5.T5}
+    return kinds[type(config)](config)
 
 
 @dataclasses.dataclass
@@ -356,6 +253,36 @@ def load_bart(path: str, **overrides) -> Loaded:
     return Loaded(cfg, params, hf)
 
 
+def load_t5(path: str, **overrides) -> Loaded:
+    """T5ForConditionalGeneration (T5 v1.0, v1.1, Flan-T5)."""
+    directory = hf_files.resolve(path)
+    hf = hf_files.read_config(directory)
+    if hf.get("model_type") != "t5":
+        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not 't5'")
+    tensors, source = hf_files.read_weights(directory)
+    used: set[str] = set()
+    cfg, params = hf_t5.params(tensors, "", hf, source, used, **overrides)
+    check_unexpected(tensors, used, source)
+    return Loaded(cfg, params, hf)
+
+
+def load_generator(path: str, **overrides) -> Loaded:
+    """A BART or T5 generator checkpoint, as its config.json's model_type says."""
+    directory = hf_files.resolve(path)
+    model_type = hf_files.read_config(directory).get("model_type")
+    if model_type not in ("bart", "t5"):
+        raise CheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a generator ('bart' or 't5')")
+    return (load_t5 if model_type == "t5" else load_bart)(directory, **overrides)
+
+
+def generator_config_from_hf(hf: dict[str, Any], **overrides) -> bart.BartConfig | t5.T5Config:
+    """The BART or T5 config of a generator's config.json dict (sizes only: a T5's head tying is read from its
+    weights when it loads)."""
+    if hf.get("model_type") == "t5":
+        return hf_t5.config_from_hf(hf, **overrides)
+    return bart_config_from_hf(hf, **overrides)
+
+
 RAG_QUESTION_ENCODER_PREFIX = "rag.question_encoder.question_encoder."
 RAG_GENERATOR_PREFIX = "rag.generator."
 
@@ -369,8 +296,8 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
     for part in ("question_encoder", "generator"):
         if part not in hf:
             raise CheckpointError(f"{directory}/config.json: the RAG config has no {part!r} section")
-    if hf["generator"].get("model_type") != "bart":
-        raise CheckpointError(f"{directory}/config.json: generator model_type must be 'bart'")
+    if hf["generator"].get("model_type") not in ("bart", "t5"):
+        raise CheckpointError(f"{directory}/config.json: generator model_type must be 'bart' or 't5'")
     tensors, source = hf_files.read_weights(directory)
     tensors = _normalise_legacy_names(tensors)
     if not any(n.startswith("rag.") for n in tensors):  # RagModel saves without the 'rag.' prefix
@@ -379,8 +306,12 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
     qcfg = bert_config_from_hf(hf["question_encoder"], pooling="cls", **(encoder_overrides or {}))
     qparams = _bert_params(tensors, RAG_QUESTION_ENCODER_PREFIX + "bert_model.", qcfg, source, used)
     qparams = _projection(tensors, RAG_QUESTION_ENCODER_PREFIX, qcfg, qparams, source, used)
-    gcfg = bart_config_from_hf(hf["generator"], **(generator_overrides or {}))
-    gparams = _bart_params(tensors, RAG_GENERATOR_PREFIX, gcfg, source, used)
+    if hf["generator"]["model_type"] == "t5":
+        gcfg, gparams = hf_t5.params(tensors, RAG_GENERATOR_PREFIX, hf["generator"], source, used,
+                                     **(generator_overrides or {}))  # fmt: skip
+    else:
+        gcfg = bart_config_from_hf(hf["generator"], **(generator_overrides or {}))
+        gparams = _bart_params(tensors, RAG_GENERATOR_PREFIX, gcfg, source, used)
     check_unexpected(tensors, used, source)
     return LoadedRag(
         question_encoder=Loaded(qcfg, qparams, hf["question_encoder"]),
@@ -391,10 +322,10 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
 
 
 def load(path: str) -> Loaded | LoadedRag:
-    """Loads whatever a directory holds: a RAG model, a BART generator or a BERT/DPR encoder."""
+    """Loads whatever a directory holds: a RAG model, a BART or T5 generator or a BERT/DPR encoder."""
     directory = hf_files.resolve(path)
     model_type = hf_files.read_config(directory).get("model_type")
-    loaders: dict[str, Callable[[str], Any]] = {"rag": load_rag, "bart": load_bart, "bert": load_encoder,
+    loaders: dict[str, Callable[[str], Any]] = {"rag": load_rag, "bart": load_bart, "t5": load_t5, "bert": load_encoder,
                                                 "dpr": load_encoder}  # fmt: skip
     if model_type not in loaders:
         raise CheckpointError(
@@ -404,14 +335,6 @@ def load(path: str) -> Loaded | LoadedRag:
 
 
 # --------------------------------------------------------------------------------------------------- export
-
-
-def export_tensors(params: dict[str, Any], table: list[Entry], prefix: str) -> dict[str, np.ndarray]:
-    """{Hugging Face name: array} for rag_jax parameters: the inverse of `convert` (float32)."""
-    return {
-        prefix + e.hf_name: np.ascontiguousarray(_to_hf(np.asarray(_get(params, e.path), np.float32), e))
-        for e in table
-    }
 
 
 def encoder_tensors(cfg: bert.BertConfig, params: dict[str, Any], prefix: str) -> dict[str, np.ndarray]:

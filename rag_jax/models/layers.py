@@ -1,4 +1,4 @@
-"""Building blocks shared by the BERT encoders and BART: dense layers, layer norm and attention.
+"""Building blocks shared by the BERT encoders, BART and T5: dense layers, layer norms, attention, decode caches.
 
 Every parameter carries logical axis names (see `rag_jax.sharding` for the rules that map them onto a mesh):
   vocab, embed, mlp, heads, kv (per-head features), position, token_type.
@@ -116,6 +116,17 @@ def layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     )
 
 
+def rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
+    """T5's layer norm: x / sqrt(mean(x^2) + eps) times a scale, no mean and no bias, computed in float32."""
+    return nn.RMSNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        name=name,
+    )
+
+
 def embedding(num: int, features: int, axes: tuple[str, str], param_dtype: Dtype, init_std: float, name: str):
     return nn.Embed(
         num_embeddings=num,
@@ -149,11 +160,25 @@ class KVCache(NamedTuple):
     value: jax.Array
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head dot-product attention with separate q/k/v/out projections (BERT and BART layout).
+class DecodeCache(NamedTuple):
+    """State of incremental decoding for a batch of B sequences (BART and T5).
 
-    The query is scaled by head_dim**-0.5 after its projection, as BART does; for BERT (which scales the scores)
-    this is the same function. Softmax runs in float32.
+    self_kv / cross_kv: one `KVCache` per decoder layer, (B, H, T_max, D) and (B, H, S, D).
+    encoder_mask_BxS: the encoder padding mask. index: number of decoder positions already written.
+    """
+
+    self_kv: tuple[KVCache, ...]
+    cross_kv: tuple[KVCache, ...]
+    encoder_mask_BxS: jax.Array
+    index: jax.Array
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with separate q/k/v/out projections (BERT, BART and T5 layout).
+
+    With `scale_query` the query is scaled by head_dim**-0.5 after its projection, as BART does; for BERT (which
+    scales the scores) this is the same function. T5 scales nothing (its initialisation absorbs the factor) and has
+    no biases (`use_bias=False`). Softmax runs in float32.
     """
 
     num_heads: int
@@ -163,9 +188,11 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype
     init_std: float
     dropout_rate: float = 0.0
+    use_bias: bool = True
+    scale_query: bool = True
 
     def setup(self):
-        qkv = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        qkv = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, use_bias=self.use_bias)
         heads = (self.num_heads, self.head_dim)
         self.query = dense(heads, ("embed", "heads", "kv"), name="query", **qkv)
         self.key = dense(heads, ("embed", "heads", "kv"), name="key", **qkv)
@@ -178,6 +205,15 @@ class MultiHeadAttention(nn.Module):
         k = constrain(self.key(inputs_kv_BxKxE), ("batch", "length", "heads", "kv")).transpose(0, 2, 1, 3)
         v = constrain(self.value(inputs_kv_BxKxE), ("batch", "length", "heads", "kv")).transpose(0, 2, 1, 3)
         return KVCache(constrain(k, ("batch", "heads", "length", "kv")), constrain(v, ("batch", "heads", "length", "kv")))
+
+    def append_kv(self, inputs_BxTxE: jax.Array, kv: KVCache, index: jax.Array) -> KVCache:
+        """`kv` (B, H, T_max, D) with the keys/values of T new positions written at `index` (incremental decoding)."""
+        new = self.project_kv(inputs_BxTxE)
+        start = (0, 0, index, 0)
+        return KVCache(
+            jax.lax.dynamic_update_slice(kv.key, new.key.astype(kv.key.dtype), start),
+            jax.lax.dynamic_update_slice(kv.value, new.value.astype(kv.value.dtype), start),
+        )
 
     def __call__(
         self,
@@ -197,7 +233,9 @@ class MultiHeadAttention(nn.Module):
         if kv is None:  # full passes (training, scoring): keys/values projected here
             kv = self.project_kv(inputs_q_BxQxE if inputs_kv_BxKxE is None else inputs_kv_BxKxE)
         k, v = kv
-        q = self.query(inputs_q_BxQxE) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        q = self.query(inputs_q_BxQxE)
+        if self.scale_query:
+            q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
         q = constrain(q, ("batch", "length", "heads", "kv")).transpose(0, 2, 1, 3)
         logits_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(self.dtype)).astype(jnp.float32)
         if bias is not None:

@@ -18,7 +18,7 @@ import ml_collections
 
 from rag_jax import sharding
 from rag_jax.training import build, inputs, optim, step as step_lib
-from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir
+from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir, t5
 
 GIB = 1024**3
 
@@ -99,17 +99,18 @@ def sizes_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.init_from_rag is not None:
         rag_hf = hf_files.read_config(hf_files.resolve(m.init_from_rag))
         _set_encoder_sizes(m.question_encoder, hf.bert_config_from_hf(rag_hf["question_encoder"]))
-        _set_generator_sizes(m.generator, hf.bart_config_from_hf(rag_hf["generator"]))
+        _set_generator_sizes(m.generator, hf.generator_config_from_hf(rag_hf["generator"]))
         m.init_from_rag = None
     for part in (m.question_encoder, m.doc_encoder):
         if part.init is None:
             _set_encoder_sizes(part, bert.BertConfig())  # BERT-base, DPR's encoders
         elif part.init != "random":
             _set_encoder_from_checkpoint(part, hf_files.resolve(part.init))
-    if m.generator.init is None:
-        _set_generator_sizes(m.generator, bart.BartConfig())  # BART-large
+    if m.generator.init is None:  # BART-large, or T5 v1.1-large (Flan-T5-large)
+        _set_generator_sizes(m.generator, t5.T5Config() if m.generator.get("architecture") == "t5" else bart.BartConfig())
     elif m.generator.init != "random":
-        _set_generator_sizes(m.generator, hf.bart_config_from_hf(hf_files.read_config(hf_files.resolve(m.generator.init))))
+        generator_hf = hf_files.read_config(hf_files.resolve(m.generator.init))
+        _set_generator_sizes(m.generator, hf.generator_config_from_hf(generator_hf))
     return config
 
 
@@ -136,7 +137,10 @@ def _set_encoder_sizes(c: ml_collections.ConfigDict, cfg) -> None:
 def _set_generator_sizes(c: ml_collections.ConfigDict, cfg) -> None:
     c.init = "random"
     c.vocab_size, c.d_model, c.encoder_layers, c.decoder_layers = cfg.vocab_size, cfg.d_model, cfg.encoder_layers, cfg.decoder_layers
-    c.heads, c.ffn_dim, c.max_position_embeddings = cfg.encoder_heads, cfg.encoder_ffn_dim, cfg.max_position_embeddings
+    if isinstance(cfg, t5.T5Config):
+        c.architecture, c.heads, c.ffn_dim, c.d_kv, c.feed_forward_proj = "t5", cfg.heads, cfg.d_ff, cfg.d_kv, cfg.feed_forward_proj
+    else:
+        c.heads, c.ffn_dim, c.max_position_embeddings = cfg.encoder_heads, cfg.encoder_ffn_dim, cfg.max_position_embeddings
 
 
 @dataclasses.dataclass

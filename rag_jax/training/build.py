@@ -20,7 +20,7 @@ import numpy as np
 from rag_jax import rag
 from rag_jax.data import nq_open
 from rag_jax.data import tokenizers as tk
-from rag_jax.models import bart, bert, hf
+from rag_jax.models import bart, bert, hf, t5
 from rag_jax.retrieval import embed, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.training import streams, workdir as workdir_lib
@@ -67,12 +67,26 @@ def _load_encoder(c: ml_collections.ConfigDict, **overrides) -> hf.Loaded:
     return hf.load_encoder(c.init, pooling=None if pooling == AUTO_POOLING else pooling, **overrides)
 
 
-def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig:
+def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig | t5.T5Config:
+    if c.get("architecture", "bart") == "t5":
+        v1_0 = not c.feed_forward_proj.startswith("gated-")  # v1.0: tied LM head, scaled decoder output
+        return t5.T5Config(
+            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.ffn_dim, encoder_layers=c.encoder_layers,
+            decoder_layers=c.decoder_layers, heads=c.heads, feed_forward_proj=c.feed_forward_proj,
+            tie_word_embeddings=v1_0, scale_decoder_outputs=v1_0, dropout=c.dropout,
+            attention_dropout=c.attention_dropout, dtype=dtype)
     return bart.BartConfig(
         vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
         encoder_heads=c.heads, decoder_heads=c.heads, encoder_ffn_dim=c.ffn_dim, decoder_ffn_dim=c.ffn_dim,
         max_position_embeddings=c.max_position_embeddings, dropout=c.dropout, attention_dropout=c.attention_dropout,
         init_std=c.init_std, dtype=dtype)
+
+
+def _check_architecture(g_cfg, field: str, path: str, c: ml_collections.ConfigDict) -> None:
+    found = "t5" if isinstance(g_cfg, t5.T5Config) else "bart"
+    if found != c.get("architecture", "bart"):
+        raise ConfigError(f"config {field}={path!r} holds a {found} generator but model.generator.architecture="
+                          f"{c.get('architecture', 'bart')!r}; set --config.model.generator.architecture={found}")
 
 
 @dataclasses.dataclass
@@ -91,9 +105,12 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
                        dtype=dtype)
     g_overrides = dict(dropout=m.generator.dropout, attention_dropout=m.generator.attention_dropout, dtype=dtype)
     pretrained: dict[str, Any] = {}
+    prefix = ""  # the generator checkpoint's `prefix`, which leads every context (transformers' RagRetriever)
     if m.init_from_rag is not None:
         loaded = hf.load_rag(m.init_from_rag, encoder_overrides=q_overrides, generator_overrides=g_overrides)
         q_cfg, g_cfg = loaded.question_encoder.config, loaded.generator.config
+        _check_architecture(g_cfg, "model.init_from_rag", m.init_from_rag, m.generator)
+        prefix = loaded.generator.hf_config.get("prefix") or ""
         pretrained = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
     else:
         if m.question_encoder.init == "random":
@@ -108,11 +125,14 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
         if m.generator.init == "random":
             g_cfg = _generator_config(m.generator, dtype)
         else:
-            loaded = hf.load_bart(m.generator.init, **g_overrides)
+            loaded = hf.load_generator(m.generator.init, **g_overrides)
+            _check_architecture(loaded.config, "model.generator.init", m.generator.init, m.generator)
             g_cfg, pretrained["generator"] = loaded.config, loaded.params
+            prefix = loaded.hf_config.get("prefix") or ""
     rag_config = rag.RagConfig(
         n_docs=m.n_docs, label_smoothing=m.label_smoothing,
-        context=ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length))
+        context=ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length,
+                              prefix=prefix))
     if not load_weights:
         pretrained = {}
     return Models(rag.Rag(q_cfg, g_cfg, rag_config), pretrained)

@@ -69,7 +69,12 @@ def batches(texts: list[str], tokenizer, config: ml_collections.ConfigDict) -> I
     """Endless (source ids, source mask, labels) batches of denoise.batch_size passages, (B, denoise.max_length)."""
     d = config.denoise
     length = int(d.max_length)
-    targets = tokenizer(texts, truncation=True, max_length=length)["input_ids"]
+    # T5 has no BOS: its decoder inputs get the start token (pad) in front, as in RAG training (decoder_labels), and
+    # no <mask> either: spans become its first sentinel, <extra_id_0>.
+    start = [] if tokenizer.bos_token_id is not None else [tokenizer.pad_token_id]
+    targets = tokenizer(texts, truncation=True, max_length=length - len(start))["input_ids"]
+    mask_id = tokenizer.mask_token_id
+    mask_id = tokenizer.convert_tokens_to_ids("<extra_id_0>") if mask_id is None else mask_id
     rng = np.random.default_rng(np.asarray(streams.key(config.seed, streams.DENOISE)))
     pad = tokenizer.pad_token_id
     while True:
@@ -78,9 +83,10 @@ def batches(texts: list[str], tokenizer, config: ml_collections.ConfigDict) -> I
         labels = np.full((len(rows), length), pad, np.int32)
         for i, row in enumerate(rows):
             target = np.asarray(targets[row], np.int32)
-            corrupted = infill(target, rng, mask_id=tokenizer.mask_token_id, mask_ratio=float(d.mask_ratio),
+            corrupted = infill(target, rng, mask_id=mask_id, mask_ratio=float(d.mask_ratio),
                                mean_span=float(d.mean_span))
             source[i, :len(corrupted)] = corrupted
+            target = np.asarray(start + list(target), np.int32)
             labels[i, :len(target)] = target
         yield {"ids": source, "mask": (source != pad).astype(np.int32), "labels": labels}
 

@@ -14,7 +14,7 @@ tokens per (question, document) and its decoder T tokens. The document encoder i
 from __future__ import annotations
 
 from rag_jax import rag
-from rag_jax.models import bart, bert
+from rag_jax.models import bart, bert, t5
 
 
 def _attention_block(rows: int, q_len: int, kv_len: int, width: int, kv_rows: int | None = None) -> int:
@@ -52,12 +52,34 @@ def bart_forward_flops(cfg: bart.BartConfig, rows: int, source_length: int, targ
     return encoder + cfg.decoder_layers * decoder_layer + lm_head
 
 
+def t5_forward_flops(cfg: t5.T5Config, rows: int, source_length: int, target_length: int) -> int:
+    """Matmul FLOPs of one teacher-forced forward pass of T5 over `rows` (source, target) pairs, LM head included.
+    Attention projections map d_model to heads * d_kv (not d_model); a gated feed-forward has two input matrices."""
+    e, inner, s, t = cfg.d_model, cfg.heads * cfg.d_kv, source_length, target_length
+    ffn_inputs = 2 if cfg.gated else 1
+
+    def attention(q_len, kv_len):
+        return 2 * 2 * rows * (q_len + kv_len) * e * inner + 2 * 2 * rows * q_len * kv_len * inner
+
+    def ffn(length):
+        return 2 * rows * length * e * cfg.d_ff * (ffn_inputs + 1)
+
+    encoder = cfg.encoder_layers * (attention(s, s) + ffn(s))
+    decoder = cfg.decoder_layers * (attention(t, t) + attention(t, s) + ffn(t))
+    return encoder + decoder + 2 * rows * t * e * cfg.vocab_size
+
+
+def generator_forward_flops(cfg, rows: int, source_length: int, target_length: int) -> int:
+    count = t5_forward_flops if isinstance(cfg, t5.T5Config) else bart_forward_flops
+    return count(cfg, rows, source_length, target_length)
+
+
 def rag_forward_flops(model: rag.Rag, batch: int, n_docs: int, question_length: int, source_length: int,
                       target_length: int) -> int:  # fmt: skip
     """One forward pass of the RAG loss: q(x) over the questions, the doc scores, BART over B*K contexts."""
     q_cfg = model.question_encoder_config
     return (bert_forward_flops(q_cfg, batch, question_length) + 2 * batch * n_docs * q_cfg.output_dim
-            + bart_forward_flops(model.generator_config, batch * n_docs, source_length, target_length))  # fmt: skip
+            + generator_forward_flops(model.generator_config, batch * n_docs, source_length, target_length))  # fmt: skip
 
 
 def rag_train_step_flops(model: rag.Rag, batch: int, n_docs: int, question_length: int, source_length: int,

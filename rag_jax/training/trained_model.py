@@ -27,11 +27,13 @@ def generation_config(model: rag.Rag, config: ml_collections.ConfigDict) -> Gene
 
     Training feeds `<s> answer </s>` as decoder inputs (the reference's fine-tuning data), so a model trained here
     has learnt p(answer | <s> at position 0). The reference generates from </s> (decoder_start_token_id 2), which
-    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch.
+    works for a pretrained BART (it learnt </s> -> <s> in pre-training) but not for one trained from scratch. T5 has
+    no BOS: its labels start with its decoder start token (pad), as its generation does.
     """
     g = model.generator_config
+    start = g.decoder_start_token_id if g.bos_token_id is None else g.bos_token_id
     return GenerationConfig(max_length=int(config.eval.max_length), num_beams=1, min_length=0,
-                            decoder_start_token_id=g.bos_token_id, bos_token_id=g.bos_token_id,
+                            decoder_start_token_id=start, bos_token_id=g.bos_token_id,
                             eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id)
 
 
