@@ -133,6 +133,48 @@ def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
     return main
 
 
+def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable, loop_module: str) -> None:
+    """The `__main__` of a training entry point (train_nq, train_retriever): checks the config and workdir before
+    jax loads, starts the distributed runtime, then runs `loop_module.train_and_evaluate(config, workdir)`; the
+    workdir defaults to ./workdir/PREFIX_VARIANT. An unknown config field named on the command line surfaces as
+    KeyError/AttributeError while absl parses the flags: one error line then, a traceback only once the run began."""
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    from absl import app  # pylint: disable=g-import-not-at-top
+
+    from rag_jax.training import config_check  # pylint: disable=g-import-not-at-top
+
+    started = False
+
+    def main(argv: list[str]) -> None:
+        nonlocal started
+        started = True
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+        def train() -> None:
+            config = config_flag.value
+            workdir = workdir_flag.value or os.path.join("workdir", f"{workdir_prefix}_{config.variant}")
+            check_config(config)  # every field, before jax and the models load
+            config_check.check_workdir(workdir)
+            import jax  # pylint: disable=g-import-not-at-top (after the config checks)
+
+            loop = importlib.import_module(loop_module)
+            init_distributed()
+            if jax.process_index() == 0:
+                print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+            loop.train_and_evaluate(config, workdir)
+
+        run(train)
+
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except (KeyError, AttributeError) as e:
+        if started:  # a real error of the run, not of the command line
+            raise
+        sys.exit(unknown_config_field(e))
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 

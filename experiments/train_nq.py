@@ -13,7 +13,7 @@ worker runs the same command (jax.distributed finds its peers); elsewhere pass -
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -29,36 +29,6 @@ except (KeyError, AttributeError) as e:
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, index, metrics); default ./workdir/nq_VARIANT.")
 cli.define_distributed_flags()
 
-_MAIN_STARTED = False
-
-
-def main(argv):
-    global _MAIN_STARTED
-    _MAIN_STARTED = True
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-
-    def train():
-        config = _CONFIG.value
-        workdir = _WORKDIR.value or os.path.join("workdir", f"nq_{config.variant}")
-        config_check.check_config(config)  # every field, before jax and the models load
-        config_check.check_workdir(workdir)
-        import jax  # pylint: disable=g-import-not-at-top (after the config checks)
-
-        from rag_jax.training import loop  # pylint: disable=g-import-not-at-top
-
-        cli.init_distributed()
-        if jax.process_index() == 0:
-            print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-        loop.train_and_evaluate(config, workdir)
-
-    cli.run(train)
-
 
 if __name__ == "__main__":
-    try:
-        app.run(main, flags_parser=cli.parse_flags)
-    except (KeyError, AttributeError) as e:
-        if _MAIN_STARTED:  # a real error of the run, not of the command line
-            raise
-        sys.exit(cli.unknown_config_field(e))
+    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop")

@@ -13,7 +13,7 @@ train_nq --config.model.question_encoder.init / doc_encoder.init).
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -29,36 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
                                "./workdir/retriever_VARIANT.")
 cli.define_distributed_flags()
 
-_MAIN_STARTED = False
-
-
-def main(argv):
-    global _MAIN_STARTED
-    _MAIN_STARTED = True
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-
-    def train():
-        config = _CONFIG.value
-        workdir = _WORKDIR.value or os.path.join("workdir", f"retriever_{config.variant}")
-        config_check.check_retriever_config(config)  # every field, before jax and the models load
-        config_check.check_workdir(workdir)
-        import jax  # pylint: disable=g-import-not-at-top (after the config checks)
-
-        from rag_jax.training import retriever_loop  # pylint: disable=g-import-not-at-top
-
-        cli.init_distributed()
-        if jax.process_index() == 0:
-            print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-        retriever_loop.train_and_evaluate(config, workdir)
-
-    cli.run(train)
-
 
 if __name__ == "__main__":
-    try:
-        app.run(main, flags_parser=cli.parse_flags)
-    except (KeyError, AttributeError) as e:
-        if _MAIN_STARTED:  # a real error of the run, not of the command line
-            raise
-        sys.exit(cli.unknown_config_field(e))
+    cli.run_training(_CONFIG, _WORKDIR, "retriever", config_check.check_retriever_config,
+                     "rag_jax.training.retriever_loop")
