@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from experiments.configs import retriever as retriever_config
-from rag_jax.models import hf
+from rag_jax.models import bert, hf
 from rag_jax.retrieval import corpus, training_data
 from rag_jax.training import retriever_loop
 from tests.test_cli_hostile import PASSAGES, QUESTIONS, refused, run
@@ -113,6 +113,42 @@ def test_run_resumes_and_exports_encoders_that_transformers_loads(tmp_path):
         ours = loaded.module().apply({"params": loaded.params}, ids, mask)[1]
         assert np.max(np.abs(np.asarray(ours) - theirs.pooler_output.detach().numpy())) <= 1e-5
         assert transformers.AutoTokenizer.from_pretrained(directory)("a b")["input_ids"][0] == 101
+
+
+def test_frozen_document_encoder_reads_the_index_vectors_of_the_batch_passages(tmp_path):
+    """model.train_doc_encoder=False: the loss scores the questions against the corpus vectors embedded once, which
+    must be the very vectors the document encoder gives the batch's passages (the rows line up), on 8 devices."""
+    from rag_jax.training import contrastive
+
+    fields = {"data.hard_negatives_per_question": 1}
+    trained = retriever_loop.setup(_tiny_config(**fields), str(tmp_path / "both"))
+    frozen = retriever_loop.setup(_tiny_config(**fields, **{"model.train_doc_encoder": False}), str(tmp_path / "q"))
+    assert set(frozen.trained()) == {"question"} and frozen.frozen_vectors.shape[0] == len(frozen.passages)
+    q_module, d_module = (bert.BertEncoder(frozen.encoders[k]) for k in ("question", "document"))
+    with_encoder = contrastive.bi_encoder_loss(q_module, d_module, trained.pretrained,
+                                               retriever_loop.global_batch(trained, 3))
+    batch = retriever_loop.global_batch(frozen, 3)
+    assert "passage_ids" not in batch
+    from_index = contrastive.bi_encoder_loss(q_module, d_module, frozen.trained(), batch)
+    assert float(from_index) == pytest.approx(float(with_encoder), rel=1e-5)
+
+    result = retriever_loop.train_and_evaluate(_tiny_config(**fields, **{"model.train_doc_encoder": False}),
+                                               str(tmp_path / "run"))
+    exported = {k: hf.load_encoder(result["export"][k]).params for k in ("question_encoder", "ctx_encoder")}
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), exported["ctx_encoder"],
+                        frozen.pretrained["document"])
+    assert all(jax.tree.leaves(same))  # the document encoder did not move ...
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), exported["question_encoder"],
+                         frozen.pretrained["question"])
+    assert any(jax.tree.leaves(moved))  # ... the question encoder did
+
+
+def test_frozen_document_encoder_needs_gold_pairs_and_separate_encoders():
+    from rag_jax.training import config_check
+
+    for fields in ({"model.shared_encoder": True}, {"data.kind": "ict"}):
+        with pytest.raises(config_check.ConfigError, match="model.train_doc_encoder=False"):
+            config_check.check_retriever_config(_tiny_config(**fields, **{"model.train_doc_encoder": False}))
 
 
 def test_mean_pooled_normalised_encoder_exports_as_sentence_transformers(tmp_path):

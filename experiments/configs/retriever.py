@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.question_encoder = nq.encoder_section(64, 2, 4, 128, init_range=0.02)
     c.model.doc_encoder = nq.encoder_section(64, 2, 4, 128, init_range=0.02)
     c.model.shared_encoder = False  # one set of weights for both sides (DPR: separate, encoder.share_encoders false)
+    # Train the document encoder too (DPR: both). False: it stays as initialised, the corpus is embedded once, and
+    # only the question encoder learns against those index vectors (as RAG fine-tunes a retriever: Lewis et al.
+    # 2020, sec. 2.4, keep the index fixed); gold pairs only, every passage in data.passages.
+    c.model.train_doc_encoder = True
     # Scores x this in the loss's softmax. DPR: 1 (raw inner products). L2-normalised encoders (all-MiniLM-L6-v2)
     # give cosines in [-1, 1]: sentence-transformers' MultipleNegativesRankingLoss uses 20 (its default scale).
     c.model.score_scale = 1.0

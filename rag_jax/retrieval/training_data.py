@@ -257,12 +257,15 @@ class Batches:
 
 
 def tokenize(tokenizer, examples: Sequence[dict[str, Any]], max_question_length: int,
-             max_passage_length: int) -> dict[str, np.ndarray]:
+             max_passage_length: int, with_passages: bool = True) -> dict[str, np.ndarray]:
     """int32 arrays: question_ids/question_mask (Q, Lq); passage_ids/passage_mask/passage_types (Q*(1+H), Lp), each
-    question's positive then its negatives, (title, text) pairs as the index embeds them; fixed lengths, one
-    compilation."""
+    question's positive then its negatives, (title, text) pairs as the index embeds them (unless not
+    `with_passages`: a frozen document encoder reads their vectors instead); fixed lengths, one compilation."""
     questions = tokenizer([e["question"] for e in examples], max_length=max_question_length, truncation=True,
                           padding="max_length", return_tensors="np")
+    if not with_passages:
+        return {"question_ids": questions["input_ids"].astype(np.int32),
+                "question_mask": questions["attention_mask"].astype(np.int32)}
     rows = [p for e in examples for p in [e["positive"], *e["negatives"]]]
     docs = tokenizer([p.title for p in rows], [p.text for p in rows], max_length=max_passage_length,
                      truncation="longest_first", padding="max_length", return_tensors="np")
@@ -270,3 +273,10 @@ def tokenize(tokenizer, examples: Sequence[dict[str, Any]], max_question_length:
             "question_mask": questions["attention_mask"].astype(np.int32),
             "passage_ids": docs["input_ids"].astype(np.int32), "passage_mask": docs["attention_mask"].astype(np.int32),
             "passage_types": docs["token_type_ids"].astype(np.int32)}
+
+
+def passage_rows(passages: Corpus, examples: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The corpus rows of the batch's passages (Q*(1+H),), in tokenize's order: each question's positive, then its
+    negatives."""
+    return np.array([passages.row(p.id, e["where"]) for e in examples for p in [e["positive"], *e["negatives"]]],
+                    np.int64)

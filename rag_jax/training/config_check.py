@@ -146,7 +146,7 @@ RULES: dict[str, Any] = {
     # experiments/configs/retriever.py (train_retriever) only
     "data.kind": _Choice(RETRIEVER_DATA), "data.hard_negatives": _PATH, "data.hard_negatives_per_question": _COUNT,
     "data.ict_keep_sentence": _Number(integer=False, low=0.0, high=1.0), "data.max_passage_length": _POSITIVE,
-    "model.shared_encoder": _BOOL, "model.score_scale": _SCALE,
+    "model.shared_encoder": _BOOL, "model.train_doc_encoder": _BOOL, "model.score_scale": _SCALE,
 }
 
 
@@ -275,6 +275,10 @@ def check_retriever_config(config: ml_collections.ConfigDict) -> None:
             require_path(c.init, f"model.{part}.init", "'random' or a BERT/DPR checkpoint directory", directory=True)
     require_path(d.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout or JSONL)",
                  directory=False)
+    if not m.train_doc_encoder and (m.shared_encoder or d.kind != "gold"):
+        raise ConfigError(f"config model.train_doc_encoder=False freezes the document encoder, which needs "
+                          f"model.shared_encoder=False (now {m.shared_encoder}) and data.kind='gold' (now "
+                          f"{d.kind!r}: its passages are rows of data.passages); change one of them")
     if d.kind == "dpr":
         require_path(d.train_file, "data.train_file", "DPR's training JSON (e.g. biencoder-nq-train.json)",
                      directory=False)

@@ -66,11 +66,14 @@ def vectors(question_module: bert.BertEncoder, document_module: bert.BertEncoder
             rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """(q_QxD, d_PxD) of one global batch. params = {"question": ..., "document": ...}, or {"question": ...} alone
     when `shared_encoder` (one BERT encodes both sides, as a shared-weights DPR does). batch holds
-    question_ids/question_mask (Q, Lq) and passage_ids/passage_mask[/passage_types] (Q*(1+H), Lp); dropout is on
+    question_ids/question_mask (Q, Lq) and passage_ids/passage_mask[/passage_types] (Q*(1+H), Lp), or, when the
+    document encoder is frozen, passage_vectors (Q*(1+H), D) (params then hold "question" alone); dropout is on
     when `rngs` is given."""
     train = {"deterministic": rngs is None, "rngs": rngs or {}}
-    document_params = params["question"] if shared_encoder else params["document"]
     q_QxD = encode(question_module, params["question"], batch["question_ids"], batch["question_mask"], **train)
+    if "passage_vectors" in batch:  # a frozen document encoder: the passages' index vectors, no encoder to run
+        return q_QxD, batch["passage_vectors"]
+    document_params = params["question"] if shared_encoder else params["document"]
     # (title, text) pairs carry segment ids, as the index embeds them; without them every token is segment 0.
     d_PxD = encode(document_module, document_params, batch["passage_ids"], batch["passage_mask"],
                    batch.get("passage_types"), **train)

@@ -56,15 +56,24 @@ class Run:
     schedule: optax.Schedule
     step: Callable  # step(state, batch, rng) -> (state, metrics)
     batch_sharding: Any
+    # model.train_doc_encoder=False: the corpus embedded once by the frozen document encoder (rows as in passages);
+    # the steps read their passages' vectors from it and the evaluations search it. None: both encoders train.
+    frozen_vectors: np.ndarray | None = None
+
+    def trained(self) -> dict[str, Any]:
+        """The parameters the optimiser updates (the state's params)."""
+        return {"question": self.pretrained["question"]} if self.frozen_vectors is not None else self.pretrained
 
     def initial_state(self) -> TrainState:
         replicated = sharding.replicated(self.mesh)
-        params = jax.device_put(self.pretrained, replicated)
+        params = jax.device_put(self.trained(), replicated)
         init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), out_shardings=replicated)
         return init(params)
 
     def document_params(self, params: dict[str, Any]) -> Any:
-        return params["question"] if self.config.model.shared_encoder else params["document"]
+        if self.config.model.shared_encoder:
+            return params["question"]
+        return self.pretrained["document"] if self.frozen_vectors is not None else params["document"]
 
 
 def _dev_examples(config: ml_collections.ConfigDict, passages: training_data.Corpus) -> list[dict[str, Any]]:
@@ -150,16 +159,31 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     schedule = optim.learning_rate_schedule(config)
     step = make_step(encoders, tx, schedule, m.shared_encoder, m.score_scale)
     batch_sharding = sharding.named_sharding(mesh, ("batch", None))
-    return Run(config, workdir, mesh, tokenizer, encoders, pretrained, passages, batches, dev, tx, schedule, step,
-               batch_sharding)
+    run = Run(config, workdir, mesh, tokenizer, encoders, pretrained, passages, batches, dev, tx, schedule, step,
+              batch_sharding)
+    if not m.train_doc_encoder:
+        t0 = time.time()
+        run.frozen_vectors = _embed_corpus(run, pretrained["document"])
+        log(f"document encoder frozen: embedded the {len(passages)} passages once ({time.time() - t0:.0f}s)")
+    return run
+
+
+def _embed_corpus(run: Run, doc_params: Any) -> np.ndarray:
+    c = run.config
+    return embed.embed_passages(embed.make_encode_fn(run.encoders["document"]), doc_params, run.tokenizer,
+                                run.passages.passages, c.index.batch_size, c.index.max_length)
 
 
 def global_batch(run: Run, step: int) -> dict[str, jax.Array]:
     """The step's tokenised global batch as jax arrays split over the data axis (every process builds the same one
     and places its own devices' rows)."""
     c = run.config
-    arrays = training_data.tokenize(run.tokenizer, run.batches.at(step), c.data.max_question_length,
-                                     c.data.max_passage_length)
+    examples = run.batches.at(step)
+    frozen = run.frozen_vectors is not None
+    arrays = training_data.tokenize(run.tokenizer, examples, c.data.max_question_length, c.data.max_passage_length,
+                                    with_passages=not frozen)
+    if frozen:
+        arrays["passage_vectors"] = run.frozen_vectors[training_data.passage_rows(run.passages, examples)]
     return {k: jax.make_array_from_callback(v.shape, run.batch_sharding, lambda index, v=v: v[index])
             for k, v in arrays.items()}
 
@@ -172,9 +196,9 @@ def evaluate(run: Run, params: dict[str, Any]) -> dict[str, float]:
     questions name their gold passage) over the corpus embedded with the current document encoder."""
     c = run.config
     params = jax.device_get(params)
-    doc_params = run.document_params(params)
-    vectors = embed.embed_passages(embed.make_encode_fn(run.encoders["document"]), doc_params, run.tokenizer,
-                                   run.passages.passages, c.index.batch_size, c.index.max_length)
+    vectors = run.frozen_vectors
+    if vectors is None:
+        vectors = _embed_corpus(run, run.document_params(params))
     questions = embed.embed_questions(run.encoders["question"], params["question"], run.tokenizer,
                                        [e["question"] for e in run.dev], c.eval.batch_size, c.data.max_question_length)
     ks = sorted(k for k in c.eval.recall_ks if k <= len(run.passages))
@@ -202,8 +226,8 @@ def export_encoders(run: Run, params: dict[str, Any], directory: str) -> dict[st
         cfg = run.encoders[key]
         cfg = dataclasses.replace(cfg, hidden_dropout=0.1, attention_dropout=0.1)  # BERT's defaults in the export
         out[name] = export.save_hf_encoder(os.path.join(directory, name), cfg,
-                                           params["question"] if key == "document" and run.config.model.shared_encoder
-                                           else params[key], role, run.tokenizer, overwrite=True)
+                                           run.document_params(params) if key == "document" else params[key], role,
+                                           run.tokenizer, overwrite=True)
     return out
 
 
