@@ -115,6 +115,7 @@ def test_run_resumes_and_exports_encoders_that_transformers_loads(tmp_path):
         assert transformers.AutoTokenizer.from_pretrained(directory)("a b")["input_ids"][0] == 101
 
 
+@pytest.mark.slow
 def test_frozen_document_encoder_reads_the_index_vectors_of_the_batch_passages(tmp_path):
     """model.train_doc_encoder=False: the loss scores the questions against the corpus vectors embedded once, which
     must be the very vectors the document encoder gives the batch's passages (the rows line up), on 8 devices."""
