@@ -110,6 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.question_encoder = encoder_section(64, 2, 4, 128, init_range=0.2)  # q(x); trained
     # d(z): frozen, embeds the index. Random weights need a large init range, or every passage gets the same vector.
     c.model.doc_encoder = encoder_section(64, 2, 4, 128, init_range=0.5)
+    # End-to-end RAG (REALM, RAG-end2end): train d(z) too, from these weights; the passages retrieved from the
+    # index are embedded again with the current d(z) in every step. False: the paper's frozen document encoder.
+    c.model.doc_encoder.trainable = False
+    c.model.doc_encoder.lr_scale = 1.0  # a trained d(z)'s learning rate over optim.learning_rate
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
     c.model.loss = "sequence"  # "sequence" (RAG-Sequence) or "token" (RAG-Token) marginal likelihood
@@ -131,6 +135,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
     c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+    # Over-retrieve and rerank (Atlas's retrieve_with_rerank; needs model.doc_encoder.trainable, host mode): retrieve
+    # L >= model.n_docs candidates from the possibly stale index, keep the n_docs the current encoders score best.
+    # 0: retrieve model.n_docs and keep them all.
+    c.retrieval.rerank_candidates = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak learning rate

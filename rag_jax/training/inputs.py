@@ -32,10 +32,15 @@ BATCH_AXES = {
     "doc_rows": ("batch", "docs"),
     "question_gen_ids": ("batch", "length"),
     "question_gen_length": ("batch",),
+    # End-to-end training (model.doc_encoder.trainable): the retrieved passages' document-encoder tokens.
+    "doc_input_ids": ("batch", "docs", "length"),
+    "doc_attention_mask": ("batch", "docs", "length"),
+    "doc_token_type_ids": ("batch", "docs", "length"),
 }
 CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length")}  # tokens: length, ids
 HOST_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "context_input_ids",
              "context_attention_mask", "doc_embeds", "doc_rows")
+DOC_TOKEN_KEYS = ("doc_input_ids", "doc_attention_mask", "doc_token_type_ids")
 DEVICE_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "question_gen_ids",
                "question_gen_length")
 
@@ -72,7 +77,8 @@ class BatchBuilder:
         self.config, self.model, self.mesh = config, model, mesh
         self.retriever, self.encode = retriever, encode
         self.device_mode = config.retrieval.mode == "device"
-        self.keys = DEVICE_KEYS if self.device_mode else HOST_KEYS
+        self.keys = DEVICE_KEYS if self.device_mode else HOST_KEYS + (DOC_TOKEN_KEYS if model.trains_doc_encoder
+                                                                      else ())
 
     def __call__(self, params, local: dict[str, Any]) -> dict[str, jax.Array]:
         arrays = {
@@ -90,7 +96,7 @@ class BatchBuilder:
         questions = _global({k: arrays[k] for k in ("question_input_ids", "question_attention_mask")}, self.mesh)
         q_global = self.encode(params, questions["question_input_ids"], questions["question_attention_mask"])
         q_local = sharding.host_local_rows(q_global)
-        n_docs = self.config.model.n_docs
+        n_docs = candidates(self.config)  # the step keeps the best n_docs of them when reranking
         found = self.retriever(q_local, local["question_input_ids"], n_docs)
         batch, length = q_local.shape[0], found.context_input_ids_BKxS.shape[-1]
         arrays.update(
@@ -99,8 +105,15 @@ class BatchBuilder:
             context_input_ids=found.context_input_ids_BKxS.reshape(batch, n_docs, length),
             context_attention_mask=found.context_attention_mask_BKxS.reshape(batch, n_docs, length),
         )
+        if self.model.trains_doc_encoder:
+            arrays.update({key: x.reshape(batch, n_docs, -1) for key, x in found.doc_tokens.items()})
         out = _global({k: v for k, v in arrays.items() if k not in questions}, self.mesh)
         return {**questions, **out}
+
+
+def candidates(config) -> int:
+    """Passages retrieved per question for a step: retrieval.rerank_candidates L when reranking, else model.n_docs."""
+    return int(config.retrieval.get("rerank_candidates", 0)) or int(config.model.n_docs)
 
 
 def device_corpus(index, mesh, generator_tokenizer, fmt) -> tuple[dict[str, jax.Array], dict[str, Any]]:

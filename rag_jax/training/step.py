@@ -2,8 +2,12 @@
 metrics)` (state donated, no I/O).
 
 One step: question encoding q(x), doc scores q(x)·d(z) against the retrieved documents' precomputed embeddings, BART
-over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. The document encoder is frozen:
-it is not in the state, its embeddings are the index. Retrieval (config retrieval.mode):
+over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. In the paper's recipe the
+document encoder is frozen: it is not in the state, its embeddings are the index. End to end (model.doc_encoder.
+trainable) it is params["doc_encoder"] and the step embeds the retrieved passages again from their document-encoder
+tokens, so the doc scores carry gradients to both encoders; with retrieval.rerank_candidates L the batch holds L
+passages per question from the (stale) index and the step keeps the K that the current encoders score best (Atlas's
+retrieve_with_rerank). Retrieval (config retrieval.mode):
   host    the loop encodes the batch's questions with a separate jitted call, searches on the host (exact or
           ScaNN, rag_jax/retrieval/retriever.py), forms the generator inputs there exactly as the reference does,
           and the step receives them with the retrieved embeddings; `corpus` is empty.
@@ -28,13 +32,13 @@ import optax
 from rag_jax import rag, sharding
 from rag_jax.retrieval import contexts, exact
 from rag_jax.training import build, contrastive, optim
-from rag_jax.training.inputs import BATCH_AXES
+from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
-    params: Any  # {"question_encoder": ..., "generator": ...}
+    params: Any  # {"question_encoder": ..., "generator": ...} (+ "doc_encoder" when it is trained)
     opt_state: Any
 
 
@@ -78,6 +82,9 @@ def create_train_state(model: rag.Rag, tx: optax.GradientTransformation, mesh, r
 
 # ---------------------------------------------------------------------------------------------------- step
 
+# What a batch holds per retrieved passage: reranking keeps these for the K best of the L candidates.
+RERANKED_KEYS = ("doc_rows", "doc_embeds", "context_input_ids", "context_attention_mask") + DOC_TOKEN_KEYS
+
 
 def _split_microbatches(batch: dict[str, jax.Array], count: int, mesh) -> dict[str, jax.Array]:
     """(B, ...) -> (count, B/count, ...) with microbatch i = rows i, i+count, ...: each device keeps its rows."""
@@ -112,6 +119,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     max_len = model.config.context.max_combined_length
     frozen_question_encoder = optim.freezes_question_encoder(config)
     retrieval_weight = float(config.train.get("retrieval_loss_weight", 0.0))  # (absent from configs saved before it)
+    reranks = int(config.retrieval.get("rerank_candidates", 0)) > 0  # (absent from configs saved before it)
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
@@ -127,13 +135,27 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                  "context_attention_mask": mask}
         return {**batch, **{key: constrain(key, x) for key, x in found.items()}}
 
+    def rerank(params, batch):
+        """The batch's L candidates per question -> the K that the current q(x) and d(z) score best, best first
+        (deterministic encoders, no gradient: the choice is not trained, the K kept are, in loss_fn)."""
+        q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
+        scores_BxL = jax.lax.stop_gradient(model.trained_doc_scores(params, q_BxD, batch))
+        _, keep_BxK = jax.lax.top_k(scores_BxL, n_docs)
+        kept = {key: jnp.take_along_axis(batch[key], keep_BxK.reshape(keep_BxK.shape + (1,) * (batch[key].ndim - 2)),
+                                         axis=1)
+                for key in RERANKED_KEYS}
+        return {**batch, **{key: constrain(key, x) for key, x in kept.items()}}
+
     def loss_fn(params, batch, rng):
         q_rng, g_rng = jax.random.split(rng)
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"],
                                        dropout_rng=q_rng)
         if frozen_question_encoder:  # its gradient would be scaled to 0: not computing it saves its backward pass
             q_BxD = jax.lax.stop_gradient(q_BxD)
-        scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
+        if model.trains_doc_encoder:
+            scores_BxK = model.trained_doc_scores(params, q_BxD, batch, dropout_rng=jax.random.fold_in(rng, 2))
+        else:
+            scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
         b, k, s = batch["context_input_ids"].shape
         logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
                                         batch["context_attention_mask"].reshape(b * k, s), batch["labels"],
@@ -156,9 +178,12 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         rng = jax.random.fold_in(rng, state.step)
         if device_mode:
             batch = retrieve(state.params, batch, corpus)
+        if reranks:
+            batch = rerank(state.params, batch)
         model_batch = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "labels",
                                                    "context_input_ids", "context_attention_mask", "doc_embeds")
-                       + (("doc_rows", "gold_row") if retrieval_weight else ())}
+                       + (("doc_rows", "gold_row") if retrieval_weight else ())
+                       + (DOC_TOKEN_KEYS if model.trains_doc_encoder else ())}
         if accum == 1:
             loss, grads = grad_fn(state.params, model_batch, rng)
         else:
