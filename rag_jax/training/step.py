@@ -86,6 +86,20 @@ def create_train_state(model: rag.Rag, tx: optax.GradientTransformation, mesh, r
 RERANKED_KEYS = ("doc_rows", "doc_embeds", "context_input_ids", "context_attention_mask") + DOC_TOKEN_KEYS
 
 
+def rerank(model: rag.Rag, params, batch: dict[str, jax.Array], n_docs: int) -> dict[str, jax.Array]:
+    """The batch's L candidate passages per question -> the `n_docs` that the current q(x) and d(z) score best, best
+    first (Atlas's retrieve_with_rerank). Both encoders run without dropout and without gradient: the choice is not
+    trained; the passages kept are, by the loss."""
+    q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
+    scores_BxL = jax.lax.stop_gradient(model.trained_doc_scores(params, q_BxD, batch))
+    _, keep_BxK = jax.lax.top_k(scores_BxL, n_docs)
+
+    def kept(x):
+        return jnp.take_along_axis(x, keep_BxK.reshape(keep_BxK.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    return {**batch, **{key: kept(batch[key]) for key in RERANKED_KEYS}}
+
+
 def _split_microbatches(batch: dict[str, jax.Array], count: int, mesh) -> dict[str, jax.Array]:
     """(B, ...) -> (count, B/count, ...) with microbatch i = rows i, i+count, ...: each device keeps its rows."""
 
@@ -135,17 +149,6 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                  "context_attention_mask": mask}
         return {**batch, **{key: constrain(key, x) for key, x in found.items()}}
 
-    def rerank(params, batch):
-        """The batch's L candidates per question -> the K that the current q(x) and d(z) score best, best first
-        (deterministic encoders, no gradient: the choice is not trained, the K kept are, in loss_fn)."""
-        q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
-        scores_BxL = jax.lax.stop_gradient(model.trained_doc_scores(params, q_BxD, batch))
-        _, keep_BxK = jax.lax.top_k(scores_BxL, n_docs)
-        kept = {key: jnp.take_along_axis(batch[key], keep_BxK.reshape(keep_BxK.shape + (1,) * (batch[key].ndim - 2)),
-                                         axis=1)
-                for key in RERANKED_KEYS}
-        return {**batch, **{key: constrain(key, x) for key, x in kept.items()}}
-
     def loss_fn(params, batch, rng):
         q_rng, g_rng = jax.random.split(rng)
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"],
@@ -179,7 +182,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         if device_mode:
             batch = retrieve(state.params, batch, corpus)
         if reranks:
-            batch = rerank(state.params, batch)
+            batch = rerank(model, state.params, batch, n_docs)
+            batch = {**batch, **{key: constrain(key, batch[key]) for key in RERANKED_KEYS}}
         model_batch = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "labels",
                                                    "context_input_ids", "context_attention_mask", "doc_embeds")
                        + (("doc_rows", "gold_row") if retrieval_weight else ())
