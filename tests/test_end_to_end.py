@@ -202,10 +202,12 @@ def test_rerank_keeps_exactly_the_top_k_by_the_current_encoders(run):
     assert np.any(best.max(axis=1) >= k)
 
 
-def test_one_step_trains_the_doc_encoder_with_its_learning_rate_scale():
+@pytest.mark.parametrize("question_scale", [1.0, 0.0])  # 0: a frozen q(x) (its own optax branch)
+def test_one_step_trains_the_doc_encoder_with_its_learning_rate_scale(question_scale):
     """Adam with model.doc_encoder.lr_scale s: the document encoder's update is s times the unscaled one, the other
     parts' are unchanged."""
-    config = train_task.tiny_config({"questions": "q", "passages": "p"}, **{"model.doc_encoder.trainable": True})
+    config = train_task.tiny_config({"questions": "q", "passages": "p"}, **{
+        "model.doc_encoder.trainable": True, "optim.question_encoder_lr_scale": question_scale})
     params = {part: {"w": jnp.ones((3,)) * i} for i, part in enumerate(("question_encoder", "generator",
                                                                         "doc_encoder"), 1)}
     grads = jax.tree_util.tree_map(lambda x: x * 0.1 + 0.05, params)
