@@ -248,8 +248,6 @@ def test_the_paper_recipe_keeps_its_state_without_a_doc_encoder():
     ({"model.doc_encoder.trainable": True, "model.doc_encoder.lr_scale": 0.0},
      r"config model\.doc_encoder\.lr_scale=0\.0: must be a number > 0"),
     ({"retrieval.rerank_candidates": -1}, r"config retrieval\.rerank_candidates=-1: must be an integer >= 0"),
-    ({"model.doc_encoder.trainable": True, "retrieval.mode": "device"},
-     r"model\.doc_encoder\.trainable=True works with retrieval\.mode='host' only.*--config\.retrieval\.mode=host"),
     ({"retrieval.rerank_candidates": 5}, r"rerank_candidates=5 .*trainable=False.*--config"),
     ({"model.doc_encoder.trainable": True, "model.n_docs": 3, "retrieval.rerank_candidates": 2},
      r"rerank_candidates=2 is below model\.n_docs=3"),
@@ -267,3 +265,23 @@ def test_end_to_end_config_errors_name_the_field(tmp_path, overrides, expected):
     with pytest.raises(build.ConfigError, match=expected) as error:
         build.check_config(config)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_device_retrieval_equals_host_retrieval_end_to_end(tmp_path):
+    """The document-encoder tokens kept on the devices beside the embeddings (device mode) give the steps that the
+    tokens travelling with host retrieval give: the same losses and parameters, reranking L=4 to K=2 included."""
+    from tests.test_train import EXACT, _assert_params_close, _mesh, _steps
+
+    task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=16, num_distractors=16)
+    fields = {**EXACT, "model.doc_encoder.dropout": 0.0, "model.doc_encoder.trainable": True,
+              "retrieval.rerank_candidates": 4}
+    host = _steps(train_task.tiny_config(task, **fields), str(tmp_path / "host"), _mesh(2, 1))
+    device = _steps(train_task.tiny_config(task, **fields, **{"retrieval.mode": "device"}), str(tmp_path / "device"),
+                    _mesh(4, 2))
+    np.testing.assert_allclose(device[0], host[0], rtol=1e-5)
+    assert device[2] == host[2]
+    _assert_params_close(device[1], host[1])
+    moved = jax.tree_util.tree_map(lambda x, y: np.abs(np.asarray(x) - y).max(), host[3]["doc_encoder"],
+                                   host[1]["doc_encoder"])
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-5  # d(z) trained (Adam eps 1e-3 keeps its first steps small)

@@ -210,10 +210,6 @@ def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
     """A trained document encoder and reranking: the combinations built so far."""
     trainable = bool(_get(config, "model.doc_encoder.trainable", False))
     candidates = _get(config, "retrieval.rerank_candidates", 0)
-    if trainable and config.retrieval.mode == "device":
-        raise ConfigError("config model.doc_encoder.trainable=True works with retrieval.mode='host' only (device "
-                          "retrieval does not yet hold the passages' document-encoder tokens); set "
-                          "--config.retrieval.mode=host")
     if candidates and not trainable:
         raise ConfigError(f"config retrieval.rerank_candidates={candidates} reranks with the current document "
                           "encoder, but model.doc_encoder.trainable=False (a frozen one would keep the index's order); "

@@ -120,7 +120,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     abstract_state, state_shardings = state_layout(model, tx, mesh)
     corpus, corpus_shardings = {}, {}
     if config.retrieval.mode == "device":
-        corpus, corpus_shardings = inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context)
+        corpus, corpus_shardings = inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context,
+                                                        **doc_tokens)
     encode = inputs.make_encode(model, mesh, state_shardings.params) if config.retrieval.mode == "host" else None
     batches = inputs.BatchBuilder(config, model, mesh, retriever, encode)
     train_step = make_train_step(model, tx, config, mesh, state_shardings, batches.keys, corpus_shardings,

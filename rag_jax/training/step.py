@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
-from rag_jax.retrieval import contexts, exact
+from rag_jax.retrieval import contexts, embed, exact
 from rag_jax.training import build, contrastive, optim
-from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS
+from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates
 
 
 @flax.struct.dataclass
@@ -127,8 +127,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     n_docs = int(config.model.n_docs)
     schedule = optim.learning_rate_schedule(config)
     device_mode = config.retrieval.mode == "device"
-    if device_mode:
-        topk = exact.make_sharded_topk(mesh, n_docs, num_passages, corpus_axes=sharding.corpus_axes())
+    if device_mode:  # (L candidates when reranking)
+        topk = exact.make_sharded_topk(mesh, candidates(config), num_passages, corpus_axes=sharding.corpus_axes())
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
     frozen_question_encoder = optim.freezes_question_encoder(config)
@@ -141,12 +141,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     def retrieve(params, batch, corpus):
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
         rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), corpus["embeddings"])
-        embeds, table = gather(rows_BxK, corpus["embeddings"], corpus["tokens"])
+        tables = ("embeddings", "tokens") + (("doc_tokens",) if model.trains_doc_encoder else ())
+        embeds, table, *doc_table = gather(rows_BxK, *(corpus[key] for key in tables))
         ids, mask = contexts.assemble_contexts(table[..., 1:], table[..., 0], batch["question_gen_ids"],
                                                       batch["question_gen_length"], max_len, bos=bos, eos=eos,
                                                       pad=pad)
         found = {"doc_rows": rows_BxK, "doc_embeds": embeds.astype(jnp.float32), "context_input_ids": ids,
-                 "context_attention_mask": mask}
+                 "context_attention_mask": mask, **(embed.split_doc_tokens(doc_table[0]) if doc_table else {})}
         return {**batch, **{key: constrain(key, x) for key, x in found.items()}}
 
     def loss_fn(params, batch, rng):
