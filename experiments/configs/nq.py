@@ -138,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
     c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
-    # Over-retrieve and rerank (Atlas's retrieve_with_rerank; needs model.doc_encoder.trainable, host mode): retrieve
+    # Over-retrieve and rerank (Atlas's retrieve_with_rerank; needs model.doc_encoder.trainable): retrieve
     # L >= model.n_docs candidates from the possibly stale index, keep the n_docs the current encoders score best.
     # 0: retrieve model.n_docs and keep them all.
     c.retrieval.rerank_candidates = 0
