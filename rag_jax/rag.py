@@ -1,9 +1,11 @@
 """The RAG model: question encoder q(x), doc scores q(x)·d(z), a BART or T5 generator over the K retrieved documents, and the
 RAG-Sequence / RAG-Token marginal negative log-likelihoods of Lewis et al. (2020).
 
-Parameters are one tree {"question_encoder": ..., "generator": ...}. The document encoder is not part of it: the
-retrieved documents' embeddings arrive precomputed, so the question encoder gets its gradient only through the
-doc scores, as in the paper and the reference.
+Parameters are one tree {"question_encoder": ..., "generator": ...}. In the paper's recipe the document encoder is not
+part of it: the retrieved documents' embeddings arrive precomputed, so the question encoder gets its gradient only
+through the doc scores. End-to-end RAG (a `doc_encoder_config`; transformers' RAG after
+`set_context_encoder_for_training`, REALM) adds params["doc_encoder"]: the retrieved passages are embedded again with
+it (`trained_doc_scores`), so q(x)·d(z) carries gradients to both encoders.
 
 The losses follow `transformers`' RagSequenceForGeneration.get_nll / RagTokenForGeneration.get_nll, quirks included
 (each is marked "reference quirk").
@@ -63,6 +65,15 @@ class Rag:
     question_encoder_config: bert.BertConfig
     generator_config: bart.BartConfig | t5.T5Config
     config: RagConfig = RagConfig()
+    doc_encoder_config: bert.BertConfig | None = None  # set: d(z) is trained, params["doc_encoder"]
+
+    @property
+    def trains_doc_encoder(self) -> bool:
+        return self.doc_encoder_config is not None
+
+    @property
+    def doc_encoder(self) -> bert.BertEncoder:
+        return bert.BertEncoder(self.doc_encoder_config)
 
     @property
     def question_encoder(self) -> bert.BertEncoder:
@@ -85,6 +96,31 @@ class Rag:
             rngs=_rngs(dropout_rng),
         )
         return q_BxD
+
+    def encode_docs(self, params: Params, input_ids_NxL, attention_mask_NxL, token_type_ids_NxL, *,
+                    dropout_rng=None) -> jax.Array:
+        """d(z) with the trained document encoder: the pooled passage vectors (N, D), float32."""
+        _, d_NxD = self.doc_encoder.apply(
+            {"params": params["doc_encoder"]},
+            input_ids_NxL,
+            attention_mask_NxL,
+            token_type_ids_NxL,
+            deterministic=dropout_rng is None,
+            rngs=_rngs(dropout_rng),
+        )
+        return d_NxD.astype(jnp.float32)
+
+    def trained_doc_scores(self, params: Params, q_BxD: jax.Array, doc_tokens: dict[str, jax.Array], *,
+                           dropout_rng=None) -> jax.Array:
+        """q(x)·d(z) (B, K) with d(z) embedded now by params["doc_encoder"] from the retrieved passages' document-
+        encoder tokens {"doc_input_ids", "doc_attention_mask", "doc_token_type_ids"} (each (B, K, L)); gradients
+        reach both encoders (transformers' RagModel.forward when `context_encoder_training`)."""
+        b, k, length = doc_tokens["doc_input_ids"].shape
+        flat = [doc_tokens[key].reshape(b * k, length)
+                for key in ("doc_input_ids", "doc_attention_mask", "doc_token_type_ids")]
+        d_BxKxD = self.encode_docs(params, *flat, dropout_rng=dropout_rng).reshape(b, k, -1)
+        d_BxKxD = constrain(d_BxKxD, ("batch", "docs", "embed"))
+        return jnp.einsum("bd,bkd->bk", q_BxD.astype(jnp.float32), d_BxKxD)
 
     def generator_logits(
         self,
@@ -118,7 +154,10 @@ def init_params(model: Rag, rng: jax.Array) -> dict[str, Any]:
     ids = jnp.ones((1, 8), jnp.int32)
     q_vars = model.question_encoder.init(q_rng, ids, ids)
     g_vars = model.generator.init(g_rng, ids, ids, ids[:, :4])
-    return {"question_encoder": q_vars["params"], "generator": g_vars["params"]}
+    params = {"question_encoder": q_vars["params"], "generator": g_vars["params"]}
+    if model.trains_doc_encoder:  # its initial weights come from the run's document encoder (training.build)
+        params["doc_encoder"] = model.doc_encoder.init(jax.random.fold_in(rng, 2), ids, ids)["params"]
+    return params
 
 
 def abstract_params(model: Rag) -> Any:

@@ -35,6 +35,20 @@ def test_tiny_t5_train_step_compiles_and_paper_t5_has_t5_large_sizes():
         "t5", 1024, 24, 16, 2816, 64)
 
 
+@pytest.mark.slow
+def test_end_to_end_train_step_compiles_with_the_doc_encoder_in_the_state():
+    """A trained d(z) (reranking L=4 of index candidates to K=2): more state (its params and Adam moments) and more
+    FLOPs (L passages embedded, K of them with gradients) than the paper's frozen-d(z) step."""
+    frozen = aot.compile_train_step(nq.get_config("tiny"), aot.parse_topology("v5e-8"))
+    config = nq.get_config("tiny")
+    config.model.doc_encoder.trainable = True
+    config.retrieval.rerank_candidates = 4
+    trained = aot.compile_train_step(config, aot.parse_topology("v5e-8"))
+    assert trained.fits
+    assert trained.per_device_bytes["aliased"] > frozen.per_device_bytes["aliased"]
+    assert trained.flops_per_device > frozen.flops_per_device
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [("v4-8", ("v4:2x2x1", 4)), ("v4-32", ("v4:2x2x4", 16)), ("v5e-16", ("v5e:4x4", 16)), ("v6e-8", ("v6e:2x4", 8))],

@@ -51,11 +51,15 @@ def test_quick_run_writes_every_benchmark(quick_rows):
 
 @pytest.mark.slow
 def test_quick_train_step_compares_the_same_computation(quick_rows):
-    (row,) = quick_rows[0]["train_step"]
-    assert row["size"] == "tiny" and row["ours_s"] > 0 and row["reference_s"] > 0
-    assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
-    # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
-    assert row["first_loss_rel_diff"] < 1e-4
+    rows = quick_rows[0]["train_step"]
+    # The paper's step and the end-to-end one (trained document encoder, transformers' context-encoder training mode).
+    assert [row["mode"] for row in rows] == ["rag", "end2end"]
+    for row in rows:
+        assert row["size"] == "tiny" and row["ours_s"] > 0 and row["reference_s"] > 0
+        assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
+        # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
+        assert row["first_loss_rel_diff"] < 1e-4
+    assert rows[1]["model_gflop"] > rows[0]["model_gflop"]  # + the document encoder's forward and backward
 
 
 @pytest.mark.slow

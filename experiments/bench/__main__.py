@@ -5,7 +5,8 @@
 
 Sub-benchmarks:
   train_step  one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
-              transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch
+              transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch; and the
+              end-to-end step (trained document encoder) vs transformers' context-encoder training mode
   decode      RAG-Token greedy / beam 4 and RAG-Sequence thorough beam 4 decoding vs the reference's `generate`
   embed       document encoder passages/second vs DPRContextEncoder
   mips        exact top-k vs faiss IndexFlatIP; ScaNN

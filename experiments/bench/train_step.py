@@ -1,12 +1,18 @@
 """train_step: one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
-transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch."""
+transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch; and the end-to-end step
+(model.doc_encoder.trainable: the K passages embedded again by the trained document encoder) vs transformers' RAG in
+context-encoder training mode (`set_context_encoder_for_training`)."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from experiments.bench.common import Options, Twins, paired_median_seconds, relative, train_batch, twins
+import dataclasses
+import os
+
+from experiments.bench.common import (Options, Twins, jax_model, model_config, padded, paired_median_seconds,
+                                      relative, train_batch, twins)
 
 
 class JaxTrainer:
@@ -19,7 +25,7 @@ class JaxTrainer:
         self.mesh = pair.mesh
         _, state_shardings = step.state_layout(pair.model, pair.tx, self.mesh)
         self.step_fn = step.make_train_step(pair.model, pair.tx, pair.config, self.mesh, state_shardings,
-                                            inputs.HOST_KEYS)  # fmt: skip
+                                            tuple(batch))  # fmt: skip
         self.state = jax.tree_util.tree_map(lambda x: x.copy(), pair.state)  # the step donates its state
         axes = inputs.BATCH_AXES
         self.batch = {key: jax.device_put(value, sharding.named_sharding(self.mesh, axes[key]))
@@ -48,12 +54,12 @@ class TorchTrainer:
     scores from the question encoder, as the reference computes them with a retriever), loss.backward(), the
     same gradient clipping, torch.optim.AdamW."""
 
-    def __init__(self, pair: Twins, batch: dict[str, np.ndarray]):
+    def __init__(self, pair: Twins, batch: dict[str, np.ndarray], model=None):
         import torch
         import transformers
 
         self.torch = torch
-        self.model = transformers.RagSequenceForGeneration.from_pretrained(pair.hf_dir).train()
+        self.model = model or transformers.RagSequenceForGeneration.from_pretrained(pair.hf_dir).train()
         o = pair.config.optim
         self.max_grad_norm = float(o.max_grad_norm)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
@@ -81,16 +87,107 @@ class TorchTrainer:
         return float(loss.detach())
 
 
+class _FixedRetriever:
+    """transformers' RagRetriever call, answering with the batch's passages (generator inputs and context-encoder
+    tokens), as RagRetriever does after `set_ctx_encoder_tokenizer`: the search itself is not timed."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __call__(self, question_input_ids, question_hidden_states, prefix=None, n_docs=None, return_tensors=None):
+        import transformers
+
+        return transformers.BatchEncoding(self.out)
+
+
+class TorchEnd2EndTrainer(TorchTrainer):
+    """The reference's end-to-end step: RagSequenceForGeneration after `set_context_encoder_for_training`, which
+    embeds the retrieved passages' context-encoder tokens with the trained DPRContextEncoder inside forward."""
+
+    def __init__(self, pair: Twins, batch: dict[str, np.ndarray]):
+        import torch
+        import transformers
+
+        model = transformers.RagSequenceForGeneration.from_pretrained(pair.hf_dir)
+        model.set_context_encoder_for_training(
+            transformers.DPRContextEncoder.from_pretrained(os.path.join(pair.hf_dir, "ctx_encoder")))
+        super().__init__(pair, batch, model.train())  # the optimizer gets the context encoder's parameters too
+        b, k, length = batch["doc_input_ids"].shape
+        as_long = lambda key, n: torch.as_tensor(batch[key], dtype=torch.long).reshape(b * k, n)
+        s = batch["context_input_ids"].shape[-1]
+        self.model.set_retriever(_FixedRetriever(dict(
+            context_input_ids=as_long("context_input_ids", s), context_attention_mask=as_long("context_attention_mask", s),
+            retrieved_doc_embeds=torch.as_tensor(batch["doc_embeds"]), doc_ids=torch.zeros(b, k),
+            tokenized_doc_ids=as_long("doc_input_ids", length),
+            tokenized_doc_attention_mask=as_long("doc_attention_mask", length))))
+
+    def step(self) -> float:
+        x = self.inputs
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(input_ids=x["question_input_ids"], attention_mask=x["question_attention_mask"],
+                         labels=x["labels"])
+        loss = out.loss.mean()
+        loss.backward()
+        if self.max_grad_norm > 0:
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+_END2END: dict[str, Twins] = {}
+
+
+def end2end_twins(size: str, directory: str) -> Twins:
+    """The model of `size` with a trained document encoder (its own random weights), exported for the reference:
+    the RAG checkpoint and a DPRContextEncoder beside it (`ctx_encoder/`)."""
+    from rag_jax.inference import export
+    from rag_jax.training import build
+
+    if size not in _END2END:
+        config = model_config(size)
+        config.model.doc_encoder.trainable = True
+        pair = jax_model(config)
+        tokenizers = build.load_tokenizers(config)
+        hf_dir = os.path.join(directory, f"hf-end2end-{size}")
+        params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
+        export.save_hf_rag(hf_dir, pair.model, params, "sequence", tokenizers.question, tokenizers.generator)
+        export.save_hf_encoder(os.path.join(hf_dir, "ctx_encoder"), pair.model.doc_encoder_config,
+                               params["doc_encoder"], "ctx", tokenizers.question)
+        _END2END[size] = dataclasses.replace(pair, hf_dir=hf_dir)
+    return _END2END[size]
+
+
+def end2end_batch(config, model, seed: int = 0) -> dict[str, np.ndarray]:
+    """train_batch plus the passages' document-encoder tokens ([CLS]-led, padded to index.max_length from half of it
+    up). Token types are 0: transformers passes its context encoder none in this mode."""
+    batch = train_batch(config, model, seed)
+    b, k = batch["doc_rows"].shape
+    length = config.index.max_length
+    ids, mask = padded(np.random.default_rng(seed + 1), b * k, length, 1000, model.doc_encoder_config.vocab_size, 0,
+                       length // 2)
+    ids[:, 0] = 101  # [CLS]
+    return {**batch, "doc_input_ids": ids.reshape(b, k, length), "doc_attention_mask": mask.reshape(b, k, length),
+            "doc_token_type_ids": np.zeros((b, k, length), np.int32)}
+
+
 def run(opts: Options) -> list[dict]:
     """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size; with the analytic model
     FLOPs of the step (rag_jax/training/flops.py) and the rate each side achieves."""
     from rag_jax.training import flops
 
+    import tempfile
+
     rows = []
-    for size in ["tiny"] if opts.quick else opts.sizes:
-        pair = twins(size)
-        batch = train_batch(pair.config, pair.model)
-        ours, theirs = JaxTrainer(pair, batch), TorchTrainer(pair, batch)
+    scratch = tempfile.TemporaryDirectory(prefix="rag_jax_bench_end2end_")
+    for size, mode in [(size, mode) for size in (["tiny"] if opts.quick else opts.sizes) for mode in ("rag", "end2end")]:
+        if mode == "rag":
+            pair = twins(size)
+            batch = train_batch(pair.config, pair.model)
+            ours, theirs = JaxTrainer(pair, batch), TorchTrainer(pair, batch)
+        else:
+            pair = end2end_twins(size, scratch.name)
+            batch = end2end_batch(pair.config, pair.model)
+            ours, theirs = JaxTrainer(pair, batch), TorchEnd2EndTrainer(pair, batch)
         # The first step of each starts from the same weights: the same loss means the same computation.
         loss_ours, loss_ref = ours.step(), theirs.step()
         t_ours, t_ref = paired_median_seconds(ours.step, theirs.step, opts.repeats, warmup=0 if opts.quick else 1)
@@ -98,7 +195,10 @@ def run(opts: Options) -> list[dict]:
         gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
                                            c.data.max_question_length, c.model.max_combined_length,
                                            c.data.max_target_length) / 1e9  # fmt: skip
-        rows.append(dict(size=size, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
+        if mode == "end2end":  # + the K passages through the document encoder, forward and backward
+            d = pair.model.doc_encoder_config
+            gflop += flops.bert_forward_flops(d, c.train.global_batch_size * c.model.n_docs, c.index.max_length) * 3 / 1e9
+        rows.append(dict(size=size, mode=mode, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
                          source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
                          devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours,
                          model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref,

@@ -11,12 +11,15 @@ Variants:
              fields at NQ-open and DPR's psgs_w100.tsv.
   paper_t5   `paper` with a T5-large-sized generator (Flan-T5-large, T5 v1.1-large or T5-large; K=10): point
              model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
+  end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
+             "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   tiny       the smallest working model (random encoders), for tests.
 
 Any field can be overridden on the command line, e.g. `--config.train.steps=10 --config.model.n_docs=2`; an unknown
 field stops the run at start-up. Sources of the paper values ("REF"): Lewis et al. 2020, Hugging Face's
 `transformers/examples/research_projects/rag` (finetune_rag.sh, lightning_base.py) and transformers' RagConfig
-defaults.
+defaults. "E2E": `transformers/examples/research_projects/rag-end2end-retriever` (finetune_rag_ray_end2end.sh,
+finetune_rag.py).
 """
 
 import os
@@ -30,7 +33,7 @@ _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "knowledge", "paper", "paper_t5", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "paper_t5", "end2end", "tiny")
 
 
 def encoder_section(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
@@ -110,6 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.question_encoder = encoder_section(64, 2, 4, 128, init_range=0.2)  # q(x); trained
     # d(z): frozen, embeds the index. Random weights need a large init range, or every passage gets the same vector.
     c.model.doc_encoder = encoder_section(64, 2, 4, 128, init_range=0.5)
+    # End-to-end RAG (REALM, RAG-end2end): train d(z) too, from these weights; the passages retrieved from the
+    # index are embedded again with the current d(z) in every step. False: the paper's frozen document encoder.
+    c.model.doc_encoder.trainable = False
+    c.model.doc_encoder.lr_scale = 1.0  # a trained d(z)'s learning rate over optim.learning_rate
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
     c.model.loss = "sequence"  # "sequence" (RAG-Sequence) or "token" (RAG-Token) marginal likelihood
@@ -131,6 +138,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
     c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+    # Over-retrieve and rerank (Atlas's retrieve_with_rerank; needs model.doc_encoder.trainable): retrieve
+    # L >= model.n_docs candidates from the possibly stale index, keep the n_docs the current encoders score best.
+    # 0: retrieve model.n_docs and keep them all.
+    c.retrieval.rerank_candidates = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak learning rate
@@ -189,6 +200,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "paper_t5":
         _paper(c)
         _paper_t5(c)
+    elif variant == "end2end":
+        _paper(c)
+        _end2end(c)
     elif variant == "local":
         _local(c)
     elif variant == "knowledge":
@@ -346,3 +360,26 @@ def _paper_t5(c: ml_collections.ConfigDict) -> None:
     g.feed_forward_proj = "gated-gelu"
     c.tokenizers.generator = placeholder(str)  # the checkpoint's SentencePiece tokenizer directory (spiece.model)
     c.data.answer_prefix_space = False  # SentencePiece marks word starts itself
+
+
+def _end2end(c: ml_collections.ConfigDict) -> None:
+    """The RAG-end2end recipe (E2E: finetune_rag_ray_end2end.sh's flags) on NQ-open: question encoder, document
+    encoder and generator all trained. Values `paper` already has and E2E shares are left as they are: learning
+    rate 3e-5, 500 warm-up steps, polynomial decay, weight decay 0.001, Adam eps 1e-8, max grad norm 0.1, label
+    smoothing 0.1, dropout and attention dropout 0.1, source length 128, target length 25."""
+    c.model.init_from_rag = placeholder(str)  # E2E: --model_name_or_path facebook/rag-token-base (q(x) + generator)
+    c.model.loss = "token"  # E2E: --model_type rag_token
+    c.model.n_docs = 5  # E2E: rag-token-base's RagConfig n_docs (the script sets none)
+    c.eval.n_docs = 5  # as in training
+    # E2E: --end2end, --context_encoder_name facebook/dpr-ctx_encoder-multiset-base (it also embeds the index)
+    c.model.doc_encoder.init = placeholder(str)  # e.g. .../facebook/dpr-ctx_encoder-multiset-base
+    c.model.doc_encoder.trainable = True  # E2E: --end2end (set_context_encoder_for_training)
+    # E2E: the context encoder is a submodule of the RAG model, so lightning_base's one AdamW trains it at the same
+    # learning rate (and the same no-decay rule for biases and LayerNorm weights).
+    c.model.doc_encoder.lr_scale = 1.0
+    c.model.doc_encoder.dropout = 0.1  # E2E: DPRContextEncoder.from_pretrained, in train mode: DPR's dropout 0.1
+    # E2E: --train_batch_size 4 x --gpus 2 x --gradient_accumulation_steps 8 = 64 questions an update.
+    c.train.global_batch_size = 64
+    # E2E refreshes its index every --indexing_freq 500 micro-batches = 62 updates at 8 micro-batches an update
+    # (a separate process re-embeds the knowledge base on idle GPUs); not in E2E: rerank candidates (Atlas), 0 = off.
+    c.retrieval.rerank_candidates = 0

@@ -101,6 +101,29 @@ def tokenize_passages(tokenizer, passages: Sequence[corpus.Passage], rows: int, 
     return _padded(_tokenize_pairs(tokenizer, passages, max_length), range(len(passages)), rows, max_length)
 
 
+def doc_token_table(tokenizer, passages: Sequence[corpus.Passage], max_length: int,
+                    chunk: int = 4096) -> np.ndarray:
+    """Every passage's document-encoder tokens as build_index tokenises them, one int32 row each (N, 1 + 2L):
+    column 0 the token count, then L ids, then L token types (L = max_length; 0-padded). Device retrieval keeps it
+    on the devices beside the embeddings, so that end-to-end training can embed retrieved passages again."""
+    table = np.zeros((len(passages), 1 + 2 * max_length), np.int32)
+    for start in range(0, len(passages), chunk):
+        encoded = _tokenize_pairs(tokenizer, passages[start:start + chunk], max_length)
+        for i, (ids, types) in enumerate(zip(encoded["input_ids"], encoded["token_type_ids"]), start):
+            table[i, 0] = len(ids)
+            table[i, 1:1 + len(ids)] = ids
+            table[i, 1 + max_length:1 + max_length + len(types)] = types
+    return table
+
+
+def split_doc_tokens(table_XxT: jax.Array) -> dict[str, jax.Array]:
+    """doc_token_table rows (any leading shape) -> {"doc_input_ids", "doc_attention_mask", "doc_token_type_ids"}."""
+    length = (table_XxT.shape[-1] - 1) // 2
+    mask = (jnp.arange(length) < table_XxT[..., :1]).astype(jnp.int32)
+    return {"doc_input_ids": table_XxT[..., 1:1 + length], "doc_attention_mask": mask,
+            "doc_token_type_ids": table_XxT[..., 1 + length:]}
+
+
 def embed_passages(encode, params, tokenizer, passages: Sequence[corpus.Passage], batch_size: int, max_length: int,
                    on_batch: Callable[[int], object] = lambda n: None) -> np.ndarray:  # fmt: skip
     """Vectors (len(passages), D) in the order given, encoded in batches of passages of similar token length;

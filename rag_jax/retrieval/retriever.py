@@ -1,5 +1,6 @@
 """Host-side retrieval for RAG, the counterpart of Hugging Face's RagRetriever: question vectors -> top-K passages
--> their precomputed embeddings and the generator inputs formed from them."""
+-> their precomputed embeddings and the generator inputs formed from them (and, for end-to-end training, the
+passages' document-encoder tokens, as RagRetriever returns them after `set_ctx_encoder_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from rag_jax.retrieval import contexts, corpus, exact, index_io, merge, scann_backend
+from rag_jax.retrieval import contexts, corpus, embed, exact, index_io, merge, scann_backend
 
 
 @dataclasses.dataclass
@@ -20,6 +21,10 @@ class Retrieved:
     passages: list[list[corpus.Passage]]
     context_input_ids_BKxS: np.ndarray  # generator inputs, question-major rows
     context_attention_mask_BKxS: np.ndarray
+    # Document-encoder tokens of the passages (title, text pairs as build_index tokenises them), question-major rows
+    # (B*K, L): {"doc_input_ids", "doc_attention_mask", "doc_token_type_ids"}; None unless the Retriever has a
+    # `doc_tokenizer` (end-to-end training embeds them again with the current document encoder).
+    doc_tokens: dict[str, np.ndarray] | None = None
 
     @property
     def doc_ids(self) -> list[list[str]]:
@@ -43,8 +48,14 @@ class Retriever:
         generator_tokenizer,
         fmt: contexts.ContextFormat,
         backend: str = "exact",
+        *,
+        doc_tokenizer=None,
+        doc_max_length: int | None = None,
     ):
+        """doc_tokenizer, doc_max_length: return each passage's document-encoder tokens too, truncated to and padded
+        to doc_max_length (a fixed length: the training step compiles once; [PAD] columns change no pooled vector)."""
         self.index = index
+        self.doc_tokenizer, self.doc_max_length = doc_tokenizer, doc_max_length
         self.searcher = make_searcher(index, backend)
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
@@ -76,7 +87,15 @@ class Retriever:
             passages=passages,
             context_input_ids_BKxS=ids,
             context_attention_mask_BKxS=mask,
+            doc_tokens=None if self.doc_tokenizer is None else self.doc_tokens(found),
         )
+
+    def doc_tokens(self, passages: list[corpus.Passage]) -> dict[str, np.ndarray]:
+        """The passages' (title, text) pairs as the document encoder reads them, (N, doc_max_length) int32 each."""
+        length = self.doc_max_length
+        encoded = embed.tokenize_passages(self.doc_tokenizer, passages, len(passages), length)
+        return {f"doc_{key}": np.pad(array, ((0, 0), (0, length - array.shape[1])))
+                for key, array in encoded.items()}
 
 
 class RandomPassages(Retriever):
@@ -86,6 +105,7 @@ class RandomPassages(Retriever):
 
     def __init__(self, retriever: Retriever, seed: int = 0):  # pylint: disable=super-init-not-called (no searcher)
         self.index, self.format = retriever.index, retriever.format
+        self.doc_tokenizer, self.doc_max_length = retriever.doc_tokenizer, retriever.doc_max_length
         self.question_tokenizer, self.generator_tokenizer = retriever.question_tokenizer, retriever.generator_tokenizer
         self._rng = np.random.default_rng(seed)
 

@@ -180,7 +180,8 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) ->
     model = build.build_rag(config, load_weights=False).rag
     tx = optim.make_optimizer(config)
     abstract_state, state_shardings = step_lib.state_layout(model, tx, mesh)
-    step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, inputs.HOST_KEYS)
+    keys = inputs.HOST_KEYS + (inputs.DOC_TOKEN_KEYS if model.trains_doc_encoder else ())
+    step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, keys)
     batch = abstract_batch(config, model, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     compiled = step.lower(abstract_state, batch, rng, {}).compile()
@@ -199,7 +200,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) ->
 
 def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of one global host-retrieval batch, with the step's input shardings."""
-    b, k = config.train.global_batch_size, config.model.n_docs
+    b, k = config.train.global_batch_size, inputs.candidates(config)  # L candidates when the step reranks
     shapes = {
         "question_input_ids": (b, config.data.max_question_length),
         "question_attention_mask": (b, config.data.max_question_length),
@@ -210,6 +211,8 @@ def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, 
         "doc_embeds": (b, k, model.question_encoder_config.output_dim),
         "doc_rows": (b, k),
     }
+    if model.trains_doc_encoder:  # the passages' document-encoder tokens, index.max_length of them
+        shapes.update({key: (b, k, config.index.max_length) for key in inputs.DOC_TOKEN_KEYS})
     return {
         key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "doc_embeds" else jnp.int32,
                                   sharding=sharding.named_sharding(mesh, inputs.BATCH_AXES[key]))

@@ -129,17 +129,28 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
             _check_architecture(loaded.config, "model.generator.init", m.generator.init, m.generator)
             g_cfg, pretrained["generator"] = loaded.config, loaded.params
             prefix = loaded.hf_config.get("prefix") or ""
+    doc_cfg = None
+    if trains_doc_encoder(config):  # end to end: d(z) starts as the run's document encoder (the index's)
+        d_cfg, pretrained["doc_encoder"] = doc_encoder(config)
+        d_dropout = m.doc_encoder.get("dropout", d_cfg.hidden_dropout)
+        doc_cfg = dataclasses.replace(d_cfg, hidden_dropout=d_dropout, attention_dropout=d_dropout, dtype=dtype)
     rag_config = rag.RagConfig(
         n_docs=m.n_docs, label_smoothing=m.label_smoothing,
         context=ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length,
                               prefix=prefix))
     if not load_weights:
         pretrained = {}
-    return Models(rag.Rag(q_cfg, g_cfg, rag_config), pretrained)
+    return Models(rag.Rag(q_cfg, g_cfg, rag_config, doc_encoder_config=doc_cfg), pretrained)
+
+
+def trains_doc_encoder(config: ml_collections.ConfigDict) -> bool:
+    """model.doc_encoder.trainable (absent from configs saved before it: the paper's frozen d(z))."""
+    return bool(config.model.doc_encoder.get("trainable", False))
 
 
 def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any]:
-    """The frozen document encoder d(z): its config and numpy params (random ones are a function of the seed)."""
+    """The document encoder d(z) that embeds the run's index: its config and numpy params (random ones are a function
+    of the seed). Frozen in the paper's recipe; with model.doc_encoder.trainable the trained one starts from it."""
     c = config.model.doc_encoder
     if c.init != "random":
         loaded = _load_encoder(c)

@@ -110,6 +110,8 @@ RULES: dict[str, Any] = {
     **{f"model.doc_encoder.{k}": rule for k, rule in _ENCODER.items()},
     **{f"model.generator.{k}": rule for k, rule in _GENERATOR.items()},
     "model.n_docs": _POSITIVE,
+    "model.doc_encoder.trainable": _BOOL, "model.doc_encoder.lr_scale": _SCALE,
+    "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
     "model.loss": _Choice(LOSSES),
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
@@ -204,6 +206,19 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
                               f"{positions}; lower it or give the model more positions")
 
 
+def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
+    """A trained document encoder and reranking: the combinations built so far."""
+    trainable = bool(_get(config, "model.doc_encoder.trainable", False))
+    candidates = _get(config, "retrieval.rerank_candidates", 0)
+    if candidates and not trainable:
+        raise ConfigError(f"config retrieval.rerank_candidates={candidates} reranks with the current document "
+                          "encoder, but model.doc_encoder.trainable=False (a frozen one would keep the index's order); "
+                          "set --config.model.doc_encoder.trainable=True or --config.retrieval.rerank_candidates=0")
+    if candidates and candidates < config.model.n_docs:
+        raise ConfigError(f"config retrieval.rerank_candidates={candidates} is below model.n_docs="
+                          f"{config.model.n_docs}: rerank L >= K candidates (or 0 for none)")
+
+
 def require_path(value, field: str, what: str, *, directory: bool) -> str:
     """`value`, which config `field` names, if it is an existing file (or directory)."""
     if value is None:
@@ -228,6 +243,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.mode == "device" and not m.doc_sep.endswith(" "):
         raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
                           "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
+    _check_end_to_end(config)
     _check_sizes(config)
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
                   directory=False)

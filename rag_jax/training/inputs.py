@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
-from rag_jax.retrieval import contexts, multihost
+from rag_jax.retrieval import contexts, embed, multihost
 from rag_jax.retrieval.retriever import Retriever
 
 # Logical axes of every array a step can receive (host retrieval fills the context/doc entries, device retrieval the
@@ -32,10 +32,16 @@ BATCH_AXES = {
     "doc_rows": ("batch", "docs"),
     "question_gen_ids": ("batch", "length"),
     "question_gen_length": ("batch",),
+    # End-to-end training (model.doc_encoder.trainable): the retrieved passages' document-encoder tokens.
+    "doc_input_ids": ("batch", "docs", "length"),
+    "doc_attention_mask": ("batch", "docs", "length"),
+    "doc_token_type_ids": ("batch", "docs", "length"),
 }
-CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length")}  # tokens: length, ids
+# tokens: length, generator ids; doc_tokens (end-to-end training only): length, doc-encoder ids, token types
+CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length"), "doc_tokens": ("corpus", "length")}
 HOST_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "context_input_ids",
              "context_attention_mask", "doc_embeds", "doc_rows")
+DOC_TOKEN_KEYS = ("doc_input_ids", "doc_attention_mask", "doc_token_type_ids")
 DEVICE_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "question_gen_ids",
                "question_gen_length")
 
@@ -72,7 +78,8 @@ class BatchBuilder:
         self.config, self.model, self.mesh = config, model, mesh
         self.retriever, self.encode = retriever, encode
         self.device_mode = config.retrieval.mode == "device"
-        self.keys = DEVICE_KEYS if self.device_mode else HOST_KEYS
+        self.keys = DEVICE_KEYS if self.device_mode else HOST_KEYS + (DOC_TOKEN_KEYS if model.trains_doc_encoder
+                                                                      else ())
 
     def __call__(self, params, local: dict[str, Any]) -> dict[str, jax.Array]:
         arrays = {
@@ -90,7 +97,7 @@ class BatchBuilder:
         questions = _global({k: arrays[k] for k in ("question_input_ids", "question_attention_mask")}, self.mesh)
         q_global = self.encode(params, questions["question_input_ids"], questions["question_attention_mask"])
         q_local = sharding.host_local_rows(q_global)
-        n_docs = self.config.model.n_docs
+        n_docs = candidates(self.config)  # the step keeps the best n_docs of them when reranking
         found = self.retriever(q_local, local["question_input_ids"], n_docs)
         batch, length = q_local.shape[0], found.context_input_ids_BKxS.shape[-1]
         arrays.update(
@@ -99,20 +106,35 @@ class BatchBuilder:
             context_input_ids=found.context_input_ids_BKxS.reshape(batch, n_docs, length),
             context_attention_mask=found.context_attention_mask_BKxS.reshape(batch, n_docs, length),
         )
+        if self.model.trains_doc_encoder:
+            arrays.update({key: x.reshape(batch, n_docs, -1) for key, x in found.doc_tokens.items()})
         out = _global({k: v for k, v in arrays.items() if k not in questions}, self.mesh)
         return {**questions, **out}
 
 
-def device_corpus(index, mesh, generator_tokenizer, fmt) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+def candidates(config) -> int:
+    """Passages retrieved per question for a step: retrieval.rerank_candidates L when reranking, else model.n_docs."""
+    return int(config.retrieval.get("rerank_candidates", 0)) or int(config.model.n_docs)
+
+
+def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
+                  doc_max_length: int | None = None) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
-    to a multiple of them; every host reads only its devices' rows."""
+    to a multiple of them; every host reads only its devices' rows. With a `doc_tokenizer` (end-to-end training)
+    also every passage's document-encoder tokens (embed.doc_token_table)."""
     table = on_main_first(lambda: contexts.passage_token_table(index, generator_tokenizer, fmt),
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
     n_padded = -(-index.num_passages // shards) * shards
-    shardings = {key: sharding.named_sharding(mesh, axes) for key, axes in CORPUS_AXES.items()}
+    keys = tuple(CORPUS_AXES) if doc_tokenizer is not None else ("embeddings", "tokens")
+    shardings = {key: sharding.named_sharding(mesh, CORPUS_AXES[key]) for key in keys}
     arrays = {"embeddings": multihost.device_put_rows(index, shardings["embeddings"], n_padded),
               "tokens": multihost.device_put_rows(table, shardings["tokens"], n_padded)}
+    if doc_tokenizer is not None:
+        # Tokenised in memory on every host (not cached in the index directory like the generator table).
+        doc_table = embed.doc_token_table(doc_tokenizer, index.passages.get(np.arange(index.num_passages)),
+                                          doc_max_length)
+        arrays["doc_tokens"] = multihost.device_put_rows(doc_table, shardings["doc_tokens"], n_padded)
     return arrays, shardings
 
 

@@ -106,17 +106,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
         raise build.ConfigError(
             f"{index.index_dir}: {index.dim}-d document embeddings but the question encoder gives "
             f"{model.question_encoder_config.output_dim}-d vectors (model.question_encoder vs model.doc_encoder)")
-    if max(config.model.n_docs, config.eval.n_docs) > index.num_passages:
-        raise build.ConfigError(f"config model.n_docs / eval.n_docs exceed the {index.num_passages} passages "
-                                     f"of {config.data.passages}")
+    if max(inputs.candidates(config), config.eval.n_docs) > index.num_passages:
+        raise build.ConfigError(f"config model.n_docs / retrieval.rerank_candidates / eval.n_docs exceed the "
+                                f"{index.num_passages} passages of {config.data.passages}")
+    # End to end, the passages' document-encoder tokens travel with them (the doc encoder reads the question
+    # tokenizer's vocabulary, as build_index does).
+    doc_tokens = dict(doc_tokenizer=tokenizers.question, doc_max_length=config.index.max_length
+                      ) if model.trains_doc_encoder else {}
     retriever = Retriever(index, tokenizers.question, tokenizers.generator, model.config.context,
-                          config.retrieval.host_searcher)
+                          config.retrieval.host_searcher, **doc_tokens)
 
     tx = optim.make_optimizer(config)
     abstract_state, state_shardings = state_layout(model, tx, mesh)
     corpus, corpus_shardings = {}, {}
     if config.retrieval.mode == "device":
-        corpus, corpus_shardings = inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context)
+        corpus, corpus_shardings = inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context,
+                                                        **doc_tokens)
     encode = inputs.make_encode(model, mesh, state_shardings.params) if config.retrieval.mode == "host" else None
     batches = inputs.BatchBuilder(config, model, mesh, retriever, encode)
     train_step = make_train_step(model, tx, config, mesh, state_shardings, batches.keys, corpus_shardings,

@@ -1,5 +1,6 @@
 """The optimizer of a run: gradient clipping, then AdamW with warm-up and linear decay (the Hugging Face research
-project's recipe), weight decay off for biases and layer norms, and an optional learning-rate scale for q(x)."""
+project's recipe), weight decay off for biases and layer norms, and optional learning-rate scales for q(x)
+(optim.question_encoder_lr_scale) and a trained d(z) (model.doc_encoder.lr_scale)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         parts.append(optax.clip_by_global_norm(o.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=_decay_mask))
+    doc_scale = doc_encoder_lr_scale(config)
+    if doc_scale != 1.0:
+        parts.append(optax.masked(optax.scale(doc_scale), _part_mask("doc_encoder")))
     scale = float(o.get("question_encoder_lr_scale", 1.0))  # (train_retriever has no such field)
     if freezes_question_encoder(config):  # frozen q(x): no Adam moments for it (22M parameters of all-MiniLM-L6-v2 not updated a step)
         return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()},
                                      _question_encoder_labels)
     if scale != 1.0:
-        parts.append(optax.masked(optax.scale(scale), _question_encoder_mask))
+        parts.append(optax.masked(optax.scale(scale), _part_mask("question_encoder")))
     return optax.chain(*parts)
+
+
+def doc_encoder_lr_scale(config: ml_collections.ConfigDict) -> float:
+    """The trained document encoder's learning rate over optim.learning_rate (1 when it is frozen: no params)."""
+    d = config.model.get("doc_encoder", {})
+    return float(d.get("lr_scale", 1.0)) if d.get("trainable", False) else 1.0
 
 
 def freezes_question_encoder(config: ml_collections.ConfigDict) -> bool:
@@ -57,5 +67,6 @@ def _question_encoder_labels(params):
     return {part: "frozen" if part == "question_encoder" else "trained" for part in params}
 
 
-def _question_encoder_mask(params):
-    return {part: jax.tree_util.tree_map(lambda _: part == "question_encoder", tree) for part, tree in params.items()}
+def _part_mask(name: str):
+    """An optax mask function: True on every parameter of params[name]."""
+    return lambda params: {part: jax.tree_util.tree_map(lambda _: part == name, tree) for part, tree in params.items()}

@@ -2,8 +2,12 @@
 metrics)` (state donated, no I/O).
 
 One step: question encoding q(x), doc scores q(x)·d(z) against the retrieved documents' precomputed embeddings, BART
-over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. The document encoder is frozen:
-it is not in the state, its embeddings are the index. Retrieval (config retrieval.mode):
+over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. In the paper's recipe the
+document encoder is frozen: it is not in the state, its embeddings are the index. End to end (model.doc_encoder.
+trainable) it is params["doc_encoder"] and the step embeds the retrieved passages again from their document-encoder
+tokens, so the doc scores carry gradients to both encoders; with retrieval.rerank_candidates L the batch holds L
+passages per question from the (stale) index and the step keeps the K that the current encoders score best (Atlas's
+retrieve_with_rerank). Retrieval (config retrieval.mode):
   host    the loop encodes the batch's questions with a separate jitted call, searches on the host (exact or
           ScaNN, rag_jax/retrieval/retriever.py), forms the generator inputs there exactly as the reference does,
           and the step receives them with the retrieved embeddings; `corpus` is empty.
@@ -26,15 +30,15 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
-from rag_jax.retrieval import contexts, exact
+from rag_jax.retrieval import contexts, embed, exact
 from rag_jax.training import build, contrastive, optim
-from rag_jax.training.inputs import BATCH_AXES
+from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
-    params: Any  # {"question_encoder": ..., "generator": ...}
+    params: Any  # {"question_encoder": ..., "generator": ...} (+ "doc_encoder" when it is trained)
     opt_state: Any
 
 
@@ -78,6 +82,23 @@ def create_train_state(model: rag.Rag, tx: optax.GradientTransformation, mesh, r
 
 # ---------------------------------------------------------------------------------------------------- step
 
+# What a batch holds per retrieved passage: reranking keeps these for the K best of the L candidates.
+RERANKED_KEYS = ("doc_rows", "doc_embeds", "context_input_ids", "context_attention_mask") + DOC_TOKEN_KEYS
+
+
+def rerank(model: rag.Rag, params, batch: dict[str, jax.Array], n_docs: int) -> dict[str, jax.Array]:
+    """The batch's L candidate passages per question -> the `n_docs` that the current q(x) and d(z) score best, best
+    first (Atlas's retrieve_with_rerank). Both encoders run without dropout and without gradient: the choice is not
+    trained; the passages kept are, by the loss."""
+    q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
+    scores_BxL = jax.lax.stop_gradient(model.trained_doc_scores(params, q_BxD, batch))
+    _, keep_BxK = jax.lax.top_k(scores_BxL, n_docs)
+
+    def kept(x):
+        return jnp.take_along_axis(x, keep_BxK.reshape(keep_BxK.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    return {**batch, **{key: kept(batch[key]) for key in RERANKED_KEYS}}
+
 
 def _split_microbatches(batch: dict[str, jax.Array], count: int, mesh) -> dict[str, jax.Array]:
     """(B, ...) -> (count, B/count, ...) with microbatch i = rows i, i+count, ...: each device keeps its rows."""
@@ -106,12 +127,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     n_docs = int(config.model.n_docs)
     schedule = optim.learning_rate_schedule(config)
     device_mode = config.retrieval.mode == "device"
-    if device_mode:
-        topk = exact.make_sharded_topk(mesh, n_docs, num_passages, corpus_axes=sharding.corpus_axes())
+    if device_mode:  # (L candidates when reranking)
+        topk = exact.make_sharded_topk(mesh, candidates(config), num_passages, corpus_axes=sharding.corpus_axes())
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
     frozen_question_encoder = optim.freezes_question_encoder(config)
     retrieval_weight = float(config.train.get("retrieval_loss_weight", 0.0))  # (absent from configs saved before it)
+    reranks = int(config.retrieval.get("rerank_candidates", 0)) > 0  # (absent from configs saved before it)
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
@@ -119,12 +141,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     def retrieve(params, batch, corpus):
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
         rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), corpus["embeddings"])
-        embeds, table = gather(rows_BxK, corpus["embeddings"], corpus["tokens"])
+        tables = ("embeddings", "tokens") + (("doc_tokens",) if model.trains_doc_encoder else ())
+        embeds, table, *doc_table = gather(rows_BxK, *(corpus[key] for key in tables))
         ids, mask = contexts.assemble_contexts(table[..., 1:], table[..., 0], batch["question_gen_ids"],
                                                       batch["question_gen_length"], max_len, bos=bos, eos=eos,
                                                       pad=pad)
         found = {"doc_rows": rows_BxK, "doc_embeds": embeds.astype(jnp.float32), "context_input_ids": ids,
-                 "context_attention_mask": mask}
+                 "context_attention_mask": mask, **(embed.split_doc_tokens(doc_table[0]) if doc_table else {})}
         return {**batch, **{key: constrain(key, x) for key, x in found.items()}}
 
     def loss_fn(params, batch, rng):
@@ -133,7 +156,10 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                                        dropout_rng=q_rng)
         if frozen_question_encoder:  # its gradient would be scaled to 0: not computing it saves its backward pass
             q_BxD = jax.lax.stop_gradient(q_BxD)
-        scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
+        if model.trains_doc_encoder:
+            scores_BxK = model.trained_doc_scores(params, q_BxD, batch, dropout_rng=jax.random.fold_in(rng, 2))
+        else:
+            scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
         b, k, s = batch["context_input_ids"].shape
         logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
                                         batch["context_attention_mask"].reshape(b * k, s), batch["labels"],
@@ -156,9 +182,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         rng = jax.random.fold_in(rng, state.step)
         if device_mode:
             batch = retrieve(state.params, batch, corpus)
+        if reranks:
+            batch = rerank(model, state.params, batch, n_docs)
+            batch = {**batch, **{key: constrain(key, batch[key]) for key in RERANKED_KEYS}}
         model_batch = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "labels",
                                                    "context_input_ids", "context_attention_mask", "doc_embeds")
-                       + (("doc_rows", "gold_row") if retrieval_weight else ())}
+                       + (("doc_rows", "gold_row") if retrieval_weight else ())
+                       + (DOC_TOKEN_KEYS if model.trains_doc_encoder else ())}
         if accum == 1:
             loss, grads = grad_fn(state.params, model_batch, rng)
         else:
