@@ -151,6 +151,10 @@ class IndexRefresher:
     def saved(self, step: int) -> None:
         """Notes that checkpoint `step` records the current version, then deletes versions nobody needs."""
         self._versions[step] = self.version
+        self.prune()
+
+    def prune(self) -> None:
+        """Deletes the versions older than the current one that no kept checkpoint records (process 0)."""
         if not self.enabled:
             return
         needed = {self.version}

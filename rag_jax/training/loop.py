@@ -289,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         checkpointer.close(quiet=stopped)
         writer.close()
         preemption.close()
+    refresher.prune()  # the checkpoints that the last saves replaced are gone now
     last["step"] = int(jax.device_get(state.step))
     _log(f"done: step {last['step']}, {_duration(time.time() - t_start)}, workdir {workdir}")
     return last
