@@ -176,3 +176,16 @@ def test_kill_during_refresh_then_resume_is_exact(task, tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(trained_model.load(workdir).params)),
                     jax.tree_util.tree_leaves(jax.device_get(trained_model.load(reference).params))):
         np.testing.assert_array_equal(x, y)
+
+
+def test_refresh_cost_on_paper_is_the_corpus_through_the_encoder():
+    """compile_nq's refresh figure: the encoder's FLOPs for each passage, and the smallest interval within 10%."""
+    from rag_jax.models import bert
+    from rag_jax.training import flops
+    cfg = bert.BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                          max_position_embeddings=64)
+    assert flops.index_refresh_flops(cfg, 1000, 64) == 1000 * flops.bert_forward_flops(cfg, 1, 64) > 0
+    refresh_s, step_s = 438.0, 0.113
+    every = flops.refresh_interval_for_share(refresh_s, step_s, 0.1)
+    share = lambda n: refresh_s / (n * step_s + refresh_s)
+    assert share(every) <= 0.1 < share(every - 1)
