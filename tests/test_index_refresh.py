@@ -148,7 +148,7 @@ def test_kill_during_refresh_then_resume_is_exact(task, tmp_path):
     """SIGKILL while the refresh after step 6 has written its shards but not its index.json; the same command
     resumes from checkpoint 4 (which searched version 3), redoes the refresh and ends with the parameters and
     metrics of an uninterrupted run."""
-    overrides = {"train.steps": 8, "train.checkpoint_every": 2, "train.log_every": 1, "index.refresh_every": 3,
+    overrides = {"train.steps": 8, "train.checkpoint_every": 2, "train.log_every": 1, "index.refresh_every": "3",
                  "index.shard_size": 8, "train.eval_every": 0, "train.async_checkpoints": False}
     reference, workdir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     marker = str(tmp_path / "paused")
@@ -189,3 +189,43 @@ def test_refresh_cost_on_paper_is_the_corpus_through_the_encoder():
     every = flops.refresh_interval_for_share(refresh_s, step_s, 0.1)
     share = lambda n: refresh_s / (n * step_s + refresh_s)
     assert share(every) <= 0.1 < share(every - 1)
+
+
+def _free_port() -> int:
+    import socket  # pylint: disable=g-import-not-at-top
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_refresh_their_own_rows_into_build_index_s_index(task, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1): each host embeds its rows of the refresh after
+    step 2; the version they make together is build_index's with the document encoder of step 2 (1e-5)."""
+    overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2,
+                 "index.refresh_every": "2", "index.shard_size": 8, "train.eval_every": 0}
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "tests.refresh_worker", f"--workdir={workdir}",
+         *train_task.cli_overrides(task, **overrides), f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output
+    assert "2 processes" in outputs[0] and "index refreshed after step 2" in outputs[0], outputs[0]
+
+    config = train_task.tiny_config(task, **overrides)
+    doc_config, frozen = build.doc_encoder(config)
+    version = workdir_lib.index_version_dir(workdir, 2)
+    meta = index_io.read_metadata(version)
+    assert meta["num_hosts"] == 2 and meta["complete"]
+    from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    reference = embed.build_index(doc_config, _noisy(frozen, 2), tokenizers.load_question_tokenizer(
+        config.tokenizers.question), config.data.passages, str(tmp_path / "reference"),
+        batch_size=config.index.batch_size, max_length=config.index.max_length, progress=False)
+    np.testing.assert_allclose(_embeddings(version), reference.embeddings(np.float32), atol=1e-5, rtol=0)
