@@ -1,5 +1,6 @@
 """Compiles the training step of a config for TPU topologies on any machine (libtpu needed, no TPU) and prints the
-per-device memory, the FLOPs and whether it fits.
+per-device memory, the FLOPs and whether it fits, and what one index refresh (index.refresh_every) costs there on
+paper: the document encoder's FLOPs over --refresh_passages passages at --utilisation of the slice's peak.
 
   python -m experiments.compile_nq --config=experiments/configs/nq.py:paper --topology=v4-32,v5e-16
 
@@ -16,6 +17,9 @@ from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/nq.py:paper", "Training config to compile.")
 _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g. v4-8,v4-32,v5e-16,v6e-16.")
+_REFRESH_PASSAGES = flags.DEFINE_integer("refresh_passages", 21_015_324, "Passages an index refresh re-embeds, for "
+                                         "its time on paper (default: DPR's Wikipedia, psgs_w100).")
+_UTILISATION = flags.DEFINE_float("utilisation", 0.5, "Share of the slice's peak FLOPs assumed for step and refresh.")
 
 
 def compile_all():
@@ -32,7 +36,10 @@ def compile_all():
             raise cli.UsageError(str(e)) from None
     for name, topology in topologies:
         print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
-        print(aot.compile_train_step(_CONFIG.value, topology).summary(), flush=True)
+        report = aot.compile_train_step(_CONFIG.value, topology)
+        print(report.summary(), flush=True)
+        print(aot.refresh_summary(_CONFIG.value, report, _REFRESH_PASSAGES.value, utilisation=_UTILISATION.value),
+              flush=True)
 
 
 if __name__ == "__main__":

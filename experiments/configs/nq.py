@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.index.shard_size = 100_000  # rows per embeddings file
     c.index.dtype = "float32"  # stored embedding dtype: float32, float16 or bfloat16
     c.index.backend = "exact"  # also build a ScaNN searcher ("scann") or not ("exact")
+    # Re-embed the corpus with the current document encoder every N steps ("0": never, the paper's frozen index),
+    # or on an Atlas-style schedule of step ranges, "0-1000:500,1000-:2000" (rag_jax/training/index_refresh.py).
+    c.index.refresh_every = "0"
 
     c.retrieval = ml_collections.ConfigDict()
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":

@@ -194,6 +194,7 @@ def build_index(
     host_index: int | None = None,
     num_hosts: int | None = None,
     devices_per_host: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> index_io.Index | None:
     """Embeds `passages_path` into `output_dir`, resuming after the last complete shard; returns the loaded index.
 
@@ -207,6 +208,9 @@ def build_index(
 
     `backend="scann"` also builds and saves a ScaNN searcher: over the whole index on one host, over each host's
     own rows (multihost.MultiHostScannSearcher) on several.
+
+    devices: this process's devices to embed on (params replicated, each batch's rows split over them; a training
+    run's index refresh passes its mesh's local devices); None: the default device.
     """
     if backend not in ("exact", "scann"):
         raise ValueError(f"backend must be 'exact' or 'scann', got {backend!r}")
@@ -229,8 +233,7 @@ def build_index(
         host_index=host_index, num_hosts=num_hosts, devices_per_host=devices_per_host,
         identity=index_identity(config, tokenizer, max_length),
     )  # fmt: skip
-    encode = make_encode_fn(config)
-    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params))
+    encode, params = _placed(make_encode_fn(config), params, devices, batch_size)
     start = writer.rows_done
     todo = writer.stop_row - start
     desc = "embedding passages" + (f" (host {host_index} of {num_hosts})" if num_hosts > 1 else "")
@@ -262,6 +265,18 @@ def build_index(
     if backend == "scann":
         multihost.MultiHostScannSearcher.load_or_build(index, host_index=host_index, num_hosts=num_hosts)
     return index
+
+
+def _placed(encode, params, devices: Sequence[jax.Device] | None, batch_size: int):
+    """(encode, params) on `devices`: params replicated and every batch's rows split over them (when batch_size
+    divides evenly; else, or with one device or None, everything on the first or the default device)."""
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if not devices or len(devices) == 1 or batch_size % len(devices):
+        return encode, jax.device_put(params, devices[0] if devices else None)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return (lambda p, batch: encode(p, jax.device_put(batch, rows))), params
 
 
 def _record_encoder_config(output_dir: str, config: bert.BertConfig, max_length: int) -> None:

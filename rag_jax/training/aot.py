@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import sharding
-from rag_jax.training import build, inputs, optim, step as step_lib
+from rag_jax.training import build, flops, inputs, optim, step as step_lib
 from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir, t5
 
 GIB = 1024**3
@@ -169,6 +169,29 @@ class CompileReport:
             f"{self.flops_per_device / 1e12:.2f} TFLOPs per device per step "
             f"({self.flops_per_device * self.devices / 1e12:.1f} over the slice)"
         )
+
+
+def refresh_summary(config: ml_collections.ConfigDict, report: CompileReport, num_passages: int, *,
+                    utilisation: float = 0.5, share: float = 0.1) -> str:
+    """What one index refresh (index_refresh.py) costs on the report's slice, on paper: the document encoder's
+    matmul FLOPs over num_passages passages at index.max_length tokens, over the slice's peak at `utilisation`, and
+    the refresh interval at which refreshing takes at most `share` of the training time (steps at the same
+    utilisation of the compiled step's FLOPs)."""
+    peak = flops.PEAK_TFLOPS.get(report.topology.accelerator_type.split("-")[0])
+    if peak is None:
+        return f"index refresh: no peak FLOPs known for {report.topology.accelerator_type}"
+    c = sizes_only(config).model.doc_encoder
+    doc_cfg = bert.BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers,
+                              num_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                              max_position_embeddings=c.max_position_embeddings)
+    work = flops.index_refresh_flops(doc_cfg, num_passages, config.index.max_length)
+    rate = report.devices * peak * 1e12 * utilisation
+    refresh_s, step_s = work / rate, report.flops_per_device * report.devices / rate
+    every = flops.refresh_interval_for_share(refresh_s, step_s, share)
+    return (f"index refresh of {num_passages:,} passages at {config.index.max_length} tokens: {work / 1e15:.0f} "
+            f"PFLOPs, {refresh_s:.0f} s at {utilisation:.0%} of the slice's {report.devices * peak / 1e3:.1f} PFLOP/s "
+            f"bf16 peak; with {step_s * 1e3:.0f} ms steps at that utilisation, refreshing every {every:,} steps or "
+            f"less often costs <= {share:.0%} of training time")
 
 
 def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) -> CompileReport:

@@ -1,10 +1,12 @@
 """Training checkpoints with orbax: the train state, the data position and the run config, saved together.
 
-Layout: WORKDIR/checkpoints/<step>/ with four items
+Layout: WORKDIR/checkpoints/<step>/ with five items
   params      the trained parameters {"question_encoder", "generator"} (what inference needs, readable alone)
   opt_state   {"step", "opt_state"}: the optimizer state and the step counter
   data        the input pipeline position (TrainPipeline.get_state(), JSON)
   config      the run config (JSON), so a checkpoint says how it was trained and can be rebuilt from itself
+  index       {"version": v}: the index version (workdir.index_version_dir) the next step searches (JSON; absent
+              from checkpoints saved before index refreshes: version 0)
 Saves are asynchronous: the arrays are copied off the devices, then written in the background while training goes
 on; a step directory appears only once complete, so a killed run resumes from the last complete one. A save that
 fails (no space left, permissions) raises CheckpointSaveError at the next `check` (the loop checks every step), naming
@@ -29,7 +31,7 @@ from etils import epath
 
 from rag_jax.training import workdir as workdir_lib
 
-ITEMS = ("params", "opt_state", "data", "config")
+ITEMS = ("params", "opt_state", "data", "config", "index")
 T = TypeVar("T")
 
 
@@ -116,9 +118,11 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state, data_state: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    def save(self, step: int, state, data_state: dict[str, Any], config: ml_collections.ConfigDict, *,
+             index_version: int = 0) -> None:
         """Starts saving `state` (a step.TrainState) at `step`; returns once the arrays are off the devices.
-        Raises CheckpointSaveError if this save or the previous one failed."""
+        index_version: the index version the run searches after this step. Raises CheckpointSaveError if this save
+        or the previous one failed."""
         self.wait()
         try:
             self.manager.save(
@@ -128,6 +132,7 @@ class Checkpointer:
                     opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
                     data=ocp.args.JsonSave(data_state),
                     config=ocp.args.JsonSave(config_to_json(config)),
+                    index=ocp.args.JsonSave({"version": int(index_version)}),
                 ),
                 force=True,
             )
@@ -248,6 +253,13 @@ class Checkpointer:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         return restored["params"]
+
+    def index_version(self, step: int) -> int:
+        """The index version checkpoint `step` was saved with (0 for one saved before index refreshes)."""
+        if not epath.Path(self.step_dir(step), "index").exists():
+            return 0
+        restored = self.manager.restore(step, args=ocp.args.Composite(index=ocp.args.JsonRestore()))
+        return int(restored["index"]["version"])
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -121,6 +121,7 @@ RULES: dict[str, Any] = {
     "index.batch_size": _POSITIVE, "index.max_length": _POSITIVE, "index.shard_size": _POSITIVE,
     "index.dtype": _Choice(INDEX_DTYPES),
     "index.backend": _Choice(("exact", "scann")),
+    "index.refresh_every": _Type((str, int), "a step count or a schedule such as '0-1000:500,1000-:2000'"),
     "retrieval.mode": _Choice(RETRIEVAL_MODES),
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
     "optim.learning_rate": _SCALE,
@@ -245,6 +246,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
     _check_end_to_end(config)
     _check_sizes(config)
+    refresh_schedule(_get(config, "index.refresh_every", "0"))
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
                   directory=False)
     for field in ("data.train_file", "data.dev_file"):
@@ -273,6 +275,39 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       directory=True)
     if config.index.dir is not None:
         require_path(config.index.dir, "index.dir", "a prebuilt index directory", directory=True)
+
+
+def refresh_schedule(value) -> list[tuple[int, int | None, int]]:
+    """config index.refresh_every as (first step, end step or None, every) ranges; every 0: no refresh there.
+
+    "500" (or 500): every 500 steps; "0": never; "0-1000:500,1000-:2000": every 500 steps before step 1000, every
+    2000 from then on (Atlas's notation). Steps count from 0; a refresh is due after step s when s is a positive
+    multiple of the `every` of the range holding s.
+    """
+    field = "index.refresh_every"
+    text = str(value).strip()
+    if isinstance(value, bool):
+        raise _fail(field, value, "must be a step count or a schedule such as '0-1000:500,1000-:2000'")
+    if text.isdigit():
+        return [(0, None, int(text))]
+    ranges = []
+    for part in text.split(","):
+        span, _, every = part.strip().partition(":")
+        start, dash, stop = span.partition("-")
+        if not (dash and start.strip().isdigit() and every.strip().isdigit()
+                and (stop.strip().isdigit() or not stop.strip())):
+            raise _fail(field, value, f"cannot read {part.strip()!r}: write a step count, or ranges START-END:EVERY "
+                                      "separated by commas, the last one open (e.g. '0-1000:500,1000-:2000')")
+        ranges.append((int(start), int(stop) if stop.strip() else None, int(every)))
+    for (_, stop, _), (start, _, _) in zip(ranges, ranges[1:]):
+        if stop != start:
+            raise _fail(field, value, f"the ranges must follow each other: one ends at {stop}, the next starts at "
+                                      f"{start}")
+    if ranges[0][0] != 0 or ranges[-1][1] is not None:
+        raise _fail(field, value, "the ranges must start at step 0 and the last one must be open ('1000-:2000')")
+    if any(stop is not None and stop <= start for start, stop, _ in ranges):
+        raise _fail(field, value, "each range must end after it starts")
+    return ranges
 
 
 def check_retriever_config(config: ml_collections.ConfigDict) -> None:

@@ -86,3 +86,19 @@ def rag_train_step_flops(model: rag.Rag, batch: int, n_docs: int, question_lengt
                          target_length: int) -> int:  # fmt: skip
     """Model FLOPs of one training step (forward + backward) over a global batch: 3x the forward pass."""
     return 3 * rag_forward_flops(model, batch, n_docs, question_length, source_length, target_length)
+
+
+# Peak dense bfloat16 matmul throughput of one device (chip) as JAX sees it, from Google's TPU pages.
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+
+
+def index_refresh_flops(doc_cfg: bert.BertConfig, num_passages: int, length: int) -> int:
+    """Matmul FLOPs of one index refresh: every passage through the document encoder at `length` tokens (an upper
+    bound for build_index's length-bucketed batches, whose passages are padded only to their own group's longest)."""
+    return bert_forward_flops(doc_cfg, num_passages, length)
+
+
+def refresh_interval_for_share(refresh_seconds: float, step_seconds: float, share: float = 0.1) -> int:
+    """The fewest steps between refreshes for which refreshing costs at most `share` of the training time
+    (refresh time / (interval * step time + refresh time) <= share)."""
+    return max(1, -(-int(round(refresh_seconds * (1 - share) / share * 1e6)) // int(round(step_seconds * 1e6))))

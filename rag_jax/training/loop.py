@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, inputs, optim, streams,
-                              workdir as workdir_lib)
+from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, index_refresh, inputs, optim,
+                              streams, workdir as workdir_lib)
 from rag_jax.training.lifecycle import Preemption as _Preemption, duration as _duration, log as _log
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
@@ -189,10 +189,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                                            async_save=config.train.async_checkpoints)
     pipeline = make_pipeline(run)
     resumed = _resume(run, checkpointer)
+    refresher = index_refresh.IndexRefresher(run, checkpointer)
     if resumed is not None:
         start, state, data_state = resumed
         pipeline.set_state(data_state)
         _log(f"resumed from {checkpointer.directory}/{start}")
+        refresher.resume(start)
     else:
         start = 0
         state = run.initial_state()
@@ -250,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 checkpointer.check()  # a background save that failed (disk full) stops the run now
             done = step + 1
             pending = (done, metrics)
+            if done < steps:  # the next steps search the index of this step's document encoder
+                refresher.maybe_refresh(done, state)
             stop = preemption.reached(done)
             boundary = done % config.train.log_every == 0 or done == steps
             save = done % config.train.checkpoint_every == 0 or done == steps or stop
@@ -267,17 +271,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 known = sum(m["gold_known"] for m in interval)
                 if known:
                     logged["gold_recall"] = sum(m["gold_hits"] for m in interval) / known
-                writer.write(done, logged, perf={"examples_per_sec": rate})
+                index_logged, index_perf = refresher.metrics(done, now - t_start)
+                logged.update(index_logged)
+                writer.write(done, logged, perf={"examples_per_sec": rate, **index_perf})
                 gold = f" | gold@K {logged['gold_recall']:.2f}" if "gold_recall" in logged else ""
                 _log(f"step {done}/{steps} | loss {logged['loss']:.4f}{gold} | lr {logged['learning_rate']:.2e}"
-                     f" | {rate:.1f} ex/s | ETA {_duration(eta)}")
+                     f" | {rate:.1f} ex/s | ETA {_duration(eta)}{refresher.progress(done, now - t_start)}")
                 last = {"step": done, **logged}
                 interval, clock, clock_step = [], now, done
             if run_eval and dev_examples:
                 last.update(evaluate(done, state.params))
             # After the evaluation: a run killed before this save completes redoes both from the previous one.
             if save:
-                checkpointer.save(done, state, pipeline.get_state(), config)
+                checkpointer.save(done, state, pipeline.get_state(), config, index_version=refresher.version)
+                refresher.saved(done)
             if stop:
                 _log(f"preempted (SIGTERM): saved step {done}; rerun the same command to resume")
                 last["preempted"] = True
@@ -287,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         checkpointer.close(quiet=stopped)
         writer.close()
         preemption.close()
+    refresher.prune()  # the checkpoints that the last saves replaced are gone now
     last["step"] = int(jax.device_get(state.step))
     _log(f"done: step {last['step']}, {_duration(time.time() - t_start)}, workdir {workdir}")
     return last

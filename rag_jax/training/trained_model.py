@@ -19,7 +19,7 @@ from rag_jax.inference.generation import GenerationConfig
 from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
 from rag_jax.models.hf_files import CheckpointError
 from rag_jax.retrieval import index_io
-from rag_jax.training import build, checkpoint, workdir as workdir_lib
+from rag_jax.training import build, checkpoint, index_refresh, workdir as workdir_lib
 
 
 def generation_config(model: rag.Rag, config: ml_collections.ConfigDict) -> GenerationConfig:
@@ -51,7 +51,9 @@ class TrainedModel(NamedTuple):
 def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedModel:
     """The run's model (rebuilt from the config saved in the checkpoint; no pretrained weights are read), its
     float32 parameters placed with `sharding` (default: the first local device), and its inference defaults: the
-    training loss as model type, `generation_config`, the run's answer tokenisation, WORKDIR/index and its identity.
+    training loss as model type, `generation_config`, the run's answer tokenisation, the run's index and its identity:
+    the index version the checkpoint searched when it is complete, else the newest complete one (index_refresh.py;
+    WORKDIR/index for a run without refreshes).
     `step` defaults to the newest checkpoint that restores (newer, damaged ones are named on stderr)."""
     if not workdir_lib.is_workdir(workdir):
         raise FileNotFoundError(f"{workdir_lib.checkpoints_dir(workdir)} not found: {workdir} is not a training "
@@ -74,12 +76,21 @@ def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedMode
                       f"{checkpointer.step_dir(step)}", file=sys.stderr)
         else:
             config, model, params = checkpointer.restore_step(step, restore, fatal=_NOT_DAMAGE)
+        index_dir = _index_dir(workdir, checkpointer.index_version(step))
     finally:
         checkpointer.close()
     generation = generation_config(model, config)
-    index_dir = workdir_lib.index_dir(workdir)
     recorded = index_io.read_metadata(index_dir) if os.path.isdir(index_dir) else None
     defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
                              answer_prefix_space=bool(config.data.answer_prefix_space), index=index_dir,
                              index_identity=index_io.identity(recorded) if recorded else None)
     return TrainedModel(model, params, config, defaults)
+
+
+def _index_dir(workdir: str, version: int) -> str:
+    """The index version a checkpoint searched if it is complete, else the newest complete one, else WORKDIR/index."""
+    recorded = index_io.read_metadata(workdir_lib.index_version_dir(workdir, version))
+    if recorded is None or not recorded.get("complete"):
+        latest = index_refresh.latest_complete_version(workdir)
+        version = 0 if latest is None else latest
+    return workdir_lib.index_version_dir(workdir, version)

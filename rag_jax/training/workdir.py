@@ -2,7 +2,8 @@
 
   WORKDIR/checkpoints/<step>/        orbax checkpoints (checkpoint.py)
   WORKDIR/checkpoints_skipped/<step>/  checkpoints that did not restore, moved aside by a resumed run (kept to look at)
-  WORKDIR/index/                     the run's index, or a link to config index.dir (build.ensure_index)
+  WORKDIR/index/                     the run's index, or a link to config index.dir (build.ensure_index): version 0
+  WORKDIR/index_versions/<step>/     the index re-embedded with the document encoder of <step> (index_refresh.py)
   WORKDIR/question_encoder_tokenizer/, WORKDIR/generator_tokenizer/
                                      the run's tokenizers, in the RagTokenizer layout of a Hugging Face RAG directory
   WORKDIR/metrics.jsonl              one line per logged step and per dev evaluation (metric_writer.py)
@@ -28,6 +29,24 @@ def skipped_checkpoints_dir(workdir: str) -> str:
 
 def index_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "index")
+
+
+def index_versions_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "index_versions")
+
+
+def index_version_dir(workdir: str, version: int) -> str:
+    """Version 0 is the run's first index (WORKDIR/index); version s > 0 was embedded after step s."""
+    if version == 0:
+        return index_dir(workdir)
+    return os.path.join(index_versions_dir(workdir), str(int(version)))
+
+
+def index_versions(workdir: str) -> list[int]:
+    """The index versions that have a directory (complete or not), oldest first."""
+    root = index_versions_dir(workdir)
+    found = [int(name) for name in os.listdir(root) if name.isdigit()] if os.path.isdir(root) else []
+    return ([0] if os.path.isdir(index_dir(workdir)) else []) + sorted(found)
 
 
 def metrics_file(workdir: str) -> str:
