@@ -131,6 +131,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
     c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+    # Read, tokenise and (device mode: all of it) prepare step s+1's batch in a background thread while step s
+    # computes; the same batches and parameters as false (which does it all between the steps).
+    c.retrieval.prefetch = True
+    # Host mode: also encode, search and assemble contexts for step s+1 while step s computes, with the parameters
+    # step s starts from: q(x) one step stale, like REALM's asynchronously refreshed index. A deviation from the
+    # reference's recipe (which retrieves with the current q(x)); doc scores and their gradients still use the
+    # current q(x). Identical to false while the question encoder is frozen. A resumed run's first step retrieves
+    # with its own parameters.
+    c.retrieval.stale_prefetch = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak learning rate
