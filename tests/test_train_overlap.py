@@ -101,6 +101,7 @@ def test_stale_prefetch_retrieves_each_step_with_the_previous_steps_parameters(t
     assert used == ([0, 0, 1] if stale else [0, 1, 2])
 
 
+@pytest.mark.slow
 def test_stale_prefetch_with_a_frozen_question_encoder_equals_the_exact_path(task, tmp_path):
     frozen = {"optim.question_encoder_lr_scale": 0.0, "train.steps": 4}
     exact, _ = _train(task, tmp_path / "exact", **frozen)
@@ -109,12 +110,15 @@ def test_stale_prefetch_with_a_frozen_question_encoder_equals_the_exact_path(tas
 
 
 @pytest.mark.slow
-def test_stale_prefetch_trains(task, tmp_path):
-    """Question encoder trained, retrieval one step stale: the loss of the last 5 steps is well below the first 5's."""
-    _, losses = _train(task, tmp_path / "stale", **{"retrieval.stale_prefetch": True, "train.steps": 30,
-                                                    "train.checkpoint_every": 30, "optim.learning_rate": 3e-3})
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.8 * first, losses
+def test_stale_prefetch_trains(tmp_path):
+    """Question encoder trained, retrieval one step stale, every step the same 8 questions: the loss falls to well
+    below half its start."""
+    task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8, max_words=12)
+    _, losses = _train(task, tmp_path / "stale", **{"retrieval.stale_prefetch": True, "train.steps": 40,
+                                                    "train.checkpoint_every": 40, "optim.learning_rate": 5e-3,
+                                                    "optim.warmup_steps": 10})
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.5 * first, losses
 
 
 def test_stale_prefetch_needs_host_retrieval(task):
