@@ -125,3 +125,20 @@ def test_stale_prefetch_needs_host_retrieval(task):
     config = train_task.tiny_config(task, **{"retrieval.mode": "device", "retrieval.stale_prefetch": True})
     with pytest.raises(build.ConfigError, match=r"retrieval.stale_prefetch=True needs retrieval.mode='host'"):
         build.check_config(config)
+
+
+def test_device_mode_overlapped_batches_equal_the_builders(task, tmp_path):
+    """Device retrieval: the whole batch is prepared in the background thread; it is the batch the builder makes."""
+    run = loop.setup(train_task.tiny_config(task, **{**BASE, "retrieval.mode": "device"}), str(tmp_path), _mesh())
+    pipeline = loop.make_pipeline(run)
+    step_inputs = inputs.StepInputs(run.batches, pipeline, 3)
+    try:
+        with sharding.use(run.mesh):
+            got = [step_inputs.next(None) for _ in range(3)]
+    finally:
+        step_inputs.close()
+    for step, (batch, data_state) in enumerate(got):
+        expected = run.batches(None, pipeline.batch_at(step))
+        assert data_state["step"] == step + 1 and set(batch) == set(expected) == set(inputs.DEVICE_KEYS)
+        for key in expected:
+            np.testing.assert_array_equal(np.asarray(batch[key]), np.asarray(expected[key]), err_msg=key)
