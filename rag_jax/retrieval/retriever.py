@@ -83,8 +83,7 @@ class Retriever:
             context_attention_mask_BKxS=mask,
         )
 
-
-    def with_own_tokenizers(self) -> "Retriever":
+    def with_own_tokenizers(self) -> Retriever:
         """This retriever (same index and searcher) with copies of its tokenizers, for use in another thread: a fast
         tokenizer keeps its truncation and padding settings in one shared Rust object, so two threads calling the
         same one can tokenise with each other's settings."""

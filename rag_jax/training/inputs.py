@@ -18,7 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rag_jax import rag, sharding
-from rag_jax.data import pipeline as pipeline_lib, prefetch
+from rag_jax.data import pipeline as pipeline_lib
+from rag_jax.data import prefetch
 from rag_jax.retrieval import contexts, multihost
 from rag_jax.retrieval.retriever import Retriever
 
@@ -95,7 +96,7 @@ class BatchBuilder:
         prepared = self.prepare(local)
         return self.complete(prepared, self.encode_questions(params, prepared))
 
-    def for_thread(self) -> "BatchBuilder":
+    def for_thread(self) -> BatchBuilder:
         """The same builder with its own tokenizers, for another thread (Retriever.with_own_tokenizers)."""
         return BatchBuilder(self.config, self.model, self.mesh, self.retriever.with_own_tokenizers(), self.encode)
 
