@@ -80,6 +80,10 @@ def test_quick_eval_and_host_rows(quick_rows):
         assert row["ours_process_s"] > 0 and row["reference_loop_s"] > 0 and row["same_predictions"] == 1.0
     assert [r["contexts"].split(" ")[0] for r in rows["host"]] == ["host", "device"]
     assert all(r["host_ms_per_step"] > 0 and r["device_step_ms_v4_32"] > 100 for r in rows["host"])
+    assert [r["variant"] for r in rows["host_train"]] == ["sequential", "overlap", "stale_prefetch"]
+    for row in rows["host_train"]:
+        assert row["retrieval"] == "host" and row["steps_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["steps_per_s"] / rows["host_train"][0]["steps_per_s"])
 
 
 def test_quick_mips_embed_and_mfu_rows(quick_rows):

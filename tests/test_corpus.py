@@ -178,3 +178,16 @@ def test_split_documents_into_passages():
     assert " ".join(t for _, t in chunks) == text
     assert corpus.split_documents_into_passages("Doc", "a b c", words_per_passage=2) == [("Doc", "a b"), ("Doc", "c")]
     assert corpus.split_documents_into_passages("Doc", "   ") == []
+
+
+def test_store_reads_from_several_threads_at_once(tmp_path):
+    """Training reads gold rows in a background thread while the step's retrieval reads passages (one handle)."""
+    import concurrent.futures
+
+    store = corpus.PassageStore.build(BUNDLED, tmp_path)
+    expected = store.get(np.arange(store.num_passages))
+    rows = np.random.default_rng(0).integers(0, store.num_passages, (4, 3000))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(store.get, rows))
+    for row_block, passages in zip(rows, got):
+        assert passages == [expected[r] for r in row_block]

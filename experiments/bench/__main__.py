@@ -1,6 +1,6 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,retriever_step,mfu [--quick]
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu [--quick]
       [--sizes=tiny,small] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
@@ -14,6 +14,8 @@ Sub-benchmarks:
               contents and questions: RAG-Token greedy, RAG-Sequence thorough beam 2
   host        the host side of host-mode retrieval alone at the paper config's per-host shapes, next to the v4-32
               device step time compile_nq implies at 50% utilisation
+  host_train  host-mode training steps/s on the local config: step s+1's host work overlapped with step s (and
+              also retrieved one step stale, retrieval.stale_prefetch) vs the same loop without overlap
   retriever_step  one DPR bi-encoder training step (train_retriever's) vs transformers' DPR encoders + torch AdamW
   mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
               (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth

@@ -145,6 +145,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # L >= model.n_docs candidates from the possibly stale index, keep the n_docs the current encoders score best.
     # 0: retrieve model.n_docs and keep them all.
     c.retrieval.rerank_candidates = 0
+    # Read, tokenise and (device mode: all of it) prepare step s+1's batch in a background thread while step s
+    # computes; the same batches and parameters as false (which does it all between the steps).
+    c.retrieval.prefetch = True
+    # Host mode: also encode, search and assemble contexts for step s+1 while step s computes, with the parameters
+    # step s starts from: q(x) one step stale, like REALM's asynchronously refreshed index. A deviation from the
+    # reference's recipe (which retrieves with the current q(x)); doc scores and their gradients still use the
+    # current q(x). Identical to false while the question encoder is frozen. A resumed run's first step retrieves
+    # with its own parameters.
+    c.retrieval.stale_prefetch = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak learning rate

@@ -21,6 +21,7 @@ Batch layout (local, per host; B = global_batch_size / num_shards):
   answers                 list[list[str]] (host only)      all gold answers, for exact-match evaluation
 """
 
+import copy
 from typing import Any, Mapping
 
 import jax
@@ -111,9 +112,13 @@ class TrainPipeline:
 
     def get_state(self) -> dict[str, int]:
         """The position as a small JSON-serialisable dict (the step is the whole state; the rest is checked)."""
+        return self.state_at(self._step)
+
+    def state_at(self, step: int) -> dict[str, int]:
+        """`get_state()` at position `step` (the state to save with batch `step - 1`, whatever has been read ahead)."""
         return {
-            "step": self._step,
-            "epoch": self._step // self.steps_per_epoch,
+            "step": int(step),
+            "epoch": int(step) // self.steps_per_epoch,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "num_examples": self.num_examples,
@@ -128,6 +133,13 @@ class TrainPipeline:
                     "resuming would not reproduce the original batches."
                 )
         self._step = int(state["step"])
+
+    def with_tokenizers(self, question_tokenizer: Any, generator_tokenizer: Any) -> "TrainPipeline":
+        """The same batches read with these tokenizers (a thread's own copies: a fast tokenizer is not thread-safe,
+        its truncation and padding settings live in the shared Rust object). The position is the copy's own."""
+        other = copy.copy(self)
+        other.question_tokenizer, other.generator_tokenizer = question_tokenizer, generator_tokenizer
+        return other
 
     # ---- sampling -------------------------------------------------------------------------------------------
 

@@ -355,8 +355,9 @@ class PassageStore:
 
     @staticmethod
     def _read_record_at(path, fmt: str, f: IO[bytes], start: int, end: int) -> Passage:
-        f.seek(start)
-        lines = io.BytesIO(f.read(end - start))
+        # pread, not seek + read: threads share the handle (training reads gold rows ahead while the step's
+        # retrieval reads its passages), and a seek by one would move the other's read.
+        lines = io.BytesIO(os.pread(f.fileno(), end - start, start))
         try:
             got = [p for p, _, _, _ in _records_from(path, fmt, lines, start, header=False)]
             if len(got) != 1:

@@ -4,6 +4,7 @@ passages' document-encoder tokens, as RagRetriever returns them after `set_ctx_e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -61,18 +62,22 @@ class Retriever:
         self.generator_tokenizer = generator_tokenizer
         self.format = fmt
 
-    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int) -> Retrieved:
+    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int,
+                 questions: list[str] | None = None) -> Retrieved:
+        """`questions`: the question ids decoded back to text, when the caller already has them."""
         q_BxD = np.asarray(q_BxD, np.float32)
         rows, scores = self.searcher.search(q_BxD, n_docs)
-        return self.gather(rows, scores, question_input_ids_BxL)
+        return self.gather(rows, scores, question_input_ids_BxL, questions)
 
-    def gather(self, rows_BxK: np.ndarray, scores_BxK: np.ndarray, question_input_ids_BxL) -> Retrieved:
+    def gather(self, rows_BxK: np.ndarray, scores_BxK: np.ndarray, question_input_ids_BxL,
+               questions: list[str] | None = None) -> Retrieved:
         flat = rows_BxK.reshape(-1)
         embeds = np.stack([self.index.read_rows(int(r), int(r) + 1, np.float32)[0] for r in flat])
         found = self.index.passages.get(flat)
         batch, k = rows_BxK.shape
         passages = [found[i * k : (i + 1) * k] for i in range(batch)]
-        questions = contexts.decode_questions(question_input_ids_BxL, self.question_tokenizer)
+        if questions is None:
+            questions = contexts.decode_questions(question_input_ids_BxL, self.question_tokenizer)
         ids, mask = contexts.generator_inputs(
             questions,
             [[p.title for p in row] for row in passages],
@@ -96,6 +101,15 @@ class Retriever:
         encoded = embed.tokenize_passages(self.doc_tokenizer, passages, len(passages), length)
         return {f"doc_{key}": np.pad(array, ((0, 0), (0, length - array.shape[1])))
                 for key, array in encoded.items()}
+    def with_own_tokenizers(self) -> Retriever:
+        """This retriever (same index and searcher) with copies of its tokenizers, for use in another thread: a fast
+        tokenizer keeps its truncation and padding settings in one shared Rust object, so two threads calling the
+        same one can tokenise with each other's settings."""
+        other = copy.copy(self)
+        other.question_tokenizer = copy.deepcopy(self.question_tokenizer)
+        other.generator_tokenizer = copy.deepcopy(self.generator_tokenizer)
+        other.doc_tokenizer = copy.deepcopy(self.doc_tokenizer)
+        return other
 
 
 class RandomPassages(Retriever):

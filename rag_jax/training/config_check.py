@@ -124,6 +124,7 @@ RULES: dict[str, Any] = {
     "index.refresh_every": _Type((str, int), "a step count or a schedule such as '0-1000:500,1000-:2000'"),
     "retrieval.mode": _Choice(RETRIEVAL_MODES),
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
+    "retrieval.prefetch": _BOOL, "retrieval.stale_prefetch": _BOOL,
     "optim.learning_rate": _SCALE,
     "optim.warmup_steps": _COUNT,
     "optim.end_learning_rate": _Number(integer=False, low=0.0),
@@ -238,6 +239,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
+    if config.retrieval.stale_prefetch and config.retrieval.mode != "host":
+        raise ConfigError(f"config retrieval.stale_prefetch=True needs retrieval.mode='host' (mode "
+                          f"{config.retrieval.mode!r} retrieves inside the step, with the current parameters); "
+                          "set --config.retrieval.stale_prefetch=false")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"config train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}")

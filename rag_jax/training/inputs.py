@@ -3,11 +3,14 @@
 Host retrieval (config retrieval.mode="host") encodes the questions with a jitted q(x), searches on the host and forms
 the generator inputs with rag_jax/retrieval/retriever.py; device retrieval only adds the question part of the generator input
 and puts the index and the passage token table on the devices once (`device_corpus`). Arrays carry the logical axes
-of BATCH_AXES / CORPUS_AXES, mapped to the mesh by rag_jax/sharding.py.
+of BATCH_AXES / CORPUS_AXES, mapped to the mesh by rag_jax/sharding.py. StepInputs runs step s+1's host work while
+step s computes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -16,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
+from rag_jax.data import prefetch
 from rag_jax.retrieval import contexts, embed, multihost
 from rag_jax.retrieval.retriever import Retriever
 
@@ -71,8 +75,22 @@ def gold_rows(index, gold_passage_ids: np.ndarray) -> np.ndarray:
     return rows
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A step's inputs as far as they go without the parameters: this host's arrays; in host mode also the questions
+    decoded back to text and the question encoder's global input, in device mode the whole global batch."""
+
+    arrays: dict[str, np.ndarray]
+    question_texts: list[str] | None = None
+    questions: dict[str, jax.Array] | None = None
+    batch: dict[str, jax.Array] | None = None
+
+
 class BatchBuilder:
-    """Host side of a step: a pipeline batch (this host's rows) -> the step's global batch, retrieval included."""
+    """Host side of a step: a pipeline batch (this host's rows) -> the step's global batch, retrieval included.
+
+    In two parts, so that the first can run ahead of the parameters (StepInputs): `prepare` (no parameters), then
+    `encode_questions` + `complete` (host retrieval with q(x) of the given parameters)."""
 
     def __init__(self, config, model: rag.Rag, mesh, retriever: Retriever, encode: Callable | None):
         self.config, self.model, self.mesh = config, model, mesh
@@ -82,25 +100,48 @@ class BatchBuilder:
                                                                       else ())
 
     def __call__(self, params, local: dict[str, Any]) -> dict[str, jax.Array]:
+        prepared = self.prepare(local)
+        return self.complete(prepared, self.encode_questions(params, prepared))
+
+    def for_thread(self) -> BatchBuilder:
+        """The same builder with its own tokenizers, for another thread (Retriever.with_own_tokenizers)."""
+        return BatchBuilder(self.config, self.model, self.mesh, self.retriever.with_own_tokenizers(), self.encode)
+
+    def prepare(self, local: dict[str, Any]) -> Prepared:
+        """Everything of the step's inputs that does not need the parameters."""
         arrays = {
             "question_input_ids": local["question_input_ids"],
             "question_attention_mask": local["question_attention_mask"],
             "labels": local["labels"],
             "gold_row": gold_rows(self.retriever.index, local["gold_passage_id"]),
         }
+        texts = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
         if self.device_mode:
-            questions = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
             width = self.model.config.context.max_combined_length - 2
             arrays["question_gen_ids"], arrays["question_gen_length"] = contexts.question_tokens(
-                questions, self.retriever.generator_tokenizer, width)
-            return _global(arrays, self.mesh)
+                texts, self.retriever.generator_tokenizer, width)
+            return Prepared(arrays, batch=_global(arrays, self.mesh))
         questions = _global({k: arrays[k] for k in ("question_input_ids", "question_attention_mask")}, self.mesh)
-        q_global = self.encode(params, questions["question_input_ids"], questions["question_attention_mask"])
+        return Prepared(arrays, texts, questions)
+
+    def encode_questions(self, params, prepared: Prepared) -> jax.Array | None:
+        """q(x) (global, B x D) of a prepared host-mode batch under `params`, dispatched and not waited for (so the
+        parameters are read before a following step donates them); None in device mode."""
+        if prepared.batch is not None:
+            return None
+        return self.encode(params, prepared.questions["question_input_ids"],
+                           prepared.questions["question_attention_mask"])
+
+    def complete(self, prepared: Prepared, q_global: jax.Array | None) -> dict[str, jax.Array]:
+        """The step's global batch: host retrieval with the question vectors `q_global` (device mode: as prepared)."""
+        if prepared.batch is not None:
+            return prepared.batch
         q_local = sharding.host_local_rows(q_global)
         n_docs = candidates(self.config)  # the step keeps the best n_docs of them when reranking
-        found = self.retriever(q_local, local["question_input_ids"], n_docs)
+        found = self.retriever(q_local, prepared.arrays["question_input_ids"], n_docs, prepared.question_texts)
         batch, length = q_local.shape[0], found.context_input_ids_BKxS.shape[-1]
-        arrays.update(
+        arrays = dict(
+            prepared.arrays,
             doc_rows=found.rows_BxK,
             doc_embeds=found.doc_embeds_BxKxD.astype(np.float32),
             context_input_ids=found.context_input_ids_BKxS.reshape(batch, n_docs, length),
@@ -108,8 +149,63 @@ class BatchBuilder:
         )
         if self.model.trains_doc_encoder:
             arrays.update({key: x.reshape(batch, n_docs, -1) for key, x in found.doc_tokens.items()})
-        out = _global({k: v for k, v in arrays.items() if k not in questions}, self.mesh)
-        return {**questions, **out}
+        out = _global({k: v for k, v in arrays.items() if k not in prepared.questions}, self.mesh)
+        return {**prepared.questions, **out}
+
+
+class StepInputs:
+    """The global batches of `count` steps from the pipeline's position, the host work of step s+1 overlapped with
+    the device work of step s.
+
+    overlap: step s+1's parameter-independent host work (reading and tokenising its questions, decoding them back to
+      text, gold rows, putting the question arrays on the devices; in device mode all of it) runs in a background
+      thread (rag_jax/data/prefetch.py) while step s computes. The batches are the same as without it.
+    stale (host mode): step s+1's question encoding, search and context assembly also run during step s, with the
+      parameters step s starts from: retrieval one step stale (config retrieval.stale_prefetch). The first step
+      after a start or a resume retrieves with its own parameters.
+    Each batch comes with the pipeline position after it, the data state to save with that step's checkpoint
+    (the pipeline itself is not moved: the background thread reads ahead of the step that is saved).
+    """
+
+    def __init__(self, builder: BatchBuilder, pipeline: pipeline_lib.TrainPipeline, count: int, *,
+                 overlap: bool = True, stale: bool = False):
+        first = pipeline.get_state()["step"]
+        ahead = overlap or stale
+        prep_builder = builder.for_thread() if ahead else builder  # each thread its own tokenizers
+        prep_pipeline = pipeline.with_tokenizers(prep_builder.retriever.question_tokenizer,
+                                                 prep_builder.retriever.generator_tokenizer) if ahead else pipeline
+
+        def prepare(step: int) -> tuple[Prepared, dict[str, int]]:
+            return prep_builder.prepare(prep_pipeline.batch_at(step)), pipeline.state_at(step + 1)
+
+        self._builder = builder
+        self._prepared = prefetch.prefetch(range(first, first + count), prepare, enabled=ahead)
+        self._stale_builder = builder.for_thread() if stale else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stale") if stale else None
+        self._left = count
+        self._next: concurrent.futures.Future | None = None  # stale: the following step's batch, under way
+
+    def next(self, params) -> tuple[dict[str, jax.Array], dict[str, int]]:
+        """(the next step's global batch, the pipeline position after it); `params` are those the step starts from
+        (call under sharding.use(mesh))."""
+        self._left -= 1
+        if self._pool is None:
+            prepared, data_state = next(self._prepared)
+            return self._builder.complete(prepared, self._builder.encode_questions(params, prepared)), data_state
+        current = self._next if self._next is not None else self._retrieve_ahead(params)
+        self._next = self._retrieve_ahead(params) if self._left > 0 else None
+        return current.result()
+
+    def _retrieve_ahead(self, params) -> concurrent.futures.Future:
+        prepared, data_state = next(self._prepared)
+        q_global = self._builder.encode_questions(params, prepared)  # here: before the step donates `params`
+        return self._pool.submit(lambda: (self._stale_builder.complete(prepared, q_global), data_state))
+
+    def close(self) -> None:
+        """Waits for the background work under way and ends its threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._prepared.close()
 
 
 def candidates(config) -> int:

@@ -238,12 +238,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 "; lower optim.learning_rate or check the data, then rerun to resume from it")
         interval.append(values)
 
+    step_inputs = inputs.StepInputs(batches, pipeline, steps - start, overlap=config.retrieval.prefetch,
+                                    stale=config.retrieval.stale_prefetch)
     stopped = True  # by an error, unless the loop ends: then a failed last save is the error to report
     try:
         for step in range(start, steps):
-            local = next(pipeline)
             with sharding.use(mesh):  # the models' logical constraints apply when the step is traced
-                batch = batches(state.params, local)
+                batch, data_state = step_inputs.next(state.params)  # data_state: the position after this batch
                 with jax.transfer_guard("disallow"):  # every host<->device copy of the step is explicit
                     state, metrics = train_step(state, batch, dropout_rng, corpus)
             if pending is not None:
@@ -283,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 last.update(evaluate(done, state.params))
             # After the evaluation: a run killed before this save completes redoes both from the previous one.
             if save:
-                checkpointer.save(done, state, pipeline.get_state(), config, index_version=refresher.version)
+                checkpointer.save(done, state, data_state, config, index_version=refresher.version)
                 refresher.saved(done)
             if stop:
                 _log(f"preempted (SIGTERM): saved step {done}; rerun the same command to resume")
@@ -291,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                 break
         stopped = False
     finally:
+        step_inputs.close()
         checkpointer.close(quiet=stopped)
         writer.close()
         preemption.close()
