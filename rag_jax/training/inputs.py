@@ -8,6 +8,7 @@ of BATCH_AXES / CORPUS_AXES, mapped to the mesh by rag_jax/sharding.py.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import jax
@@ -83,7 +84,7 @@ class BatchBuilder:
         }
         if self.device_mode:
             questions = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
-            width = self.model.config.context.max_combined_length - 2
+            width = contexts.table_width(self.model.config.context)
             arrays["question_gen_ids"], arrays["question_gen_length"] = contexts.question_tokens(
                 questions, self.retriever.generator_tokenizer, width)
             return _global(arrays, self.mesh)
@@ -105,7 +106,11 @@ class BatchBuilder:
 
 def device_corpus(index, mesh, generator_tokenizer, fmt) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
-    to a multiple of them; every host reads only its devices' rows."""
+    to a multiple of them; every host reads only its devices' rows. Refuses (SplitTokenizationError) a generator
+    tokenizer for which on-device assembly would not give the host's ids on the first passages."""
+    first = list(itertools.islice(index.passages.iter_passages(), 64))
+    contexts.check_split_tokenization([p.title for p in first], [p.text for p in first], contexts.PROBE_QUESTIONS,
+                                      generator_tokenizer, fmt)
     table = on_main_first(lambda: contexts.passage_token_table(index, generator_tokenizer, fmt),
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
