@@ -1,7 +1,10 @@
 """train_step: one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
-transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch."""
+transformers' RagSequenceForGeneration + torch.optim.AdamW on the same weights and batch, with a BART and with a
+T5 (v1.1 / Flan-T5 style) generator."""
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import numpy as np
@@ -82,25 +85,26 @@ class TorchTrainer:
 
 
 def run(opts: Options) -> list[dict]:
-    """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size; with the analytic model
-    FLOPs of the step (rag_jax/training/flops.py) and the rate each side achieves."""
+    """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size and generator; with the
+    analytic model FLOPs of the step (rag_jax/training/flops.py, BART only) and the rate each side achieves."""
     from rag_jax.training import flops
 
     rows = []
-    for size in ["tiny"] if opts.quick else opts.sizes:
-        pair = twins(size)
+    for size, generator in itertools.product(["tiny"] if opts.quick else opts.sizes, opts.generators):
+        pair = twins(size, generator)
         batch = train_batch(pair.config, pair.model)
         ours, theirs = JaxTrainer(pair, batch), TorchTrainer(pair, batch)
         # The first step of each starts from the same weights: the same loss means the same computation.
         loss_ours, loss_ref = ours.step(), theirs.step()
         t_ours, t_ref = paired_median_seconds(ours.step, theirs.step, opts.repeats, warmup=0 if opts.quick else 1)
         c = pair.config
-        gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
-                                           c.data.max_question_length, c.model.max_combined_length,
-                                           c.data.max_target_length) / 1e9  # fmt: skip
-        rows.append(dict(size=size, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
-                         source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
-                         devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours,
-                         model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref,
-                         first_loss_rel_diff=relative(loss_ours, loss_ref)))  # fmt: skip
+        row = dict(size=size, generator=generator, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
+                   source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
+                   devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours)  # fmt: skip
+        if generator == "bart":  # the analytic counter knows BART's layers only
+            gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
+                                               c.data.max_question_length, c.model.max_combined_length,
+                                               c.data.max_target_length) / 1e9  # fmt: skip
+            row.update(model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref)
+        rows.append(dict(row, first_loss_rel_diff=relative(loss_ours, loss_ref)))
     return rows
