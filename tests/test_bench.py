@@ -82,7 +82,8 @@ T5_SEQUENCE_OPEN = ("t5", "rag_sequence thorough beam 2")
 @pytest.mark.slow
 def test_quick_eval_and_host_rows(quick_rows):
     rows = quick_rows[0]
-    assert [(r["generator"], r["decoding"]) for r in rows["eval"]] == [(g, d) for g in ("bart", "t5") for d in EVAL_CASES]
+    expected = [(g, d) for g in ("bart", "t5") for d in EVAL_CASES]
+    assert [(r["generator"], r["decoding"]) for r in rows["eval"]] == expected
     for row in rows["eval"]:  # eval_nq and transformers' loop answer alike on the same weights and index
         assert row["ours_process_s"] > 0 and row["reference_loop_s"] > 0
         if (row["generator"], row["decoding"]) != T5_SEQUENCE_OPEN:
@@ -116,7 +117,7 @@ def test_quick_mips_embed_and_mfu_rows(quick_rows):
 def _sized_config(width: int, ffn: int, q_vocab: int, g_vocab: int):
     config = common.model_config("tiny")
     for enc in (config.model.question_encoder, config.model.doc_encoder):
-        enc.hidden_size, enc.intermediate_size, enc.num_heads, enc.num_layers, enc.vocab_size = width, ffn, 4, 2, q_vocab
+@pytest.mark.xfail(strict=True, reason="open: T5 RAG-Sequence thorough answers depend on the context cut")
     g = config.model.generator
     g.d_model, g.ffn_dim, g.heads, g.encoder_layers, g.decoder_layers, g.vocab_size = width, ffn, 4, 2, 3, g_vocab
     return config

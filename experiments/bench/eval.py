@@ -22,7 +22,8 @@ from experiments.bench.common import Options
 
 ASSETS = "rag_jax/assets/nq_open_mini"
 N_DOCS, MAX_LENGTH, BATCH = 4, 10, 8
-T5_VOCAB = 32128  # T5's real vocabulary: the model can emit ids the small test tokenizer lacks, as a real T5 can its 28 unused ones
+# T5's real vocabulary: the model can emit ids the small test tokenizer lacks (a real T5, its 28 unused ones)
+T5_VOCAB = 32128
 # (model class, eval_nq flags, reference generate kwargs, questions as in the issue's measurement)
 CASES = {
     "rag_token greedy": ("RagTokenForGeneration", ["--model_type=token", "--num_beams=1"], dict(num_beams=1), 2620),
@@ -41,8 +42,8 @@ def _generator_config(generator: str):
     if generator == "t5":
         # bos_token_id None said explicitly (transformers' RAG loss reads it); decoder_start_token_id 0 as real T5
         # checkpoints' config.json says (a T5Config built in transformers 5 has none)
-        return transformers.T5Config(vocab_size=T5_VOCAB, d_model=36, d_kv=9, d_ff=37, num_layers=2, num_decoder_layers=2,
-                                     num_heads=4, feed_forward_proj="relu", bos_token_id=None,
+        return transformers.T5Config(vocab_size=T5_VOCAB, d_model=36, d_kv=9, d_ff=37, num_layers=2,
+                                     num_decoder_layers=2, num_heads=4, feed_forward_proj="relu", bos_token_id=None,
                                      decoder_start_token_id=0)  # fmt: skip
     return transformers.BartConfig(vocab_size=50265, d_model=36, encoder_layers=2, decoder_layers=2,
                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
