@@ -30,7 +30,7 @@ def quick_rows(tmp_path_factory):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "experiments.bench", "--quick", f"--benchmarks={','.join(bench.BENCHMARKS)}",
                f"--results={results}"]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = collections.defaultdict(list)
     with open(results) as f:
