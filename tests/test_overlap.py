@@ -88,14 +88,20 @@ def test_answers_are_identical_with_and_without_the_overlap(setup, model_type, n
 
 
 def test_cutting_context_padding_leaves_answers_unchanged(setup, monkeypatch):
-    """Contexts are cut to the batch's longest (rounded up to CONTEXT_BUCKET) instead of max_combined_length."""
+    """RAG-Token contexts are cut to the batch's longest (rounded up to CONTEXT_BUCKET) instead of
+    max_combined_length; RAG-Sequence's keep their length (its search attends to padding, as the reference's)."""
     model, params, defaults, searcher, examples = setup
-    generation = defaults.generation_config("sequence", num_beams=2, max_length=6)
-    settings = answering.AnswerSettings(n_docs=3, model_type="sequence", batch_size=4, score=True, provenance=True)
     widths = []
     prepare = answering._prepare
     monkeypatch.setattr(answering, "_prepare", lambda *a: widths.append(prepare(*a).context_ids.shape[1]) or
                         prepare(*a))  # fmt: skip
+    sequence = answering.AnswerSettings(n_docs=3, model_type="sequence", batch_size=4)
+    list(answering.answer_questions(model, params, searcher, examples[:4], sequence,
+                                    defaults.generation_config("sequence", num_beams=2, max_length=6)))
+    assert set(widths) == {model.config.context.max_combined_length}
+    widths.clear()
+    generation = defaults.generation_config("token", num_beams=2, max_length=6)
+    settings = answering.AnswerSettings(n_docs=3, model_type="token", batch_size=4, score=True, provenance=True)
     cut = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
     assert max(widths) < model.config.context.max_combined_length  # the cut happened
     monkeypatch.setattr(answering, "CONTEXT_BUCKET", 10_000)  # never cut

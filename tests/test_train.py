@@ -113,16 +113,48 @@ def test_gradient_accumulation_equals_one_batch(task, workdir, reference):
     _assert_params_close(params, reference[1])
 
 
-@pytest.mark.parametrize("max_length", [300, 64])
-def test_device_contexts_equal_tokenizer(max_length):
-    """On-device assembly of `<s> title / text // question </s>` gives the tokenizer's ids on the bundled corpus."""
+@pytest.fixture(scope="module")
+def t5_tokenizer_dir(tmp_path_factory):
+    """A SentencePiece model trained on the bundled passages, saved as transformers' T5Tokenizer (no real T5
+    tokenizer can be downloaded here)."""
+    directory = str(tmp_path_factory.mktemp("t5tok"))
+    tk.train_sentencepiece((p.title + " " + p.text for p in corpus.read_passages(train_task.MINI_PASSAGES)),
+                           directory)  # fmt: skip
+    return directory
+
+
+@pytest.mark.slow
+def test_t5_device_retrieval_equals_host_retrieval(task, tmp_path, t5_tokenizer_dir):
+    """A tiny T5 run: two updates with retrieval and T5 context assembly inside the step, corpus split over 8
+    devices, equal those of host retrieval on one device."""
+    vocab = len(tk.load_generator_tokenizer(t5_tokenizer_dir))
+    t5 = {**EXACT, "model.generator.architecture": "t5", "model.generator.vocab_size": vocab,
+          "model.generator.d_kv": 16, "tokenizers.generator": t5_tokenizer_dir, "data.answer_prefix_space": False}
+    host = _steps(train_task.tiny_config(task, **t5), str(tmp_path / "host"), _mesh(1, 1))
+    device = _steps(train_task.tiny_config(task, **t5, **{"retrieval.mode": "device"}), str(tmp_path / "device"),
+                    _mesh(4, 2))
+    np.testing.assert_allclose(device[0], host[0], rtol=1e-5)
+    assert device[2] == host[2]
+    _assert_params_close(device[1], host[1])
+    assert not np.allclose(host[1]["generator"]["shared"]["embedding"], host[3]["generator"]["shared"]["embedding"])
+
+
+@pytest.mark.parametrize("generator, max_length, prefix", [
+    ("bart", 300, ""), ("bart", 64, ""), ("t5", 300, "answer: "), ("t5", 64, ""),
+])  # fmt: skip
+def test_device_contexts_equal_tokenizer(generator, max_length, prefix, request):
+    """On-device assembly of `[<s>] prefix title / text // question </s>` gives the generator tokenizer's ids (as
+    host retrieval and transformers' RagRetriever make them) on every bundled passage: BART's `<s> ... </s>`, T5's
+    `... </s>` with no BOS and pad 0."""
     toks = tk.load_rag_tokenizers()
-    fmt = contexts.ContextFormat(max_combined_length=max_length)
+    gtok = tk.load_generator_tokenizer(request.getfixturevalue("t5_tokenizer_dir")) if generator == "t5" else \
+        toks.generator
+    fmt = contexts.ContextFormat(max_combined_length=max_length, prefix=prefix)
     passages = list(corpus.read_passages(train_task.MINI_PASSAGES))
-    width = max_length - 2
-    encoded = toks.generator([contexts.passage_part(p.title, p.text, fmt) for p in passages],
-                             add_special_tokens=False)["input_ids"]
-    table = np.full((len(passages), width), toks.generator.pad_token_id, np.int32)
+    width = contexts.table_width(fmt)
+    encoded = gtok([contexts.passage_part(p.title, p.text, fmt) for p in passages],
+                   add_special_tokens=False)["input_ids"]
+    table = np.full((len(passages), width), gtok.pad_token_id, np.int32)
     lengths = np.zeros(len(passages), np.int32)
     for i, ids in enumerate(encoded):
         table[i, :min(len(ids), width)] = ids[:width]
@@ -132,13 +164,33 @@ def test_device_contexts_equal_tokenizer(max_length):
     questions = contexts.decode_questions(q_ids, toks.question)
     rows = np.arange(len(passages) - len(passages) % 8).reshape(8, -1)  # every passage, once
     host_ids, host_mask = contexts.generator_inputs(questions, [[passages[r].title for r in rr] for rr in rows],
-                                                   [[passages[r].text for r in rr] for rr in rows], toks.generator, fmt)
-    q_tokens, q_lengths = contexts.question_tokens(questions, toks.generator, width)
+                                                   [[passages[r].text for r in rr] for rr in rows], gtok, fmt)
+    q_tokens, q_lengths = contexts.question_tokens(questions, gtok, width)
     ids, mask = jax.jit(contexts.assemble_contexts, static_argnums=4, static_argnames=("bos", "eos", "pad"))(
-        table[rows], lengths[rows], q_tokens, q_lengths, max_length, bos=0, eos=2, pad=1)
+        table[rows], lengths[rows], q_tokens, q_lengths, max_length, bos=gtok.bos_token_id, eos=gtok.eos_token_id,
+        pad=gtok.pad_token_id)
     np.testing.assert_array_equal(np.asarray(ids).reshape(host_ids.shape), host_ids)
     np.testing.assert_array_equal(np.asarray(mask).reshape(host_mask.shape), host_mask)
-    assert (lengths == width).any() and (lengths < width).any()  # both truncated and whole passages were covered
+    content = max_length - 1 - (gtok.bos_token_id is not None)
+    assert (lengths >= content).any() and (lengths < content).any()  # both truncated and whole passages covered
+    assert (host_ids[:, 0] == gtok.bos_token_id).all() if generator == "bart" else (host_ids[:, 0] != 0).all()
+
+
+def test_split_tokenization_check_passes_both_generators_and_names_a_joining_tokenizer(t5_tokenizer_dir):
+    """The start-up check of device retrieval accepts BART's and T5's tokenizers on the bundled passages and the
+    probe questions, and names the passage and question where a tokenizer merges across the join."""
+    passages = list(corpus.read_passages(train_task.MINI_PASSAGES))[:64]
+    titles, texts = [p.title for p in passages], [p.text for p in passages]
+    fmt = contexts.ContextFormat(prefix="answer: ")
+    for gtok in (tk.load_rag_tokenizers().generator, tk.load_generator_tokenizer(t5_tokenizer_dir)):
+        contexts.check_split_tokenization(titles, texts, contexts.PROBE_QUESTIONS, gtok, fmt)
+
+    class JoiningTokenizer:  # characters, with "/ " and " w" as one token each: merges across the space
+        def __call__(self, strings, add_special_tokens=False):
+            return {"input_ids": [[ord(c) for c in s.replace("/ w", "\x00w")] for s in strings]}
+
+    with pytest.raises(contexts.SplitTokenizationError, match=f"passage {titles[0]!r} and question 'who"):
+        contexts.check_split_tokenization(titles, texts, ["who is it"], JoiningTokenizer(), fmt)
 
 
 # ---------------------------------------------------------------------------------------------------- start-up

@@ -1,7 +1,7 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu [--quick]
-      [--sizes=tiny,small] [--results=bench_results.jsonl]
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu
+      [--quick] [--sizes=tiny,small] [--generators=bart,t5] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
   train_step  one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
@@ -37,13 +37,15 @@ import os
 from absl import app, flags
 
 from experiments.bench import BENCHMARKS
-from experiments.bench.common import Options, machine
+from experiments.bench.common import GENERATORS, Options, machine
 
 _BENCHMARKS = flags.DEFINE_list("benchmarks", list(BENCHMARKS), f"Which sub-benchmarks to run, of {list(BENCHMARKS)}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: checks that every benchmark still runs.")
 _RESULTS = flags.DEFINE_string("results", "bench_results.jsonl", "JSON lines file to append results to.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Model sizes for train_step and decode (tiny, small).")
+_GENERATORS = flags.DEFINE_list("generators", list(GENERATORS),
+                                "Generator architectures for train_step, decode, eval and host (bart, t5).")
 _MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
 _EVAL_SCALE = flags.DEFINE_float("eval_questions_scale", 1.0, "eval: fraction of the 2,620 / 655 questions to answer.")
 _MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")
@@ -72,9 +74,12 @@ def main(argv):
     del argv
     unknown = [b for b in _BENCHMARKS.value if b not in BENCHMARKS]
     unknown += [f"size {s}" for s in _SIZES.value if s not in ("tiny", "small")]
+    unknown += [f"generator {g}" for g in _GENERATORS.value if g not in GENERATORS]
     if unknown:
-        raise app.UsageError(f"unknown {unknown}; benchmarks are {list(BENCHMARKS)}, sizes tiny and small")
+        raise app.UsageError(f"unknown {unknown}; benchmarks are {list(BENCHMARKS)}, sizes tiny and small, "
+                             f"generators {list(GENERATORS)}")
     opts = Options(quick=_QUICK.value, repeats=1 if _QUICK.value else _REPEATS.value, sizes=tuple(_SIZES.value),
+                   generators=tuple(_GENERATORS.value),
                    mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value,
                    eval_questions_scale=_EVAL_SCALE.value)
     for name in _BENCHMARKS.value:

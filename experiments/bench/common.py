@@ -24,6 +24,7 @@ class Options:
     quick: bool = False  # tiny sizes: checks that everything runs (no figures)
     repeats: int = 5  # timed repeats per measurement (median reported)
     sizes: tuple[str, ...] = ("tiny", "small")  # model sizes for train_step and decode
+    generators: tuple[str, ...] = ("bart", "t5")  # generator architectures for train_step, decode, eval, host
     mfu_batch_per_device: int = 8
     mfu_mips_rows: int = 4_000_000
     eval_questions_scale: float = 1.0  # eval: fraction of the issue's 2,620 / 655 questions
@@ -67,15 +68,23 @@ def machine() -> str:
 # ----------------------------------------------------------------------------------------------- shared models
 
 
-def model_config(size: str) -> ml_collections.ConfigDict:
+GENERATORS = ("bart", "t5")
+T5_VOCAB = 32128  # T5's and Flan-T5's vocabulary (32,000 pieces, 100 sentinels, padding to a multiple of 128)
+
+
+def model_config(size: str, generator: str = "bart") -> ml_collections.ConfigDict:
     """The run config of a benchmark model: experiments/configs/nq.py `tiny`, or `small` (4-layer 256-wide
-    encoders, 3+3-layer 256-wide BART, K=5, 128 source tokens, batch 8). Real vocabulary sizes (30,522 / 50,265).
+    encoders, 3+3-layer 256-wide generator, K=5, 128 source tokens, batch 8). Real vocabulary sizes (30,522 /
+    BART's 50,265 / T5's 32,128). generator "t5": the same sizes as a T5 v1.1 / Flan-T5 (gated GELU, untied head,
+    d_kv = d_model / heads) with a SentencePiece tokenizer trained on the bundled passages (`t5_tokenizer_dir`).
     Dropout is 0 everywhere, on both sides, so that both compute the same function (the first step's losses are
     compared)."""
     from experiments.configs import nq
 
     if size not in ("tiny", "small"):
         raise ValueError(f"--sizes: unknown size {size!r}; choose tiny or small")
+    if generator not in GENERATORS:
+        raise ValueError(f"--generators: unknown generator {generator!r}; choose from {list(GENERATORS)}")
     c = nq.get_config("tiny")
     if size == "small":
         for enc in (c.model.question_encoder, c.model.doc_encoder):
@@ -87,11 +96,37 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         c.model.n_docs, c.model.max_combined_length = 5, 128
         c.data.max_question_length, c.data.max_target_length = 32, 12
         c.train.global_batch_size = 8
+    if generator == "t5":
+        g = c.model.generator
+        g.architecture, g.vocab_size, g.feed_forward_proj, g.d_kv = "t5", T5_VOCAB, "gated-gelu", g.d_model // g.heads
+        c.tokenizers.generator = t5_tokenizer_dir()
+        c.data.answer_prefix_space = False  # SentencePiece marks word starts itself
     for enc in (c.model.question_encoder, c.model.doc_encoder):
         enc.dropout = 0.0
     c.model.generator.dropout = c.model.generator.attention_dropout = 0.0
     c.model.label_smoothing = 0.0
     return c
+
+
+def scratch_dir() -> str:
+    """A temporary directory for this process's benchmark files, removed at exit."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="rag_jax_bench_"))
+    return _SCRATCH[0].name
+
+
+def t5_tokenizer_dir() -> str:
+    """A T5 tokenizer (SentencePiece unigram, 1,000 pieces + 100 sentinels, T5's special ids) trained once per
+    process on the bundled passages: no real T5 tokenizer can be downloaded here, and the timings do not depend on
+    which pieces it holds."""
+    directory = os.path.join(scratch_dir(), "t5_tokenizer")
+    if not os.path.exists(os.path.join(directory, "spiece.model")):
+        from rag_jax.data import tokenizers
+        from rag_jax.retrieval import corpus
+
+        passages = corpus.read_passages("rag_jax/assets/nq_open_mini/passages.tsv")
+        tokenizers.train_sentencepiece((p.title + " " + p.text for p in passages), directory)
+    return directory
 
 
 @dataclasses.dataclass
@@ -107,17 +142,15 @@ class Twins:
     hf_config: dict[str, Any]
 
 
-_TWINS: dict[str, Twins] = {}
+_TWINS: dict[tuple[str, str], Twins] = {}
 _SCRATCH: list[tempfile.TemporaryDirectory] = []
 
 
-def twins(size: str) -> Twins:
-    """The Twins of `size`, built once per process (in a temporary directory removed at exit)."""
-    if size not in _TWINS:
-        if not _SCRATCH:
-            _SCRATCH.append(tempfile.TemporaryDirectory(prefix="rag_jax_bench_"))
-        _TWINS[size] = make_twins(size, _SCRATCH[0].name)
-    return _TWINS[size]
+def twins(size: str, generator: str = "bart") -> Twins:
+    """The Twins of `size` with a `generator` ("bart", "t5"), built once per process (in the scratch directory)."""
+    if (size, generator) not in _TWINS:
+        _TWINS[size, generator] = make_twins(size, scratch_dir(), generator)
+    return _TWINS[size, generator]
 
 
 def jax_model(config: ml_collections.ConfigDict) -> Twins:
@@ -132,14 +165,15 @@ def jax_model(config: ml_collections.ConfigDict) -> Twins:
     return Twins(config, model, mesh, tx, state, hf_dir="", hf_config={})
 
 
-def make_twins(size: str, directory: str) -> Twins:
-    """Builds the model of `size` with rag_jax's own initialisation and exports it to `directory`/hf-`size`."""
+def make_twins(size: str, directory: str, generator: str = "bart") -> Twins:
+    """Builds the model of `size` with rag_jax's own initialisation and exports it (with its tokenizers) to
+    `directory`/hf-`size`-`generator`."""
     from rag_jax.inference import export
     from rag_jax.training import build
 
-    pair = jax_model(model_config(size))
+    pair = jax_model(model_config(size, generator))
     tokenizers = build.load_tokenizers(pair.config)
-    pair.hf_dir = os.path.join(directory, f"hf-{size}")
+    pair.hf_dir = os.path.join(directory, f"hf-{size}-{generator}")
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
     export.save_hf_rag(pair.hf_dir, pair.model, params, "sequence", tokenizers.question, tokenizers.generator)
     with open(os.path.join(pair.hf_dir, "config.json")) as f:
@@ -156,10 +190,12 @@ def padded(rng: np.random.Generator, rows: int, length: int, low: int, high: int
 
 
 def contexts(rng: np.random.Generator, model, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Generator inputs as the retriever makes them: `<s> ...` padded to max_combined_length (rows, S)."""
+    """Generator inputs as the retriever makes them: `[<s>] ... </s>` padded to max_combined_length (rows, S)."""
     g = model.generator_config
     ids, mask = padded(rng, rows, length, 3, g.vocab_size, g.pad_token_id, length // 2)
-    ids[:, 0] = g.bos_token_id
+    if g.bos_token_id is not None:  # BART; T5 has none
+        ids[:, 0] = g.bos_token_id
+    ids[np.arange(rows), mask.sum(1) - 1] = g.eos_token_id
     return ids, mask
 
 
@@ -173,7 +209,7 @@ def train_batch(config: ml_collections.ConfigDict, model, seed: int = 0) -> dict
     q_ids[:, 0] = 101  # [CLS]
     ctx_ids, ctx_mask = contexts(rng, model, b * k, s)
     labels, label_mask = padded(rng, b, t, 3, g.vocab_size, g.pad_token_id, 3)  # <s> answer </s> pad...
-    labels[:, 0] = g.bos_token_id
+    labels[:, 0] = g.pad_token_id if g.bos_token_id is None else g.bos_token_id  # T5: `<pad> answer </s>`
     labels[np.arange(b), label_mask.sum(1) - 1] = g.eos_token_id
     d = model.question_encoder_config.output_dim
     return {

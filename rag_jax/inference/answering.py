@@ -24,7 +24,8 @@ from rag_jax.retrieval.retriever import Retriever
 QUESTION_BUCKET = 16
 # The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
 # question often take a third of it; decoding's cost grows with the context length, so contexts are cut to the
-# batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway).
+# batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway);
+# RAG-Token only (see _prepare).
 CONTEXT_BUCKET = 64
 
 
@@ -112,6 +113,11 @@ def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSetti
     embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
     context_mask = retrieved.context_attention_mask_BKxS
     width = _bucket(int(context_mask.sum(1).max()), CONTEXT_BUCKET, context_mask.shape[1])
+    if settings.model_type == "sequence":
+        # RAG-Sequence's per-document beam search attends to the contexts' padding, as the reference's does (it
+        # passes attention_mask=None: rag_decoding.rag_sequence_generate's mask_beams), so its answers depend on
+        # the padded length (T5's visibly, found by experiments/bench/eval.py): its contexts keep their full length.
+        width = context_mask.shape[1]
     return _Prepared(
         retrieved=retrieved, q_pad=q_pad, embeds=embeds,
         context_ids=_pad_to(retrieved.context_input_ids_BKxS[:, :width], rows * k),

@@ -12,19 +12,26 @@ On the devices (retrieval inside the training step, config retrieval.mode="devic
 instead: every passage's generator tokens are computed once (`passage_token_table`, cached in the index directory)
 and split over the devices with the index rows (`corpus` logical axis); the host tokenises only the question part
 of each batch (`question_tokens`); `make_sharded_gather` fetches the retrieved rows of the token table and of the
-embeddings, and `assemble_contexts` glues `<s> passage-part question-part </s>` together and truncates it as the
-tokenizer would.
+embeddings, and `assemble_contexts` glues `[BOS] passage-part question-part EOS` together (BART: `<s> ... </s>`;
+T5, which has no BOS: `... </s>`) and truncates it as the tokenizer would.
 
 Why device assembly gives the reference's ids: the reference tokenises the string
 `(prefix + title + title_sep + text + doc_sep + question).replace("  ", " ")`. With doc_sep ending in exactly one
 space after a non-space (" // "), that string is passage_part + question_part where
   passage_part  = combine(title, text, "")[:-1]           ("... // " without its last space)
   question_part = (" " + question).replace("  ", " ")
-because no run of spaces crosses the boundary. Byte-level BPE first splits text with GPT-2's pre-tokenizer regex,
-whose match at a position depends only on the text from there on; the match holding "//" cannot take a space, so
-a pre-token boundary falls exactly before the question's leading space, and BPE merges never cross pre-tokens.
+because no run of spaces crosses the boundary. Both generator tokenizers split text into pre-tokens before their
+subword model runs, and subwords never cross pre-tokens; the join is a pre-token boundary in both:
+- BART, byte-level BPE: GPT-2's pre-tokenizer regex matches at a position depending only on the text from there
+  on; the match holding "//" cannot take a space, so a pre-token boundary falls exactly before the question's
+  leading space.
+- T5, SentencePiece (transformers' T5Tokenizer: a per-character normaliser, then WhitespaceSplit + Metaspace with
+  "▁" prepended to every word): the space at the join is a whitespace split, and the question part's lone leading
+  space becomes the "▁" that Metaspace would prepend to its first word anyway.
 Hence tokens(string) = tokens(passage_part) + tokens(question_part), and the tokenizer's truncation keeps the first
-max_combined_length - 2 of them between <s> and </s>. tests/test_train.py checks this on the bundled corpus.
+max_combined_length - 2 (BART) or - 1 (T5) of them before the final EOS. tests/test_train.py checks this on the
+bundled corpus for both; `check_split_tokenization` checks it for the tokenizer and corpus of a run at start-up and
+refuses device retrieval, naming the passage, where it fails (a tokenizer whose pre-tokenizer joins across spaces).
 """
 
 from __future__ import annotations
@@ -41,6 +48,17 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rag_jax.retrieval import corpus, index_io
+
+
+class SplitTokenizationError(ValueError):
+    """The generator tokenizer does not tokenise passage and question parts independently (device retrieval)."""
+
+
+# Question strings as the question encoder's decoding gives them (lower-cased WordPiece text), with the punctuation,
+# digits, accents and empty question that could meet the passage part at the join; `check_split_tokenization`
+# pairs them with a run's first passages.
+PROBE_QUESTIONS = ("who sang \" i ' m a believer \"?", "when was the 1, 000th episode aired", "' s", "", "- 5 %",
+                   "cafe noir a la francaise", "naive ( film ) cast", "mcdonald's .")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +113,29 @@ def question_part(question: str) -> str:
     return (" " + question).replace("  ", " ")
 
 
+def table_width(fmt: ContextFormat) -> int:
+    """Tokens kept per passage (and per question): all that fit between BOS and EOS when the generator has no BOS."""
+    return fmt.max_combined_length - 1
+
+
+def check_split_tokenization(titles: Sequence[str], texts: Sequence[str], questions: Sequence[str],
+                             generator_tokenizer, fmt: ContextFormat) -> None:
+    """Raises SplitTokenizationError naming the first (passage, question) whose tokens differ from tokens(passage part) +
+    tokens(question part), the premise of on-device assembly; every passage is paired with every question."""
+    parts = [passage_part(title, text, fmt) for title, text in zip(titles, texts)]
+    q_parts = [question_part(q) for q in questions]
+    encode = lambda strings: generator_tokenizer(strings, add_special_tokens=False)["input_ids"]  # noqa: E731
+    p_tokens, q_tokens = encode(parts), encode(q_parts)
+    for question, q_toks in zip(questions, q_tokens):
+        whole = encode([combine(title, text, question, fmt) for title, text in zip(titles, texts)])
+        for title, p_toks, w_toks in zip(titles, p_tokens, whole):
+            if w_toks != p_toks + q_toks:
+                raise SplitTokenizationError(
+                    f"the generator tokenizer ({type(generator_tokenizer).__name__}) joins tokens across the "
+                    f"passage/question boundary for passage {title!r} and question {question!r}, so on-device "
+                    "context assembly would not give the reference's ids; set --config.retrieval.mode=host")
+
+
 def question_tokens(questions: Sequence[str], generator_tokenizer, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Generator tokens of each question part (B, width) padded with pad, and their lengths (B,) (cut at width)."""
     encoded = generator_tokenizer([question_part(q) for q in questions], add_special_tokens=False)["input_ids"]
@@ -116,13 +157,13 @@ def _table_key(store: corpus.PassageStore, fmt: ContextFormat, generator_tokeniz
 
 def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, *,
                         batch_size: int = 4096) -> np.ndarray:
-    """Every passage's generator tokens: int32 (N, 1 + W), column 0 the length, then W = max_combined_length - 2
+    """Every passage's generator tokens: int32 (N, 1 + W), column 0 the length, then W = `table_width(fmt)`
     tokens (pad-filled; longer passages are cut, their question part is cut by the tokenizer anyway).
 
     Built once into the index directory (generator_tokens-<key>.npy, keyed by corpus, format and tokenizer) and
     returned memory-mapped, so a 21M-passage corpus is tokenised once and each host reads only the rows it needs.
     """
-    width = fmt.max_combined_length - 2
+    width = table_width(fmt)
     key = _table_key(index.passages, fmt, generator_tokenizer, width)
     path = os.path.join(index.index_dir, f"generator_tokens-{key}.npy")
     if not os.path.exists(path):
@@ -156,9 +197,11 @@ def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: Context
 
 
 def assemble_contexts(passage_tokens_BxKxW: jax.Array, passage_lengths_BxK: jax.Array, question_tokens_BxQ: jax.Array,
-                      question_lengths_B: jax.Array, max_length: int, *, bos: int, eos: int, pad: int):
-    """`<s> passage-part question-part </s>` truncated to max_length, padded: ids and mask (B, K, max_length)."""
-    content = max_length - 2
+                      question_lengths_B: jax.Array, max_length: int, *, bos: int | None, eos: int, pad: int):
+    """`[bos] passage-part question-part eos` truncated to max_length, padded: ids and mask (B, K, max_length).
+    bos=None (T5) starts with the passage, as T5's tokenizer adds only EOS."""
+    lead = 0 if bos is None else 1
+    content = max_length - lead - 1
     width = passage_tokens_BxKxW.shape[-1]
     if width < content:
         passage_tokens_BxKxW = jnp.pad(passage_tokens_BxKxW, ((0, 0), (0, 0), (0, content - width)),
@@ -173,11 +216,11 @@ def assemble_contexts(passage_tokens_BxKxW: jax.Array, passage_lengths_BxK: jax.
     n_BxKx1 = jnp.minimum(lp_BxKx1 + question_lengths_B[:, None, None], content)
     tokens = jnp.where(j_C < lp_BxKx1, p_BxKxC, q_BxKxC)
     tokens = jnp.where(j_C < n_BxKx1, tokens, pad)
-    ids = jnp.concatenate([jnp.full((batch, docs, 1), bos, tokens.dtype), tokens,
-                           jnp.full((batch, docs, 1), pad, tokens.dtype)], axis=-1)
+    lead_tokens = [jnp.full((batch, docs, 1), bos, tokens.dtype)] if lead else []
+    ids = jnp.concatenate([*lead_tokens, tokens, jnp.full((batch, docs, 1), pad, tokens.dtype)], axis=-1)
     pos_S = jnp.arange(max_length)
-    ids = jnp.where(pos_S == n_BxKx1 + 1, eos, ids)
-    mask = (pos_S <= n_BxKx1 + 1).astype(jnp.int32)
+    ids = jnp.where(pos_S == n_BxKx1 + lead, eos, ids)
+    mask = (pos_S <= n_BxKx1 + lead).astype(jnp.int32)
     return ids.astype(jnp.int32), mask
 
 

@@ -187,10 +187,6 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     loads)."""
     m = config.model
     t5 = m.generator.get("architecture", "bart") == "t5"
-    if t5 and config.retrieval.mode == "device":
-        # Device-side assembly glues token rows, which gives the tokenizer's ids only for BART's byte-level BPE.
-        raise ConfigError("config retrieval.mode='device' works with model.generator.architecture='bart' only; "
-                          "set --config.retrieval.mode=host for a T5 generator")
     for part, width, heads in (("question_encoder", "hidden_size", "num_heads"),
                                ("doc_encoder", "hidden_size", "num_heads"), ("generator", "d_model", "heads")):
         c = m[part]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 from typing import Any, Callable
 
 import jax
@@ -117,7 +118,7 @@ class BatchBuilder:
         }
         texts = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
         if self.device_mode:
-            width = self.model.config.context.max_combined_length - 2
+            width = contexts.table_width(self.model.config.context)
             arrays["question_gen_ids"], arrays["question_gen_length"] = contexts.question_tokens(
                 texts, self.retriever.generator_tokenizer, width)
             return Prepared(arrays, batch=_global(arrays, self.mesh))
@@ -217,7 +218,11 @@ def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
                   doc_max_length: int | None = None) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
     to a multiple of them; every host reads only its devices' rows. With a `doc_tokenizer` (end-to-end training)
-    also every passage's document-encoder tokens (embed.doc_token_table)."""
+    also every passage's document-encoder tokens (embed.doc_token_table). Refuses (SplitTokenizationError) a
+    generator tokenizer for which on-device assembly would not give the host's ids on the first passages."""
+    first = list(itertools.islice(index.passages.iter_passages(), 64))
+    contexts.check_split_tokenization([p.title for p in first], [p.text for p in first], contexts.PROBE_QUESTIONS,
+                                      generator_tokenizer, fmt)
     table = on_main_first(lambda: contexts.passage_token_table(index, generator_tokenizer, fmt),
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
