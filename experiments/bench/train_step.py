@@ -6,8 +6,6 @@ again by the trained document encoder; BART) vs transformers' RAG in context-enc
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import numpy as np
 
