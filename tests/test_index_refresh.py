@@ -18,7 +18,7 @@ from rag_jax import sharding
 from rag_jax.retrieval import embed, index_io
 from rag_jax.training import build, checkpoint, config_check, index_refresh, loop, trained_model
 from rag_jax.training import workdir as workdir_lib
-from tests import train_task
+from tests import local_processes, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,14 +192,6 @@ def test_refresh_cost_on_paper_is_the_corpus_through_the_encoder():
     assert share(every) <= 0.1 < share(every - 1)
 
 
-def _free_port() -> int:
-    import socket  # pylint: disable=g-import-not-at-top
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_refresh_their_own_rows_into_build_index_s_index(task, tmp_path):
@@ -208,7 +200,7 @@ def test_two_processes_refresh_their_own_rows_into_build_index_s_index(task, tmp
     overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2,
                  "index.refresh_every": "2", "index.shard_size": 8, "train.eval_every": 0}
     workdir = str(tmp_path / "two")
-    port = _free_port()
+    port = local_processes.free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     processes = [subprocess.Popen(
         [sys.executable, "-m", "tests.refresh_worker", f"--workdir={workdir}",

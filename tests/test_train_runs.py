@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from rag_jax import sharding
 from rag_jax.training import dev_eval, loop, trained_model
 from rag_jax.retrieval import corpus
-from tests import train_task
+from tests import local_processes, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,12 +105,6 @@ def test_resume_after_sigkill_and_sigterm_is_exact(task, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_equal_one(task, tmp_path):
@@ -119,7 +112,7 @@ def test_two_processes_equal_one(task, tmp_path):
     overrides = {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1, "mesh.model": 2,
                  "train.eval_every": 3, "eval.num_examples": 12}  # each host answers 6 of the 12 dev questions
     workdir = str(tmp_path / "two")
-    port = _free_port()
+    port = local_processes.free_port()
     processes = [
         _train_cli(task, workdir, overrides, devices=2,
                    extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"))
