@@ -6,6 +6,7 @@ while the question encoder is frozen, and trains."""
 import json
 import os
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -99,6 +100,47 @@ def test_stale_prefetch_retrieves_each_step_with_the_previous_steps_parameters(t
     # Exact: step s retrieves with its own parameters. Stale: the first step with its own, step s+1 with step s's
     # (encoded while step s is dispatched), the last step's look-ahead is not started.
     assert used == ([0, 0, 1] if stale else [0, 1, 2])
+
+
+def test_settle_waits_for_the_stale_retrieval_under_way(task, tmp_path):
+    """An index refresh calls settle before moving the searcher: it must return only once the look-ahead search of
+    the next step (in its background thread) is done."""
+    run, step_inputs, _ = _stale_step_inputs(task, tmp_path, stale=True)
+    release, calls = threading.Event(), []
+    search = run.retriever.searcher.search
+
+    def held_search(*args, **kwargs):  # the second search (the look-ahead of step 1) waits for `release`
+        calls.append(1)
+        if len(calls) == 2:
+            release.wait(30)
+        return search(*args, **kwargs)
+
+    run.retriever.searcher.search = held_search
+    real = run.initial_state().params
+    try:
+        with sharding.use(run.mesh):
+            step_inputs.next({"tag": 0, "real": real})
+        settling = threading.Thread(target=step_inputs.settle)
+        settling.start()
+        settling.join(0.5)
+        assert settling.is_alive()  # still waiting on the held search
+        release.set()
+        settling.join(30)
+        assert not settling.is_alive() and len(calls) == 2
+    finally:
+        release.set()
+        step_inputs.close()
+
+
+def test_a_retrievers_thread_copy_moves_with_it_to_a_new_index(task, tmp_path):
+    """The stale look-ahead searches with the retriever's thread copy: an index refresh moves the run's retriever
+    (its index, and for ScaNN a new searcher), and the copy must follow, never search or read a pruned version."""
+    run = loop.setup(train_task.tiny_config(task, **BASE), str(tmp_path), _mesh())
+    copy = run.retriever.with_own_tokenizers()
+    new_index, new_searcher = object(), object()
+    run.retriever.index, run.retriever.searcher = new_index, new_searcher
+    assert copy.index is new_index and copy.searcher is new_searcher
+    assert copy.question_tokenizer is not run.retriever.question_tokenizer
 
 
 @pytest.mark.slow

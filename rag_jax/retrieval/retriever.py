@@ -41,6 +41,15 @@ def make_searcher(index: index_io.Index, backend: str = "exact") -> merge.Search
     raise ValueError(f"retrieval backend must be 'exact' or 'scann', got {backend!r}")
 
 
+@dataclasses.dataclass
+class _Searched:
+    """What a retriever searches: one object shared with its with_own_tokenizers copies, so that moving a retriever
+    to a new index (an index refresh) moves its copies in other threads too."""
+
+    index: index_io.Index
+    searcher: merge.Searcher | None
+
+
 class Retriever:
     def __init__(
         self,
@@ -55,12 +64,27 @@ class Retriever:
     ):
         """doc_tokenizer, doc_max_length: return each passage's document-encoder tokens too, truncated to and padded
         to doc_max_length (a fixed length: the training step compiles once; [PAD] columns change no pooled vector)."""
-        self.index = index
+        self._searched = _Searched(index, make_searcher(index, backend))
         self.doc_tokenizer, self.doc_max_length = doc_tokenizer, doc_max_length
-        self.searcher = make_searcher(index, backend)
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.format = fmt
+
+    @property
+    def index(self) -> index_io.Index:
+        return self._searched.index
+
+    @index.setter
+    def index(self, index: index_io.Index) -> None:
+        self._searched.index = index
+
+    @property
+    def searcher(self) -> merge.Searcher:
+        return self._searched.searcher
+
+    @searcher.setter
+    def searcher(self, searcher: merge.Searcher) -> None:
+        self._searched.searcher = searcher
 
     def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int,
                  questions: list[str] | None = None) -> Retrieved:
@@ -102,9 +126,9 @@ class Retriever:
         return {f"doc_{key}": np.pad(array, ((0, 0), (0, length - array.shape[1])))
                 for key, array in encoded.items()}
     def with_own_tokenizers(self) -> Retriever:
-        """This retriever (same index and searcher) with copies of its tokenizers, for use in another thread: a fast
-        tokenizer keeps its truncation and padding settings in one shared Rust object, so two threads calling the
-        same one can tokenise with each other's settings."""
+        """This retriever (the same index and searcher, and moved with it to a new one) with copies of its
+        tokenizers, for use in another thread: a fast tokenizer keeps its truncation and padding settings in one
+        shared Rust object, so two threads calling the same one can tokenise with each other's settings."""
         other = copy.copy(self)
         other.question_tokenizer = copy.deepcopy(self.question_tokenizer)
         other.generator_tokenizer = copy.deepcopy(self.generator_tokenizer)
@@ -118,7 +142,7 @@ class RandomPassages(Retriever):
     memorised its answers instead of reading them."""
 
     def __init__(self, retriever: Retriever, seed: int = 0):  # pylint: disable=super-init-not-called (no searcher)
-        self.index, self.format = retriever.index, retriever.format
+        self._searched, self.format = _Searched(retriever.index, None), retriever.format
         self.doc_tokenizer, self.doc_max_length = retriever.doc_tokenizer, retriever.doc_max_length
         self.question_tokenizer, self.generator_tokenizer = retriever.question_tokenizer, retriever.generator_tokenizer
         self._rng = np.random.default_rng(seed)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -88,13 +88,15 @@ class IndexRefresher:
             self._search(index, version)
             _log(f"searching index version {version} ({where}), recorded by checkpoint {step}")
 
-    def maybe_refresh(self, done: int, state) -> bool:
-        """Refreshes the index after step `done` when the schedule says so (a collective on several hosts)."""
+    def maybe_refresh(self, done: int, state, before_swap: Callable[[], None] = lambda: None) -> bool:
+        """Refreshes the index after step `done` when the schedule says so (a collective on several hosts);
+        `before_swap` runs once the new version is complete, before retrieval moves to it."""
         if not self.enabled or not due(self.schedule, done):
             return False
         t0 = time.time()
         target = workdir_lib.index_version_dir(self.run.workdir, done)
         index = self._build(target, self.doc_encoder_params(state))
+        before_swap()
         self._search(index, done)
         seconds = time.time() - t0
         self.seconds += seconds

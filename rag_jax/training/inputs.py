@@ -202,6 +202,13 @@ class StepInputs:
         q_global = self._builder.encode_questions(params, prepared)  # here: before the step donates `params`
         return self._pool.submit(lambda: (self._stale_builder.complete(prepared, q_global), data_state))
 
+    def settle(self) -> None:
+        """Waits for the retrieval under way (stale mode), so that nothing searches while an index refresh moves the
+        searcher: the step after a refresh then keeps the batch retrieved from the previous version, one step
+        stale as every stale batch is."""
+        if self._next is not None:
+            concurrent.futures.wait([self._next])
+
     def close(self) -> None:
         """Waits for the background work under way and ends its threads."""
         if self._pool is not None:

@@ -254,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
             done = step + 1
             pending = (done, metrics)
             if done < steps:  # the next steps search the index of this step's document encoder
-                refresher.maybe_refresh(done, state)
+                refresher.maybe_refresh(done, state, before_swap=step_inputs.settle)  # no search while it moves
             stop = preemption.reached(done)
             boundary = done % config.train.log_every == 0 or done == steps
             save = done % config.train.checkpoint_every == 0 or done == steps or stop
