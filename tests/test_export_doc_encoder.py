@@ -111,6 +111,8 @@ def test_eval_of_an_end_to_end_run_searches_its_latest_index_and_accepts_the_exp
     embed.build_index(ctx.config, ctx.params, transformers.AutoTokenizer.from_pretrained(
         os.path.join(out, export.CTX_ENCODER_SUBDIR)), config.data.passages, rebuilt,
         max_length=config.index.max_length, progress=False)
+    assert index_io.read_metadata(rebuilt)["encoder_id"] != index_io.read_metadata(latest)["encoder_id"], \
+        "d(z) did not move after the refresh: the export's own index is not tested"
     model, _, defaults = model_dir.load_hf_rag(out)
     for index_dir in (latest, rebuilt):
         assert model_loading.load_index(index_dir, model, defaults, "--model")[0] == index_dir
