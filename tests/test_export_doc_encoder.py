@@ -170,3 +170,23 @@ def test_a_pooling_no_hugging_face_layout_keeps_is_left_out_with_a_one_line_note
     assert export_command._doc_encoder(trained) is None
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and "not exporting the document encoder (ctx_encoder/)" in note and "'pooler'" in note
+
+
+def test_a_frozen_doc_encoder_that_is_gone_or_not_the_index_s_is_refused_naming_the_field(tmp_path):
+    """The paper's recipe: d(z) is rebuilt from model.doc_encoder.init (or the seed); an init checkpoint that moved,
+    or one that no longer embeds like the run's index, is named with the remedy, not exported."""
+    config = train_task.tiny_config({"questions": "q", "passages": "p"})
+    model, _ = _rag_model()
+    defaults = model_dir.ModelDefaults("sequence", {}, True, index="WORKDIR/index",
+                                       index_identity={"encoder_id": "0123456789abcdef"})
+    trained = trained_model.TrainedModel(model, {}, config, defaults)
+    with pytest.raises(hf.CheckpointError, match=r"model\.doc_encoder\.init='random' is not the encoder that "
+                                                 r"embedded the run's index WORKDIR/index \(encoder_id 0123"):
+        trained_model.doc_encoder(trained)
+    config.model.doc_encoder.init = str(tmp_path / "moved")
+    with pytest.raises(hf.CheckpointError, match=r"model\.doc_encoder\.init=.*moved'.*does not load.*restore it"):
+        trained_model.doc_encoder(trained)
+    config.model.doc_encoder.init = "random"
+    unrecorded = trained._replace(defaults=model_dir.ModelDefaults("sequence", {}, True))  # no identity to check
+    cfg, params = trained_model.doc_encoder(unrecorded)
+    assert cfg.hidden_size == config.model.doc_encoder.hidden_size and params
