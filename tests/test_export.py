@@ -152,17 +152,12 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
 def test_a_frozen_run_exports_the_doc_encoder_that_embedded_its_index(trained_run):
     """The paper's recipe (model.doc_encoder.trainable=False): ctx_encoder/ holds the frozen document encoder, and
     transformers' DPRContextEncoder with its tokenizer embeds the passages into the workdir's index."""
-    from rag_jax.retrieval import corpus, index_io
+    from rag_jax.retrieval import index_io
+    from tests.test_export_doc_encoder import transformers_embeddings
 
-    ctx_dir = os.path.join(trained_run["hf"], export.CTX_ENCODER_SUBDIR)
-    encoder = transformers.DPRContextEncoder.from_pretrained(ctx_dir).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ctx_dir)
-    passages = list(corpus.read_passages(trained_run["task"]["passages"]))
     index = index_io.load_index(os.path.join(trained_run["workdir"], "index"))
-    batch = tokenizer([p.title for p in passages], [p.text for p in passages], truncation="longest_first",
-                      max_length=index.metadata["max_length"], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        got = encoder(**batch).pooler_output.numpy()
+    got = transformers_embeddings(os.path.join(trained_run["hf"], export.CTX_ENCODER_SUBDIR),
+                                  trained_run["task"]["passages"], index.metadata["max_length"])
     assert hf_models.relative_error(got, index.embeddings(np.float32)) <= 1e-5
 
 

@@ -51,7 +51,7 @@ def e2e_run(tmp_path_factory):
     return {"workdir": workdir, "hf": str(tmp / "hf"), "task": task, "config": config, "stdout": done.stdout}
 
 
-def _transformers_embeddings(ctx_dir: str, passages_path: str, max_length: int) -> np.ndarray:
+def transformers_embeddings(ctx_dir: str, passages_path: str, max_length: int) -> np.ndarray:
     """pooler_output of DPRContextEncoder over (title, text) pairs tokenised as build_index does."""
     encoder = transformers.DPRContextEncoder.from_pretrained(ctx_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(ctx_dir)
@@ -77,7 +77,7 @@ def test_trained_doc_encoder_exports_as_a_dpr_context_encoder_that_rebuilds_the_
                                 str(tmp_path / "rebuilt"), batch_size=config.index.batch_size,
                                 max_length=config.index.max_length, progress=False)
     want = rebuilt.embeddings(np.float32)
-    got = _transformers_embeddings(ctx_dir, config.data.passages, config.index.max_length)
+    got = transformers_embeddings(ctx_dir, config.data.passages, config.index.max_length)
     assert hf_models.relative_error(got, want) <= 1e-5
     initial = index_io.load_index(workdir_lib.index_dir(workdir)).embeddings(np.float32)
     assert hf_models.relative_error(initial, want) > 1e-3, "d(z) did not move in training: nothing is tested"
