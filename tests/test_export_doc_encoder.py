@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from experiments import model_loading
-from rag_jax import rag
+from rag_jax import rag, sharding
 from rag_jax.data import tokenizers
 from rag_jax.inference import export, model_dir
 from rag_jax.models import bert, hf
@@ -46,7 +46,8 @@ def e2e_run(tmp_path_factory):
         "train.checkpoint_every": 3, "train.async_checkpoints": False, "optim.learning_rate": 1e-2,
         "optim.warmup_steps": 0})  # a large step, so that d(z) moves clearly from its initial weights
     workdir = str(tmp / "run")
-    loop.train_and_evaluate(config, workdir)
+    # One device: the export, not the sharding, is under test, and one device's step compiles fastest.
+    loop.train_and_evaluate(config, workdir, mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     done = _export(workdir, str(tmp / "hf"))
     return {"workdir": workdir, "hf": str(tmp / "hf"), "task": task, "config": config, "stdout": done.stdout}
 
