@@ -44,7 +44,7 @@ def export_run():
     _check_flags()  # before the (slow) restore
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
     from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import build, checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
 
     trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
     doc_encoder = None
@@ -57,12 +57,11 @@ def export_run():
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
         defaults = trained.defaults
-        ctx_identity = None if doc_encoder is None else build.index_identity(trained.config, *doc_encoder, question)
         export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
                            generation=defaults.generation[defaults.model_type],
                            answer_prefix_space=defaults.answer_prefix_space,
                            index_identity=defaults.index_identity, doc_encoder=doc_encoder,
-                           ctx_index_identity=ctx_identity, overwrite=_OVERWRITE.value)
+                           ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)
     print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}"
           + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else ""))
 

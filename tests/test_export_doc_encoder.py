@@ -97,8 +97,8 @@ def test_trained_doc_encoder_exports_as_a_dpr_context_encoder_that_rebuilds_the_
 
 @pytest.mark.slow
 def test_eval_of_an_end_to_end_run_searches_its_latest_index_and_accepts_the_exported_encoder_s(e2e_run, tmp_path):
-    """eval_nq on the workdir: the version of the last refresh, with the checkpoint's encoders; eval_nq on the export:
-    that version or an index rebuilt with ctx_encoder/, not the run's first index (an older d(z))."""
+    """eval_nq on the workdir: the version of the last refresh, with the checkpoint's encoders; on the workdir or its
+    export, --index may be that version or one rebuilt with ctx_encoder/, not the run's first index (an older d(z))."""
     workdir, out, config = e2e_run["workdir"], e2e_run["hf"], e2e_run["config"]
     latest = workdir_lib.index_version_dir(workdir, REFRESH_STEP)
     model, params, defaults = model_loading.load_model(workdir)
@@ -114,11 +114,11 @@ def test_eval_of_an_end_to_end_run_searches_its_latest_index_and_accepts_the_exp
         max_length=config.index.max_length, progress=False)
     assert index_io.read_metadata(rebuilt)["encoder_id"] != index_io.read_metadata(latest)["encoder_id"], \
         "d(z) did not move after the refresh: the export's own index is not tested"
-    model, _, defaults = model_dir.load_hf_rag(out)
-    for index_dir in (latest, rebuilt):
-        assert model_loading.load_index(index_dir, model, defaults, "--model")[0] == index_dir
-    with pytest.raises(index_io.IndexFormatError, match="encoder_id="):
-        model_loading.load_index(workdir_lib.index_dir(workdir), model, defaults, "--model")
+    for model, _, defaults in (model_dir.load_hf_rag(out), model_loading.load_model(workdir)):
+        for index_dir in (latest, rebuilt):
+            assert model_loading.load_index(index_dir, model, defaults, "--model")[0] == index_dir
+        with pytest.raises(index_io.IndexFormatError, match="encoder_id="):
+            model_loading.load_index(workdir_lib.index_dir(workdir), model, defaults, "--model")
 
 
 # ------------------------------------------------------------------------------------------------ pooling

@@ -32,8 +32,8 @@ class ModelDefaults:
     # The identity (index_io.IDENTITY_FIELDS) of the index the model was trained with, when known: a workdir's
     # index records it, an export of a run carries it (export.RUN_KEY); eval_nq refuses an index of another.
     index_identity: dict | None = None
-    # An export's document encoder (export.CTX_ENCODER_SUBDIR) may be newer than that index (a run that trained it
-    # past its last refresh): the identity of the index it makes, which eval_nq accepts too.
+    # A run that trains its document encoder may be past its last index refresh: the identity of the index its
+    # checkpoint's d(z) makes (the export's export.CTX_ENCODER_SUBDIR), which eval_nq accepts too.
     ctx_encoder_index_identity: dict | None = None
 
     def generation_config(self, model_type: str, **overrides) -> GenerationConfig:

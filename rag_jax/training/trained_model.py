@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from rag_jax import rag
+from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
 from rag_jax.models.hf_files import CheckpointError
@@ -87,8 +88,24 @@ def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedMode
     recorded = index_io.read_metadata(index_dir) if os.path.isdir(index_dir) else None
     defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
                              answer_prefix_space=bool(config.data.answer_prefix_space), index=index_dir,
-                             index_identity=index_io.identity(recorded) if recorded else None)
+                             index_identity=index_io.identity(recorded) if recorded else None,
+                             ctx_encoder_index_identity=_trained_doc_index_identity(workdir, config, model, params))
     return TrainedModel(model, params, config, defaults)
+
+
+def _trained_doc_index_identity(workdir: str, config: ml_collections.ConfigDict, model: rag.Rag,
+                                params: Any) -> dict[str, Any] | None:
+    """The identity of the index the checkpoint's trained d(z) makes (build_index with it, or a refresh at its
+    step), which the run's question encoder may search besides the index version it searched (None: d(z) frozen)."""
+    if not model.trains_doc_encoder:
+        return None
+    question = tokenizers.load_question_tokenizer(workdir_lib.tokenizer_dirs(workdir)["question"])
+    return build.index_identity(config, *_trained_doc_encoder(model, params), question)
+
+
+def _trained_doc_encoder(model: rag.Rag, params: Any) -> tuple[bert.BertConfig, Any]:
+    cfg = dataclasses.replace(model.doc_encoder_config, dtype=jnp.float32)
+    return cfg, jax.tree_util.tree_map(np.asarray, jax.device_get(params["doc_encoder"]))
 
 
 def _index_dir(workdir: str, version: int) -> str:
@@ -108,8 +125,7 @@ def doc_encoder(trained: TrainedModel) -> tuple[bert.BertConfig, Any]:
     Raises CheckpointError naming the config field when the frozen one cannot be rebuilt or is not the index's."""
     model, config = trained.model, trained.config
     if model.trains_doc_encoder:
-        cfg = dataclasses.replace(model.doc_encoder_config, dtype=jnp.float32)
-        return cfg, jax.tree_util.tree_map(np.asarray, jax.device_get(trained.params["doc_encoder"]))
+        return _trained_doc_encoder(model, trained.params)
     init = config.model.doc_encoder.init
     try:
         cfg, params = build.doc_encoder(config)
