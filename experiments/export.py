@@ -6,10 +6,17 @@ hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGene
        (config.json, generation_config.json, model.safetensors, question_encoder_tokenizer/, generator_tokenizer/);
        the architecture follows the run's loss (RAG-Sequence or RAG-Token). It carries the run's generation settings,
        answer tokenisation and index identity, so eval_nq on it answers and scores exactly as eval_nq on the workdir.
+       Its subfolder ctx_encoder/ holds the run's document encoder with its tokenizer, so that transformers (or
+       build_index --encoder) can rebuild the index: the checkpoint's trained one (model.doc_encoder.trainable), else
+       the frozen one that embedded the run's index. A DPRContextEncoder for [CLS] pooling; a sentence-transformers
+       directory for mean pooling or L2 normalisation, which DPR lacks; left out, with a one-line note on stderr,
+       when no Hugging Face layout computes it (BERT-pooler pooling) or a frozen one no longer loads.
 orbax: the parameters only (no optimizer state), for serving, with the run's config.json.
 Both refuse to write into an existing non-empty directory unless --overwrite, and the directory appears only when
 the export is complete (an interrupted export leaves nothing behind, and an overwritten one its old content).
 """
+
+import sys
 
 from absl import app, flags
 
@@ -40,10 +47,12 @@ def export_run():
     from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
 
     trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
+    doc_encoder = None
     if _FORMAT.value == "orbax":
         export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
                                  overwrite=_OVERWRITE.value)
     else:
+        doc_encoder = _doc_encoder(trained)
         dirs = workdir.tokenizer_dirs(_WORKDIR.value)
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
@@ -51,8 +60,25 @@ def export_run():
         export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
                            generation=defaults.generation[defaults.model_type],
                            answer_prefix_space=defaults.answer_prefix_space,
-                           index_identity=defaults.index_identity, overwrite=_OVERWRITE.value)
-    print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}")
+                           index_identity=defaults.index_identity, doc_encoder=doc_encoder,
+                           ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)
+    print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}"
+          + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else ""))
+
+
+def _doc_encoder(trained):
+    """(config, params) of the run's document encoder for ctx_encoder/, or None with a note on stderr."""
+    from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
+    from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+
+    try:
+        doc_encoder = trained_model.doc_encoder(trained)
+        export.check_hf_encoder(doc_encoder[0])
+    except hf.CheckpointError as e:
+        print(f"not exporting the document encoder ({export.CTX_ENCODER_SUBDIR}/): {e}", file=sys.stderr)
+        return None
+    return doc_encoder
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ def check_index_identity(index, defaults, model_flag: str, index_arg: str | None
     from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
 
     if defaults.index_identity:
+        ctx = defaults.ctx_encoder_index_identity  # an export's ctx_encoder/ makes this one
+        if ctx and not index_io.identity_mismatch(index.identity, ctx):
+            return
         index_io.check_identity(index, defaults.index_identity, model_flag)
     elif defaults.index and index_arg and os.path.abspath(index_arg) != os.path.abspath(defaults.index):
         raise cli.UsageError(

@@ -148,6 +148,19 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
         assert hf_models.relative_error(ours[model_type], loss.numpy()) <= 1e-4, model_type
 
 
+@pytest.mark.slow
+def test_a_frozen_run_exports_the_doc_encoder_that_embedded_its_index(trained_run):
+    """The paper's recipe (model.doc_encoder.trainable=False): ctx_encoder/ holds the frozen document encoder, and
+    transformers' DPRContextEncoder with its tokenizer embeds the passages into the workdir's index."""
+    from rag_jax.retrieval import index_io
+    from tests.test_export_doc_encoder import transformers_embeddings
+
+    index = index_io.load_index(os.path.join(trained_run["workdir"], "index"))
+    got = transformers_embeddings(os.path.join(trained_run["hf"], export.CTX_ENCODER_SUBDIR),
+                                  trained_run["task"]["passages"], index.metadata["max_length"])
+    assert hf_models.relative_error(got, index.embeddings(np.float32)) <= 1e-5
+
+
 def _eval(model: str, model_type: str, index: str, questions: str, output: str) -> list[dict]:
     _run("experiments.eval_nq", f"--model={model}", f"--model_type={model_type}", f"--index={index}",
          f"--questions={questions}", f"--output={output}", "--score", "--batch_size=4")

@@ -25,11 +25,18 @@ from safetensors.numpy import save_file
 from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
-from rag_jax.models import hf, hf_t5, t5
+from rag_jax.models import bert, hf, hf_t5, t5
 
 ARCHITECTURES = {"sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
-RUN_KEY = "rag_jax_run"  # config.json: {"answer_prefix_space": bool, "index_identity": {...}} of an exported run
+# config.json: {"answer_prefix_space": bool, "index_identity": {...}, "ctx_encoder_index_identity": {...}} of an
+# exported run; the last, the identity of the index CTX_ENCODER_SUBDIR makes, is accepted besides the first (they
+# differ when the run trained its document encoder past its last index refresh).
+RUN_KEY = "rag_jax_run"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# <export>/ctx_encoder/: the run's document encoder (a DPRContextEncoder, or a sentence-transformers directory for
+# pooling DPR lacks). Inside the RAG directory, which transformers' from_pretrained reads by file name only, so that
+# one directory holds the run and appears at once; RagRetriever takes it as `set_ctx_encoder_tokenizer`'s tokenizer.
+CTX_ENCODER_SUBDIR = "ctx_encoder"
 
 
 def refuse_to_overwrite(directory: str) -> None:
@@ -76,20 +83,28 @@ def save_hf_rag(
     generation: GenerationConfig | None = None,
     answer_prefix_space: bool | None = None,
     index_identity: dict[str, Any] | None = None,
+    doc_encoder: tuple[bert.BertConfig, dict[str, Any]] | None = None,
+    ctx_index_identity: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
     """Writes `params` as a Hugging Face RAG checkpoint. `generation` (the settings to answer with) goes to
     generation_config.json and the generator's decoder start; `answer_prefix_space` records how gold answers were
-    tokenised in training, `index_identity` the index it was trained with. Refuses a non-empty `directory` unless
-    `overwrite`; the directory appears only when complete (`new_directory`)."""
+    tokenised in training, `index_identity` the index it was trained with. `doc_encoder` (config, params), the
+    document encoder that embeds the run's index, goes to CTX_ENCODER_SUBDIR as `save_hf_encoder` writes it, with the
+    question tokenizer (build_index tokenises passages with it); `ctx_index_identity` is the identity of the index
+it makes. Refuses a non-empty `directory` unless `overwrite`,
+    and a document encoder with no Hugging Face layout (check_hf_encoder) before writing anything; the directory
+    appears only when complete (`new_directory`)."""
+    if doc_encoder is not None:
+        check_hf_encoder(doc_encoder[0])
     with new_directory(directory, overwrite=overwrite) as partial:
         _write_hf_rag(partial, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
-                      answer_prefix_space, index_identity)
+                      answer_prefix_space, index_identity, doc_encoder, ctx_index_identity)
     return directory
 
 
 def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
-                  answer_prefix_space, index_identity) -> None:
+                  answer_prefix_space, index_identity, doc_encoder, ctx_index_identity) -> None:
     cfg = model.config
     g = model.generator_config
     is_t5 = isinstance(g, t5.T5Config)
@@ -107,6 +122,8 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
     run = {} if answer_prefix_space is None else {"answer_prefix_space": bool(answer_prefix_space)}
     if index_identity is not None:
         run["index_identity"] = dict(index_identity)
+    if ctx_index_identity is not None:
+        run["ctx_encoder_index_identity"] = dict(ctx_index_identity)
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         transformers.DPRConfig(**hf.dpr_config_dict(model.question_encoder_config)),
         generator_config,
@@ -125,6 +142,8 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     question_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_QUESTION_SUBDIR))
     generator_tokenizer.save_pretrained(os.path.join(directory, tokenizers.RAG_GENERATOR_SUBDIR))
+    if doc_encoder is not None:
+        write_hf_encoder(os.path.join(directory, CTX_ENCODER_SUBDIR), *doc_encoder, "ctx", question_tokenizer)
 
 
 def save_params_orbax(directory: str, params: dict[str, Any], run_config: dict[str, Any], *,
@@ -156,30 +175,43 @@ DPR_ROLES = {"question": ("DPRQuestionEncoder", "question_encoder."), "ctx": ("D
 def save_hf_encoder(directory: str, cfg, params: dict[str, Any], role: str, tokenizer, *,
                     overwrite: bool = False) -> str:
     """One trained retriever encoder as a directory that transformers and rag_jax load (hf.load_encoder, and so
-    build_index --encoder and train_nq's model.*_encoder.init): a DPRQuestionEncoder (`role` "question") or
-    DPRContextEncoder ("ctx") for [CLS] pooling without normalisation, DPR's only kind; otherwise (e.g. a fine-tuned
-    all-MiniLM-L6-v2: mean pooling, L2 normalised) a sentence-transformers directory (BertModel + Pooling
-    [+ Normalize]) that keeps the pooling. The tokenizer is saved beside the weights."""
+    build_index --encoder and train_nq's model.*_encoder.init), as `write_hf_encoder` lays it out; the directory
+    appears only when complete (`new_directory`)."""
     with new_directory(directory, overwrite=overwrite) as partial:
-        if cfg.pooling == "cls" and not cfg.normalize:
-            architecture, prefix = DPR_ROLES[role]
-            config = transformers.DPRConfig(**hf.dpr_config_dict(cfg))
-            config.architectures = [architecture]
-            config.save_pretrained(partial)
-            tensors = hf.encoder_tensors(cfg, params, prefix)
-        else:
-            _write_sentence_transformers_modules(partial, cfg)
-            tensors = hf.export_tensors(params, hf.bert_table(cfg), "")
-        save_file(tensors, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(partial)
+        write_hf_encoder(partial, cfg, params, role, tokenizer)
     return directory
+
+
+def check_hf_encoder(cfg) -> None:
+    """Refuses, naming the pooling, an encoder that no Hugging Face layout computes as rag_jax does."""
+    if cfg.pooling not in ("cls", "mean") or (cfg.projection_dim and (cfg.pooling != "cls" or cfg.normalize)):
+        raise hf.CheckpointError(f"an encoder with {cfg.pooling!r} pooling"
+                                 f"{' and a projection' if cfg.projection_dim else ''} has no Hugging Face layout "
+                                 "that keeps it; export the parameters alone (--format=orbax)")
+
+
+def write_hf_encoder(directory: str, cfg, params: dict[str, Any], role: str, tokenizer) -> None:
+    """A DPRQuestionEncoder (`role` "question") or DPRContextEncoder ("ctx") for [CLS] pooling without
+    normalisation, DPR's only kind; otherwise (e.g. a fine-tuned all-MiniLM-L6-v2: mean pooling, L2 normalised) a
+    sentence-transformers directory (BertModel + Pooling [+ Normalize]) that keeps the pooling. The tokenizer is
+    saved beside the weights."""
+    check_hf_encoder(cfg)
+    os.makedirs(directory, exist_ok=True)
+    if cfg.pooling == "cls" and not cfg.normalize:
+        architecture, prefix = DPR_ROLES[role]
+        config = transformers.DPRConfig(**hf.dpr_config_dict(cfg))
+        config.architectures = [architecture]
+        config.save_pretrained(directory)
+        tensors = hf.encoder_tensors(cfg, params, prefix)
+    else:
+        _write_sentence_transformers_modules(directory, cfg)
+        tensors = hf.export_tensors(params, hf.bert_table(cfg), "")
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
 
 
 def _write_sentence_transformers_modules(directory: str, cfg) -> None:
     """config.json of a BertModel, and modules.json with the pooling (and normalisation) rag_jax trained with."""
-    if cfg.pooling not in ("cls", "mean") or cfg.projection_dim:
-        raise hf.CheckpointError(f"an encoder with {cfg.pooling!r} pooling or a projection has no Hugging Face "
-                                 "layout that keeps it; export the parameters alone (--format=orbax)")
     fields = hf.dpr_config_dict(dataclasses.replace(cfg, pooling="cls", normalize=False))
     fields.pop("projection_dim")
     config = transformers.BertConfig(**fields)

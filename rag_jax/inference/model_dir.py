@@ -32,6 +32,9 @@ class ModelDefaults:
     # The identity (index_io.IDENTITY_FIELDS) of the index the model was trained with, when known: a workdir's
     # index records it, an export of a run carries it (export.RUN_KEY); eval_nq refuses an index of another.
     index_identity: dict | None = None
+    # A run that trains its document encoder may be past its last index refresh: the identity of the index its
+    # checkpoint's d(z) makes (the export's export.CTX_ENCODER_SUBDIR), which eval_nq accepts too.
+    ctx_encoder_index_identity: dict | None = None
 
     def generation_config(self, model_type: str, **overrides) -> GenerationConfig:
         return dataclasses.replace(self.generation[model_type], **overrides)
@@ -62,5 +65,6 @@ def load_hf_rag(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
         generation=generation,
         answer_prefix_space=bool((run or {}).get("answer_prefix_space", False)),
         index_identity=(run or {}).get("index_identity"),
+        ctx_encoder_index_identity=(run or {}).get("ctx_encoder_index_identity"),
     )
     return model, params, defaults

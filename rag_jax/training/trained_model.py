@@ -7,18 +7,23 @@ the defaults its config implies for inference.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rag_jax import rag
+from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
 from rag_jax.models.hf_files import CheckpointError
-from rag_jax.retrieval import index_io
+from rag_jax.models import bert
+from rag_jax.retrieval import embed, index_io
 from rag_jax.training import build, checkpoint, index_refresh, workdir as workdir_lib
 
 
@@ -83,8 +88,24 @@ def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedMode
     recorded = index_io.read_metadata(index_dir) if os.path.isdir(index_dir) else None
     defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
                              answer_prefix_space=bool(config.data.answer_prefix_space), index=index_dir,
-                             index_identity=index_io.identity(recorded) if recorded else None)
+                             index_identity=index_io.identity(recorded) if recorded else None,
+                             ctx_encoder_index_identity=_trained_doc_index_identity(workdir, config, model, params))
     return TrainedModel(model, params, config, defaults)
+
+
+def _trained_doc_index_identity(workdir: str, config: ml_collections.ConfigDict, model: rag.Rag,
+                                params: Any) -> dict[str, Any] | None:
+    """The identity of the index the checkpoint's trained d(z) makes (build_index with it, or a refresh at its
+    step), which the run's question encoder may search besides the index version it searched (None: d(z) frozen)."""
+    if not model.trains_doc_encoder:
+        return None
+    question = tokenizers.load_question_tokenizer(workdir_lib.tokenizer_dirs(workdir)["question"])
+    return build.index_identity(config, *_trained_doc_encoder(model, params), question)
+
+
+def _trained_doc_encoder(model: rag.Rag, params: Any) -> tuple[bert.BertConfig, Any]:
+    cfg = dataclasses.replace(model.doc_encoder_config, dtype=jnp.float32)
+    return cfg, jax.tree_util.tree_map(np.asarray, jax.device_get(params["doc_encoder"]))
 
 
 def _index_dir(workdir: str, version: int) -> str:
@@ -94,3 +115,26 @@ def _index_dir(workdir: str, version: int) -> str:
         latest = index_refresh.latest_complete_version(workdir)
         version = 0 if latest is None else latest
     return workdir_lib.index_version_dir(workdir, version)
+
+
+def doc_encoder(trained: TrainedModel) -> tuple[bert.BertConfig, Any]:
+    """The run's document encoder d(z), float32 on the host, for the Hugging Face export: the checkpoint's trained
+    params["doc_encoder"] when the run trains it (model.doc_encoder.trainable; it embeds the index a refresh at the
+    checkpoint's step makes), else the frozen one that embedded the run's index (build.doc_encoder: rebuilt from
+    model.doc_encoder.init, or from the seed for a random one) after checking it against the index's encoder_id.
+    Raises CheckpointError naming the config field when the frozen one cannot be rebuilt or is not the index's."""
+    model, config = trained.model, trained.config
+    if model.trains_doc_encoder:
+        return _trained_doc_encoder(model, trained.params)
+    init = config.model.doc_encoder.init
+    try:
+        cfg, params = build.doc_encoder(config)
+    except (build.ConfigError, CheckpointError, OSError) as e:
+        raise CheckpointError(f"config model.doc_encoder.init={init!r}, the run's frozen document encoder, does not "
+                              f"load ({e}); restore it there to export it") from None
+    recorded = (trained.defaults.index_identity or {}).get("encoder_id")
+    if recorded is not None and recorded != embed.encoder_fingerprint(cfg, params):
+        raise CheckpointError(f"config model.doc_encoder.init={init!r} is not the encoder that embedded the run's "
+                              f"index {trained.defaults.index} (encoder_id {recorded}); restore the checkpoint the "
+                              "run was trained with there to export it")
+    return cfg, params
