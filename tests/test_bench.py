@@ -207,6 +207,7 @@ def test_device_peak_values_and_unknown_kinds():
     assert mfu.device_peak("cpu") is None
 
 
+@pytest.mark.slow
 def test_mfu_rows_run_on_cpu():
     """The accelerator-only code path, run here on the tiny config against a made-up peak so that it cannot rot."""
     if not flags.FLAGS.is_parsed():
