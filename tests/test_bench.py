@@ -61,6 +61,7 @@ def test_quick_train_step_compares_the_same_computation(quick_rows):
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
         # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
         assert row["first_loss_rel_diff"] < 1e-4
+    assert all(row["model_gflop"] > 0 and row["ours_gflop_per_s"] > 0 for row in rows)  # T5 rows too
     assert rows[2]["model_gflop"] > rows[0]["model_gflop"]  # + the document encoder's forward and backward
 
 
@@ -86,8 +87,11 @@ def test_quick_eval_and_host_rows(quick_rows):
     for row in rows["eval"]:  # eval_nq and transformers' loop answer alike on the same weights and index
         # (T5's RAG-Sequence rows caught eval_nq cutting the contexts that the reference's search attends to)
         assert row["ours_process_s"] > 0 and row["reference_loop_s"] > 0 and row["same_predictions"] == 1.0, row
-    assert [r["contexts"].split(" ")[0] for r in rows["host"]] == ["host", "device"]
+    # per generator, BART's tokenizer then T5's (SentencePiece), whose paper_t5 device step is the longer
+    assert [(r["generator"], r["contexts"].split(" ")[0]) for r in rows["host"]] == [
+        (g, mode) for g in ("bart", "t5") for mode in ("host", "device")]
     assert all(r["host_ms_per_step"] > 0 and r["device_step_ms_v4_32"] > 100 for r in rows["host"])
+    assert rows["host"][2]["device_step_ms_v4_32"] > rows["host"][0]["device_step_ms_v4_32"]
     assert [r["variant"] for r in rows["host_train"]] == ["sequential", "overlap", "stale_prefetch"]
     for row in rows["host_train"]:
         assert row["retrieval"] == "host" and row["steps_per_s"] > 0
@@ -109,12 +113,15 @@ def test_quick_mips_embed_and_mfu_rows(quick_rows):
 # ----------------------------------------------------------------------------------------------- FLOP counter
 
 
-def _sized_config(width: int, ffn: int, q_vocab: int, g_vocab: int):
-    config = common.model_config("tiny")
+def _sized_config(width: int, ffn: int, q_vocab: int, g_vocab: int, generator: str = "bart",
+                  feed_forward_proj: str = "gated-gelu"):  # fmt: skip
+    config = common.model_config("tiny", generator)
     for enc in (config.model.question_encoder, config.model.doc_encoder):
         enc.hidden_size, enc.intermediate_size, enc.num_heads, enc.num_layers, enc.vocab_size = width, ffn, 4, 2, q_vocab
     g = config.model.generator
     g.d_model, g.ffn_dim, g.heads, g.encoder_layers, g.decoder_layers, g.vocab_size = width, ffn, 4, 2, 3, g_vocab
+    if generator == "t5":  # heads * d_kv != d_model, as in T5-large's 16 x 64 over 1024 (here 4 x 24 over width)
+        g.d_kv, g.feed_forward_proj = 24, feed_forward_proj
     return config
 
 
@@ -123,9 +130,10 @@ def _xla_flops(fn, *args) -> float:
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
-# (width, ffn, question vocab, generator vocab): LM-head dominated (the real vocabularies at tiny width), and
-# layer dominated (small vocabularies), so that a wrong term in either part shows.
-@pytest.mark.parametrize("sizes", [(32, 64, 30522, 50265), (128, 512, 1000, 1000)])
+# (width, ffn, question vocab, generator vocab[, generator]): LM-head dominated (the real vocabularies at tiny
+# width), and layer dominated (small vocabularies), so that a wrong term in either part shows; the whole step with
+# a T5 generator once (the generator's forward alone, for more T5 variants, is the next test).
+@pytest.mark.parametrize("sizes", [(32, 64, 30522, 50265), (128, 512, 1000, 1000), (128, 512, 1000, 1000, "t5")])
 def test_flop_counter_matches_xla_cost_analysis(sizes):
     """Analytic matmul FLOPs of forward + backward vs XLA's count of the loss's value_and_grad, on one CPU device.
     XLA also counts softmax, layer norm, GELU and the loss (not in the analytic count): at most 20% more."""
@@ -149,6 +157,22 @@ def test_flop_counter_matches_xla_cost_analysis(sizes):
     with jax.default_device(jax.devices("cpu")[0]):
         xla_step = _xla_flops(jax.value_and_grad(loss), params, *inputs)
     assert 0.8 <= step / xla_step <= 1.0
+
+
+@pytest.mark.parametrize("sizes", [(128, 512, 1000, 1000), (32, 64, 30522, 32128, "t5"), (128, 512, 1000, 1000, "t5"),
+                                   (128, 512, 1000, 1000, "t5", "relu")])  # fmt: skip
+def test_generator_flop_counter_matches_xla_forward(sizes):
+    """The generator's teacher-forced forward alone (BART; T5 v1.1 and v1.0, heads * d_kv != d_model) against XLA's
+    count of the jitted forward: the matmuls are all but a few percent of it, so a missing or doubled term shows."""
+    config = _sized_config(*sizes)
+    model = build.build_rag(config, load_weights=False).rag
+    params = jax.eval_shape(lambda r: nn.meta.unbox(rag.init_params(model, r)), jax.random.PRNGKey(0))
+    rows, s, t = config.train.global_batch_size * config.model.n_docs, 48, 8
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    forward = lambda p, ids, mask, labels: model.generator_logits(p, ids, mask, labels)
+    with jax.default_device(jax.devices("cpu")[0]):
+        xla = _xla_flops(forward, params, ints(rows, s), ints(rows, s), ints(rows // config.model.n_docs, t))
+    assert 0.95 <= flops.generator_forward_flops(model.generator_config, rows, s, t) / xla <= 1.0
 
 
 def test_flop_counter_terms():
@@ -183,22 +207,32 @@ def test_device_peak_values_and_unknown_kinds():
     assert mfu.device_peak("cpu") is None
 
 
+@pytest.mark.slow
 def test_mfu_rows_run_on_cpu():
     """The accelerator-only code path, run here on the tiny config against a made-up peak so that it cannot rot."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(["test"])
     peak = mfu.DevicePeak("nominal", bf16_flops=1e12, hbm_bytes_per_s=1e10)
-    rows = mfu.mfu_rows(common.model_config("tiny"), peak, repeats=1, mips_rows=4096, mips_queries=(4,))
-    step, mips = rows
-    c = common.model_config("tiny")
-    model = build.build_rag(c, load_weights=False).rag
-    expected = flops.rag_train_step_flops(model, c.train.global_batch_size, c.model.n_docs,
-                                          c.data.max_question_length, c.model.max_combined_length,
-                                          c.data.max_target_length)  # fmt: skip
-    assert step["model_tflops"] == pytest.approx(expected / 1e12)
-    assert step["xla_tflops"] > 0 and step["seconds"] > 0
-    assert step["fraction_of_peak"] == pytest.approx(expected / step["seconds"] / (1e12 * step["devices"]))
+    configs = [common.model_config("tiny", generator) for generator in ("bart", "t5")]
+    *steps, mips = mfu.mfu_rows(configs, peak, repeats=1, mips_rows=4096, mips_queries=(4,))
+    assert [step["generator"] for step in steps] == ["bart", "t5"]
+    for c, step in zip(configs, steps):
+        model = build.build_rag(c, load_weights=False).rag
+        expected = flops.rag_train_step_flops(model, c.train.global_batch_size, c.model.n_docs,
+                                              c.data.max_question_length, c.model.max_combined_length,
+                                              c.data.max_target_length)  # fmt: skip
+        assert step["model_tflops"] == pytest.approx(expected / 1e12)
+        assert step["xla_tflops"] > 0 and step["seconds"] > 0
+        assert step["fraction_of_peak"] == pytest.approx(expected / step["seconds"] / (1e12 * step["devices"]))
     assert mips["achieved_gb_per_s"] == pytest.approx(4096 * 768 * 4 / mips["seconds"] / 1e9)
+
+
+def test_mfu_paper_configs_hold_the_paper_generators():
+    """mfu's full-size configs: BART-large for bart, T5 v1.1-large sizes (paper_t5) for t5."""
+    bart_cfg = build.build_rag(mfu.paper_config(1, "bart"), load_weights=False).rag.generator_config
+    t5_cfg = build.build_rag(mfu.paper_config(1, "t5"), load_weights=False).rag.generator_config
+    assert (type(bart_cfg).__name__, bart_cfg.d_model, bart_cfg.encoder_layers) == ("BartConfig", 1024, 12)
+    assert (type(t5_cfg).__name__, t5_cfg.d_model, t5_cfg.encoder_layers, t5_cfg.d_ff) == ("T5Config", 1024, 24, 2816)
 
 
 # ----------------------------------------------------------------------------------------------- speed changes

@@ -17,8 +17,9 @@ Sub-benchmarks:
   host_train  host-mode training steps/s on the local config: step s+1's host work overlapped with step s (and
               also retrieved one step stale, retrieval.stale_prefetch) vs the same loop without overlap
   retriever_step  one DPR bi-encoder training step (train_retriever's) vs transformers' DPR encoders + torch AdamW
-  mfu         accelerators only: the `paper` config step in bf16 as a fraction of the device's peak FLOP/s
-              (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth
+  mfu         accelerators only: the `paper` (and `paper_t5`) config step in bf16 as a fraction of the device's
+              peak FLOP/s (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of
+              HBM bandwidth
 
 Every sub-benchmark prints a table and appends one JSON line per row to --results. Figures are steady-state
 (after warm-up, so compilation is excluded) medians of repeats; ratios are reference time / rag_jax time, so > 1
@@ -45,7 +46,7 @@ _RESULTS = flags.DEFINE_string("results", "bench_results.jsonl", "JSON lines fil
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Model sizes for train_step and decode (tiny, small).")
 _GENERATORS = flags.DEFINE_list("generators", list(GENERATORS),
-                                "Generator architectures for train_step, decode, eval and host (bart, t5).")
+                                "Generator architectures for train_step, decode, eval, host and mfu (bart, t5).")
 _MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
 _EVAL_SCALE = flags.DEFINE_float("eval_questions_scale", 1.0, "eval: fraction of the 2,620 / 655 questions to answer.")
 _MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")

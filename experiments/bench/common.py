@@ -24,7 +24,7 @@ class Options:
     quick: bool = False  # tiny sizes: checks that everything runs (no figures)
     repeats: int = 5  # timed repeats per measurement (median reported)
     sizes: tuple[str, ...] = ("tiny", "small")  # model sizes for train_step and decode
-    generators: tuple[str, ...] = ("bart", "t5")  # generator architectures for train_step, decode, eval, host
+    generators: tuple[str, ...] = ("bart", "t5")  # generator architectures for train_step, decode, eval, host, mfu
     mfu_batch_per_device: int = 8
     mfu_mips_rows: int = 4_000_000
     eval_questions_scale: float = 1.0  # eval: fraction of the 2,620 / 655 questions

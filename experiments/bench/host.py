@@ -1,4 +1,4 @@
-"""host: the host side of host-mode retrieval alone, at the paper config's per-host shapes (BART-large tokenizer,
+"""host: the host side of host-mode retrieval alone, at the paper config's per-host shapes (the generator's tokenizer,
 K=10, 300-token contexts, 16 questions per host per step: a 64-question batch over the 4 hosts of a v4-32 slice),
 next to the device step time that experiments.compile_nq's FLOP count implies there at 50% utilisation.
 
@@ -8,7 +8,11 @@ for the generator, padded to 300. The search itself is not included (on a pod it
 
 The second row is what is left on the host in device mode (retrieval.mode="device": contexts assembled on the
 devices from a per-passage token table, rag_jax/retrieval/contexts.py): the same question tokenisation and
-decoding, and the generator tokens of the 16 question parts only."""
+decoding, and the generator tokens of the 16 question parts only.
+
+With `--generators` holding t5, the same two rows with a T5 (SentencePiece) generator tokenizer, the one the other
+T5 rows use (trained on the bundled passages: no real T5 tokenizer can be downloaded here, so its 1,100 pieces
+stand in for T5's 32,128), next to the step time compile_nq implies for the `paper_t5` config."""
 
 from __future__ import annotations
 
@@ -17,20 +21,33 @@ import json
 
 import numpy as np
 
-from experiments.bench.common import Options, median_seconds
+from experiments.bench.common import Options, median_seconds, t5_tokenizer_dir
 
 ASSETS = "rag_jax/assets/nq_open_mini"
 QUESTIONS_PER_HOST, N_DOCS = 16, 10
-# experiments.compile_nq, paper config on v4-32: 15.5 TFLOPs per device per step; a v4 chip's bf16 peak is
-# 275 TFLOP/s, so 50% utilisation implies 15.5 / (0.5 * 275) = 0.113 s a step.
-DEVICE_STEP_S = 15.5 / (0.5 * 275)
+# experiments.compile_nq on v4-32, TFLOPs per device per step: `paper` (BART-large) 15.5, `paper_t5` (T5 v1.1-large
+# sizes) 31.5 (README's table). A v4 chip's bf16 peak is 275 TFLOP/s, so 50% utilisation implies
+# 15.5 / (0.5 * 275) = 0.113 s a step with BART and 0.229 s with T5.
+DEVICE_TFLOPS_V4_32 = {"bart": 15.5, "t5": 31.5}
+DEVICE_STEP_S = {generator: tflops / (0.5 * 275) for generator, tflops in DEVICE_TFLOPS_V4_32.items()}
 
 
 def run(opts: Options) -> list[dict]:
+    """The two rows per generator in opts.generators (BART: the bundled bart-large tokenizer; T5: SentencePiece)."""
+    from rag_jax.data import tokenizers
+
+    rows = []
+    for generator in opts.generators:
+        gtok = tokenizers.load_generator_tokenizer(*([t5_tokenizer_dir()] if generator == "t5" else []))
+        rows += [dict(generator=generator, **row) for row in _rows(opts, gtok, DEVICE_STEP_S[generator])]
+    return rows
+
+
+def _rows(opts: Options, gtok, device_step_s: float) -> list[dict]:
     from rag_jax.data import tokenizers
     from rag_jax.retrieval import contexts, corpus
 
-    qtok, gtok = tokenizers.load_question_tokenizer(), tokenizers.load_generator_tokenizer()
+    qtok = tokenizers.load_question_tokenizer()
     passages = list(itertools.islice(corpus.read_passages(f"{ASSETS}/passages.tsv"), 2000))
     with open(f"{ASSETS}/questions.jsonl") as f:
         questions = [json.loads(line)["question"] for line in f]
@@ -59,5 +76,5 @@ def run(opts: Options) -> list[dict]:
         per_batch = median_seconds(fn, opts.repeats) / batches
         rows.append(dict(contexts=mode, questions_per_host=QUESTIONS_PER_HOST, n_docs=N_DOCS, context_tokens=300,
                          host_ms_per_step=per_batch * 1e3, questions_per_s=QUESTIONS_PER_HOST / per_batch,
-                         device_step_ms_v4_32=DEVICE_STEP_S * 1e3, host_share_of_step=per_batch / DEVICE_STEP_S))
+                         device_step_ms_v4_32=device_step_s * 1e3, host_share_of_step=per_batch / device_step_s))
     return rows

@@ -1,5 +1,6 @@
 """mfu, accelerators only: the `paper` config's step in bf16 as a fraction of the device's peak FLOP/s (model FLOPs
-from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of HBM bandwidth."""
+from rag_jax/training/flops.py), and `paper_t5`'s (a T5-large-sized generator) with `--generators` holding t5;
+and exact MIPS bytes/second as a fraction of HBM bandwidth."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments.bench.common import Options, jax_model, median_seconds, model_config, train_batch
+from experiments.bench.common import GENERATORS, Options, jax_model, median_seconds, model_config, train_batch
 from experiments.bench.train_step import JaxTrainer
 
 
@@ -44,22 +45,21 @@ def device_peak(device_kind: str) -> DevicePeak | None:
     return None
 
 
-def paper_config(batch_per_device: int) -> ml_collections.ConfigDict:
+def paper_config(batch_per_device: int, generator: str = "bart") -> ml_collections.ConfigDict:
     """experiments/configs/nq.py `paper` with its networks' sizes (BERT-base encoders, BART-large, K=10, 128
-    question / 300 source / 25 target tokens, bf16) and random weights; the batch is per device."""
+    question / 300 source / 25 target tokens, bf16) and random weights, or `paper_t5` (T5 v1.1-large / Flan-T5-large
+    sizes) for generator "t5"; the batch is per device."""
     from experiments.configs import nq
     from rag_jax.training import aot
 
-    config = aot.sizes_only(nq.get_config("paper"))
+    config = aot.sizes_only(nq.get_config("paper_t5" if generator == "t5" else "paper"))
     config.train.global_batch_size = batch_per_device * jax.device_count()
     return config
 
 
-def mfu_rows(config: ml_collections.ConfigDict, peak: DevicePeak, repeats: int, mips_rows: int,
-             mips_queries: tuple[int, ...] = (8, 64)) -> list[dict]:  # fmt: skip
-    """Training-step MFU of `config` on all devices, and exact MIPS bytes/second on one, against `peak`."""
+def step_row(config: ml_collections.ConfigDict, peak: DevicePeak, repeats: int) -> dict:
+    """Training-step MFU of `config` on all devices against `peak`."""
     from rag_jax.training import flops
-    from rag_jax.retrieval import exact
 
     pair = jax_model(config)
     model, mesh = pair.model, pair.mesh
@@ -73,12 +73,20 @@ def mfu_rows(config: ml_collections.ConfigDict, peak: DevicePeak, repeats: int, 
     model_flops = flops.rag_train_step_flops(model, b, k, c.data.max_question_length, c.model.max_combined_length,
                                              c.data.max_target_length)  # fmt: skip
     devices = mesh.size
-    rows = [dict(measure="train_step", device=peak.name, devices=devices, dtype=c.model.compute_dtype, batch=b,
-                 n_docs=k, seconds=seconds, model_tflops=model_flops / 1e12,
-                 xla_tflops=float(xla_cost.get("flops", 0.0)) * devices / 1e12,
-                 achieved_tflops_per_s=model_flops / seconds / 1e12,
-                 fraction_of_peak=model_flops / seconds / (peak.bf16_flops * devices))]  # fmt: skip
-    del trainer, pair  # free the device memory for the corpus
+    return dict(measure="train_step", generator=c.model.generator.get("architecture", "bart"), device=peak.name,
+                devices=devices, dtype=c.model.compute_dtype, batch=b, n_docs=k, seconds=seconds,
+                model_tflops=model_flops / 1e12, xla_tflops=float(xla_cost.get("flops", 0.0)) * devices / 1e12,
+                achieved_tflops_per_s=model_flops / seconds / 1e12,
+                fraction_of_peak=model_flops / seconds / (peak.bf16_flops * devices))  # fmt: skip
+
+
+def mfu_rows(configs: list[ml_collections.ConfigDict], peak: DevicePeak, repeats: int, mips_rows: int,
+             mips_queries: tuple[int, ...] = (8, 64)) -> list[dict]:  # fmt: skip
+    """Training-step MFU of each config on all devices (one at a time, each freed before the next), and exact MIPS
+    bytes/second on one device, against `peak`."""
+    from rag_jax.retrieval import exact
+
+    rows = [step_row(config, peak, repeats) for config in configs]  # each model is freed when its row is made
 
     dim = 768
     corpus_NxD = jax.random.normal(jax.random.PRNGKey(2), (mips_rows, dim), jnp.float32)
@@ -105,6 +113,8 @@ def run(opts: Options) -> list[dict]:
         reason = f"device kind {device.device_kind!r} is not in experiments/bench/mfu.py PEAKS; add its peak figures"
         print(f"mfu: skipped: {reason}")
         return [dict(status="skipped", reason=reason)]
+    generators = [g for g in GENERATORS if g in opts.generators]
     if opts.quick:
-        return mfu_rows(model_config("tiny"), peak, opts.repeats, mips_rows=100_000)
-    return mfu_rows(paper_config(opts.mfu_batch_per_device), peak, opts.repeats, mips_rows=opts.mfu_mips_rows)
+        return mfu_rows([model_config("tiny", g) for g in generators], peak, opts.repeats, mips_rows=100_000)
+    return mfu_rows([paper_config(opts.mfu_batch_per_device, g) for g in generators], peak, opts.repeats,
+                    mips_rows=opts.mfu_mips_rows)  # fmt: skip

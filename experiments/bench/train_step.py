@@ -173,7 +173,7 @@ def end2end_batch(config, model, seed: int = 0) -> dict[str, np.ndarray]:
 
 def run(opts: Options) -> list[dict]:
     """Seconds per RAG-Sequence training step, rag_jax vs the reference, per model size and generator; with the
-    analytic model FLOPs of the step (rag_jax/training/flops.py, BART only) and the rate each side achieves."""
+    analytic model FLOPs of the step (rag_jax/training/flops.py, BART or T5) and the rate each side achieves."""
     from rag_jax.training import flops
 
     import tempfile
@@ -198,14 +198,13 @@ def run(opts: Options) -> list[dict]:
         row = dict(size=size, mode=mode, generator=generator, batch=c.train.global_batch_size, n_docs=c.model.n_docs,
                    source_len=c.model.max_combined_length, target_len=c.data.max_target_length,
                    devices=pair.mesh.size, ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours)  # fmt: skip
-        if generator == "bart":  # the analytic counter knows BART's layers only
-            gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
-                                               c.data.max_question_length, c.model.max_combined_length,
-                                               c.data.max_target_length) / 1e9  # fmt: skip
-            if mode == "end2end":  # + the K passages through the document encoder, forward and backward
-                d = pair.model.doc_encoder_config
-                gflop += flops.bert_forward_flops(d, c.train.global_batch_size * c.model.n_docs,
-                                                  c.index.max_length) * 3 / 1e9
-            row.update(model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref)
+        gflop = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
+                                           c.data.max_question_length, c.model.max_combined_length,
+                                           c.data.max_target_length) / 1e9  # fmt: skip
+        if mode == "end2end":  # + the K passages through the document encoder, forward and backward
+            d = pair.model.doc_encoder_config
+            docs = c.train.global_batch_size * c.model.n_docs
+            gflop += flops.bert_forward_flops(d, docs, c.index.max_length) * 3 / 1e9
+        row.update(model_gflop=gflop, ours_gflop_per_s=gflop / t_ours, reference_gflop_per_s=gflop / t_ref)
         rows.append(dict(row, first_loss_rel_diff=relative(loss_ours, loss_ref)))
     return rows
