@@ -190,6 +190,18 @@ def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup, mo
         assert np.isneginf(scores[b][~scored]).all()
 
 
+def test_masked_width_keeps_every_unmasked_column(monkeypatch):
+    """The rescoring's cut reaches the last column any row keeps (a hole or left padding keeps more), rounded up to
+    the bucket; inside jit, where the mask's values are unknown, nothing is cut."""
+    monkeypatch.setattr(rag_decoding, "CONTEXT_BUCKET", 4)
+    mask = np.zeros((2, 20), np.int32)
+    mask[0, :5], mask[1, :3] = 1, 1
+    assert rag_decoding.masked_width(mask) == 8
+    assert jax.jit(lambda m: jnp.zeros(rag_decoding.masked_width(m)))(mask).shape == (20,)
+    mask[1, 17] = 1
+    assert rag_decoding.masked_width(mask) == 20
+
+
 def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):
     inputs = _inputs(seed=1, repeat_first_doc=True)
     gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
