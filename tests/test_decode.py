@@ -58,11 +58,15 @@ def checkpoint(tmp_path_factory):
     )
 
 
-def _inputs(seed=0, n_docs=N_DOCS, repeat_first_doc=False):
+def _inputs(seed=0, n_docs=N_DOCS, repeat_first_doc=False, extra_padding=0):
     """Contexts with right padding of varied lengths (B*K, S) and doc scores (B, K). With `repeat_first_doc`, each
-    example's second context is a copy of its first, so that its beams repeat across docs (deduplication)."""
+    example's second context is a copy of its first, so that its beams repeat across docs (deduplication). With
+    `extra_padding`, that many more pad columns after the longest context (as a tokenizer padding to
+    max_combined_length leaves them)."""
     rng = np.random.default_rng(seed)
     ids, mask = hf_models.padded_ids(rng, BATCH * n_docs, 12, vocab=101, pad=PAD)
+    columns = [(0, 0), (0, extra_padding)]
+    ids, mask = np.pad(ids, columns, constant_values=PAD), np.pad(mask, columns)
     if repeat_first_doc:
         ids[1::n_docs], mask[1::n_docs] = ids[::n_docs], mask[::n_docs]
     scores = (rng.normal(size=(BATCH, n_docs)) * 2).astype(np.float32)
@@ -156,10 +160,14 @@ def test_rag_sequence_thorough_matches_reference(checkpoint, kwargs):
 
 
 @pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "all"])
-def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup):
+def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup, monkeypatch):
     """Every scored hypothesis gets -loss of the reference's rescoring forward pass over its example's K docs (the
-    scored ones: the first occurrences with deduplication, else all, which takes more than one packed pass)."""
-    inputs = _inputs(seed=1, repeat_first_doc=True)
+    scored ones: the first occurrences with deduplication, else all, which takes more than one packed pass). The
+    contexts carry pad columns past the longest, which the rescoring cuts (rag_decoding.masked_width) and the
+    reference attends to, masked."""
+    monkeypatch.setattr(rag_decoding, "CONTEXT_BUCKET", 4)
+    inputs = _inputs(seed=1, repeat_first_doc=True, extra_padding=9)
+    assert rag_decoding.masked_width(inputs[1]) == 12 < inputs[1].shape[1]
     gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     _, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=dedup)
     ids, mask, doc_scores = map(torch.as_tensor, inputs)
@@ -180,6 +188,18 @@ def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup):
             ).loss
         np.testing.assert_allclose(scores[b][scored], -loss.numpy(), rtol=1e-5, atol=1e-5)
         assert np.isneginf(scores[b][~scored]).all()
+
+
+def test_masked_width_keeps_every_unmasked_column(monkeypatch):
+    """The rescoring's cut reaches the last column any row keeps (a hole or left padding keeps more), rounded up to
+    the bucket; inside jit, where the mask's values are unknown, nothing is cut."""
+    monkeypatch.setattr(rag_decoding, "CONTEXT_BUCKET", 4)
+    mask = np.zeros((2, 20), np.int32)
+    mask[0, :5], mask[1, :3] = 1, 1
+    assert rag_decoding.masked_width(mask) == 8
+    assert jax.jit(lambda m: jnp.zeros(rag_decoding.masked_width(m)))(mask).shape == (20,)
+    mask[1, 17] = 1
+    assert rag_decoding.masked_width(mask) == 20
 
 
 def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):

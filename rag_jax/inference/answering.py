@@ -25,8 +25,8 @@ QUESTION_BUCKET = 16
 # The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
 # question often take a third of it; decoding's cost grows with the context length, so contexts are cut to the
 # batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway);
-# RAG-Token only (see _prepare).
-CONTEXT_BUCKET = 64
+# RAG-Token only (see _prepare; RAG-Sequence's rescoring cuts its contexts itself, rag_decoding.masked_width).
+CONTEXT_BUCKET = rag_decoding.CONTEXT_BUCKET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,8 @@ def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSetti
     if settings.model_type == "sequence":
         # RAG-Sequence's per-document beam search attends to the contexts' padding, as the reference's does (it
         # passes attention_mask=None: rag_decoding.rag_sequence_generate's mask_beams), so its answers depend on
-        # the padded length (T5's visibly, found by experiments/bench/eval.py): its contexts keep their full length.
+        # the padded length (T5's visibly, found by experiments/bench/eval.py): its contexts keep their full length
+        # (its rescoring, which masks the padding, drops it: rag_decoding.masked_width).
         width = context_mask.shape[1]
     return _Prepared(
         retrieved=retrieved, q_pad=q_pad, embeds=embeds,

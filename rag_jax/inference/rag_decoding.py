@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rag_jax import rag
 from rag_jax.inference import generation
@@ -206,6 +207,8 @@ def _first_token_is_bos(ids_BxCxL: jax.Array, bos_token_id: int | None):
     return jnp.all(ids_BxCxL[:, :, 1] == bos_token_id, axis=1)
 
 
+# masked_width rounds the contexts' width up to this.
+CONTEXT_BUCKET = 64
 # Rows (hypothesis x doc) per rescoring pass: enough to keep the matmuls wide, few enough that the pass's
 # (rows, length, vocabulary) logits stay small.
 _RESCORE_ROWS = 64
@@ -337,7 +340,7 @@ def rag_sequence_generate(
     n_docs: K, checked against doc_scores (B, K), from which it is taken when None.
     mask_beams: the reference passes attention_mask=None to the generator's generate, which transformers 5 turns
       into an all-ones mask (pad tokens of the contexts are attended to while searching); the rescoring uses the
-      real mask. False reproduces that; True masks the padding during the search as well.
+      real mask, over the contexts cut past their last unmasked column (masked_width: same values, less work). False reproduces that; True masks the padding during the search as well.
     """
     if mode not in ("thorough", "fast"):
         raise ValueError(f"rag_sequence_generate: mode={mode!r}; use 'thorough' or 'fast'")
@@ -348,25 +351,46 @@ def rag_sequence_generate(
             f"{docs * gen.num_beams} hypotheses per example"
         )
     dedup = model.config.do_deduplication if do_deduplication is None else bool(do_deduplication)
-    out, candidates, token_ll = _rag_sequence_generate(
-        model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, mode, dedup,
-        bool(mask_beams), bool(return_token_ll),
+    ids_BxCxL = _sequence_hypotheses(model, params, context_input_ids_BKxS, context_attention_mask_BKxS, gen, docs,
+                                     bool(mask_beams))  # fmt: skip
+    out, candidates, token_ll = _sequence_choose(
+        model, params, ids_BxCxL, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, mode,
+        dedup, bool(return_token_ll), masked_width(context_attention_mask_BKxS),
     )  # fmt: skip
     extras = ((candidates,) if return_candidates else ()) + ((token_ll,) if return_token_ll else ())
     return (out, *extras) if extras else out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "mask_beams", "keep_token_ll"))
-def _rag_sequence_generate(model, params, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup, mask_beams,
-                           keep_token_ll):
-    batch, docs = doc_scores_BxK.shape
+def masked_width(mask_BKxS) -> int:
+    """The width the rescoring passes need: up to the last column any context's mask keeps, rounded up to
+    CONTEXT_BUCKET (few shapes to compile). Everything past it is padding the mask hides, so cutting it changes no
+    value (masked keys get exactly zero weight) and saves attention over it; the contexts' full width inside jit."""
+    width = mask_BKxS.shape[1]
+    if isinstance(mask_BKxS, jax.core.Tracer):
+        return width
+    kept_S = np.flatnonzero(np.asarray(mask_BKxS).any(axis=0))
+    return min(width, -(-(int(kept_S[-1]) + 1 if kept_S.size else 1) // CONTEXT_BUCKET) * CONTEXT_BUCKET)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen", "n_docs", "mask_beams"))
+def _sequence_hypotheses(model, params, ids_BKxS, mask_BKxS, gen, n_docs, mask_beams):
+    """The per-document beam searches' K * num_beams hypotheses per example (B, C, L), at the contexts' full
+    width: the reference's search attends to the padding (mask_beams=False), so its answers depend on it."""
+    gen_doc = dataclasses.replace(gen, num_return_sequences=gen.num_beams)
+    search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
+    ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, ids_BKxS.shape[0] // n_docs, n_docs,
+                                    gen_doc)  # fmt: skip
+    return _to_generate_width(ids_BxCxL, gen.eos_token_id, model.generator_config.pad_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen", "mode", "dedup", "keep_token_ll", "width"))
+def _sequence_choose(model, params, ids_BxCxL, ids_BKxS, mask_BKxS, doc_scores_BxK, gen, mode, dedup,
+                     keep_token_ll, width):
+    """Rescoring and selection over the contexts cut to `width` (masked_width)."""
+    docs = doc_scores_BxK.shape[1]
     pad = model.generator_config.pad_token_id
     nb = gen.num_beams
-    gen_doc = dataclasses.replace(gen, num_return_sequences=nb)
-    search_mask = mask_BKxS if mask_beams else jnp.ones_like(mask_BKxS)
-    ids_BxCxL = _per_doc_hypotheses(model, params, ids_BKxS, search_mask, batch, docs, gen_doc)
-    ids_BxCxL = _to_generate_width(ids_BxCxL, gen.eos_token_id, pad)
-
+    ids_BKxS, mask_BKxS = ids_BKxS[:, :width], mask_BKxS[:, :width]
     same_BxCxC, is_first_BxC = _first_occurrences(ids_BxCxL)
     encoder_out = _encode(model, params, ids_BKxS, mask_BKxS)
     if mode == "thorough":
