@@ -15,7 +15,7 @@ The recipe (both runs the same but for model.doc_encoder.trainable): experiments
 norm), the index re-embedded every REFRESH_EVERY steps (a no-op for the frozen document encoder, whose refresh
 rebuilds the same index). Dev gold recall@K is the run's own periodic evaluation (dev_eval: retrieval over the index
 version it searches, after its last refresh) at step 0 and at the end; both runs' figures are printed. A small
-effect on a small dev set (figures at MARGIN), and a slow test: 18 minutes on a loaded 2-core machine.
+effect on a small dev set (figures at MARGIN), and a slow test: 408 s on a 2-core machine at load average 6.
 """
 
 import json
