@@ -340,7 +340,8 @@ def rag_sequence_generate(
     n_docs: K, checked against doc_scores (B, K), from which it is taken when None.
     mask_beams: the reference passes attention_mask=None to the generator's generate, which transformers 5 turns
       into an all-ones mask (pad tokens of the contexts are attended to while searching); the rescoring uses the
-      real mask, over the contexts cut past their last unmasked column (masked_width: same values, less work). False reproduces that; True masks the padding during the search as well.
+      real mask, over the contexts cut past their last unmasked column (masked_width: same values, less work).
+      False reproduces that; True masks the padding during the search as well.
     """
     if mode not in ("thorough", "fast"):
         raise ValueError(f"rag_sequence_generate: mode={mode!r}; use 'thorough' or 'fast'")
