@@ -6,6 +6,8 @@ transposed kernel or a wrong head split cannot pass by symmetry.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import transformers
@@ -41,6 +43,17 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.M
             if "final_logits_bias" in name:
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * std)
     return model.eval()
+
+
+def layer_norms_near_one(model: torch.nn.Module, seed: int, pattern: str) -> torch.nn.Module:
+    """Sets the LayerNorm weights whose names match `pattern` to 1 + N(0, 0.1): randomize's values near 0 would
+    make the normalised activations, and the gradients through them, too small to compare."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(pattern, name):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
 
 
 def bert_model(seed=0, **overrides) -> transformers.BertModel:

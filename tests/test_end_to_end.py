@@ -15,7 +15,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -37,12 +36,7 @@ DOC_LENGTH = 11
 def ctx_encoder_dir(tmp_path_factory):
     """A random DPR context encoder with LayerNorm weights near 1 (as the RAG checkpoint's, test_rag_gradients)."""
     directory = tmp_path_factory.mktemp("ctx")
-    model = hf_models.dpr_context_encoder(seed=21)
-    generator = torch.Generator().manual_seed(22)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if re.search(r"LayerNorm\.weight$", name):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+    model = hf_models.layer_norms_near_one(hf_models.dpr_context_encoder(seed=21), 22, r"LayerNorm\.weight$")
     model.save_pretrained(directory)
     return str(directory)
 
@@ -271,7 +265,7 @@ def test_end_to_end_config_errors_name_the_field(tmp_path, overrides, expected):
 def test_device_retrieval_equals_host_retrieval_end_to_end(tmp_path):
     """The document-encoder tokens kept on the devices beside the embeddings (device mode) give the steps that the
     tokens travelling with host retrieval give: the same losses and parameters, reranking L=4 to K=2 included."""
-    from tests.test_train import EXACT, _assert_params_close, _mesh, _steps
+    from tests.test_train import EXACT, _assert_same_steps, _mesh, _steps
 
     task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=16, num_distractors=16)
     fields = {**EXACT, "model.doc_encoder.dropout": 0.0, "model.doc_encoder.trainable": True,
@@ -279,9 +273,7 @@ def test_device_retrieval_equals_host_retrieval_end_to_end(tmp_path):
     host = _steps(train_task.tiny_config(task, **fields), str(tmp_path / "host"), _mesh(2, 1))
     device = _steps(train_task.tiny_config(task, **fields, **{"retrieval.mode": "device"}), str(tmp_path / "device"),
                     _mesh(4, 2))
-    np.testing.assert_allclose(device[0], host[0], rtol=1e-5)
-    assert device[2] == host[2]
-    _assert_params_close(device[1], host[1])
+    _assert_same_steps(device, host)
     moved = jax.tree_util.tree_map(lambda x, y: np.abs(np.asarray(x) - y).max(), host[3]["doc_encoder"],
                                    host[1]["doc_encoder"])
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-5  # d(z) trained (Adam eps 1e-3 keeps its first steps small)

@@ -38,11 +38,7 @@ def checkpoint(tmp_path_factory):
         hf_models.dpr_config(), hf_models.bart_config(), n_docs=N_DOCS
     )
     model = hf_models.randomize(transformers.RagSequenceForGeneration(config), seed=12, std=0.2)
-    generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if re.search(r"(LayerNorm|layer_norm|layernorm_embedding)\.weight$", name):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+    hf_models.layer_norms_near_one(model, 13, r"(LayerNorm|layer_norm|layernorm_embedding)\.weight$")
     model.save_pretrained(directory)
     return str(directory)
 

@@ -73,6 +73,13 @@ def _assert_params_close(a, b, rtol=1e-5):
         np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
+def _assert_same_steps(device, host):
+    """Two _steps results agree: losses, gold hits per step, final parameters."""
+    np.testing.assert_allclose(device[0], host[0], rtol=1e-5)
+    assert device[2] == host[2]
+    _assert_params_close(device[1], host[1])
+
+
 @pytest.fixture(scope="module")
 def reference(task, workdir):
     """Two updates on one device, host retrieval (the reference the sharded runs must reproduce)."""
@@ -133,9 +140,7 @@ def test_t5_device_retrieval_equals_host_retrieval(task, tmp_path, t5_tokenizer_
     host = _steps(train_task.tiny_config(task, **t5), str(tmp_path / "host"), _mesh(1, 1))
     device = _steps(train_task.tiny_config(task, **t5, **{"retrieval.mode": "device"}), str(tmp_path / "device"),
                     _mesh(4, 2))
-    np.testing.assert_allclose(device[0], host[0], rtol=1e-5)
-    assert device[2] == host[2]
-    _assert_params_close(device[1], host[1])
+    _assert_same_steps(device, host)
     assert not np.allclose(host[1]["generator"]["shared"]["embedding"], host[3]["generator"]["shared"]["embedding"])
 
 
