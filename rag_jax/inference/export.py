@@ -92,9 +92,8 @@ def save_hf_rag(
     tokenised in training, `index_identity` the index it was trained with. `doc_encoder` (config, params), the
     document encoder that embeds the run's index, goes to CTX_ENCODER_SUBDIR as `save_hf_encoder` writes it, with the
     question tokenizer (build_index tokenises passages with it); `ctx_index_identity` is the identity of the index
-it makes. Refuses a non-empty `directory` unless `overwrite`,
-    and a document encoder with no Hugging Face layout (check_hf_encoder) before writing anything; the directory
-    appears only when complete (`new_directory`)."""
+    it makes. Refuses a non-empty `directory` unless `overwrite`, and a document encoder with no Hugging Face layout
+    (check_hf_encoder) before writing anything; the directory appears only when complete (`new_directory`)."""
     if doc_encoder is not None:
         check_hf_encoder(doc_encoder[0])
     with new_directory(directory, overwrite=overwrite) as partial:
