@@ -23,7 +23,8 @@ Sub-benchmarks:
 
 Every sub-benchmark prints a table and appends one JSON line per row to --results. Figures are steady-state
 (after warm-up, so compilation is excluded) medians of repeats; ratios are reference time / rag_jax time, so > 1
-means rag_jax is faster. --quick runs everything at tiny sizes, to check that it still runs (not for figures).
+means rag_jax is faster. torch flushes denormals to zero, as XLA:CPU does (common.reference_floats_like_xla).
+--quick runs everything at tiny sizes, to check that it still runs (not for figures).
 
 One module per sub-benchmark (experiments/bench/<name>.py, each with `run(options) -> rows`); what they share is
 in common.py. experiments/bench/scann_recall.py is the separate ScaNN leaves-fraction study.
@@ -38,7 +39,7 @@ import os
 from absl import app, flags
 
 from experiments.bench import BENCHMARKS
-from experiments.bench.common import GENERATORS, Options, machine
+from experiments.bench.common import GENERATORS, Options, machine, reference_floats_like_xla
 
 _BENCHMARKS = flags.DEFINE_list("benchmarks", list(BENCHMARKS), f"Which sub-benchmarks to run, of {list(BENCHMARKS)}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: checks that every benchmark still runs.")
@@ -83,6 +84,7 @@ def main(argv):
                    generators=tuple(_GENERATORS.value),
                    mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value,
                    eval_questions_scale=_EVAL_SCALE.value)
+    reference_floats_like_xla()
     for name in _BENCHMARKS.value:
         module = importlib.import_module(f"experiments.bench.{name}")
         report(name, module.run(opts), _RESULTS.value, opts.quick)

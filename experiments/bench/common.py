@@ -58,11 +58,24 @@ def paired_median_seconds(ours: Callable[[], object], reference: Callable[[], ob
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def reference_floats_like_xla() -> None:
+    """Makes torch flush denormal floats to zero, as XLA:CPU always does (jax on CPU computes 1e-30 * 1e-10 = 0).
+    Without it the two sides do different floating-point work: where a random benchmark batch drives values below
+    float32's smallest normal (the plain train_step's random doc scores give some documents posteriors ~1e-14, and
+    their gradients go denormal), torch's matmuls take a slow path (3.5x on that step) that XLA never takes, and a
+    ratio would measure the floating-point mode rather than the implementations."""
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def machine() -> str:
     import torch
 
+    flushed = float(torch.tensor([1e-30]) * 1e-10) == 0.0  # as XLA:CPU; see reference_floats_like_xla
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.device_count()}x "
-            f"{jax.devices()[0].device_kind} (jax), torch {torch.get_num_threads()} threads")  # fmt: skip
+            f"{jax.devices()[0].device_kind} (jax), torch {torch.get_num_threads()} threads, denormals "
+            f"{'flushed' if flushed else 'kept'} by torch")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- shared models
