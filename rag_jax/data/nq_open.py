@@ -9,74 +9,31 @@ Two builder configs:
 
 Each example: {"question": str, "answers": list[str], "gold_passage_id": int (-1 when unknown)}.
 `get_data_source` prepares the dataset once under `data_dir` and returns a random-access source for one split;
-`JsonlSource` serves a JSONL file of one's own the same way. The input pipeline (rag_jax/data/pipeline.py) only
-needs `len()` and indexing.
+`JsonlSource` (rag_jax/data/nq_jsonl.py, re-exported here) serves a JSONL file of one's own the same way. The
+input pipeline (rag_jax/data/pipeline.py) only needs `len()` and indexing.
 """
 
-import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+# Re-exported: part of this module's API too.
+from rag_jax.data.nq_jsonl import UNKNOWN_PASSAGE_ID, JsonlSource, read_nq_jsonl  # noqa: F401
 
 MINI_QUESTIONS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "nq_open_mini", "questions.jsonl"
 )
 MINI_DEV_SIZE = 200  # The last 200 bundled questions form the mini `dev` split.
 OFFICIAL_FILES = {"train": "NQ-open.train.jsonl", "dev": "NQ-open.dev.jsonl"}
-UNKNOWN_PASSAGE_ID = -1
 
 _GET_OFFICIAL = (
     "Download NQ-open.train.jsonl and NQ-open.dev.jsonl from "
     "https://github.com/google-research-datasets/natural-questions/tree/master/nq_open into the manual directory "
     "(by default <data_dir>/downloads/manual; or pass manual_dir)."
 )
-
-
-def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (line index, example) from an NQ-open style JSONL file.
-
-    Accepts the official key "answer" and the bundled key "answers"; "gold_passage_id" is optional. Raises
-    ValueError naming the file and line for malformed records.
-    """
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e}).") from e
-            question = record.get("question")
-            answers = record.get("answers", record.get("answer"))
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}.")
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
-                                 f"gold answers that labels and exact match need), got {answers!r}.")
-            gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
-            if not isinstance(gold, int):
-                raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")
-            yield line_no - 1, {"question": question, "answers": answers, "gold_passage_id": gold}
-
-
-class JsonlSource:
-    """Questions from an NQ-open style JSONL file, held in memory (a pipeline source: len + indexing)."""
-
-    def __init__(self, path: str):
-        self.name = path
-        self._examples = [ex for _, ex in read_nq_jsonl(path)]
-        if not self._examples:
-            raise ValueError(f"{path}: no questions in the file")
-
-    def __len__(self) -> int:
-        return len(self._examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._examples[index]
 
 
 class RagNqOpenConfig(tfds.core.BuilderConfig):

@@ -1,0 +1,52 @@
+"""NQ-open style JSONL questions: one {"question", "answers" (or the official "answer"), optional
+"gold_passage_id"} object a line, read without TFDS (eval_nq reads its --questions with this alone, and importing
+tensorflow_datasets costs a third of a second at start-up; rag_jax/data/nq_open.py builds the TFDS dataset)."""
+
+import json
+from typing import Any, Iterator
+
+UNKNOWN_PASSAGE_ID = -1
+
+
+def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields (line index, example) from an NQ-open style JSONL file.
+
+    Accepts the official key "answer" and the bundled key "answers"; "gold_passage_id" is optional. Raises
+    ValueError naming the file and line for malformed records.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e}).") from e
+            question = record.get("question")
+            answers = record.get("answers", record.get("answer"))
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}.")
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
+                                 f"gold answers that labels and exact match need), got {answers!r}.")
+            gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
+            if not isinstance(gold, int):
+                raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")
+            yield line_no - 1, {"question": question, "answers": answers, "gold_passage_id": gold}
+
+
+class JsonlSource:
+    """Questions from an NQ-open style JSONL file, held in memory (a pipeline source: len + indexing)."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._examples = [ex for _, ex in read_nq_jsonl(path)]
+        if not self._examples:
+            raise ValueError(f"{path}: no questions in the file")
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._examples[index]
