@@ -314,3 +314,19 @@ def test_logits_processors_match_transformers(cur_len):
         np.testing.assert_array_equal(np.asarray(ours), expected)
         if cur_len >= 3:
             assert np.isinf(expected).sum() > np.isinf(scores).sum()  # something was banned
+
+
+def test_first_max_index_is_torch_argmax():
+    """greedy_search's argmax: ties (the first wins), -inf rows (banned tokens), NaN (the first NaN wins, as
+    torch.argmax), the vocabulary's last entry, against torch.argmax, which the reference's greedy search calls."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, size=(12, 50)).astype(np.float32)  # small integers: ties in every row
+    x[1] = -np.inf
+    x[2, [7, 30]] = np.nan
+    x[3, -1] = 9.0
+    x[4, :] = 1.0
+    x[5, 0], x[5, 10] = np.inf, np.inf
+    got = np.asarray(jax.jit(generation.first_max_index)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, torch.argmax(torch.as_tensor(x), dim=-1).numpy())
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32

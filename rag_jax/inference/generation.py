@@ -232,6 +232,16 @@ def _start(rows_shape: tuple[int, ...], gen: GenerationConfig, fill: int) -> jax
     return seqs.at[..., 0].set(gen.decoder_start_token_id)
 
 
+def first_max_index(x_NxV: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; the first NaN where there is one) as int32 (N,), in two
+    passes XLA:CPU vectorises: its argmax reduction carries (value, index) pairs and took 30% of a RAG-Token greedy
+    step over a 50,265-entry vocabulary; a max, then the smallest index holding it, takes a third of that."""
+    top_Nx1 = jnp.max(x_NxV, axis=-1, keepdims=True)  # NaN where the row holds one
+    hit_NxV = (x_NxV == top_Nx1) | jnp.isnan(x_NxV)
+    index_V = jnp.arange(x_NxV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit_NxV, index_V, x_NxV.shape[-1]), axis=-1)
+
+
 def greedy_search(step_fn: StepFn, state: Any, batch_size: int, gen: GenerationConfig) -> jax.Array:
     """The reference's `_sample` without sampling: argmax of the processed raw scores. Rows that emitted EOS get
     pad from then on; the loop stops when every row has finished or at max_length. Returns (N, max_length)."""
@@ -246,7 +256,7 @@ def greedy_search(step_fn: StepFn, state: Any, batch_size: int, gen: GenerationC
         tokens_N = jax.lax.dynamic_index_in_dim(seqs_NxL, cur_len - 1, axis=1, keepdims=False)
         scores_NxV, state = step_fn(state, tokens_N)
         scores_NxV = process_scores(scores_NxV.astype(jnp.float32), seqs_NxL, cur_len, gen)
-        next_N = jnp.argmax(scores_NxV, axis=-1).astype(jnp.int32)
+        next_N = first_max_index(scores_NxV)
         if gen.eos_token_id is not None:
             next_N = jnp.where(unfinished_N, next_N, fill)
             unfinished_N = unfinished_N & (next_N != gen.eos_token_id)
