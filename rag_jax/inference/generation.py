@@ -293,10 +293,12 @@ def _top_candidates(logits_BxNxV: jax.Array, running_scores_BxN: jax.Array, k: i
     logits_BxNxV = logits_BxNxV.astype(jnp.float32)
     if groups * width != vocab:
         logits_BxNxV = jnp.pad(logits_BxNxV, ((0, 0), (0, 0), (0, groups * width - vocab)), constant_values=-jnp.inf)
+    # Every pass below reads the grouped view: in two shapes, XLA wrote the logits out twice.
     grouped_BxNxGxW = logits_BxNxV.reshape(batch, nb, groups, width)
     group_max_BxNxG = grouped_BxNxGxW.max(-1)
-    max_BxN = group_max_BxNxG.max(-1)
-    shifted_lse_BxN = jnp.log(jnp.exp(logits_BxNxV - max_BxN[..., None]).sum(-1))
+    # The barrier keeps XLA from merging the two maxima into a second pass over the logits.
+    max_BxN = jax.lax.optimization_barrier(group_max_BxNxG).max(-1)
+    shifted_lse_BxN = jnp.log(jnp.exp(grouped_BxNxGxW - max_BxN[..., None, None]).sum((-2, -1)))
     group_scores_BxNxG = ((group_max_BxNxG - max_BxN[..., None]) - shifted_lse_BxN[..., None]) + running_scores_BxN[
         ..., None]  # fmt: skip
     group_scores = group_scores_BxNxG.reshape(batch, nb * groups)
