@@ -298,7 +298,10 @@ def _top_candidates(logits_BxNxV: jax.Array, running_scores_BxN: jax.Array, k: i
     group_max_BxNxG = grouped_BxNxGxW.max(-1)
     # The barrier keeps XLA from merging the two maxima into a second pass over the logits.
     max_BxN = jax.lax.optimization_barrier(group_max_BxNxG).max(-1)
-    shifted_lse_BxN = jnp.log(jnp.exp(grouped_BxNxGxW - max_BxN[..., None, None]).sum((-2, -1)))
+    # Summed per group first (behind a barrier, as XLA would merge the two sums): YNNPACK's one reduction over both
+    # axes ran ~3x slower per element than over the last one.
+    group_sums_BxNxG = jnp.exp(grouped_BxNxGxW - max_BxN[..., None, None]).sum(-1)
+    shifted_lse_BxN = jnp.log(jax.lax.optimization_barrier(group_sums_BxNxG).sum(-1))
     group_scores_BxNxG = ((group_max_BxNxG - max_BxN[..., None]) - shifted_lse_BxN[..., None]) + running_scores_BxN[
         ..., None]  # fmt: skip
     group_scores = group_scores_BxNxG.reshape(batch, nb * groups)
