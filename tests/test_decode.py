@@ -364,3 +364,16 @@ def test_log_softmax_at_the_targets_equals_the_full_log_softmax(vocab):
     full = jax.nn.log_softmax(features @ head.T, axis=-1)[np.arange(6), targets]
     assert none is None
     np.testing.assert_allclose(no_bias, full, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_slices_give_the_encoder_outputs(checkpoint, monkeypatch):
+    """rag_decoding._encode, which runs the generator's encoder over slices of the contexts (here forced: 3 per
+    slice), gives the encoder's outputs over all of them at once."""
+    monkeypatch.setattr(rag_decoding, "_ENCODE_SLICE_ABOVE", 0)
+    ids, mask, _ = _inputs(seed=1)
+    monkeypatch.setattr(rag_decoding, "_ENCODE_TOKENS", 3 * ids.shape[1])
+    model, params = checkpoint["model"], checkpoint["params"]
+    whole = model.generator.apply({"params": params["generator"]}, ids, mask, method="encode")
+    sliced = jax.jit(lambda i, m: rag_decoding._encode(model, params, i, m))(ids, mask)
+    assert ids.shape[0] > 2
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)  # float32 rounding of other matmul shapes
