@@ -230,9 +230,34 @@ def rag_sequence_nll(
     vocabulary-summed log-probabilities, which count the prior V times.
     """
     target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
+    token_ll_BxKxT, vocab_sum_BxKxT = _token_log_probs(logits_BxKxTxV, target_BxT, _smoothing(epsilon))
+    return rag_sequence_nll_from_terms(
+        token_ll_BxKxT, vocab_sum_BxKxT, logits_BxKxTxV.shape[-1], doc_scores_BxK, decoder_input_ids_BxT,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=exclude_bos_score,
+        reduce=reduce, doc_prior_position=doc_prior_position, use_bos_B=use_bos_B,
+    )  # fmt: skip
+
+
+def rag_sequence_nll_from_terms(
+    token_ll_BxKxT: jax.Array,
+    vocab_sum_BxKxT: jax.Array | None,
+    vocab: int,
+    doc_scores_BxK: jax.Array,
+    decoder_input_ids_BxT: jax.Array,
+    *,
+    pad_token_id: int,
+    bos_token_id: int | None = 0,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    reduce: bool = False,
+    doc_prior_position: int = 1,
+    use_bos_B: jax.Array | None = None,
+) -> jax.Array:
+    """rag_sequence_nll from the per-document target log-probabilities log p(y_t|x,z,y_<t) (B, K, T) and, for label
+    smoothing (None without), their vocabulary sums (B, K, T) over a `vocab`-entry vocabulary: for callers that
+    compute those terms without the (B, K, T, V) logits (layers.log_softmax_at)."""
+    target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
     smoothing = _smoothing(epsilon)
-    token_ll_BxKxT, vocab_sum_BxKxT = _token_log_probs(logits_BxKxTxV, target_BxT, smoothing)
-    vocab = logits_BxKxTxV.shape[-1]
     doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
     at_prior = (jnp.arange(target_BxT.shape[1]) == doc_prior_position)[None, None, :]
     token_ll_BxKxT = token_ll_BxKxT + jnp.where(at_prior, doc_lp_BxK[..., None], 0.0)

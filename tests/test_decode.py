@@ -330,3 +330,66 @@ def test_first_max_index_is_torch_argmax():
     np.testing.assert_array_equal(got, torch.argmax(torch.as_tensor(x), dim=-1).numpy())
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("vocab", [50265, 977], ids=["divisible", "padded"])
+def test_beam_candidates_are_top_k_of_the_log_probs_ties_included(vocab):
+    """The beam search's candidates (through group maxima, generation._top_candidates) are jax.lax.top_k of
+    log_softmax(logits) + running score over (beam, token): the same tokens, lower index first among equal scores,
+    on logits with many ties, with the reference's -1e9 running score, and with a vocabulary the groups do not
+    divide."""
+    rng = np.random.default_rng(vocab)
+    k = 4
+
+    def full(logits, running):
+        lp = jax.nn.log_softmax(logits, axis=-1) + running[:, :, None]
+        return jax.lax.top_k(lp.reshape(logits.shape[0], -1), k)
+
+    # The best group holds ties with groups of lower index: the k best groups must be read in index order.
+    spikes = np.zeros((1, 2, vocab))
+    spikes[:, :, vocab - 10 : vocab - 6] = [3, 2, 2, 2]
+    spikes[:, :, [5, vocab // 3, vocab // 2]] = 2
+    for logits, running in [
+        (spikes, np.zeros((1, 2))),
+        (rng.integers(-3, 3, (5, 2, vocab)), rng.standard_normal((5, 2))),  # ties everywhere
+        (rng.standard_normal((5, 2, vocab)), np.tile([0.0, generation.NEG], (5, 1))),  # the first step
+        (rng.standard_normal((4, 3, vocab)) * 3, rng.standard_normal((4, 3)) * 5),
+    ]:
+        logits, running = jnp.asarray(logits, jnp.float32), jnp.asarray(running, jnp.float32)
+        want_values, want_idx = full(logits, running)
+        values, idx = jax.jit(generation._top_candidates, static_argnums=2)(logits, running, k)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [5000, 977], ids=["divisible", "padded"])
+def test_log_softmax_at_the_targets_equals_the_full_log_softmax(vocab):
+    """layers.log_softmax_at (the rescoring's LM head, a vocabulary slice at a time) gives log_softmax of the full
+    logits at the targets, and the vocabulary sum label smoothing needs."""
+    from rag_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    features, head = rng.standard_normal((6, 8)), rng.standard_normal((vocab, 8))
+    bias, targets = rng.standard_normal(vocab), rng.integers(0, vocab, 6)
+    features, head, bias = (jnp.asarray(x, jnp.float32) for x in (features, head, bias))
+    log_probs = jax.nn.log_softmax(features @ head.T + bias, axis=-1)
+    picked, vocab_sum = layers.log_softmax_at(features, head, bias, jnp.asarray(targets), with_vocab_sum=True)
+    np.testing.assert_allclose(picked, log_probs[np.arange(6), targets], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vocab_sum, log_probs.sum(-1), rtol=1e-5)
+    no_bias, none = layers.log_softmax_at(features, head, None, jnp.asarray(targets))
+    full = jax.nn.log_softmax(features @ head.T, axis=-1)[np.arange(6), targets]
+    assert none is None
+    np.testing.assert_allclose(no_bias, full, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_slices_give_the_encoder_outputs(checkpoint, monkeypatch):
+    """rag_decoding._encode, which runs the generator's encoder over slices of the contexts (here forced: 3 per
+    slice), gives the encoder's outputs over all of them at once."""
+    monkeypatch.setattr(rag_decoding, "_ENCODE_SLICE_ABOVE", 0)
+    ids, mask, _ = _inputs(seed=1)
+    monkeypatch.setattr(rag_decoding, "_ENCODE_TOKENS", 3 * ids.shape[1])
+    model, params = checkpoint["model"], checkpoint["params"]
+    whole = model.generator.apply({"params": params["generator"]}, ids, mask, method="encode")
+    sliced = jax.jit(lambda i, m: rag_decoding._encode(model, params, i, m))(ids, mask)
+    assert ids.shape[0] > 2
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)  # float32 rounding of other matmul shapes

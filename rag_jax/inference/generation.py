@@ -273,6 +273,60 @@ def gather_rows(x_BxMx___: jax.Array, idx_BxK: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BxMx___, idx, axis=1)
 
 
+def has_processors(gen: GenerationConfig) -> bool:
+    """Whether `process_scores` changes anything under `gen`."""
+    return bool(gen.no_repeat_ngram_size > 0 or gen.bad_words_ids is not None or gen.forced_bos_token_id is not None
+                or gen.forced_eos_token_id is not None or (gen.eos_token_id is not None and gen.min_length > 0))
+
+
+def _group_width(vocab: int, k: int) -> int:
+    """A group width near 1024 that divides `vocab` (no padded copy), else 1024; at most vocab / 4k, so that
+    there are more groups than the k to keep."""
+    target = max(1, min(1024, vocab // (4 * k)))
+    fits = [d for d in range(max(1, target // 4), 2 * target + 1) if vocab % d == 0 and d <= vocab // (2 * k)]
+    return min(fits, key=lambda d: abs(d - target)) if fits else target
+
+
+def _top_candidates(logits_BxNxV: jax.Array, running_scores_BxN: jax.Array, k: int):
+    """jax.lax.top_k over (beam, token) of log_softmax(logits) + running score, per example (values, flat indices
+    beam * V + token), without writing those B x N x V scores out or running TopK over them.
+
+    The score is x -> ((x - max) - logsumexp) + running score, the same float32 operations as log_softmax's, so it
+    never decreases with x: a group's largest score is the score of its largest logit. Groups of contiguous tokens
+    are ranked by that score (lower index first among equals, as top_k), and top_k over the tokens of the k best
+    groups, in index order, is then exactly top_k over all (a member of the true top k lies in one of those groups;
+    ties included). On CPU the one TopK over 2 x 50,265 scores per example, and writing those scores, had cost
+    as much as the LM head."""
+    batch, nb, vocab = logits_BxNxV.shape
+    width = _group_width(vocab, k)
+    groups = -(-vocab // width)
+    logits_BxNxV = logits_BxNxV.astype(jnp.float32)
+    if groups * width != vocab:
+        logits_BxNxV = jnp.pad(logits_BxNxV, ((0, 0), (0, 0), (0, groups * width - vocab)), constant_values=-jnp.inf)
+    # Every pass below reads the grouped view: in two shapes, XLA wrote the logits out twice.
+    grouped_BxNxGxW = logits_BxNxV.reshape(batch, nb, groups, width)
+    group_max_BxNxG = grouped_BxNxGxW.max(-1)
+    # The barrier keeps XLA from merging the two maxima into a second pass over the logits.
+    max_BxN = jax.lax.optimization_barrier(group_max_BxNxG).max(-1)
+    # Summed per group first (behind a barrier, as XLA would merge the two sums): YNNPACK's one reduction over both
+    # axes ran ~3x slower per element than over the last one.
+    group_sums_BxNxG = jnp.exp(grouped_BxNxGxW - max_BxN[..., None, None]).sum(-1)
+    shifted_lse_BxN = jnp.log(jax.lax.optimization_barrier(group_sums_BxNxG).sum(-1))
+    group_scores_BxNxG = ((group_max_BxNxG - max_BxN[..., None]) - shifted_lse_BxN[..., None]) + running_scores_BxN[
+        ..., None]  # fmt: skip
+    group_scores = group_scores_BxNxG.reshape(batch, nb * groups)
+    _, best_Bxk = jax.lax.top_k(group_scores, k)
+    best_Bxk = jnp.sort(best_Bxk, axis=-1)  # index order, so that top_k's tie-break by index carries over
+    beam_Bxk = best_Bxk // groups
+    candidates_BxkxW = jnp.take_along_axis(grouped_BxNxGxW.reshape(batch, nb * groups, width), best_Bxk[..., None], 1)
+    take = lambda a: jnp.take_along_axis(a, beam_Bxk, 1)[..., None]  # noqa: E731
+    scores_BxkxW = ((candidates_BxkxW - take(max_BxN)) - take(shifted_lse_BxN)) + take(running_scores_BxN)
+    top_Bxk, pos_Bxk = jax.lax.top_k(scores_BxkxW.reshape(batch, k * width), k)
+    group_Bxk = jnp.take_along_axis(best_Bxk, pos_Bxk // width, 1)
+    beam_of, token = group_Bxk // groups, (group_Bxk % groups) * width + pos_Bxk % width
+    return top_Bxk, beam_of * vocab + token
+
+
 class _Beams(NamedTuple):
     cur_len: jax.Array
     running_BxNxL: jax.Array
@@ -306,10 +360,13 @@ def beam_search(step_fn: StepFn, reorder: ReorderFn, state: Any, batch_size: int
         flat_running = s.running_BxNxL.reshape(num_rows, max_length)
         tokens = jax.lax.dynamic_index_in_dim(flat_running, cur_len - 1, axis=1, keepdims=False)
         logits, state = step_fn(s.state, tokens)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        log_probs = process_scores(log_probs, flat_running, cur_len, gen)
-        log_probs = log_probs.reshape(batch_size, nb, vocab) + s.running_scores_BxN[:, :, None]
-        topk_lp, topk_idx = jax.lax.top_k(log_probs.reshape(batch_size, nb * vocab), keep)
+        if has_processors(gen):
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            log_probs = process_scores(log_probs, flat_running, cur_len, gen)
+            log_probs = log_probs.reshape(batch_size, nb, vocab) + s.running_scores_BxN[:, :, None]
+            topk_lp, topk_idx = jax.lax.top_k(log_probs.reshape(batch_size, nb * vocab), keep)
+        else:
+            topk_lp, topk_idx = _top_candidates(logits.reshape(batch_size, nb, vocab), s.running_scores_BxN, keep)
         src_beam, token = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
         topk_seqs = jax.lax.dynamic_update_index_in_dim(gather_rows(s.running_BxNxL, src_beam), token, cur_len, axis=2)
         hits = jnp.broadcast_to(cur_len + 1 >= max_length, token.shape)

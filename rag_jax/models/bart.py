@@ -148,7 +148,9 @@ class Bart(nn.Module):
 
     Methods (call through `apply(..., method=...)`):
       encode(input_ids, attention_mask) -> encoder states (B, S, E)
-      decode(decoder_input_ids, encoder_out, encoder_mask, decoder_mask=None) -> logits (B, T, V), float32
+      decode(decoder_input_ids, encoder_out, encoder_mask, decoder_mask=None, head=True) -> logits (B, T, V),
+        float32; with head=False the features (B, T, E) the LM head maps to them (see lm_head_arrays)
+      lm_head_arrays() -> (kernel (V, E), bias (V,)): logits = features @ kernel.T + bias
       __call__(input_ids, attention_mask, decoder_input_ids, decoder_mask=None) -> logits
       init_cache(encoder_out, encoder_mask, max_length) -> DecodeCache
       decode_step(decoder_input_ids (B, T), cache) -> (logits (B, T, V), cache)
@@ -206,6 +208,10 @@ class Bart(nn.Module):
         logits = logits + jax.lax.stop_gradient(self.final_logits_bias).astype(jnp.float32)
         return layers.constrain(logits, ("batch", "length", "vocab"))
 
+    def lm_head_arrays(self) -> tuple[jax.Array, jax.Array]:
+        """The LM head as arrays, for callers that take the logits a slice of the vocabulary at a time."""
+        return self.shared.embedding, jax.lax.stop_gradient(self.final_logits_bias)
+
     def decode(
         self,
         decoder_input_ids_BxT: jax.Array,
@@ -213,6 +219,7 @@ class Bart(nn.Module):
         encoder_mask_BxS: jax.Array,
         decoder_mask_BxT: jax.Array | None = None,
         deterministic: bool = True,
+        head: bool = True,
     ) -> jax.Array:
         length = decoder_input_ids_BxT.shape[1]
         positions_T = jnp.arange(length)
@@ -225,7 +232,7 @@ class Bart(nn.Module):
         cross_bias = layers.padding_bias(encoder_mask_BxS)
         for layer in self.decoder_layers:
             x, _ = layer(x, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE, deterministic=deterministic)
-        return self._logits(x)
+        return self._logits(x) if head else x
 
     def __call__(
         self,

@@ -226,13 +226,24 @@ class T5(nn.Module):
             x, _ = layer(x, bias, deterministic=deterministic)
         return self._final(x, self.encoder_final_norm, deterministic)
 
-    def _logits(self, x_BxTxE: jax.Array, deterministic: bool) -> jax.Array:
+    def _head_features(self, x_BxTxE: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         x = self._final(x_BxTxE, self.decoder_final_norm, deterministic)
         if cfg.scale_decoder_outputs:
             x = x * jnp.asarray(cfg.d_model**-0.5, cfg.dtype)
-        logits = self.shared.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
+        return x
+
+    def _logits(self, x_BxTxE: jax.Array, deterministic: bool) -> jax.Array:
+        x = self._head_features(x_BxTxE, deterministic)
+        logits = self.shared.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
         return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def lm_head_arrays(self) -> tuple[jax.Array, None]:
+        """The LM head as (kernel (V, E), no bias): logits = decode(..., head=False) @ kernel.T, for callers that
+        take the logits a slice of the vocabulary at a time."""
+        if self.config.tie_word_embeddings:
+            return self.shared.embedding, None
+        return self.lm_head.variables["params"]["kernel"].T, None
 
     def _self_bias(self, positions_T: jax.Array, num_keys: int) -> jax.Array:
         return self.decoder_relative_bias(positions_T, num_keys) + layers.causal_bias(positions_T, num_keys)
@@ -244,7 +255,10 @@ class T5(nn.Module):
         encoder_mask_BxS: jax.Array,
         decoder_mask_BxT: jax.Array | None = None,
         deterministic: bool = True,
+        head: bool = True,
     ) -> jax.Array:
+        """Logits (B, T, V), float32; with head=False the features (B, T, E) the LM head maps to them
+        (lm_head_arrays)."""
         length = decoder_input_ids_BxT.shape[1]
         x = self._embed(decoder_input_ids_BxT, deterministic)
         self_bias = self._self_bias(jnp.arange(length), length)
@@ -253,6 +267,8 @@ class T5(nn.Module):
         cross_bias = layers.padding_bias(encoder_mask_BxS)
         for layer in self.decoder_layers:
             x, _ = layer(x, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE, deterministic=deterministic)
+        if not head:
+            return self._head_features(x, deterministic)
         return self._logits(x, deterministic)
 
     def __call__(
