@@ -310,6 +310,12 @@ def target_log_likelihoods(logits_BxKxTxV: jax.Array, decoder_input_ids_BxT: jax
     0 where the target is a pad. The per-document terms both losses are built from."""
     target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
     token_ll_BxKxT, _ = _token_log_probs(logits_BxKxTxV, target_BxT, smoothing=False)
+    return zero_at_pad_targets(token_ll_BxKxT, target_BxT, pad_token_id)
+
+
+def zero_at_pad_targets(token_ll_BxKxT: jax.Array, target_BxT: jax.Array, pad_token_id: int) -> jax.Array:
+    """The per-document target log-likelihoods with 0 where the target is a pad (`target_log_likelihoods`' terms,
+    for callers that compute log p(y_t|x,z,y_<t) without the logits)."""
     return jnp.where((target_BxT != pad_token_id)[:, None], token_ll_BxKxT, 0.0)
 
 

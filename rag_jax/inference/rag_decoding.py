@@ -294,8 +294,8 @@ def _thorough_scores(model, params, ids_BxCxL, needed_BxC, encoder_out, mask_BKx
             use_bos_B=None if use_bos_B is None else use_bos_B[example_N],
         )
         scores_P = scores_P.at[pair_N].set(-nll_N, mode="drop")
-        if keep_token_ll:  # rag.target_log_likelihoods' terms
-            token_ll_NxKxL = jnp.where((target_NxL != pad)[:, None], token_ll_NxKxL, 0.0)
+        if keep_token_ll:
+            token_ll_NxKxL = rag.zero_at_pad_targets(token_ll_NxKxL, target_NxL, pad)
             token_ll_PxKxL = token_ll_PxKxL.at[pair_N].set(token_ll_NxKxL, mode="drop")
         return scores_P, token_ll_PxKxL
 
