@@ -12,7 +12,7 @@ import transformers
 from rag_jax.data import prefetch, tokenizers
 from rag_jax.inference import answering, model_dir
 from rag_jax.models import hf
-from rag_jax.retrieval import corpus, embed, retriever
+from rag_jax.retrieval import contexts, corpus, embed, retriever
 from tests import hf_models
 
 ASSETS = "rag_jax/assets/nq_open_mini"
@@ -85,6 +85,27 @@ def test_answers_are_identical_with_and_without_the_overlap(setup, model_type, n
             model, params, source, examples, dataclasses.replace(settings, overlap=overlap), generation)]  # fmt: skip
     assert len(answered[True]) == len(examples)
     assert json.dumps(answered[True]) == json.dumps(answered[False])
+
+
+@pytest.mark.parametrize("model_type,num_beams", [("token", 1), ("sequence", 2)])
+def test_answers_are_identical_with_contexts_glued_from_the_passage_token_table(setup, model_type, num_beams,
+                                                                               monkeypatch):
+    """eval_nq's --contexts=table: the generator inputs glued from the index's passage token table instead of
+    tokenised strings change no answer, score or provenance record."""
+    model, params, defaults, searcher, examples = setup
+    generation = defaults.generation_config(model_type, num_beams=num_beams, max_length=6)
+    settings = answering.AnswerSettings(n_docs=3, model_type=model_type, batch_size=4, score=True, provenance=True)
+    table = contexts.host_context_table(searcher.index, searcher.generator_tokenizer, model.config.context, None,
+                                        remedy="")
+    glued = retriever.Retriever(searcher.index, searcher.question_tokenizer, searcher.generator_tokenizer,
+                                model.config.context, passage_table=table)
+    answered = []
+    for source in (searcher, glued):
+        answered.append([r for r, _ in answering.answer_questions(model, params, source, examples, settings,
+                                                                  generation)])  # fmt: skip
+        monkeypatch.setattr(contexts, "generator_inputs", None)  # the glued run must not tokenise strings
+    assert len(answered[0]) == len(examples)
+    assert json.dumps(answered[0]) == json.dumps(answered[1])
 
 
 def test_cutting_context_padding_leaves_answers_unchanged(setup, monkeypatch):

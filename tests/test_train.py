@@ -150,7 +150,7 @@ def test_t5_device_retrieval_equals_host_retrieval(task, tmp_path, t5_tokenizer_
 def test_device_contexts_equal_tokenizer(generator, max_length, prefix, request):
     """On-device assembly of `[<s>] prefix title / text // question </s>` gives the generator tokenizer's ids (as
     host retrieval and transformers' RagRetriever make them) on every bundled passage: BART's `<s> ... </s>`, T5's
-    `... </s>` with no BOS and pad 0."""
+    `... </s>` with no BOS and pad 0; and so does the same assembly on the host from the passage token table."""
     toks = tk.load_rag_tokenizers()
     gtok = tk.load_generator_tokenizer(request.getfixturevalue("t5_tokenizer_dir")) if generator == "t5" else \
         toks.generator
@@ -176,6 +176,11 @@ def test_device_contexts_equal_tokenizer(generator, max_length, prefix, request)
         pad=gtok.pad_token_id)
     np.testing.assert_array_equal(np.asarray(ids).reshape(host_ids.shape), host_ids)
     np.testing.assert_array_equal(np.asarray(mask).reshape(host_mask.shape), host_mask)
+    # The same gluing on the host (eval_nq's --contexts=table), BOS and EOS as the tokenizer wraps a text.
+    glued_ids, glued_mask = contexts.table_generator_inputs(questions, rows, np.concatenate([lengths[:, None], table],
+                                                                                           1), gtok, fmt)
+    np.testing.assert_array_equal(glued_ids, host_ids)
+    np.testing.assert_array_equal(glued_mask, host_mask)
     content = max_length - 1 - (gtok.bos_token_id is not None)
     assert (lengths >= content).any() and (lengths < content).any()  # both truncated and whole passages covered
     assert (host_ids[:, 0] == gtok.bos_token_id).all() if generator == "bart" else (host_ids[:, 0] != 0).all()

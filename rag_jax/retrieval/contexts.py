@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from typing import Sequence
@@ -119,7 +120,8 @@ def table_width(fmt: ContextFormat) -> int:
 
 
 def check_split_tokenization(titles: Sequence[str], texts: Sequence[str], questions: Sequence[str],
-                             generator_tokenizer, fmt: ContextFormat) -> None:
+                             generator_tokenizer, fmt: ContextFormat,
+                             remedy: str = "set --config.retrieval.mode=host") -> None:
     """Raises SplitTokenizationError naming the first (passage, question) whose tokens differ from tokens(passage part) +
     tokens(question part), the premise of on-device assembly; every passage is paired with every question."""
     parts = [passage_part(title, text, fmt) for title, text in zip(titles, texts)]
@@ -133,7 +135,14 @@ def check_split_tokenization(titles: Sequence[str], texts: Sequence[str], questi
                 raise SplitTokenizationError(
                     f"the generator tokenizer ({type(generator_tokenizer).__name__}) joins tokens across the "
                     f"passage/question boundary for passage {title!r} and question {question!r}, so on-device "
-                    "context assembly would not give the reference's ids; set --config.retrieval.mode=host")
+                    f"context assembly would not give the reference's ids; {remedy}")
+
+
+def check_split_on_first_passages(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, **remedy) -> None:
+    """check_split_tokenization for the index's first 64 passages and PROBE_QUESTIONS (~0.1 s)."""
+    first = list(itertools.islice(index.passages.iter_passages(), 64))
+    check_split_tokenization([p.title for p in first], [p.text for p in first], PROBE_QUESTIONS, generator_tokenizer,
+                             fmt, **remedy)
 
 
 def question_tokens(questions: Sequence[str], generator_tokenizer, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +164,38 @@ def _table_key(store: corpus.PassageStore, fmt: ContextFormat, generator_tokeniz
     return hashlib.sha256(record.encode()).hexdigest()[:12]
 
 
+def _table_path(index: index_io.Index, generator_tokenizer, fmt: ContextFormat) -> str:
+    key = _table_key(index.passages, fmt, generator_tokenizer, table_width(fmt))
+    return os.path.join(index.index_dir, f"generator_tokens-{key}.npy")
+
+
+def _write_table(path: str, index: index_io.Index, generator_tokenizer, fmt: ContextFormat, batch_size: int):
+    width = table_width(fmt)
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(index.num_passages, 1 + width))
+    pad = generator_tokenizer.pad_token_id
+    row, chunk = 0, []
+
+    def flush():
+        nonlocal row
+        encoded = generator_tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        block = np.full((len(chunk), 1 + width), pad, np.int32)
+        for i, toks in enumerate(encoded):
+            toks = toks[:width]
+            block[i, 0] = len(toks)
+            block[i, 1:1 + len(toks)] = toks
+        table[row:row + len(chunk)] = block
+        row += len(chunk)
+        chunk.clear()
+
+    for passage in index.passages.iter_passages():
+        chunk.append(passage_part(passage.title, passage.text, fmt))
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    table.flush()
+
+
 def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, *,
                         batch_size: int = 4096) -> np.ndarray:
     """Every passage's generator tokens: int32 (N, 1 + W), column 0 the length, then W = `table_width(fmt)`
@@ -163,36 +204,15 @@ def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: Context
     Built once into the index directory (generator_tokens-<key>.npy, keyed by corpus, format and tokenizer) and
     returned memory-mapped, so a 21M-passage corpus is tokenised once and each host reads only the rows it needs.
     """
-    width = table_width(fmt)
-    key = _table_key(index.passages, fmt, generator_tokenizer, width)
-    path = os.path.join(index.index_dir, f"generator_tokens-{key}.npy")
+    path = _table_path(index, generator_tokenizer, fmt)
     if not os.path.exists(path):
-        tmp = path + ".tmp"
-        table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(index.num_passages, 1 + width))
-        pad = generator_tokenizer.pad_token_id
-        row, chunk = 0, []
-
-        def flush():
-            nonlocal row
-            encoded = generator_tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            block = np.full((len(chunk), 1 + width), pad, np.int32)
-            for i, toks in enumerate(encoded):
-                toks = toks[:width]
-                block[i, 0] = len(toks)
-                block[i, 1:1 + len(toks)] = toks
-            table[row:row + len(chunk)] = block
-            row += len(chunk)
-            chunk.clear()
-
-        for passage in index.passages.iter_passages():
-            chunk.append(passage_part(passage.title, passage.text, fmt))
-            if len(chunk) == batch_size:
-                flush()
-        if chunk:
-            flush()
-        table.flush()
-        del table
-        os.replace(tmp, path)
+        tmp = f"{path}.{os.getpid()}.tmp"  # two jobs building the table of one index must not share a file
+        try:
+            _write_table(tmp, index, generator_tokenizer, fmt, batch_size)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # a failed or interrupted build leaves nothing behind
+                os.remove(tmp)
     return np.load(path, mmap_mode="r")
 
 
@@ -222,6 +242,56 @@ def assemble_contexts(passage_tokens_BxKxW: jax.Array, passage_lengths_BxK: jax.
     ids = jnp.where(pos_S == n_BxKx1 + lead, eos, ids)
     mask = (pos_S <= n_BxKx1 + lead).astype(jnp.int32)
     return ids.astype(jnp.int32), mask
+
+
+# ------------------------------------------------------------------------- host contexts from the token table
+
+
+def host_context_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, contexts_to_form: int | None,
+                       remedy: str) -> np.ndarray | None:
+    """The passage token table for forming host-side contexts by `table_generator_inputs`, or None where the
+    strings (`generator_inputs`) are the way: when the tokenizer joins tokens across the passage/question boundary
+    (check_split_tokenization on the first passages), or when the table is not built yet and building it would
+    tokenise more passages than the `contexts_to_form` contexts it saves. contexts_to_form=None: the table
+    regardless (SplitTokenizationError, ending in `remedy`, where the tokenizer does not allow it)."""
+    try:
+        check_split_on_first_passages(index, generator_tokenizer, fmt, remedy=remedy)
+    except SplitTokenizationError:
+        if contexts_to_form is None:
+            raise
+        return None
+    built = os.path.exists(_table_path(index, generator_tokenizer, fmt))
+    if not built and contexts_to_form is not None and index.num_passages > contexts_to_form:
+        return None
+    try:
+        return passage_token_table(index, generator_tokenizer, fmt)
+    except OSError:  # an index directory this job cannot write to: no table is no error unless one was asked for
+        if contexts_to_form is None:
+            raise
+        return None
+
+
+def _wrapping(generator_tokenizer) -> tuple[int | None, int]:
+    """(BOS or None, EOS) as the tokenizer wraps a text: BART's `<s> ... </s>`, T5's `... </s>`."""
+    empty = generator_tokenizer("")["input_ids"]
+    return (empty[0] if len(empty) == 2 else None), empty[-1]
+
+
+_assemble = jax.jit(assemble_contexts, static_argnames=("max_length", "bos", "eos", "pad"))
+
+
+def table_generator_inputs(questions: Sequence[str], rows_BxK: np.ndarray, table: np.ndarray, generator_tokenizer,
+                           fmt: ContextFormat) -> tuple[np.ndarray, np.ndarray]:
+    """`generator_inputs` for the passages at `rows_BxK` of the index, glued from their rows of the passage token
+    table and the questions' tokens as on the devices (`assemble_contexts`): the same ids and mask wherever
+    check_split_tokenization holds, with only the B question parts tokenised instead of B*K whole contexts (a
+    fifth of the host time per batch of eval_nq's)."""
+    q_ids, q_lengths = question_tokens(questions, generator_tokenizer, table_width(fmt))
+    rows = np.asarray(table[np.asarray(rows_BxK).reshape(-1)]).reshape(*rows_BxK.shape, -1)
+    bos, eos = _wrapping(generator_tokenizer)
+    ids, mask = _assemble(rows[..., 1:], rows[..., 0], q_ids, q_lengths, max_length=fmt.max_combined_length,
+                          bos=bos, eos=eos, pad=generator_tokenizer.pad_token_id)
+    return np.asarray(ids).reshape(-1, fmt.max_combined_length), np.asarray(mask).reshape(-1, fmt.max_combined_length)
 
 
 def make_sharded_gather(mesh: Mesh, corpus_axes: tuple[str, ...]):

@@ -61,11 +61,15 @@ class Retriever:
         *,
         doc_tokenizer=None,
         doc_max_length: int | None = None,
+        passage_table: np.ndarray | None = None,
     ):
         """doc_tokenizer, doc_max_length: return each passage's document-encoder tokens too, truncated to and padded
-        to doc_max_length (a fixed length: the training step compiles once; [PAD] columns change no pooled vector)."""
+        to doc_max_length (a fixed length: the training step compiles once; [PAD] columns change no pooled vector).
+        passage_table: the index's passage token table (contexts.host_context_table): the generator inputs are glued
+        from its rows (contexts.table_generator_inputs: the same ids, less host time) instead of tokenised strings."""
         self._searched = _Searched(index, make_searcher(index, backend))
         self.doc_tokenizer, self.doc_max_length = doc_tokenizer, doc_max_length
+        self.passage_table = passage_table
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.format = fmt
@@ -102,13 +106,17 @@ class Retriever:
         passages = [found[i * k : (i + 1) * k] for i in range(batch)]
         if questions is None:
             questions = contexts.decode_questions(question_input_ids_BxL, self.question_tokenizer)
-        ids, mask = contexts.generator_inputs(
-            questions,
-            [[p.title for p in row] for row in passages],
-            [[p.text for p in row] for row in passages],
-            self.generator_tokenizer,
-            self.format,
-        )
+        if self.passage_table is not None:
+            ids, mask = contexts.table_generator_inputs(questions, rows_BxK, self.passage_table,
+                                                        self.generator_tokenizer, self.format)  # fmt: skip
+        else:
+            ids, mask = contexts.generator_inputs(
+                questions,
+                [[p.title for p in row] for row in passages],
+                [[p.text for p in row] for row in passages],
+                self.generator_tokenizer,
+                self.format,
+            )
         return Retrieved(
             rows_BxK=rows_BxK.astype(np.int32),
             scores_BxK=scores_BxK.astype(np.float32),
@@ -145,6 +153,7 @@ class RandomPassages(Retriever):
         self._searched, self.format = _Searched(retriever.index, None), retriever.format
         self.doc_tokenizer, self.doc_max_length = retriever.doc_tokenizer, retriever.doc_max_length
         self.question_tokenizer, self.generator_tokenizer = retriever.question_tokenizer, retriever.generator_tokenizer
+        self.passage_table = retriever.passage_table
         self._rng = np.random.default_rng(seed)
 
     def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int) -> Retrieved:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import itertools
 from typing import Any, Callable
 
 import jax
@@ -227,9 +226,7 @@ def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
     to a multiple of them; every host reads only its devices' rows. With a `doc_tokenizer` (end-to-end training)
     also every passage's document-encoder tokens (embed.doc_token_table). Refuses (SplitTokenizationError) a
     generator tokenizer for which on-device assembly would not give the host's ids on the first passages."""
-    first = list(itertools.islice(index.passages.iter_passages(), 64))
-    contexts.check_split_tokenization([p.title for p in first], [p.text for p in first], contexts.PROBE_QUESTIONS,
-                                      generator_tokenizer, fmt)
+    contexts.check_split_on_first_passages(index, generator_tokenizer, fmt)
     table = on_main_first(lambda: contexts.passage_token_table(index, generator_tokenizer, fmt),
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
