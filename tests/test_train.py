@@ -82,12 +82,17 @@ def _assert_same_steps(device, host):
 
 @pytest.fixture(scope="module")
 def reference(task, workdir):
-    """Two updates on one device, host retrieval (the reference the sharded runs must reproduce)."""
-    return _steps(train_task.tiny_config(task, **EXACT), workdir, _mesh(1, 1))
+    """Two updates on one device, host retrieval with contexts tokenised from strings as the reference does (what
+    the sharded runs must reproduce; they glue theirs from the passage token table: retrieval.host_contexts)."""
+    return _steps(train_task.tiny_config(task, **EXACT, **{"retrieval.host_contexts": "strings"}), workdir,
+                  _mesh(1, 1))
 
 
-def test_sharded_step_equals_single_device(task, workdir, reference):
-    losses, params, hits, initial = _steps(train_task.tiny_config(task, **EXACT), workdir, _mesh(4, 2))
+def test_sharded_step_equals_single_device(task, workdir, reference, monkeypatch):
+    """8 devices, host retrieval with the contexts glued from the passage token table (none tokenised as strings)."""
+    monkeypatch.setattr(contexts, "generator_inputs", None)
+    config = train_task.tiny_config(task, **EXACT, **{"retrieval.host_contexts": "table"})
+    losses, params, hits, initial = _steps(config, workdir, _mesh(4, 2))
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     assert hits == reference[2]
     _assert_params_close(params, reference[1])
@@ -137,7 +142,8 @@ def test_t5_device_retrieval_equals_host_retrieval(task, tmp_path, t5_tokenizer_
     vocab = len(tk.load_generator_tokenizer(t5_tokenizer_dir))
     t5 = {**EXACT, "model.generator.architecture": "t5", "model.generator.vocab_size": vocab,
           "model.generator.d_kv": 16, "tokenizers.generator": t5_tokenizer_dir, "data.answer_prefix_space": False}
-    host = _steps(train_task.tiny_config(task, **t5), str(tmp_path / "host"), _mesh(1, 1))
+    host = _steps(train_task.tiny_config(task, **t5, **{"retrieval.host_contexts": "strings"}), str(tmp_path / "host"),
+                  _mesh(1, 1))
     device = _steps(train_task.tiny_config(task, **t5, **{"retrieval.mode": "device"}), str(tmp_path / "device"),
                     _mesh(4, 2))
     _assert_same_steps(device, host)
@@ -157,13 +163,11 @@ def test_device_contexts_equal_tokenizer(generator, max_length, prefix, request)
     fmt = contexts.ContextFormat(max_combined_length=max_length, prefix=prefix)
     passages = list(corpus.read_passages(train_task.MINI_PASSAGES))
     width = contexts.table_width(fmt)
+    rows_table = contexts.passage_table_rows(passages, gtok, fmt)
+    lengths, table = rows_table[:, 0], rows_table[:, 1:]
     encoded = gtok([contexts.passage_part(p.title, p.text, fmt) for p in passages],
                    add_special_tokens=False)["input_ids"]
-    table = np.full((len(passages), width), gtok.pad_token_id, np.int32)
-    lengths = np.zeros(len(passages), np.int32)
-    for i, ids in enumerate(encoded):
-        table[i, :min(len(ids), width)] = ids[:width]
-        lengths[i] = min(len(ids), width)
+    np.testing.assert_array_equal(lengths, [min(len(ids), width) for ids in encoded])
     examples = train_task.bundled_questions(8, start=100)
     q_ids = toks.question([e["question"] for e in examples], padding=True, return_tensors="np")["input_ids"]
     questions = contexts.decode_questions(q_ids, toks.question)
@@ -177,8 +181,7 @@ def test_device_contexts_equal_tokenizer(generator, max_length, prefix, request)
     np.testing.assert_array_equal(np.asarray(ids).reshape(host_ids.shape), host_ids)
     np.testing.assert_array_equal(np.asarray(mask).reshape(host_mask.shape), host_mask)
     # The same gluing on the host (eval_nq's --contexts=table), BOS and EOS as the tokenizer wraps a text.
-    glued_ids, glued_mask = contexts.table_generator_inputs(questions, rows, np.concatenate([lengths[:, None], table],
-                                                                                           1), gtok, fmt)
+    glued_ids, glued_mask = contexts.table_generator_inputs(questions, rows, rows_table, gtok, fmt)
     np.testing.assert_array_equal(glued_ids, host_ids)
     np.testing.assert_array_equal(glued_mask, host_mask)
     content = max_length - 1 - (gtok.bos_token_id is not None)

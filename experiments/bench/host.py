@@ -6,11 +6,13 @@ Timed per batch: tokenising the questions for the question encoder, decoding tho
 reference's quirk), forming `title / text // question` for each of the K passages and tokenising the 160 strings
 for the generator, padded to 300. The search itself is not included (on a pod it runs on the devices).
 
-The second row is what is left on the host in device mode (retrieval.mode="device": contexts assembled on the
+The second row forms the same generator inputs on the host from the passage token table instead
+(contexts.table_generator_inputs: the passages' tokens cached once, only the question parts tokenised per batch;
+what eval_nq's --contexts=table does). The third row is what is left on the host in device mode (retrieval.mode="device": contexts assembled on the
 devices from a per-passage token table, rag_jax/retrieval/contexts.py): the same question tokenisation and
 decoding, and the generator tokens of the 16 question parts only.
 
-With `--generators` holding t5, the same two rows with a T5 (SentencePiece) generator tokenizer, the one the other
+With `--generators` holding t5, the same three rows with a T5 (SentencePiece) generator tokenizer, the one the other
 T5 rows use (trained on the bundled passages: no real T5 tokenizer can be downloaded here, so its 1,100 pieces
 stand in for T5's 32,128), next to the step time compile_nq implies for the `paper_t5` config."""
 
@@ -33,7 +35,7 @@ DEVICE_STEP_S = {generator: tflops / (0.5 * 275) for generator, tflops in DEVICE
 
 
 def run(opts: Options) -> list[dict]:
-    """The two rows per generator in opts.generators (BART: the bundled bart-large tokenizer; T5: SentencePiece)."""
+    """The three rows per generator in opts.generators (BART: the bundled bart-large tokenizer; T5: SentencePiece)."""
     from rag_jax.data import tokenizers
 
     rows = []
@@ -61,6 +63,16 @@ def _rows(opts: Options, gtok, device_step_s: float) -> list[dict]:
             ids = qtok(batch, truncation=True, max_length=128, padding=True, return_tensors="np")["input_ids"]
             contexts.question_tokens(contexts.decode_questions(ids, qtok), gtok, 64)
 
+    table = contexts.passage_table_rows(passages, gtok, fmt)
+
+    def table_glued_host_side():
+        for b in range(batches):
+            batch = questions[b * QUESTIONS_PER_HOST : (b + 1) * QUESTIONS_PER_HOST]
+            ids = qtok(batch, truncation=True, max_length=128, padding=True, return_tensors="np")["input_ids"]
+            rows = rng.choice(len(passages), (len(batch), N_DOCS))
+            [[passages[r] for r in row] for row in rows]  # the passages still come back, as from host retrieval
+            contexts.table_generator_inputs(contexts.decode_questions(ids, qtok), rows, table, gtok, fmt)
+
     def host_side():
         for b in range(batches):
             batch = questions[b * QUESTIONS_PER_HOST : (b + 1) * QUESTIONS_PER_HOST]
@@ -71,7 +83,9 @@ def _rows(opts: Options, gtok, device_step_s: float) -> list[dict]:
                                       [[p.text for p in row] for row in chosen], gtok, fmt)  # fmt: skip
 
     rows = []
-    modes = (("host (strings, then the tokenizer)", host_side), ("device (token table)", token_table_host_side))
+    modes = (("host (strings, then the tokenizer)", host_side),
+             ("host (glued from the token table)", table_glued_host_side),
+             ("device (token table)", token_table_host_side))
     for mode, fn in modes:
         per_batch = median_seconds(fn, opts.repeats) / batches
         rows.append(dict(contexts=mode, questions_per_host=QUESTIONS_PER_HOST, n_docs=N_DOCS, context_tokens=300,

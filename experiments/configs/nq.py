@@ -141,6 +141,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
     c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+    # How host retrieval (host mode and evaluation) forms the generator inputs, the same ids either way: "strings"
+    # tokenises every "title / text // question" (as the reference); "table" glues them from the passage token
+    # table cached in the index directory (what device mode assembles from; the host side of a step ~20x smaller);
+    # "auto": the table, unless the generator tokenizer joins tokens across the passage/question boundary.
+    c.retrieval.host_contexts = "auto"
     # Over-retrieve and rerank (Atlas's retrieve_with_rerank; needs model.doc_encoder.trainable): retrieve
     # L >= model.n_docs candidates from the possibly stale index, keep the n_docs the current encoders score best.
     # 0: retrieve model.n_docs and keep them all.

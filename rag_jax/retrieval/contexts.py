@@ -169,30 +169,26 @@ def _table_path(index: index_io.Index, generator_tokenizer, fmt: ContextFormat) 
     return os.path.join(index.index_dir, f"generator_tokens-{key}.npy")
 
 
-def _write_table(path: str, index: index_io.Index, generator_tokenizer, fmt: ContextFormat, batch_size: int):
+def passage_table_rows(passages: Sequence[corpus.Passage], generator_tokenizer, fmt: ContextFormat) -> np.ndarray:
+    """Rows of the passage token table (see passage_token_table) for `passages`: int32 (N, 1 + table_width)."""
     width = table_width(fmt)
-    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(index.num_passages, 1 + width))
-    pad = generator_tokenizer.pad_token_id
-    row, chunk = 0, []
+    encoded = generator_tokenizer([passage_part(p.title, p.text, fmt) for p in passages],
+                                  add_special_tokens=False)["input_ids"]
+    block = np.full((len(passages), 1 + width), generator_tokenizer.pad_token_id, np.int32)
+    for i, toks in enumerate(encoded):
+        toks = toks[:width]
+        block[i, 0] = len(toks)
+        block[i, 1:1 + len(toks)] = toks
+    return block
 
-    def flush():
-        nonlocal row
-        encoded = generator_tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        block = np.full((len(chunk), 1 + width), pad, np.int32)
-        for i, toks in enumerate(encoded):
-            toks = toks[:width]
-            block[i, 0] = len(toks)
-            block[i, 1:1 + len(toks)] = toks
-        table[row:row + len(chunk)] = block
-        row += len(chunk)
-        chunk.clear()
 
-    for passage in index.passages.iter_passages():
-        chunk.append(passage_part(passage.title, passage.text, fmt))
-        if len(chunk) == batch_size:
-            flush()
-    if chunk:
-        flush()
+def _write_table(path: str, index: index_io.Index, generator_tokenizer, fmt: ContextFormat, batch_size: int):
+    shape = (index.num_passages, 1 + table_width(fmt))
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=shape)
+    passages = index.passages.iter_passages()
+    for start in range(0, index.num_passages, batch_size):
+        chunk = list(itertools.islice(passages, batch_size))
+        table[start:start + len(chunk)] = passage_table_rows(chunk, generator_tokenizer, fmt)
     table.flush()
 
 

@@ -20,6 +20,7 @@ import ml_collections
 LOSSES = ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann")
+HOST_CONTEXTS = ("auto", "table", "strings")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("float32", "float16", "bfloat16")
 AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
@@ -124,6 +125,7 @@ RULES: dict[str, Any] = {
     "index.refresh_every": _Type((str, int), "a step count or a schedule such as '0-1000:500,1000-:2000'"),
     "retrieval.mode": _Choice(RETRIEVAL_MODES),
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
+    "retrieval.host_contexts": _Choice(HOST_CONTEXTS),
     "retrieval.prefetch": _BOOL, "retrieval.stale_prefetch": _BOOL,
     "optim.learning_rate": _SCALE,
     "optim.warmup_steps": _COUNT,

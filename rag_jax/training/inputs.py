@@ -243,6 +243,19 @@ def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
     return arrays, shardings
 
 
+def host_context_table(config, index, generator_tokenizer, fmt) -> np.ndarray | None:
+    """retrieval.host_contexts: the passage token table host retrieval glues generator inputs from
+    (contexts.table_generator_inputs), or None to tokenise strings. "auto" builds the table unless it would tokenise
+    more passages than the run forms contexts, or the tokenizer joins tokens at the passage/question boundary."""
+    choice = config.retrieval.get("host_contexts", "strings")  # (absent from configs saved before it)
+    if choice == "strings":
+        return None
+    contexts_to_form = config.train.steps * config.train.global_batch_size * candidates(config)
+    return on_main_first(lambda: contexts.host_context_table(
+        index, generator_tokenizer, fmt, contexts_to_form if choice == "auto" else None,
+        remedy="set --config.retrieval.host_contexts=strings"), "host_context_table")
+
+
 def on_main_first(fn: Callable[[], Any], name: str) -> Any:
     """Runs `fn` on process 0 first (it may write shared files), then on the others."""
     if jax.process_count() == 1:

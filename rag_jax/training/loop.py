@@ -114,7 +114,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     doc_tokens = dict(doc_tokenizer=tokenizers.question, doc_max_length=config.index.max_length
                       ) if model.trains_doc_encoder else {}
     retriever = Retriever(index, tokenizers.question, tokenizers.generator, model.config.context,
-                          config.retrieval.host_searcher, **doc_tokens)
+                          config.retrieval.host_searcher, **doc_tokens,
+                          passage_table=inputs.host_context_table(config, index, tokenizers.generator,
+                                                                  model.config.context))  # fmt: skip
 
     tx = optim.make_optimizer(config)
     abstract_state, state_shardings = state_layout(model, tx, mesh)
