@@ -100,7 +100,7 @@ class Retriever:
     def gather(self, rows_BxK: np.ndarray, scores_BxK: np.ndarray, question_input_ids_BxL,
                questions: list[str] | None = None) -> Retrieved:
         flat = rows_BxK.reshape(-1)
-        embeds = np.stack([self.index.read_rows(int(r), int(r) + 1, np.float32)[0] for r in flat])
+        embeds = self.index.gather_rows(flat)
         found = self.index.passages.get(flat)
         batch, k = rows_BxK.shape
         passages = [found[i * k : (i + 1) * k] for i in range(batch)]
