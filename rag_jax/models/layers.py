@@ -173,6 +173,61 @@ class DecodeCache(NamedTuple):
     index: jax.Array
 
 
+def empty_decode_cache(
+    decoder_layers: Sequence[nn.Module],
+    encoder_out_BxSxE: jax.Array,
+    encoder_mask_BxS: jax.Array,
+    max_length: int,
+    heads: int,
+    head_dim: int,
+    dtype: Dtype,
+) -> DecodeCache:
+    """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values
+    (each decoder layer's `cross_kv`) of the encoder output."""
+    empty = jnp.zeros((encoder_out_BxSxE.shape[0], heads, max_length, head_dim), dtype)
+    return DecodeCache(
+        self_kv=tuple(KVCache(empty, empty) for _ in decoder_layers),
+        cross_kv=tuple(layer.cross_kv(encoder_out_BxSxE) for layer in decoder_layers),
+        encoder_mask_BxS=encoder_mask_BxS,
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def run_decoder_layers(
+    decoder_layers: Sequence[nn.Module],
+    x_BxTxE: jax.Array,
+    self_bias: jax.Array,
+    decoder_mask_BxT: jax.Array | None,
+    encoder_out_BxSxE: jax.Array,
+    encoder_mask_BxS: jax.Array,
+    deterministic: bool,
+) -> jax.Array:
+    """The decoder layers (BART's or T5's) over whole sequences (training, scoring): self-attention under
+    `self_bias` and the decoder padding mask if given, cross-attention under the encoder padding mask."""
+    if decoder_mask_BxT is not None:
+        self_bias = self_bias + padding_bias(decoder_mask_BxT)
+    cross_bias = padding_bias(encoder_mask_BxS)
+    for layer in decoder_layers:
+        x_BxTxE, _ = layer(x_BxTxE, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE,
+                           deterministic=deterministic)  # fmt: skip
+    return x_BxTxE
+
+
+def run_decoder_layers_cached(
+    decoder_layers: Sequence[nn.Module], x_BxTxE: jax.Array, self_bias: jax.Array, cache: DecodeCache
+) -> tuple[jax.Array, DecodeCache]:
+    """The decoder layers over T new positions after the `cache.index` already in the cache: their output and the
+    cache with their self-attention keys/values written and the index advanced by T."""
+    length = x_BxTxE.shape[1]
+    cross_bias = padding_bias(cache.encoder_mask_BxS)
+    new_self_kv = []
+    for layer, self_kv, cross_kv in zip(decoder_layers, cache.self_kv, cache.cross_kv):
+        x_BxTxE, self_kv = layer(x_BxTxE, self_bias, cross_bias, self_kv=self_kv, cross_kv=cross_kv,
+                                 cache_index=cache.index)  # fmt: skip
+        new_self_kv.append(self_kv)
+    return x_BxTxE, cache._replace(self_kv=tuple(new_self_kv), index=cache.index + length)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with separate q/k/v/out projections (BERT, BART and T5 layout).
 
