@@ -302,9 +302,10 @@ class MultiHeadAttention(nn.Module):
         return self.out(out_BxQxHxD)
 
 
-def _vocab_slice(vocab: int, target: int = 1024) -> int:
-    """A slice width near `target` that divides `vocab` (no padded copy of the head), else `target`."""
-    fits = [d for d in range(target // 2, 2 * target + 1) if vocab % d == 0]
+def vocab_slice_width(vocab: int, target: int, smallest: int, largest: int) -> int:
+    """The width in [smallest, largest] nearest `target` (the smaller of two as near) that divides `vocab`, else
+    `target`: for passes over a vocabulary a slice at a time, which then need no padded copy of it."""
+    fits = [d for d in range(smallest, largest + 1) if vocab % d == 0]
     return min(fits, key=lambda d: abs(d - target)) if fits else target
 
 
@@ -317,7 +318,7 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
     vocabulary slice at a time and folded into a running max and sum of exponentials. At 640 x 50,265 the written-out
     logits (128 MB) and the passes over them ran ~4x slower on CPU than slices that stay in cache."""
     vocab = head_VxE.shape[0]
-    width = _vocab_slice(vocab)
+    width = vocab_slice_width(vocab, 1024, 512, 2048)
     slices = -(-vocab // width)
     bias_V = jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
     if slices * width != vocab:  # pad rows score -inf: no weight in the sum
