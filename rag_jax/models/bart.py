@@ -143,7 +143,7 @@ class DecoderLayer(nn.Module):
         return x, self_kv
 
 
-class Bart(nn.Module):
+class Bart(layers.EncoderDecoder):
     """BART for conditional generation.
 
     Methods (call through `apply(..., method=...)`):
@@ -229,17 +229,6 @@ class Bart(nn.Module):
         x = layers.run_decoder_layers(self.decoder_layers, x, layers.causal_bias(positions_T, length), decoder_mask_BxT,
                                       encoder_out_BxSxE, encoder_mask_BxS, deterministic)  # fmt: skip
         return self._logits(x) if head else x
-
-    def __call__(
-        self,
-        input_ids_BxS: jax.Array,
-        attention_mask_BxS: jax.Array,
-        decoder_input_ids_BxT: jax.Array,
-        decoder_mask_BxT: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
-        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
 
     def init_cache(self, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array, max_length: int) -> DecodeCache:
         """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values."""

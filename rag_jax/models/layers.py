@@ -228,6 +228,22 @@ def run_decoder_layers_cached(
     return x_BxTxE, cache._replace(self_kv=tuple(new_self_kv), index=cache.index + length)
 
 
+class EncoderDecoder(nn.Module):
+    """The forward pass of BART and T5, which each define `encode` and `decode` (same arguments, same outputs)."""
+
+    def __call__(
+        self,
+        input_ids_BxS: jax.Array,
+        attention_mask_BxS: jax.Array,
+        decoder_input_ids_BxT: jax.Array,
+        decoder_mask_BxT: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits (B, T, V), float32."""
+        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
+        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with separate q/k/v/out projections (BERT, BART and T5 layout).
 

@@ -185,7 +185,7 @@ class Layer(nn.Module):
         return self._residual(x, h, deterministic), self_kv
 
 
-class T5(nn.Module):
+class T5(layers.EncoderDecoder):
     """T5 for conditional generation, with the methods of `rag_jax.models.bart.Bart`:
       encode(input_ids, attention_mask) -> encoder states (B, S, E)
       decode(decoder_input_ids, encoder_out, encoder_mask, decoder_mask=None) -> logits (B, T, V), float32
@@ -266,17 +266,6 @@ class T5(nn.Module):
         if not head:
             return self._head_features(x, deterministic)
         return self._logits(x, deterministic)
-
-    def __call__(
-        self,
-        input_ids_BxS: jax.Array,
-        attention_mask_BxS: jax.Array,
-        decoder_input_ids_BxT: jax.Array,
-        decoder_mask_BxT: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
-        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
 
     def init_cache(self, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array, max_length: int):
         """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values."""
