@@ -173,15 +173,8 @@ class DecodeCache(NamedTuple):
     index: jax.Array
 
 
-def empty_decode_cache(
-    decoder_layers: Sequence[nn.Module],
-    encoder_out_BxSxE: jax.Array,
-    encoder_mask_BxS: jax.Array,
-    max_length: int,
-    heads: int,
-    head_dim: int,
-    dtype: Dtype,
-) -> DecodeCache:
+def empty_decode_cache(decoder_layers: Sequence[nn.Module], encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array,
+                       max_length: int, heads: int, head_dim: int, dtype: Dtype) -> DecodeCache:  # fmt: skip
     """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values
     (each decoder layer's `cross_kv`) of the encoder output."""
     empty = jnp.zeros((encoder_out_BxSxE.shape[0], heads, max_length, head_dim), dtype)
@@ -193,15 +186,9 @@ def empty_decode_cache(
     )
 
 
-def run_decoder_layers(
-    decoder_layers: Sequence[nn.Module],
-    x_BxTxE: jax.Array,
-    self_bias: jax.Array,
-    decoder_mask_BxT: jax.Array | None,
-    encoder_out_BxSxE: jax.Array,
-    encoder_mask_BxS: jax.Array,
-    deterministic: bool,
-) -> jax.Array:
+def run_decoder_layers(decoder_layers: Sequence[nn.Module], x_BxTxE: jax.Array, self_bias: jax.Array,
+                       decoder_mask_BxT: jax.Array | None, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array,
+                       deterministic: bool) -> jax.Array:  # fmt: skip
     """The decoder layers (BART's or T5's) over whole sequences (training, scoring): self-attention under
     `self_bias` and the decoder padding mask if given, cross-attention under the encoder padding mask."""
     if decoder_mask_BxT is not None:
