@@ -113,8 +113,8 @@ def _group(name: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 @pytest.mark.parametrize("loss", ["sequence", "token"])
-def test_end_to_end_gradients_match_transformers_context_encoder_training(checkpoint, ctx_encoder_dir, loss,
-                                                                          epsilon):
+def test_end_to_end_gradients_match_transformers_context_encoder_training(checkpoint,  # noqa: F811 (the fixture)
+                                                                          ctx_encoder_dir, loss, epsilon):
     batch, docs = _batch(), _doc_tokens()
     ref_loss, reference = _reference(checkpoint, ctx_encoder_dir, loss, epsilon, batch, docs)
     our_loss, ours = _ours(checkpoint, ctx_encoder_dir, loss, epsilon, batch, docs)

@@ -8,32 +8,37 @@ from typing import Any, Iterator
 UNKNOWN_PASSAGE_ID = -1
 
 
+def nonblank_lines(path: str) -> Iterator[tuple[int, str, str]]:
+    """(line number from 1, "path:line" for error messages, text) of each non-blank line of a UTF-8 file: the loop of
+    a JSON-lines reader (each caller parses, and says what a bad record means, itself)."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                yield line_no, f"{path}:{line_no}", line
+
+
 def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line index, example) from an NQ-open style JSONL file.
 
     Accepts the official key "answer" and the bundled key "answers"; "gold_passage_id" is optional. Raises
     ValueError naming the file and line for malformed records.
     """
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e}).") from e
-            question = record.get("question")
-            answers = record.get("answers", record.get("answer"))
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}.")
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
-                                 f"gold answers that labels and exact match need), got {answers!r}.")
-            gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
-            if not isinstance(gold, int):
-                raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")
-            yield line_no - 1, {"question": question, "answers": answers, "gold_passage_id": gold}
+    for line_no, where, line in nonblank_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e}).") from e
+        question = record.get("question")
+        answers = record.get("answers", record.get("answer"))
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}.")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
+                             f"gold answers that labels and exact match need), got {answers!r}.")
+        gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
+        if not isinstance(gold, int):
+            raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")
+        yield line_no - 1, {"question": question, "answers": answers, "gold_passage_id": gold}
 
 
 class JsonlSource:

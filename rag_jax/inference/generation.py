@@ -24,6 +24,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rag_jax.models import layers
+
 NEG = -1.0e9  # the reference's "impossible" beam score (a finite number, not -inf)
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 ReorderFn = Callable[[Any, jax.Array], Any]
@@ -280,11 +282,10 @@ def has_processors(gen: GenerationConfig) -> bool:
 
 
 def _group_width(vocab: int, k: int) -> int:
-    """A group width near 1024 that divides `vocab` (no padded copy), else 1024; at most vocab / 4k, so that
-    there are more groups than the k to keep."""
+    """A group width near 1024 that divides `vocab` (no padded copy), else 1024; near vocab / 4k and at most
+    vocab / 2k when that is smaller, so that there are more groups than the k to keep."""
     target = max(1, min(1024, vocab // (4 * k)))
-    fits = [d for d in range(max(1, target // 4), 2 * target + 1) if vocab % d == 0 and d <= vocab // (2 * k)]
-    return min(fits, key=lambda d: abs(d - target)) if fits else target
+    return layers.vocab_slice_width(vocab, target, max(1, target // 4), min(2 * target, vocab // (2 * k)))
 
 
 def _top_candidates(logits_BxNxV: jax.Array, running_scores_BxN: jax.Array, k: int):

@@ -143,7 +143,7 @@ class DecoderLayer(nn.Module):
         return x, self_kv
 
 
-class Bart(nn.Module):
+class Bart(layers.EncoderDecoder):
     """BART for conditional generation.
 
     Methods (call through `apply(..., method=...)`):
@@ -226,37 +226,15 @@ class Bart(nn.Module):
         x = self._embed(
             decoder_input_ids_BxT, positions_T, self.decoder_positions, self.decoder_embedding_norm, deterministic
         )
-        self_bias = layers.causal_bias(positions_T, length)
-        if decoder_mask_BxT is not None:
-            self_bias = self_bias + layers.padding_bias(decoder_mask_BxT)
-        cross_bias = layers.padding_bias(encoder_mask_BxS)
-        for layer in self.decoder_layers:
-            x, _ = layer(x, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE, deterministic=deterministic)
+        x = layers.run_decoder_layers(self.decoder_layers, x, layers.causal_bias(positions_T, length), decoder_mask_BxT,
+                                      encoder_out_BxSxE, encoder_mask_BxS, deterministic)  # fmt: skip
         return self._logits(x) if head else x
-
-    def __call__(
-        self,
-        input_ids_BxS: jax.Array,
-        attention_mask_BxS: jax.Array,
-        decoder_input_ids_BxT: jax.Array,
-        decoder_mask_BxT: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
-        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
 
     def init_cache(self, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array, max_length: int) -> DecodeCache:
         """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values."""
         cfg = self.config
-        batch = encoder_out_BxSxE.shape[0]
-        heads, head_dim = cfg.decoder_heads, cfg.d_model // cfg.decoder_heads
-        empty = jnp.zeros((batch, heads, max_length, head_dim), cfg.dtype)
-        return DecodeCache(
-            self_kv=tuple(layers.KVCache(empty, empty) for _ in self.decoder_layers),
-            cross_kv=tuple(layer.cross_kv(encoder_out_BxSxE) for layer in self.decoder_layers),
-            encoder_mask_BxS=encoder_mask_BxS,
-            index=jnp.zeros((), jnp.int32),
-        )
+        return layers.empty_decode_cache(self.decoder_layers, encoder_out_BxSxE, encoder_mask_BxS, max_length,
+                                         cfg.decoder_heads, cfg.d_model // cfg.decoder_heads, cfg.dtype)  # fmt: skip
 
     def decode_step(self, decoder_input_ids_BxT: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """Decodes T new positions (usually 1) after the `cache.index` already in the cache."""
@@ -267,12 +245,5 @@ class Bart(nn.Module):
             decoder_input_ids_BxT, positions_T, self.decoder_positions, self.decoder_embedding_norm, True
         )
         self_bias = layers.causal_bias(positions_T, max_length)
-        cross_bias = layers.padding_bias(cache.encoder_mask_BxS)
-        new_self_kv = []
-        for layer, self_kv, cross_kv in zip(self.decoder_layers, cache.self_kv, cache.cross_kv):
-            x, self_kv = layer(
-                x, self_bias, cross_bias, self_kv=self_kv, cross_kv=cross_kv, cache_index=cache.index
-            )
-            new_self_kv.append(self_kv)
-        cache = cache._replace(self_kv=tuple(new_self_kv), index=cache.index + length)
+        x, cache = layers.run_decoder_layers_cached(self.decoder_layers, x, self_bias, cache)
         return self._logits(x), cache

@@ -237,13 +237,19 @@ def load_encoder(path: str, *, pooling: str | None = None, **overrides) -> Loade
     return Loaded(cfg, params, hf)
 
 
-def load_bart(path: str, **overrides) -> Loaded:
-    """BartForConditionalGeneration or BartModel (whose final_logits_bias is then zero)."""
+def _read_generator(path: str, model_type: str) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """(config.json dict, tensors, source) of the checkpoint at `path`, whose config must say `model_type`."""
     directory = hf_files.resolve(path)
     hf = hf_files.read_config(directory)
-    if hf.get("model_type") != "bart":
-        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not 'bart'")
+    if hf.get("model_type") != model_type:
+        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not {model_type!r}")
     tensors, source = hf_files.read_weights(directory)
+    return hf, tensors, source
+
+
+def load_bart(path: str, **overrides) -> Loaded:
+    """BartForConditionalGeneration or BartModel (whose final_logits_bias is then zero)."""
+    hf, tensors, source = _read_generator(path, "bart")
     if "model.shared.weight" not in tensors and "shared.weight" in tensors:  # a BartModel checkpoint
         tensors = {("" if n == "final_logits_bias" else "model.") + n: v for n, v in tensors.items()}
     cfg = bart_config_from_hf(hf, **overrides)
@@ -255,11 +261,7 @@ def load_bart(path: str, **overrides) -> Loaded:
 
 def load_t5(path: str, **overrides) -> Loaded:
     """T5ForConditionalGeneration (T5 v1.0, v1.1, Flan-T5)."""
-    directory = hf_files.resolve(path)
-    hf = hf_files.read_config(directory)
-    if hf.get("model_type") != "t5":
-        raise CheckpointError(f"{directory}/config.json: model_type {hf.get('model_type')!r} is not 't5'")
-    tensors, source = hf_files.read_weights(directory)
+    hf, tensors, source = _read_generator(path, "t5")
     used: set[str] = set()
     cfg, params = hf_t5.params(tensors, "", hf, source, used, **overrides)
     check_unexpected(tensors, used, source)

@@ -173,6 +173,64 @@ class DecodeCache(NamedTuple):
     index: jax.Array
 
 
+def empty_decode_cache(decoder_layers: Sequence[nn.Module], encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array,
+                       max_length: int, heads: int, head_dim: int, dtype: Dtype) -> DecodeCache:  # fmt: skip
+    """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values
+    (each decoder layer's `cross_kv`) of the encoder output."""
+    empty = jnp.zeros((encoder_out_BxSxE.shape[0], heads, max_length, head_dim), dtype)
+    return DecodeCache(
+        self_kv=tuple(KVCache(empty, empty) for _ in decoder_layers),
+        cross_kv=tuple(layer.cross_kv(encoder_out_BxSxE) for layer in decoder_layers),
+        encoder_mask_BxS=encoder_mask_BxS,
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def run_decoder_layers(decoder_layers: Sequence[nn.Module], x_BxTxE: jax.Array, self_bias: jax.Array,
+                       decoder_mask_BxT: jax.Array | None, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array,
+                       deterministic: bool) -> jax.Array:  # fmt: skip
+    """The decoder layers (BART's or T5's) over whole sequences (training, scoring): self-attention under
+    `self_bias` and the decoder padding mask if given, cross-attention under the encoder padding mask."""
+    if decoder_mask_BxT is not None:
+        self_bias = self_bias + padding_bias(decoder_mask_BxT)
+    cross_bias = padding_bias(encoder_mask_BxS)
+    for layer in decoder_layers:
+        x_BxTxE, _ = layer(x_BxTxE, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE,
+                           deterministic=deterministic)  # fmt: skip
+    return x_BxTxE
+
+
+def run_decoder_layers_cached(
+    decoder_layers: Sequence[nn.Module], x_BxTxE: jax.Array, self_bias: jax.Array, cache: DecodeCache
+) -> tuple[jax.Array, DecodeCache]:
+    """The decoder layers over T new positions after the `cache.index` already in the cache: their output and the
+    cache with their self-attention keys/values written and the index advanced by T."""
+    length = x_BxTxE.shape[1]
+    cross_bias = padding_bias(cache.encoder_mask_BxS)
+    new_self_kv = []
+    for layer, self_kv, cross_kv in zip(decoder_layers, cache.self_kv, cache.cross_kv):
+        x_BxTxE, self_kv = layer(x_BxTxE, self_bias, cross_bias, self_kv=self_kv, cross_kv=cross_kv,
+                                 cache_index=cache.index)  # fmt: skip
+        new_self_kv.append(self_kv)
+    return x_BxTxE, cache._replace(self_kv=tuple(new_self_kv), index=cache.index + length)
+
+
+class EncoderDecoder(nn.Module):
+    """The forward pass of BART and T5, which each define `encode` and `decode` (same arguments, same outputs)."""
+
+    def __call__(
+        self,
+        input_ids_BxS: jax.Array,
+        attention_mask_BxS: jax.Array,
+        decoder_input_ids_BxT: jax.Array,
+        decoder_mask_BxT: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits (B, T, V), float32."""
+        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
+        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with separate q/k/v/out projections (BERT, BART and T5 layout).
 
@@ -247,9 +305,10 @@ class MultiHeadAttention(nn.Module):
         return self.out(out_BxQxHxD)
 
 
-def _vocab_slice(vocab: int, target: int = 1024) -> int:
-    """A slice width near `target` that divides `vocab` (no padded copy of the head), else `target`."""
-    fits = [d for d in range(target // 2, 2 * target + 1) if vocab % d == 0]
+def vocab_slice_width(vocab: int, target: int, smallest: int, largest: int) -> int:
+    """The width in [smallest, largest] nearest `target` (the smaller of two as near) that divides `vocab`, else
+    `target`: for passes over a vocabulary a slice at a time, which then need no padded copy of it."""
+    fits = [d for d in range(smallest, largest + 1) if vocab % d == 0]
     return min(fits, key=lambda d: abs(d - target)) if fits else target
 
 
@@ -262,7 +321,7 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
     vocabulary slice at a time and folded into a running max and sum of exponentials. At 640 x 50,265 the written-out
     logits (128 MB) and the passes over them ran ~4x slower on CPU than slices that stay in cache."""
     vocab = head_VxE.shape[0]
-    width = _vocab_slice(vocab)
+    width = vocab_slice_width(vocab, 1024, 512, 2048)
     slices = -(-vocab // width)
     bias_V = jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
     if slices * width != vocab:  # pad rows score -inf: no weight in the sum

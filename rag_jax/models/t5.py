@@ -185,7 +185,7 @@ class Layer(nn.Module):
         return self._residual(x, h, deterministic), self_kv
 
 
-class T5(nn.Module):
+class T5(layers.EncoderDecoder):
     """T5 for conditional generation, with the methods of `rag_jax.models.bart.Bart`:
       encode(input_ids, attention_mask) -> encoder states (B, S, E)
       decode(decoder_input_ids, encoder_out, encoder_mask, decoder_mask=None) -> logits (B, T, V), float32
@@ -261,37 +261,17 @@ class T5(nn.Module):
         (lm_head_arrays)."""
         length = decoder_input_ids_BxT.shape[1]
         x = self._embed(decoder_input_ids_BxT, deterministic)
-        self_bias = self._self_bias(jnp.arange(length), length)
-        if decoder_mask_BxT is not None:
-            self_bias = self_bias + layers.padding_bias(decoder_mask_BxT)
-        cross_bias = layers.padding_bias(encoder_mask_BxS)
-        for layer in self.decoder_layers:
-            x, _ = layer(x, self_bias, cross_bias, encoder_out_BxSxE=encoder_out_BxSxE, deterministic=deterministic)
+        x = layers.run_decoder_layers(self.decoder_layers, x, self._self_bias(jnp.arange(length), length),
+                                      decoder_mask_BxT, encoder_out_BxSxE, encoder_mask_BxS, deterministic)  # fmt: skip
         if not head:
             return self._head_features(x, deterministic)
         return self._logits(x, deterministic)
 
-    def __call__(
-        self,
-        input_ids_BxS: jax.Array,
-        attention_mask_BxS: jax.Array,
-        decoder_input_ids_BxT: jax.Array,
-        decoder_mask_BxT: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        encoder_out = self.encode(input_ids_BxS, attention_mask_BxS, deterministic)
-        return self.decode(decoder_input_ids_BxT, encoder_out, attention_mask_BxS, decoder_mask_BxT, deterministic)
-
     def init_cache(self, encoder_out_BxSxE: jax.Array, encoder_mask_BxS: jax.Array, max_length: int):
         """An empty decode cache for up to `max_length` decoder positions, with the cross-attention keys/values."""
         cfg = self.config
-        empty = jnp.zeros((encoder_out_BxSxE.shape[0], cfg.heads, max_length, cfg.d_kv), cfg.dtype)
-        return layers.DecodeCache(
-            self_kv=tuple(layers.KVCache(empty, empty) for _ in self.decoder_layers),
-            cross_kv=tuple(layer.cross_kv(encoder_out_BxSxE) for layer in self.decoder_layers),
-            encoder_mask_BxS=encoder_mask_BxS,
-            index=jnp.zeros((), jnp.int32),
-        )
+        return layers.empty_decode_cache(self.decoder_layers, encoder_out_BxSxE, encoder_mask_BxS, max_length,
+                                         cfg.heads, cfg.d_kv, cfg.dtype)  # fmt: skip
 
     def decode_step(self, decoder_input_ids_BxT: jax.Array, cache: layers.DecodeCache):
         """Decodes T new positions (usually 1) after the `cache.index` already in the cache."""
@@ -299,10 +279,5 @@ class T5(nn.Module):
         max_length = cache.self_kv[0].key.shape[2]
         x = self._embed(decoder_input_ids_BxT, True)
         self_bias = self._self_bias(cache.index + jnp.arange(length), max_length)
-        cross_bias = layers.padding_bias(cache.encoder_mask_BxS)
-        new_self_kv = []
-        for layer, self_kv, cross_kv in zip(self.decoder_layers, cache.self_kv, cache.cross_kv):
-            x, self_kv = layer(x, self_bias, cross_bias, self_kv=self_kv, cross_kv=cross_kv, cache_index=cache.index)
-            new_self_kv.append(self_kv)
-        cache = cache._replace(self_kv=tuple(new_self_kv), index=cache.index + length)
+        x, cache = layers.run_decoder_layers_cached(self.decoder_layers, x, self_bias, cache)
         return self._logits(x, True), cache

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from rag_jax.data import nq_open
+from rag_jax.data import nq_jsonl, nq_open
 from rag_jax.retrieval import corpus
 
 
@@ -132,18 +132,14 @@ def dpr_examples(path: str) -> Iterator[dict[str, Any]]:
 def read_mined_negatives(path: str, passages: Corpus) -> dict[str, list[corpus.Passage]]:
     """{question: hard negative passages} from an experiments.mine_negatives file."""
     found = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("negative_ids"), list):
-                raise DataError(f"{where}: expected {{\"question\": ..., \"negative_ids\": [...]}}")
-            found[record.get("question")] = [passages.passages[passages.row(p, where)] for p in record["negative_ids"]]
+    for _, where, line in nq_jsonl.nonblank_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("negative_ids"), list):
+            raise DataError(f"{where}: expected {{\"question\": ..., \"negative_ids\": [...]}}")
+        found[record.get("question")] = [passages.passages[passages.row(p, where)] for p in record["negative_ids"]]
     if not found:
         raise DataError(f"{path}: the hard-negatives file is empty; mine it again (python -m experiments."
                         "mine_negatives) or leave data.hard_negatives unset")

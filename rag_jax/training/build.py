@@ -26,7 +26,8 @@ from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.training import streams, workdir as workdir_lib
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
 # part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
-from rag_jax.training.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, check_config, require_path
+from rag_jax.training.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, require_path
+from rag_jax.training.config_check import check_config  # noqa: F401 (re-exported, see above)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.compute_dtype
 

@@ -19,20 +19,25 @@ import os
 from rag_jax.data import tokenizers
 
 
+def _inside(workdir: str, name: str) -> str:
+    # Absolute, so that a path names the same place whatever the current directory is when it is used or logged.
+    return os.path.join(os.path.abspath(workdir), name)
+
+
 def checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return _inside(workdir, "checkpoints")
 
 
 def skipped_checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints_skipped")
+    return _inside(workdir, "checkpoints_skipped")
 
 
 def index_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "index")
+    return _inside(workdir, "index")
 
 
 def index_versions_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "index_versions")
+    return _inside(workdir, "index_versions")
 
 
 def index_version_dir(workdir: str, version: int) -> str:
@@ -50,22 +55,21 @@ def index_versions(workdir: str) -> list[int]:
 
 
 def metrics_file(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "metrics.jsonl")
+    return _inside(workdir, "metrics.jsonl")
 
 
 def tensorboard_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "tensorboard")
+    return _inside(workdir, "tensorboard")
 
 
 def export_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "export")
+    return _inside(workdir, "export")
 
 
 def tokenizer_dirs(workdir: str) -> dict[str, str]:
     """{"question": ..., "generator": ...}: where the run keeps its two tokenizers."""
-    root = os.path.abspath(workdir)
-    return {"question": os.path.join(root, tokenizers.RAG_QUESTION_SUBDIR),
-            "generator": os.path.join(root, tokenizers.RAG_GENERATOR_SUBDIR)}
+    return {"question": _inside(workdir, tokenizers.RAG_QUESTION_SUBDIR),
+            "generator": _inside(workdir, tokenizers.RAG_GENERATOR_SUBDIR)}
 
 
 def is_workdir(path: str) -> bool:
