@@ -92,11 +92,8 @@ def _passage_table(index, generator_tokenizer, fmt, contexts_to_form: int):
     """--contexts: the passage token table the retriever glues contexts from, or None (strings)."""
     from rag_jax.retrieval import contexts  # pylint: disable=g-import-not-at-top
 
-    if _CONTEXTS.value == "strings":
-        return None
     # --contexts=table on a tokenizer that joins tokens at the passage/question boundary: SplitTokenizationError.
-    table = contexts.host_context_table(index, generator_tokenizer, fmt,
-                                        contexts_to_form if _CONTEXTS.value == "auto" else None,
+    table = contexts.host_context_table(index, generator_tokenizer, fmt, _CONTEXTS.value, contexts_to_form,
                                         remedy="use --contexts=strings")
     print("contexts: " + ("glued from the passage token table" if table is not None else
                           "question-passage strings through the generator tokenizer"))

@@ -95,8 +95,8 @@ def test_answers_are_identical_with_contexts_glued_from_the_passage_token_table(
     model, params, defaults, searcher, examples = setup
     generation = defaults.generation_config(model_type, num_beams=num_beams, max_length=6)
     settings = answering.AnswerSettings(n_docs=3, model_type=model_type, batch_size=4, score=True, provenance=True)
-    table = contexts.host_context_table(searcher.index, searcher.generator_tokenizer, model.config.context, None,
-                                        remedy="")
+    table = contexts.host_context_table(searcher.index, searcher.generator_tokenizer, model.config.context, "table",
+                                        len(examples) * 3, remedy="")
     glued = retriever.Retriever(searcher.index, searcher.question_tokenizer, searcher.generator_tokenizer,
                                 model.config.context, passage_table=table)
     answered = []

@@ -200,7 +200,12 @@ def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: Context
     Built once into the index directory (generator_tokens-<key>.npy, keyed by corpus, format and tokenizer) and
     returned memory-mapped, so a 21M-passage corpus is tokenised once and each host reads only the rows it needs.
     """
-    path = _table_path(index, generator_tokenizer, fmt)
+    return _load_or_build_table(_table_path(index, generator_tokenizer, fmt), index, generator_tokenizer, fmt,
+                                batch_size)
+
+
+def _load_or_build_table(path: str, index: index_io.Index, generator_tokenizer, fmt: ContextFormat,
+                         batch_size: int = 4096) -> np.ndarray:
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"  # two jobs building the table of one index must not share a file
         try:
@@ -243,26 +248,32 @@ def assemble_contexts(passage_tokens_BxKxW: jax.Array, passage_lengths_BxK: jax.
 # ------------------------------------------------------------------------- host contexts from the token table
 
 
-def host_context_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, contexts_to_form: int | None,
-                       remedy: str) -> np.ndarray | None:
-    """The passage token table for forming host-side contexts by `table_generator_inputs`, or None where the
-    strings (`generator_inputs`) are the way: when the tokenizer joins tokens across the passage/question boundary
-    (check_split_tokenization on the first passages), or when the table is not built yet and building it would
-    tokenise more passages than the `contexts_to_form` contexts it saves. contexts_to_form=None: the table
-    regardless (SplitTokenizationError, ending in `remedy`, where the tokenizer does not allow it)."""
+def host_context_table(index: index_io.Index, generator_tokenizer, fmt: ContextFormat, mode: str,
+                       contexts_to_form: int, remedy: str) -> np.ndarray | None:
+    """The passage token table host retrieval forms contexts from (`table_generator_inputs`), or None for the
+    strings (`generator_inputs`), by `mode` (config_check.HOST_CONTEXTS, eval_nq's --contexts):
+      "strings": None.
+      "table": the table, built if need be; SplitTokenizationError (ending in `remedy`) for a tokenizer that joins
+        tokens across the passage/question boundary (check_split_tokenization on the first passages).
+      "auto": the table, except for such a tokenizer, an index directory this job cannot write a missing table
+        to, or a missing table that would tokenise more passages than the `contexts_to_form` contexts it saves."""
+    if mode == "strings":
+        return None
+    if mode not in ("table", "auto"):
+        raise ValueError(f"host contexts {mode!r}: choose 'auto', 'table' or 'strings'")
     try:
         check_split_on_first_passages(index, generator_tokenizer, fmt, remedy=remedy)
     except SplitTokenizationError:
-        if contexts_to_form is None:
+        if mode == "table":
             raise
         return None
-    built = os.path.exists(_table_path(index, generator_tokenizer, fmt))
-    if not built and contexts_to_form is not None and index.num_passages > contexts_to_form:
+    path = _table_path(index, generator_tokenizer, fmt)  # (hashes the vocabulary: ~0.2 s for BART's; once)
+    if mode == "auto" and not os.path.exists(path) and index.num_passages > contexts_to_form:
         return None
     try:
-        return passage_token_table(index, generator_tokenizer, fmt)
-    except OSError:  # an index directory this job cannot write to: no table is no error unless one was asked for
-        if contexts_to_form is None:
+        return _load_or_build_table(path, index, generator_tokenizer, fmt)
+    except OSError:
+        if mode == "table":
             raise
         return None
 

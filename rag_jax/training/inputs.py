@@ -247,13 +247,11 @@ def host_context_table(config, index, generator_tokenizer, fmt) -> np.ndarray | 
     """retrieval.host_contexts: the passage token table host retrieval glues generator inputs from
     (contexts.table_generator_inputs), or None to tokenise strings. "auto" builds the table unless it would tokenise
     more passages than the run forms contexts, or the tokenizer joins tokens at the passage/question boundary."""
-    choice = config.retrieval.get("host_contexts", "strings")  # (absent from configs saved before it)
-    if choice == "strings":
-        return None
+    mode = config.retrieval.get("host_contexts", "strings")  # (absent from configs saved before it)
     contexts_to_form = config.train.steps * config.train.global_batch_size * candidates(config)
     return on_main_first(lambda: contexts.host_context_table(
-        index, generator_tokenizer, fmt, contexts_to_form if choice == "auto" else None,
-        remedy="set --config.retrieval.host_contexts=strings"), "host_context_table")
+        index, generator_tokenizer, fmt, mode, contexts_to_form, remedy="set --config.retrieval.host_contexts=strings"
+    ), "host_context_table")
 
 
 def on_main_first(fn: Callable[[], Any], name: str) -> Any:
