@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rag_jax.models import bart, bert, t5
+from rag_jax.models import bart, bert, layers, t5
 from rag_jax.models.layers import constrain
 from rag_jax.retrieval.contexts import ContextFormat
 
@@ -108,7 +108,7 @@ class Rag:
             deterministic=dropout_rng is None,
             rngs=_rngs(dropout_rng),
         )
-        return d_NxD.astype(jnp.float32)
+        return layers.at_least_float32(d_NxD)
 
     def trained_doc_scores(self, params: Params, q_BxD: jax.Array, doc_tokens: dict[str, jax.Array], *,
                            dropout_rng=None) -> jax.Array:
@@ -120,7 +120,7 @@ class Rag:
                 for key in ("doc_input_ids", "doc_attention_mask", "doc_token_type_ids")]
         d_BxKxD = self.encode_docs(params, *flat, dropout_rng=dropout_rng).reshape(b, k, -1)
         d_BxKxD = constrain(d_BxKxD, ("batch", "docs", "embed"))
-        return jnp.einsum("bd,bkd->bk", q_BxD.astype(jnp.float32), d_BxKxD)
+        return jnp.einsum("bd,bkd->bk", layers.at_least_float32(q_BxD), d_BxKxD)
 
     def generator_logits(
         self,
@@ -171,8 +171,9 @@ def _rngs(dropout_rng):
 
 def doc_scores(q_BxD: jax.Array, doc_embeds_BxKxD: jax.Array) -> jax.Array:
     """q(x)·d(z) for the retrieved documents (B, K); gradients flow into q only (d is precomputed)."""
-    doc_embeds_BxKxD = jax.lax.stop_gradient(doc_embeds_BxKxD.astype(jnp.float32))
-    return jnp.einsum("bd,bkd->bk", q_BxD.astype(jnp.float32), doc_embeds_BxKxD)
+    q_BxD = layers.at_least_float32(q_BxD)
+    doc_embeds_BxKxD = jax.lax.stop_gradient(doc_embeds_BxKxD.astype(q_BxD.dtype))
+    return jnp.einsum("bd,bkd->bk", q_BxD, doc_embeds_BxKxD)
 
 
 def shift_left(labels_BxT: jax.Array, pad_token_id: int) -> jax.Array:
@@ -183,7 +184,7 @@ def shift_left(labels_BxT: jax.Array, pad_token_id: int) -> jax.Array:
 def _token_log_probs(logits_BxKxTxV: jax.Array, target_BxT: jax.Array, smoothing: bool = True):
     """log p(target) (B, K, T) and the vocabulary sum of log-probabilities (B, K, T) (None without `smoothing`),
     without materialising the (B, K, T, V) log-softmax a second time."""
-    logits_BxKxTxV = logits_BxKxTxV.astype(jnp.float32)
+    logits_BxKxTxV = layers.at_least_float32(logits_BxKxTxV)
     lse_BxKxT = jax.nn.logsumexp(logits_BxKxTxV, axis=-1)
     target_BxKxT = jnp.broadcast_to(target_BxT[:, None, :], lse_BxKxT.shape)
     picked = jnp.take_along_axis(logits_BxKxTxV, target_BxKxT[..., None], axis=-1)[..., 0]
@@ -258,7 +259,7 @@ def rag_sequence_nll_from_terms(
     compute those terms without the (B, K, T, V) logits (layers.log_softmax_at)."""
     target_BxT = shift_left(decoder_input_ids_BxT, pad_token_id)
     smoothing = _smoothing(epsilon)
-    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    doc_lp_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
     at_prior = (jnp.arange(target_BxT.shape[1]) == doc_prior_position)[None, None, :]
     token_ll_BxKxT = token_ll_BxKxT + jnp.where(at_prior, doc_lp_BxK[..., None], 0.0)
     keep_BxT = target_BxT != pad_token_id
@@ -278,8 +279,8 @@ def rag_sequence_nll_from_terms(
 
 def rag_token_log_probs(logits_BxKxTxV: jax.Array, doc_scores_BxK: jax.Array) -> jax.Array:
     """log Σ_z p(z|x) p(y_t|x,z,y_<t) for every vocabulary entry: (B, T, V)."""
-    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
-    seq_lp = jax.nn.log_softmax(logits_BxKxTxV.astype(jnp.float32), axis=-1)
+    doc_lp_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
+    seq_lp = jax.nn.log_softmax(layers.at_least_float32(logits_BxKxTxV), axis=-1)
     return jax.nn.logsumexp(seq_lp + doc_lp_BxK[:, :, None, None], axis=1)
 
 
@@ -328,7 +329,7 @@ def doc_posteriors(doc_scores_BxK: jax.Array, token_ll_BxKxT: jax.Array) -> tupl
     terms RAG-Sequence's marginal sums, with the prior always counted: the paper's formula, not the reference's
     position-1 quirk, which would drop it for a one-token answer).
     """
-    doc_lp_BxK = jax.nn.log_softmax(doc_scores_BxK.astype(jnp.float32), axis=-1)
+    doc_lp_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
     per_token_BxKxT = jax.nn.softmax(doc_lp_BxK[:, :, None] + token_ll_BxKxT, axis=1)
     per_answer_BxK = jax.nn.softmax(doc_lp_BxK + token_ll_BxKxT.sum(-1), axis=1)
     return jnp.swapaxes(per_token_BxKxT, 1, 2), per_answer_BxK

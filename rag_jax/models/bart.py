@@ -203,9 +203,9 @@ class Bart(layers.EncoderDecoder):
         return x
 
     def _logits(self, x_BxTxE: jax.Array) -> jax.Array:
-        logits = self.shared.attend(x_BxTxE.astype(self.config.dtype)).astype(jnp.float32)
+        logits = layers.at_least_float32(self.shared.attend(x_BxTxE.astype(self.config.dtype)))
         # A registered buffer in the reference's BartForConditionalGeneration, not a parameter: it never trains.
-        logits = logits + jax.lax.stop_gradient(self.final_logits_bias).astype(jnp.float32)
+        logits = logits + jax.lax.stop_gradient(self.final_logits_bias).astype(logits.dtype)
         return layers.constrain(logits, ("batch", "length", "vocab"))
 
     def lm_head_arrays(self) -> tuple[jax.Array, jax.Array]:

@@ -127,11 +127,12 @@ class BertEncoder(nn.Module):
         elif cfg.pooling == "pooler":
             pooled = jnp.tanh(layers.dense(cfg.hidden_size, ("embed", "mlp"), name="pooler", **common)(x[:, 0]))
         else:
-            mask = attention_mask_BxL[..., None].astype(jnp.float32)
-            pooled = (x.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+            x_float = layers.at_least_float32(x)
+            mask = attention_mask_BxL[..., None].astype(x_float.dtype)
+            pooled = (x_float * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
         if cfg.projection_dim:
             pooled = layers.dense(cfg.projection_dim, ("embed", "mlp"), name="projection", **common)(pooled)
-        pooled = pooled.astype(jnp.float32)
+        pooled = layers.at_least_float32(pooled)
         if cfg.normalize:
             pooled = l2_normalize(pooled)
         return x, pooled

@@ -23,6 +23,17 @@ Initializer = Callable[..., jax.Array]
 MASK_VALUE = -1e9
 
 
+def accumulation_dtype(dtype: Dtype) -> Dtype:
+    """The dtype for softmaxes, norms, logits and sums: float32 for float32 and lower-precision compute, float64 in
+    a float64 run (the parity tests that tell float32 rounding from a real difference run both sides in float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` in `accumulation_dtype` of its dtype."""
+    return x.astype(accumulation_dtype(x.dtype))
+
+
 def gelu_erf(x: jax.Array) -> jax.Array:
     """The exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu(approximate=False) uses erfc,
     which agrees to float32 rounding but runs about 1.6x slower on XLA:CPU (and the GELU of a BERT feed-forward
@@ -107,7 +118,7 @@ def layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     """LayerNorm computed in float32 with the exact (two-pass) variance, as PyTorch computes it."""
     return nn.LayerNorm(
         epsilon=eps,
-        dtype=jnp.float32,
+        dtype=accumulation_dtype(param_dtype),
         param_dtype=param_dtype,
         use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
@@ -120,7 +131,7 @@ def rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
     """T5's layer norm: x / sqrt(mean(x^2) + eps) times a scale, no mean and no bias, computed in float32."""
     return nn.RMSNorm(
         epsilon=eps,
-        dtype=jnp.float32,
+        dtype=accumulation_dtype(param_dtype),
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
         name=name,
@@ -295,7 +306,7 @@ class MultiHeadAttention(nn.Module):
         if self.scale_query:
             q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
         q = constrain(q, ("batch", "length", "heads", "kv")).transpose(0, 2, 1, 3)
-        logits_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(self.dtype)).astype(jnp.float32)
+        logits_BxHxQxK = at_least_float32(jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(self.dtype)))
         if bias is not None:
             logits_BxHxQxK = logits_BxHxQxK + bias
         weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
@@ -323,7 +334,8 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
     vocab = head_VxE.shape[0]
     width = vocab_slice_width(vocab, 1024, 512, 2048)
     slices = -(-vocab // width)
-    bias_V = jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)
+    float_dtype = accumulation_dtype(features_NxE.dtype)
+    bias_V = jnp.zeros((vocab,), float_dtype) if bias_V is None else bias_V.astype(float_dtype)
     if slices * width != vocab:  # pad rows score -inf: no weight in the sum
         head_VxE = jnp.pad(head_VxE, ((0, slices * width - vocab), (0, 0)))
         bias_V = jnp.pad(bias_V, (0, slices * width - vocab), constant_values=-jnp.inf)
@@ -332,7 +344,7 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
     def fold(carry, slice_):
         max_N, sum_N, total_N = carry
         head_CxE, bias_C = slice_
-        logits_NxC = jnp.einsum("ne,ce->nc", features_NxE, head_CxE).astype(jnp.float32) + bias_C
+        logits_NxC = jnp.einsum("ne,ce->nc", features_NxE, head_CxE).astype(float_dtype) + bias_C
         new_max_N = jnp.maximum(max_N, logits_NxC.max(-1))
         sum_N = sum_N * jnp.exp(max_N - new_max_N) + jnp.exp(logits_NxC - new_max_N[:, None]).sum(-1)
         if with_vocab_sum:
@@ -340,9 +352,9 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
         return (new_max_N, sum_N, total_N), None
 
     rows = features_NxE.shape[0]
-    init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)))
+    init = (jnp.full((rows,), -jnp.inf, float_dtype), jnp.zeros((rows,), float_dtype), jnp.zeros((rows,), float_dtype))
     slices_ = (head_VxE.reshape(slices, width, -1), bias_V.reshape(slices, width))
     (max_N, sum_N, total_N), _ = jax.lax.scan(fold, init, slices_)
     lse_N = max_N + jnp.log(sum_N)
-    picked_N = jnp.einsum("ne,ne->n", features_NxE, head_VxE[targets_N]).astype(jnp.float32) + bias_V[targets_N]
+    picked_N = jnp.einsum("ne,ne->n", features_NxE, head_VxE[targets_N]).astype(float_dtype) + bias_V[targets_N]
     return picked_N - lse_N, (total_N - vocab * lse_N) if with_vocab_sum else None

@@ -102,7 +102,7 @@ class RelativeBias(nn.Module):
         relative_QxK = jnp.arange(num_keys)[None, :] - query_positions_Q[:, None]
         bucket_QxK = relative_position_bucket(relative_QxK, self.bidirectional, cfg.relative_attention_num_buckets,
                                               cfg.relative_attention_max_distance)  # fmt: skip
-        return table(bucket_QxK).astype(jnp.float32).transpose(2, 0, 1)[None]
+        return layers.at_least_float32(table(bucket_QxK)).transpose(2, 0, 1)[None]
 
 
 def _attention(cfg: T5Config, name: str) -> layers.MultiHeadAttention:
@@ -236,7 +236,7 @@ class T5(layers.EncoderDecoder):
     def _logits(self, x_BxTxE: jax.Array, deterministic: bool) -> jax.Array:
         x = self._head_features(x_BxTxE, deterministic)
         logits = self.shared.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-        return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return layers.constrain(layers.at_least_float32(logits), ("batch", "length", "vocab"))
 
     def lm_head_arrays(self) -> tuple[jax.Array, None]:
         """The LM head as (kernel (V, E), no bias): logits = decode(..., head=False) @ kernel.T, for callers that
