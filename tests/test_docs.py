@@ -296,3 +296,17 @@ def test_links_between_the_documents_resolve():
     assert heading_anchors("# What `make run` shows\n## Does it fit? (v4-32)\n## Does it fit? (v4-32)\n") == {
         "what-make-run-shows", "does-it-fit-v4-32", "does-it-fit-v4-32-1"}
     assert not [b for path in doc_files() for b in broken_links(path)]
+
+
+def test_benchmarks_md_has_a_section_per_benchmark():
+    """BENCHMARKS.md is organised by benchmark: each of experiments.bench's sub-benchmarks has its section saying
+    what it times, the command that runs it, and its latest figures."""
+    from experiments import bench  # pylint: disable=g-import-not-at-top
+
+    text = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    sections = dict(re.findall(r"^## (\S+)\n(.*?)(?=^## |\Z)", text, re.M | re.S))
+    for name in bench.BENCHMARKS:
+        assert name in sections, f"BENCHMARKS.md has no '## {name}' section"
+        body = sections[name]
+        assert "**What it times**" in body and "**Latest**" in body, name
+        assert re.search(rf"python -m experiments\.bench --benchmarks=\S*\b{name}\b", body), name
