@@ -83,6 +83,7 @@ def ask(questions: list[str]) -> None:
     model_type = _MODEL_TYPE.value or defaults.model_type
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value)) if v}
     generation = defaults.generation_config(model_type, **overrides)
+    model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context)

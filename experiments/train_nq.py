@@ -16,7 +16,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, input_checks
 from rag_jax.training import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
@@ -31,4 +31,5 @@ cli.define_distributed_flags()
 
 
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop")
+    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop",
+                     check_inputs=input_checks.check_nq_training_inputs)
