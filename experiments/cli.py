@@ -163,6 +163,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _end_progress_bars() -> None:
+    """Ends the progress bars an error interrupted, so that the error line starts a line of its own (a bar's last
+    state ends with a carriage return, not a newline)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def run(main: Callable[[], None]) -> None:
     """Runs `main` with library INFO logging quieted (--verbosity brings it back) and user errors as one line."""
     # absl would print every library's INFO lines (jax probing for a TPU, orbax at every save).
@@ -173,6 +182,7 @@ def run(main: Callable[[], None]) -> None:
     try:
         main()
     except Terminated:
+        _end_progress_bars()
         print("error: stopped by SIGTERM before finishing; its partial outputs were removed, earlier ones kept",
               file=sys.stderr)
         sys.exit(EXIT_TERMINATED)
@@ -180,6 +190,7 @@ def run(main: Callable[[], None]) -> None:
         if verbose() or not is_user_error(e):
             raise
         line = os_error_line(e) if isinstance(e, OSError) else None
+        _end_progress_bars()
         print(f"error: {line or e}", file=sys.stderr)
         sys.exit(1)
 

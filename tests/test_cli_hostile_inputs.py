@@ -203,17 +203,18 @@ def test_a_read_only_index_directory_is_one_line(hf_space, tmp_path):
     assert not os.path.exists(output)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault,culprits", [
-    ("enospc:question_encoder_tokenizer", ["writing into", "No space left on device"]),
+    ("enospc:question_encoder_tokenizer", ["writing into", "ro_run", "No space left on device"]),
     ("erofs:ro_run", ["ro_run", "Read-only file system"]),
 ])
-def test_a_full_disk_or_read_only_workdir_at_the_start_of_training_is_one_line(run_dir, tmp_path, fault, culprits):
+def test_a_full_disk_or_read_only_workdir_at_the_start_of_training_is_one_line(tmp_path, fault, culprits):
     """train_nq saves its tokenizers into the workdir before anything else: a full disk or a read-only workdir
     stops it there, with one line."""
-    workdir = tmp_path / "ro_run"
-    refused(run_with_fault(fault, "experiments.train_nq", f"--workdir={workdir}", *run_dir["flags"],
-                           env=run_dir["env"]), *culprits)
+    from tests import train_task  # pylint: disable=g-import-not-at-top
+
+    task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
+    refused(run_with_fault(fault, "experiments.train_nq", f"--workdir={tmp_path / 'ro_run'}",
+                           *train_task.cli_overrides(task)), *culprits)
 
 
 @pytest.mark.slow
