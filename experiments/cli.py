@@ -17,9 +17,8 @@ from typing import IO, Callable, Iterator
 
 from absl import flags, logging
 
-
-class UsageError(ValueError):
-    """A flag combination or input file that the entry point itself rejects."""
+from experiments import output_checks
+from experiments.errors import UsageError  # noqa: F401 (cli.UsageError: what the entry points raise)
 
 
 # Errors that describe the user's input (files, flags, config fields) or a run that cannot go on, each with a message
@@ -28,7 +27,7 @@ class UsageError(ValueError):
 # imports nothing.
 _USER_ERRORS = (
     ("builtins", ("FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError")),
-    ("experiments.cli", ("UsageError",)),
+    ("experiments.errors", ("UsageError",)),
     ("rag_jax.data.tokenizers", ("TokenizerError",)),
     ("rag_jax.models.hf_files", ("CheckpointError",)),
     ("rag_jax.retrieval.contexts", ("SplitTokenizationError",)),
@@ -57,8 +56,8 @@ _declared_outputs: list[str] = []  # what the running entry point writes, named 
 
 
 def declare_outputs(*paths: str) -> None:
-    """Names the files or directories this command writes, for an OS error that does not say which (a failed
-    `write` on an open file carries no file name)."""
+    """Names the files or directories this command writes: for an OS error that does not say which (a failed
+    `write` on an open file carries no file name), and for SIGTERM, which removes their partial copies."""
     _declared_outputs.extend(paths)
 
 
@@ -153,14 +152,19 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_PREEMPTED = 75
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds the command (a BaseException, so that no `except Exception` takes it for a failure
-    of its own) through the `finally` blocks that remove its partial outputs."""
-
-
 def _terminate(signum, frame) -> None:
+    """SIGTERM: removes this process's partial outputs (output_checks.remove_partials), says so, and exits at once.
+    Exiting from the handler, rather than raising into the command, because a handler runs wherever the main
+    thread is, a garbage-collection callback included, where an exception is printed and dropped."""
     del signum, frame
-    raise Terminated()
+    for output in _declared_outputs:
+        with contextlib.suppress(OSError):
+            output_checks.remove_partials(output, [os.getpid()])
+    _end_progress_bars()
+    print("error: stopped by SIGTERM before finishing; its partial outputs were removed, earlier ones kept",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_TERMINATED)  # pylint: disable=protected-access
 
 
 def _end_progress_bars() -> None:
@@ -181,11 +185,6 @@ def run(main: Callable[[], None]) -> None:
         logging.get_absl_logger().addFilter(_NoLibraryTracebacks())
     try:
         main()
-    except Terminated:
-        _end_progress_bars()
-        print("error: stopped by SIGTERM before finishing; its partial outputs were removed, earlier ones kept",
-              file=sys.stderr)
-        sys.exit(EXIT_TERMINATED)
     except Exception as e:  # pylint: disable=broad-except
         if verbose() or not is_user_error(e):
             raise
@@ -205,8 +204,8 @@ def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
                 raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (this command takes --flags only)")
             job()
 
-        # SIGTERM unwinds the job, so that its partial outputs go with it (a training loop inside it installs its
-        # own handler, which saves a checkpoint instead, and puts this one back).
+        # SIGTERM takes the job's partial outputs with it (a training loop inside it installs its own handler,
+        # which saves a checkpoint instead, and puts this one back).
         signal.signal(signal.SIGTERM, _terminate)
         run(checked_job)
 
@@ -240,8 +239,6 @@ def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: C
             workdir = workdir_flag.value or os.path.join("workdir", f"{workdir_prefix}_{config.variant}")
             check_config(config)  # every field, before jax and the models load
             config_check.check_workdir(workdir)
-            from experiments import output_checks  # pylint: disable=g-import-not-at-top
-
             output_checks.refuse_foreign_workdir(workdir, "--workdir")
             if check_inputs is not None:
                 check_inputs(config)

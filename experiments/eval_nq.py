@@ -73,7 +73,8 @@ def _check_flags() -> None:
     input_checks.require_file(_QUESTIONS.value, "--questions", "a JSONL questions file")
     if _INDEX.value is not None and not os.path.isdir(_INDEX.value):
         raise cli.UsageError(f"--index={_INDEX.value}: no such directory (an index built by experiments.build_index)")
-    output_checks.remove_stale_partials(_OUTPUT.value)  # of an evaluation killed before it could
+    output_checks.remove_partials(_OUTPUT.value)  # of an evaluation killed before it could
+    cli.declare_outputs(_OUTPUT.value)
 
 
 def _read_questions(path: str, limit: int | None) -> tuple[list[dict], list[int]]:

@@ -41,7 +41,8 @@ def _check_flags() -> None:
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
     # --overwrite replaces an earlier export (config.json beside its weights), never another tool's directory.
     output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", ("config.json",), "export (no config.json)")
-    output_checks.remove_stale_partials(_OUTPUT.value)  # of an export killed before it could
+    output_checks.remove_partials(_OUTPUT.value)  # of an export killed before it could
+    cli.declare_outputs(_OUTPUT.value)
 
 
 def export_run():

@@ -17,15 +17,15 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import cli
+from experiments.errors import UsageError
 
 
 def require_file(path: str, flag: str, what: str) -> None:
     """`path` (given as `flag`) must be an existing file: a directory is named as one, not as a missing file."""
     if os.path.isdir(path):
-        raise cli.UsageError(f"{flag}={path} is a directory; give {what}")
+        raise UsageError(f"{flag}={path} is a directory; give {what}")
     if not os.path.isfile(path):
-        raise cli.UsageError(f"{flag}={path}: no such file ({what})")
+        raise UsageError(f"{flag}={path}: no such file ({what})")
 
 
 def position_limit(config) -> int | None:
@@ -39,8 +39,8 @@ def check_length(length: int, config, source: str, part: str, flag: str | None =
     'the generator'); `flag`: the flag that sets it, when `source` is a default."""
     limit = position_limit(config)
     if limit is not None and length > limit:
-        raise cli.UsageError(f"{source} exceeds the {limit} positions of {part} (max_position_embeddings={limit}); "
-                             f"{f'pass {flag}=' if flag else 'give '}{limit} or less")
+        raise UsageError(f"{source} exceeds the {limit} positions of {part} (max_position_embeddings={limit}); "
+                         f"{f'pass {flag}=' if flag else 'give '}{limit} or less")
 
 
 # ---------------------------------------------------------------------------------------------------- training data

@@ -103,7 +103,7 @@ def run_demo() -> dict:
     config.data.passages, config.data.train_file, config.data.dev_file = (
         files["passages"], files["train_file"], files["dev_file"])
     _check_inputs(workdir, files, config)
-    cli.declare_outputs(workdir)
+    cli.declare_outputs(workdir, os.path.join(workdir, "knowledge_demo.json"))
     run_dir = os.path.join(workdir, "run")
     if loop.train_and_evaluate(config, run_dir).get("preempted"):  # saved: rerunning the command resumes
         sys.exit(cli.EXIT_PREEMPTED)

@@ -31,7 +31,8 @@ def mine():
         "--questions": _QUESTIONS.value, "--index": _INDEX.value, "--question_encoder": _ENCODER.value,
         "--tokenizer": _TOKENIZER.value})
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
-    output_checks.remove_stale_partials(_OUTPUT.value)
+    output_checks.remove_partials(_OUTPUT.value)  # of a run killed before it could
+    cli.declare_outputs(_OUTPUT.value)
     import json  # pylint: disable=g-import-not-at-top
 
     from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)

@@ -6,8 +6,10 @@ to its output paths, and the cleaning of partial outputs left by runs that were 
   - a directory an entry point writes into (a workdir, an export, a task) must be new, empty or its own kind: one
     holding another tool's files is refused, as build_index refuses to write an index into a directory without one
     (index_writer.refuse_foreign_directory);
-  - `.NAME.partial-PID` (and an overwrite's `.NAME.old-PID`) beside an output are a run's work in progress: a later
-    run removes those of processes that are no longer alive (a kill -9 leaves them), and no others.
+  - `.NAME.partial-PID` (and an overwrite's `.NAME.old-PID`) beside an output are a run's work in progress: SIGTERM
+    removes the process's own (experiments.cli), and a later run those of processes no longer alive (kill -9 and
+    power loss leave them), no others. (Whether a process is alive is judged on this host: on a filesystem shared
+    by several hosts, write each output from one host at a time.)
 
 This module imports nothing heavy: the checks run before jax or a model loads.
 """
@@ -19,7 +21,7 @@ import re
 import shutil
 from typing import Iterable
 
-from experiments import cli
+from experiments.errors import UsageError
 
 # What a training workdir holds (rag_jax/training/workdir.py names each path; tests/test_cli_hostile_outputs.py
 # checks that this list keeps up with it).
@@ -43,8 +45,8 @@ def refuse_input_as_output(output: str, flag: str, inputs: dict[str, str | None]
         source = os.path.realpath(path)
         if _same_or_inside(source, target):
             what = "is" if source == target else "holds"
-            raise cli.UsageError(f"{flag}={output} {what} the command's input {input_flag}={path}; an output never "
-                                 "replaces an input (with or without --overwrite): give another path")
+            raise UsageError(f"{flag}={output} {what} the command's input {input_flag}={path}; an output never "
+                             "replaces an input (with or without --overwrite): give another path")
 
 
 def refuse_foreign_directory(path: str, flag: str, own_entries: Iterable[str], what: str) -> None:
@@ -55,8 +57,8 @@ def refuse_foreign_directory(path: str, flag: str, own_entries: Iterable[str], w
     names = [n for n in os.listdir(path) if not n.startswith(".")]
     if names and not set(names) & set(own_entries):
         shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-        raise cli.UsageError(f"{flag}={path} is not empty and holds no {what} (it holds {shown}); give a new or "
-                             "empty directory")
+        raise UsageError(f"{flag}={path} is not empty and holds no {what} (it holds {shown}); give a new or "
+                         "empty directory")
 
 
 def refuse_foreign_workdir(workdir: str, flag: str) -> None:
@@ -77,23 +79,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(output: str) -> list[str]:
-    """Removes `.NAME.partial-PID` beside `output` left by processes that are gone (kill -9, power loss); an
-    overwrite's `.NAME.old-PID` (the previous output, moved aside for a moment) goes back to NAME when NAME is
-    missing (the run died between its two renames), else is removed. Returns what it removed or restored. Those of
-    live processes (a run writing now) are left alone, as is anything else."""
+def remove_partials(output: str, pids: list[int] | None = None) -> list[str]:
+    """Removes the partial copies of `output` (`.NAME.partial-PID` beside it) written by processes `pids`, or by
+    any process no longer alive when `pids` is None (kill -9 and power loss leave them). An overwrite's
+    `.NAME.old-PID` (the previous output, moved aside for a moment) goes back to NAME when NAME is missing (the
+    process died between its two renames), and is removed otherwise. Those of live processes (a run writing now)
+    are left alone, as is anything else. Returns what it removed or restored."""
     head, name = os.path.split(os.path.abspath(output))
     pattern = re.compile(rf"\.{re.escape(name)}\.(partial|old)-(\d+)")
     done = []
     for entry in sorted(os.listdir(head)) if os.path.isdir(head) else []:
         match = pattern.fullmatch(entry)
-        if not match or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
+        if not match:
+            continue
+        pid = int(match.group(2))
+        if (pid not in pids) if pids is not None else (pid == os.getpid() or _pid_alive(pid)):
             continue
         stale = os.path.join(head, entry)
         if match.group(1) == "old" and not os.path.exists(output):
             os.rename(stale, output)
         elif os.path.isdir(stale) and not os.path.islink(stale):
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         else:
             os.remove(stale)
         done.append(stale)

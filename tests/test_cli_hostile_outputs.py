@@ -180,7 +180,8 @@ def test_eval_stopped_by_sigterm_or_kill_leaves_no_debris_after_the_next_run(hf_
 def test_export_stopped_by_sigterm_or_kill_leaves_no_debris_after_the_next_run(run_dir, tmp_path):
     output = str(tmp_path / "hf")
     args = ("experiments.export", f"--workdir={run_dir['workdir']}", f"--output={output}")
-    _, partial = _stopped(_start(*args), signal.SIGTERM, output, 128 + signal.SIGTERM)
+    stderr, partial = _stopped(_start(*args), signal.SIGTERM, output, 128 + signal.SIGTERM)
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM"), stderr[-3000:]
     assert not os.path.exists(partial) and not os.path.exists(output)
     _, partial = _stopped(_start(*args), signal.SIGKILL, output, -signal.SIGKILL)
     assert os.path.isdir(partial)
