@@ -7,7 +7,9 @@
 
 A rerun with the same --workdir resumes from its latest checkpoint. Several processes: on a TPU pod slice every
 worker runs the same command (jax.distributed finds its peers); elsewhere pass --coordinator_address,
---num_processes and --process_id.
+--num_processes and --process_id. SIGTERM (preemption) saves a checkpoint of the step reached and exits with status
+75 (EX_TEMPFAIL: rerun the same command; docs/pods.md says how a scheduler should treat it); a bad flag, config
+field or input file exits 1 with one `error:` line.
 """
 
 import os

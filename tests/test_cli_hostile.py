@@ -17,10 +17,9 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.register_assert_rewrite("tests.hostile")
-pytest_plugins = ["tests.hostile"]  # the session fixtures hf_space and run_dir, one copy for all the tables
+from tests.hostile import PASSAGES, QUESTIONS, refused, run, snapshot, write_jsonl
 
-from tests.hostile import PASSAGES, QUESTIONS, refused, run, snapshot, write_jsonl  # noqa: E402
+pytest_plugins = ["tests.hostile"]  # its session fixtures hf_space and run_dir: one copy for all the tables
 
 
 @pytest.fixture(scope="module")

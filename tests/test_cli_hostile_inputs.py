@@ -12,10 +12,9 @@ import shutil
 
 import pytest
 
-pytest.register_assert_rewrite("tests.hostile")
-pytest_plugins = ["tests.hostile"]  # the session fixtures hf_space and run_dir, one copy for all the tables
+from tests.hostile import PASSAGES, QUESTIONS, REAL_VOCAB, refused, run, run_with_fault, snapshot, write_jsonl
 
-from tests.hostile import PASSAGES, QUESTIONS, REAL_VOCAB, refused, run, run_with_fault, snapshot, write_jsonl  # noqa: E402,E501
+pytest_plugins = ["tests.hostile"]  # its session fixtures hf_space and run_dir: one copy for all the tables
 
 TINY = "--config=experiments/configs/nq.py:tiny"
 

@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("tests.hostile")
-pytest_plugins = ["tests.hostile"]  # the session fixtures hf_space and run_dir, one copy for all the tables
+from tests.hostile import QUESTIONS, ROOT, refused, run, snapshot
 
-from tests.hostile import QUESTIONS, ROOT, refused, run, snapshot  # noqa: E402
+pytest_plugins = ["tests.hostile"]  # its session fixtures hf_space and run_dir: one copy for all the tables
 
 
 @pytest.fixture(scope="module")

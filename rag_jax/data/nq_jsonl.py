@@ -45,7 +45,8 @@ def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
                              f"gold answers that labels and exact match need), got {answers!r}.")
-        if not all(a.strip() for a in answers):  # an empty label teaches the generator to stop at once, and scores an empty prediction right
+        # An empty answer would teach the generator to stop at once, and score an empty prediction right.
+        if not all(a.strip() for a in answers):
             raise ValueError(f"{where}: field 'answer' (or 'answers') holds an empty string ({answers!r}); remove it "
                              "(every gold answer must have text).")
         gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
