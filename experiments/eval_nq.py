@@ -68,7 +68,7 @@ RECALL_KS = (1, 5, 20, 100)
 def _check_flags() -> None:
     """What the flags and paths alone can tell, before anything loads."""
     output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {
-        "--questions": _QUESTIONS.value, "--model": _MODEL.value, "--index": _INDEX.value})
+        "--questions": _QUESTIONS.value, "--model": _MODEL.value, "--index": _INDEX.value}, overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
     input_checks.require_file(_QUESTIONS.value, "--questions", "a JSONL questions file")
     if _INDEX.value is not None and not os.path.isdir(_INDEX.value):

@@ -37,7 +37,8 @@ def _check_flags() -> None:
     if not workdir.is_workdir(_WORKDIR.value):
         raise cli.UsageError(f"--workdir={_WORKDIR.value} is not a training workdir (no "
                              f"{workdir.checkpoints_dir(_WORKDIR.value)})")
-    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {"--workdir": _WORKDIR.value})
+    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {"--workdir": _WORKDIR.value},
+                                         overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
     # --overwrite replaces an earlier export (config.json beside its weights), never another tool's directory.
     output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", ("config.json",), "export (no config.json)")

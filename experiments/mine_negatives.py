@@ -29,7 +29,7 @@ def mine():
     input_checks.require_file(_QUESTIONS.value, "--questions", "an NQ-open JSONL questions file")
     output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {
         "--questions": _QUESTIONS.value, "--index": _INDEX.value, "--question_encoder": _ENCODER.value,
-        "--tokenizer": _TOKENIZER.value})
+        "--tokenizer": _TOKENIZER.value}, overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
     output_checks.remove_partials(_OUTPUT.value)  # of a run killed before it could
     cli.declare_outputs(_OUTPUT.value)

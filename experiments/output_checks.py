@@ -35,9 +35,12 @@ def _same_or_inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def refuse_input_as_output(output: str, flag: str, inputs: dict[str, str | None]) -> None:
+def refuse_input_as_output(output: str, flag: str, inputs: dict[str, str | None], *, overwrite: bool = False
+                           ) -> None:
     """Refuses `output` (given as `flag`) when it resolves to one of `inputs` ({flag: path}) or to a directory that
-    holds one: writing it, or replacing it with --overwrite, would destroy what the command reads."""
+    holds one: writing it, or replacing it with --overwrite, would destroy what the command reads. With `overwrite`,
+    an existing output inside an input directory is refused too (a new one there is fine: predictions beside the
+    model they came from)."""
     target = os.path.realpath(output)
     for input_flag, path in inputs.items():
         if path is None or not os.path.exists(path):
@@ -47,6 +50,9 @@ def refuse_input_as_output(output: str, flag: str, inputs: dict[str, str | None]
             what = "is" if source == target else "holds"
             raise UsageError(f"{flag}={output} {what} the command's input {input_flag}={path}; an output never "
                              "replaces an input (with or without --overwrite): give another path")
+        if overwrite and os.path.lexists(output) and _same_or_inside(target, source):
+            raise UsageError(f"{flag}={output} is part of the command's input {input_flag}={path}; --overwrite never "
+                             "replaces part of an input: give a path outside it")
 
 
 def refuse_foreign_directory(path: str, flag: str, own_entries: Iterable[str], what: str) -> None:
