@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import cli, model_loading
+from experiments import cli, model_loading, output_checks
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
@@ -43,6 +43,8 @@ def _check_flags(questions: list[str]) -> None:
         if os.path.splitext(_PLOT.value)[1].lower() not in (".png", ".svg", ".html"):  # provenance_plot.FORMATS
             raise cli.UsageError(f"--plot={_PLOT.value}: name a .png, .svg or .html file")
         cli.check_new_output(_PLOT.value, "--plot", overwrite=_OVERWRITE.value)
+        output_checks.remove_partials(_PLOT.value)  # of a run killed before it could
+        cli.declare_outputs(_PLOT.value)
     for number, question in enumerate(questions, 1):
         if not question.strip():
             raise cli.UsageError(f"question {number} is empty; give each question as one non-empty argument")
@@ -83,6 +85,7 @@ def ask(questions: list[str]) -> None:
     model_type = _MODEL_TYPE.value or defaults.model_type
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value)) if v}
     generation = defaults.generation_config(model_type, **overrides)
+    model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context)

@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli, model_loading
+from experiments import cli, input_checks, model_loading, output_checks
 
 _ENCODER = flags.DEFINE_string("encoder", None, "Document encoder checkpoint directory (DPRContextEncoder, BERT or "
                                 "sentence-transformers).")
@@ -50,8 +50,10 @@ def _check_flags() -> None:
     if _HOST_INDEX.value is not None and _HOST_INDEX.value >= _NUM_HOSTS.value:
         raise cli.UsageError(f"--host_index={_HOST_INDEX.value} must be below --num_hosts={_NUM_HOSTS.value} (hosts "
                              "are numbered from 0)")
-    if not os.path.isfile(_PASSAGES.value):  # (--encoder and --tokenizer may be hub ids: their loaders check them)
-        raise cli.UsageError(f"--passages={_PASSAGES.value}: no such file")
+    # (--encoder and --tokenizer may be hub ids: their loaders check them)
+    input_checks.require_file(_PASSAGES.value, "--passages", "a passages file: .tsv in DPR's layout or .jsonl")
+    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {
+        "--passages": _PASSAGES.value, "--encoder": _ENCODER.value, "--tokenizer": _TOKENIZER.value})
     from rag_jax.retrieval import index_io, index_writer  # pylint: disable=g-import-not-at-top (numpy only)
 
     index_writer.refuse_foreign_directory(_OUTPUT.value)
@@ -72,6 +74,9 @@ def build():
     if _HOST_INDEX.value is None:
         cli.init_distributed()
     encoder = hf.load_encoder(_ENCODER.value)
+    input_checks.check_length(_MAX_LENGTH.value, encoder.config, f"--max_length={_MAX_LENGTH.value}",
+                              f"the encoder --encoder={_ENCODER.value}")
+    cli.declare_outputs(_OUTPUT.value)
     tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
     if len(tokenizer) > encoder.config.vocab_size:
         raise cli.UsageError(

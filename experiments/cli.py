@@ -8,16 +8,17 @@ field is refused in a fraction of a second, before jax, the models or an index l
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging as py_logging
 import os
+import signal
 import sys
 from typing import IO, Callable, Iterator
 
 from absl import flags, logging
 
-
-class UsageError(ValueError):
-    """A flag combination or input file that the entry point itself rejects."""
+from experiments import output_checks
+from experiments.errors import UsageError  # noqa: F401 (cli.UsageError: what the entry points raise)
 
 
 # Errors that describe the user's input (files, flags, config fields) or a run that cannot go on, each with a message
@@ -26,7 +27,8 @@ class UsageError(ValueError):
 # imports nothing.
 _USER_ERRORS = (
     ("builtins", ("FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError")),
-    ("experiments.cli", ("UsageError",)),
+    ("experiments.errors", ("UsageError",)),
+    ("rag_jax.data.tokenizers", ("TokenizerError",)),
     ("rag_jax.models.hf_files", ("CheckpointError",)),
     ("rag_jax.retrieval.contexts", ("SplitTokenizationError",)),
     ("rag_jax.retrieval.corpus", ("CorpusError",)),
@@ -40,8 +42,41 @@ _USER_ERRORS = (
 )
 
 
+# What the user can fix about a failed read or write of theirs: errno -> (operation, remedy). Other OS errors are
+# bugs (a bad file descriptor, ...) and keep their traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: ("writing", "free space there"),
+    errno.EDQUOT: ("writing", "free space there (or raise the disk quota)"),
+    errno.EFBIG: ("writing", "the file is larger than this process or filesystem allows (ulimit -f)"),
+    errno.EROFS: ("writing", "the filesystem is read-only; give a writable path"),
+    errno.EACCES: ("opening", "permission denied; fix the permissions or give another path"),
+    errno.EPERM: ("opening", "operation not permitted; fix the permissions or give another path"),
+}
+_declared_outputs: list[str] = []  # what the running entry point writes, named when an OS error has no file name
+
+
+def declare_outputs(*paths: str) -> None:
+    """Names the files or directories this command writes: for an OS error that does not say which (a failed
+    `write` on an open file carries no file name), and for SIGTERM, which removes their partial copies."""
+    _declared_outputs.extend(paths)
+
+
+def os_error_line(error: OSError) -> str | None:
+    """One line for an OS error the user can fix (disk full, read-only, permissions): the path, the operation and
+    the remedy; None for other OS errors."""
+    if error.errno not in _OS_ERRORS:
+        return None
+    operation, remedy = _OS_ERRORS[error.errno]
+    where = error.filename or ("into " + " or ".join(_declared_outputs) if _declared_outputs else "a file")
+    return (f"{operation} {where} failed: {error.strerror or os.strerror(error.errno)} "
+            f"({errno.errorcode[error.errno]}): {remedy}. What was written before is kept; rerun the same command "
+            "once it is fixed")
+
+
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is one of the errors above (its message is meant for the user), not a bug."""
+    if isinstance(error, OSError) and os_error_line(error) is not None:
+        return True
     for module_name, names in _USER_ERRORS:
         module = sys.modules.get(module_name)
         if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
@@ -54,7 +89,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e} (see --helpshort)")
+        # A config file that raised while parsing (an unknown variant) comes with its traceback: keep its last line.
+        message = str(e)
+        if "Traceback (most recent call last)" in message:
+            head = message.split("\n")[0].rstrip(": ")
+            cause = [line for line in message.split("\n") if line.strip()][-1]
+            message = f"{head}: {cause.split(': ', 1)[-1]}"
+        sys.exit(f"error: {message} (see --helpshort)")
 
 
 def unknown_config_field(error: Exception) -> str:
@@ -103,6 +144,38 @@ class _NoLibraryTracebacks(py_logging.Filter):
         return not (record.exc_info and record.levelno >= py_logging.ERROR)
 
 
+# Exit status of a command stopped by SIGTERM before it finished (the shell's 128 + signal number) ...
+EXIT_TERMINATED = 128 + signal.SIGTERM
+# ... and of a training run that saved its checkpoint on SIGTERM and stopped: sysexits.h EX_TEMPFAIL, "a temporary
+# failure; the user is invited to retry". Not 0 (a scheduler would take the run as finished) nor 1 (a user error,
+# not worth retrying) nor 143 (killed before its state was safe); docs/pods.md says how schedulers requeue on it.
+EXIT_PREEMPTED = 75
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM: removes this process's partial outputs (output_checks.remove_partials), says so, and exits at once.
+    Exiting from the handler, rather than raising into the command, because a handler runs wherever the main
+    thread is, a garbage-collection callback included, where an exception is printed and dropped."""
+    del signum, frame
+    for output in _declared_outputs:
+        with contextlib.suppress(OSError):
+            output_checks.remove_partials(output, [os.getpid()])
+    _end_progress_bars()
+    print("error: stopped by SIGTERM before finishing; its partial outputs were removed, earlier ones kept",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_TERMINATED)  # pylint: disable=protected-access
+
+
+def _end_progress_bars() -> None:
+    """Ends the progress bars an error interrupted, so that the error line starts a line of its own (a bar's last
+    state ends with a carriage return, not a newline)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def run(main: Callable[[], None]) -> None:
     """Runs `main` with library INFO logging quieted (--verbosity brings it back) and user errors as one line."""
     # absl would print every library's INFO lines (jax probing for a TPU, orbax at every save).
@@ -115,7 +188,9 @@ def run(main: Callable[[], None]) -> None:
     except Exception as e:  # pylint: disable=broad-except
         if verbose() or not is_user_error(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        line = os_error_line(e) if isinstance(e, OSError) else None
+        _end_progress_bars()
+        print(f"error: {line or e}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -129,16 +204,22 @@ def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
                 raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (this command takes --flags only)")
             job()
 
+        # SIGTERM takes the job's partial outputs with it (a training loop inside it installs its own handler,
+        # which saves a checkpoint instead, and puts this one back).
+        signal.signal(signal.SIGTERM, _terminate)
         run(checked_job)
 
     return main
 
 
-def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable, loop_module: str) -> None:
-    """The `__main__` of a training entry point (train_nq, train_retriever): checks the config and workdir before
-    jax loads, starts the distributed runtime, then runs `loop_module.train_and_evaluate(config, workdir)`; the
-    workdir defaults to ./workdir/PREFIX_VARIANT. An unknown config field named on the command line surfaces as
-    KeyError/AttributeError while absl parses the flags: one error line then, a traceback only once the run began."""
+def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable, loop_module: str,
+                 check_inputs: Callable | None = None) -> None:
+    """The `__main__` of a training entry point (train_nq, train_retriever): checks the config, the workdir (not
+    another tool's directory) and `check_inputs(config)` before jax loads, starts the distributed runtime, then runs
+    `loop_module.train_and_evaluate(config, workdir)`; the workdir defaults to ./workdir/PREFIX_VARIANT. A run
+    stopped by SIGTERM after saving its checkpoint exits with EXIT_PREEMPTED. An unknown config field named on the
+    command line surfaces as KeyError/AttributeError while absl parses the flags: one error line then, a traceback
+    only once the run began."""
     import importlib  # pylint: disable=g-import-not-at-top
 
     from absl import app  # pylint: disable=g-import-not-at-top
@@ -158,13 +239,19 @@ def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: C
             workdir = workdir_flag.value or os.path.join("workdir", f"{workdir_prefix}_{config.variant}")
             check_config(config)  # every field, before jax and the models load
             config_check.check_workdir(workdir)
+            output_checks.refuse_foreign_workdir(workdir, "--workdir")
+            if check_inputs is not None:
+                check_inputs(config)
+            declare_outputs(os.path.abspath(workdir))
             import jax  # pylint: disable=g-import-not-at-top (after the config checks)
 
             loop = importlib.import_module(loop_module)
             init_distributed()
             if jax.process_index() == 0:
                 print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-            loop.train_and_evaluate(config, workdir)
+            last = loop.train_and_evaluate(config, workdir)
+            if last.get("preempted"):  # its checkpoint is saved: a scheduler should rerun the same command
+                sys.exit(EXIT_PREEMPTED)
 
         run(train)
 

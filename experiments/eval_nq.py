@@ -20,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli, model_loading
+from experiments import cli, input_checks, model_loading, output_checks
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_jax training workdir.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
@@ -67,25 +67,42 @@ RECALL_KS = (1, 5, 20, 100)
 
 def _check_flags() -> None:
     """What the flags and paths alone can tell, before anything loads."""
+    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {
+        "--questions": _QUESTIONS.value, "--model": _MODEL.value, "--index": _INDEX.value}, overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
-    if not os.path.isfile(_QUESTIONS.value):
-        raise cli.UsageError(f"--questions={_QUESTIONS.value}: no such file (a JSONL questions file)")
+    input_checks.require_file(_QUESTIONS.value, "--questions", "a JSONL questions file")
     if _INDEX.value is not None and not os.path.isdir(_INDEX.value):
         raise cli.UsageError(f"--index={_INDEX.value}: no such directory (an index built by experiments.build_index)")
+    output_checks.remove_partials(_OUTPUT.value)  # of an evaluation killed before it could
+    cli.declare_outputs(_OUTPUT.value)
 
 
-def _read_questions(path: str, limit: int | None) -> list[dict]:
+def _read_questions(path: str, limit: int | None) -> tuple[list[dict], list[int]]:
+    """The questions (the first `limit`) and their line numbers."""
     from rag_jax.data import nq_jsonl  # pylint: disable=g-import-not-at-top (after the flag checks)
 
     try:
-        examples = [example for _, example in nq_jsonl.read_nq_jsonl(path)]
+        numbered = [(index + 1, example) for index, example in nq_jsonl.read_nq_jsonl(path)]
     except ValueError as e:
         raise cli.UsageError(f"{e} The questions file must be JSONL: one {{\"question\", \"answers\"}} object a line.")
-    except UnicodeDecodeError as e:
-        raise cli.UsageError(f"{path}: not UTF-8 text ({e.reason}); expected a JSONL questions file")
-    if not examples:
+    if not numbered:
         raise cli.UsageError(f"{path}: no questions")
-    return examples[:limit] if limit else examples
+    numbered = numbered[:limit] if limit else numbered
+    return [example for _, example in numbered], [line for line, _ in numbered]
+
+
+def _check_gold_ids(examples: list[dict], lines: list[int], index, index_dir: str) -> None:
+    """Every gold passage id names a passage of the index (the rule of training_data.unknown_passage)."""
+    from rag_jax.retrieval import corpus, training_data  # pylint: disable=g-import-not-at-top
+
+    for example, line in zip(examples, lines):
+        if example.get("gold_passage_id", -1) >= 0:
+            try:
+                index.passages.row_for_id(example["gold_passage_id"])
+            except corpus.UnknownPassageIdError:
+                raise training_data.unknown_passage(f"{_QUESTIONS.value}:{line}", example["gold_passage_id"],
+                                                    f"{index.passages.path} (the corpus of --index={index_dir})",
+                                                    index.num_passages) from None
 
 
 def _passage_table(index, generator_tokenizer, fmt, contexts_to_form: int):
@@ -115,19 +132,17 @@ def evaluate() -> None:
         # well under 0.5 s, but together they delayed the first answer by ~0.3-0.5 s on a warm cache).
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    examples = _read_questions(_QUESTIONS.value, _LIMIT.value)
+    examples, lines = _read_questions(_QUESTIONS.value, _LIMIT.value)
     model, params, defaults = model_loading.load_model(_MODEL.value)
-    index_dir, index = model_loading.load_index(
-        _INDEX.value, model, defaults, f"--model={_MODEL.value}", expected_encoder=_DOC_ENCODER_ID.value)
-    n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
-    for example in examples:  # fail before any work on an unknown gold passage id
-        if example.get("gold_passage_id", -1) >= 0:
-            index.passages.row_for_id(example["gold_passage_id"])
-
     model_type = _MODEL_TYPE.value or defaults.model_type
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value),
                                    ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip
     generation = defaults.generation_config(model_type, **overrides)
+    model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
+    index_dir, index = model_loading.load_index(
+        _INDEX.value, model, defaults, f"--model={_MODEL.value}", expected_encoder=_DOC_ENCODER_ID.value)
+    n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
+    _check_gold_ids(examples, lines, index, index_dir)  # before any work
     prefix_space = defaults.answer_prefix_space if _ANSWER_PREFIX_SPACE.value is None else _ANSWER_PREFIX_SPACE.value
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, output_checks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "orbax"], "Output layout.")
@@ -37,16 +37,22 @@ def _check_flags() -> None:
     if not workdir.is_workdir(_WORKDIR.value):
         raise cli.UsageError(f"--workdir={_WORKDIR.value} is not a training workdir (no "
                              f"{workdir.checkpoints_dir(_WORKDIR.value)})")
+    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {"--workdir": _WORKDIR.value},
+                                         overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
+    # --overwrite replaces an earlier export (config.json beside its weights), never another tool's directory.
+    output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", ("config.json",), "export (no config.json)")
+    output_checks.remove_partials(_OUTPUT.value)  # of an export killed before it could
+    cli.declare_outputs(_OUTPUT.value)
 
 
 def export_run():
     _check_flags()  # before the (slow) restore
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
     from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import checkpoint, workdir  # pylint: disable=g-import-not-at-top
 
-    trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
+    step, trained, skipped = _load(_WORKDIR.value)
     doc_encoder = None
     if _FORMAT.value == "orbax":
         export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
@@ -62,8 +68,35 @@ def export_run():
                            answer_prefix_space=defaults.answer_prefix_space,
                            index_identity=defaults.index_identity, doc_encoder=doc_encoder,
                            ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)
-    print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}"
-          + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else ""))
+    print(f"exported {_WORKDIR.value} step {step} ({_FORMAT.value}) to {_OUTPUT.value}"
+          + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else "")
+          + (f"; skipped the newer checkpoint(s) {skipped}, which do not restore" if skipped else ""))
+
+
+def _load(workdir: str):
+    """(step, trained model, newer steps skipped) of --step, else of the newest checkpoint that restores (each
+    damaged newer one is named on stderr, and the final line says which step was exported instead)."""
+    from rag_jax.training import checkpoint, trained_model  # pylint: disable=g-import-not-at-top
+
+    if _STEP.value is not None:
+        return _STEP.value, trained_model.load(workdir, step=_STEP.value), []
+    reader = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        steps = sorted(reader.all_steps(), reverse=True)
+    finally:
+        reader.close()
+    if not steps:
+        trained_model.load(workdir)  # raises, naming the remedy
+    skipped = []
+    for step in steps:
+        try:
+            return step, trained_model.load(workdir, step=step), skipped
+        except checkpoint.CheckpointRestoreError as e:  # damaged files; other errors are not worth another step
+            cause = checkpoint.describe(e.__cause__) if e.__cause__ is not None else str(e)
+            print(f"skipped checkpoint {reader.step_dir(step)}, which does not restore ({cause})", file=sys.stderr)
+            skipped.append(step)
+    raise checkpoint.CheckpointRestoreError(f"{reader.directory}: no checkpoint restores (steps {steps}); restore "
+                                            "the files from a copy, or train again")
 
 
 def _doc_encoder(trained):

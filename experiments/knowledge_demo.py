@@ -17,11 +17,12 @@ Questions are NQ-open JSONL with "gold_passage_id"; passages DPR's TSV layout or
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, input_checks, output_checks
 from rag_jax.data import knowledge_task, nq_open, tokenizers
 from rag_jax.retrieval import embed, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
@@ -77,14 +78,35 @@ def _show(title: str, records: list[dict], index: index_io.Index, count: int) ->
         print(f"  {record['question']!r} -> {record['prediction']!r} ({mark}; from '{top.title}')")
 
 
+def _check_inputs(workdir: str, files: dict[str, str | None], config) -> None:
+    """The task files against what the run can use (input_checks), before anything trains; the demo's outputs
+    neither replace them nor mix with another tool's files."""
+    given = {f"--{name}": flags.FLAGS[name].value for name in FILE_FLAGS}
+    for flag, path in given.items():
+        if path is not None:
+            input_checks.require_file(path, flag, "a passages file" if "passages" in flag else "a JSONL questions file")
+    for output in ("run", "swapped_index", "knowledge_demo.json"):
+        output_checks.refuse_input_as_output(os.path.join(workdir, output), f"--workdir={_WORKDIR.value}", given)
+    input_checks.check_nq_training_inputs(config)
+    if files["swapped_passages"]:
+        from rag_jax.retrieval import training_data  # pylint: disable=g-import-not-at-top
+
+        training_data.check_gold_ids(files["swapped_dev_file"], files["swapped_passages"])
+
+
 def run_demo() -> dict:
     workdir = os.path.abspath(_WORKDIR.value)
+    output_checks.refuse_foreign_directory(workdir, "--workdir",
+                                           output_checks.KNOWLEDGE_DEMO_ENTRIES, "knowledge_demo run (no run/, task/)")
     files = task_files(workdir)
     config = _CONFIG.value
     config.data.passages, config.data.train_file, config.data.dev_file = (
         files["passages"], files["train_file"], files["dev_file"])
+    _check_inputs(workdir, files, config)
+    cli.declare_outputs(workdir, os.path.join(workdir, "knowledge_demo.json"))
     run_dir = os.path.join(workdir, "run")
-    loop.train_and_evaluate(config, run_dir)
+    if loop.train_and_evaluate(config, run_dir).get("preempted"):  # saved: rerunning the command resumes
+        sys.exit(cli.EXIT_PREEMPTED)
 
     trained = trained_model.load(run_dir)
     model, params, config = trained.model, trained.params, trained.config
@@ -122,7 +144,7 @@ def run_demo() -> dict:
               _EXAMPLES.value)
 
     results["num_heldout_questions"] = len(dev)
-    with open(os.path.join(workdir, "knowledge_demo.json"), "w") as f:
+    with cli.atomic_output(os.path.join(workdir, "knowledge_demo.json")) as f:
         json.dump(results, f, indent=2)
     print("\nsummary (percent of held-out questions):")
     print(f"  exact match {results['heldout_exact_match']:.1f} | gold passage in the top {k} "
@@ -135,4 +157,4 @@ def run_demo() -> dict:
 
 
 if __name__ == "__main__":
-    app.run(cli.main_running(run_demo))
+    app.run(cli.main_running(run_demo), flags_parser=cli.parse_flags)

@@ -1,6 +1,7 @@
 """Writes an invented-entities knowledge task (rag_jax/data/knowledge_task.py) as the files knowledge_demo reads.
 
-  python -m experiments.make_knowledge_task --output=DIR [--schema=companies] [--entities=400] [--heldout=50]
+  python -m experiments.make_knowledge_task --output=DIR [--schema=companies] [--entities=400] [--heldout=50] \\
+      [--overwrite]
   python -m experiments.knowledge_demo --workdir=W --passages=DIR/passages.tsv --train_file=DIR/train.jsonl \\
       --dev_file=DIR/dev.jsonl --swapped_passages=DIR/swapped_passages.tsv --swapped_dev_file=DIR/swapped_dev.jsonl
 
@@ -12,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, output_checks
 from rag_jax.data import knowledge_task
 from rag_jax.retrieval import corpus
 
@@ -22,11 +23,17 @@ _SCHEMA = flags.DEFINE_enum("schema", "companies", sorted(SCHEMAS), "What the en
 _ENTITIES = flags.DEFINE_integer("entities", 400, "Entities, one passage each.", lower_bound=2)
 _HELDOUT = flags.DEFINE_integer("heldout", 50, "Held-out entities (the dev questions ask about them).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "The task is a function of this seed.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the task files of an existing --output.")
+
+FILES = ("passages.tsv", "swapped_passages.tsv", "train.jsonl", "dev.jsonl", "swapped_dev.jsonl")
 
 
 def write() -> None:
     if _HELDOUT.value >= _ENTITIES.value:
         raise cli.UsageError(f"--heldout={_HELDOUT.value} must be below --entities={_ENTITIES.value}")
+    cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
+    output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", FILES, "knowledge task (no train.jsonl, ...)")
+    cli.declare_outputs(_OUTPUT.value)
     task = knowledge_task.make_task(_ENTITIES.value, _HELDOUT.value, seed=_SEED.value, schema=SCHEMAS[_SCHEMA.value])
     directory = _OUTPUT.value
     paths = knowledge_task.write_task(task, directory)
@@ -34,9 +41,8 @@ def write() -> None:
         tsv = os.path.join(directory, f"{name}.tsv")
         corpus.write_passages_tsv(tsv, list(corpus.read_passages(paths[name])))
         os.remove(paths[name])
-    print(f"wrote {_ENTITIES.value} {_SCHEMA.value} ({_HELDOUT.value} held out) to {directory}: passages.tsv, "
-          "swapped_passages.tsv, train.jsonl, dev.jsonl, swapped_dev.jsonl")
+    print(f"wrote {_ENTITIES.value} {_SCHEMA.value} ({_HELDOUT.value} held out) to {directory}: {', '.join(FILES)}")
 
 
 if __name__ == "__main__":
-    app.run(cli.main_running(write))
+    app.run(cli.main_running(write), flags_parser=cli.parse_flags)

@@ -9,11 +9,9 @@ Hugging Face DPR/BERT/sentence-transformers directory, e.g. a train_retriever ex
 The output ({"question", "negative_ids"} a line) is train_retriever's --config.data.hard_negatives.
 """
 
-import os
-
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, input_checks, output_checks
 
 _INDEX = flags.DEFINE_string("index", None, "Index directory (experiments.build_index).")
 _ENCODER = flags.DEFINE_string("question_encoder", None, "Question encoder directory that goes with the index.")
@@ -28,9 +26,13 @@ flags.mark_flags_as_required(["index", "question_encoder", "questions", "output"
 
 
 def mine():
-    if not os.path.isfile(_QUESTIONS.value):
-        raise cli.UsageError(f"--questions={_QUESTIONS.value}: no such file")
+    input_checks.require_file(_QUESTIONS.value, "--questions", "an NQ-open JSONL questions file")
+    output_checks.refuse_input_as_output(_OUTPUT.value, "--output", {
+        "--questions": _QUESTIONS.value, "--index": _INDEX.value, "--question_encoder": _ENCODER.value,
+        "--tokenizer": _TOKENIZER.value}, overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value)
+    output_checks.remove_partials(_OUTPUT.value)  # of a run killed before it could
+    cli.declare_outputs(_OUTPUT.value)
     import json  # pylint: disable=g-import-not-at-top
 
     from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)
@@ -44,8 +46,14 @@ def mine():
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     encoder = hf.load_encoder(_ENCODER.value)
+    input_checks.check_length(_MAX_LENGTH.value, encoder.config, f"--max_length={_MAX_LENGTH.value}",
+                              f"the encoder --question_encoder={_ENCODER.value}")
     tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
     index = index_io.load_index(_INDEX.value)
+    if index.dim != encoder.config.output_dim:
+        raise cli.UsageError(f"--question_encoder={_ENCODER.value} gives {encoder.config.output_dim}-d vectors but "
+                             f"--index={_INDEX.value} holds {index.dim}-d ones; give the question encoder that goes "
+                             "with the index (trained with its document encoder)")
     count = empty = 0
     with cli.atomic_output(_OUTPUT.value) as f:
         for record in hard_negatives.mine(index, encoder, tokenizer, questions, negatives=_NEGATIVES.value,

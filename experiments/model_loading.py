@@ -25,6 +25,16 @@ def load_model(path: str):
     return model_dir.load_hf_rag(path)
 
 
+def check_answer_length(max_length: int, flag_value: int | None, model, model_flag: str) -> None:
+    """The answers' length (start token included: the decoder reads positions 0 .. max_length-1) within the
+    generator's positions (experiments/input_checks.py says why, and why T5 has no limit)."""
+    from experiments import input_checks  # pylint: disable=g-import-not-at-top
+
+    source = (f"--max_length={flag_value}" if flag_value is not None else
+              f"max_length={max_length}, the default of --model={model_flag},")
+    input_checks.check_length(max_length, model.generator_config, source, "the generator", flag="--max_length")
+
+
 def tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
     """The model directory's own tokenizers (its RAG subfolders) or the bundled defaults, checked against the
     model's vocabulary sizes."""

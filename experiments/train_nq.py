@@ -7,7 +7,9 @@
 
 A rerun with the same --workdir resumes from its latest checkpoint. Several processes: on a TPU pod slice every
 worker runs the same command (jax.distributed finds its peers); elsewhere pass --coordinator_address,
---num_processes and --process_id.
+--num_processes and --process_id. SIGTERM (preemption) saves a checkpoint of the step reached and exits with status
+75 (EX_TEMPFAIL: rerun the same command; docs/pods.md says how a scheduler should treat it); a bad flag, config
+field or input file exits 1 with one `error:` line.
 """
 
 import os
@@ -16,7 +18,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, input_checks
 from rag_jax.training import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
@@ -31,4 +33,5 @@ cli.define_distributed_flags()
 
 
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop")
+    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop",
+                     check_inputs=input_checks.check_nq_training_inputs)

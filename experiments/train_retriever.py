@@ -5,7 +5,8 @@
       --config.data.train_file=biencoder-nq-train.json --config.data.passages=psgs_w100.tsv ...   # DPR's recipe
   python -m experiments.train_retriever --config.data.kind=ict --config.data.passages=my_passages.tsv   # no labels
 
-A rerun with the same --workdir resumes from its latest checkpoint. The trained encoders end up in
+A rerun with the same --workdir resumes from its latest checkpoint (a run preempted by SIGTERM exits 75 once its
+checkpoint is saved, as train_nq's: docs/pods.md). The trained encoders end up in
 WORKDIR/export/question_encoder and WORKDIR/export/ctx_encoder (Hugging Face directories: build_index --encoder,
 train_nq --config.model.question_encoder.init / doc_encoder.init).
 """

@@ -10,6 +10,12 @@ iterating), `multiprocess` for tests that start several JAX processes talking ov
 
 import os
 
+import pytest
+
+# The hostile tables' shared helpers (tests/hostile.py, a plugin of theirs) use plain asserts: rewrite them, however
+# the test files that import them are ordered.
+pytest.register_assert_rewrite("tests.hostile")
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from rag_jax.inference import provenance_plot
-from tests.test_cli_hostile import ROOT, hf_space, run  # noqa: F401 (hf_space is a fixture)
+from tests.hostile import ROOT, run
+
+pytest_plugins = ["tests.hostile"]  # the session fixture hf_space, shared with the hostile tables
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from experiments.configs import retriever as retriever_config
 from rag_jax.models import bert, hf
 from rag_jax.retrieval import corpus, training_data
 from rag_jax.training import retriever_loop
-from tests.test_cli_hostile import PASSAGES, QUESTIONS, refused, run
+from tests.hostile import PASSAGES, QUESTIONS, refused, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,13 +6,20 @@ import json
 from typing import Any, Iterator
 
 UNKNOWN_PASSAGE_ID = -1
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def nonblank_lines(path: str) -> Iterator[tuple[int, str, str]]:
     """(line number from 1, "path:line" for error messages, text) of each non-blank line of a UTF-8 file: the loop of
-    a JSON-lines reader (each caller parses, and says what a bad record means, itself)."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    a JSON-lines reader (each caller parses, and says what a bad record means, itself). Raises ValueError naming
+    the line that is not UTF-8 (lines are decoded one by one, so that the message can say where)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {e.start + 1} of the line: "
+                                 f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8.") from None
             if line.strip():
                 yield line_no, f"{path}:{line_no}", line
 
@@ -28,6 +35,9 @@ def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e}).") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object {{\"question\", \"answers\"}}, got a JSON "
+                             f"{_JSON_KINDS.get(type(record), type(record).__name__)}.")
         question = record.get("question")
         answers = record.get("answers", record.get("answer"))
         if not isinstance(question, str) or not question.strip():
@@ -35,6 +45,10 @@ def read_nq_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: field 'answer' (or 'answers') must be a non-empty list of strings (the "
                              f"gold answers that labels and exact match need), got {answers!r}.")
+        # An empty answer would teach the generator to stop at once, and score an empty prediction right.
+        if not all(a.strip() for a in answers):
+            raise ValueError(f"{where}: field 'answer' (or 'answers') holds an empty string ({answers!r}); remove it "
+                             "(every gold answer must have text).")
         gold = record.get("gold_passage_id", UNKNOWN_PASSAGE_ID)
         if not isinstance(gold, int):
             raise ValueError(f"{where}: field 'gold_passage_id' must be an integer, got {gold!r}.")

@@ -78,23 +78,45 @@ def _is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and not os.path.isabs(path) and bool(_HUB_ID_RE.match(path))
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory whose files do not load; the message names the file and what to do."""
+
+
 def _check_vocab(tok: transformers.PreTrainedTokenizerBase, path: str, probe: str, what: str) -> None:
     """Guards against tokenizers that loaded with an empty vocabulary (only special tokens)."""
     size = len(tok.get_vocab())
     probe_ids = tok.convert_tokens_to_ids([probe])
     if size < _MIN_VOCAB_SIZE or probe_ids[0] in (None, tok.unk_token_id):
-        raise ValueError(
+        raise TokenizerError(
             f"{what} tokenizer loaded from {path!r} has a vocabulary of {size} entries and maps {probe!r} to "
             f"{probe_ids[0]} (unk is {tok.unk_token_id}): the vocabulary did not load. Check the vocabulary "
             "files in that directory."
         )
 
 
+def _damaged_file(path: str) -> str | None:
+    """'FILE: what is wrong' for the first JSON file of a tokenizer directory that does not parse, else None."""
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+                return f"{os.path.join(path, name)}: not valid JSON ({e})"
+    return None
+
+
 def _load(cls, path: str, file_sets, probe: str, what: str):
     path = os.fspath(path)
     if not _is_hub_id(path):
         _check_local_dir(path, file_sets, what)
-    tok = cls.from_pretrained(path)
+    try:
+        tok = cls.from_pretrained(path)
+    except Exception as e:  # pylint: disable=broad-except (damaged files fail inside transformers in many ways)
+        damaged = _damaged_file(path) if os.path.isdir(path) else None
+        cause = damaged or f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise TokenizerError(f"{what} tokenizer does not load: {cause}; restore the tokenizer files (copy them "
+                             "again, or save_pretrained the tokenizer there)") from e
     _check_vocab(tok, path, probe, what)
     return tok
 

@@ -87,13 +87,21 @@ _SAFETENSORS_DTYPES = {
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Reads a .safetensors file (8-byte header size, JSON header, raw little-endian data), memory-mapped."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise CheckpointError(f"{path}: truncated ({size} bytes, shorter than its header); copy or download "
+                                  "the file again")
         try:
             header = json.loads(f.read(header_size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size) if size > 8 + header_size else (
+        np.zeros(0, np.uint8))  # (numpy cannot map zero bytes)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -101,6 +109,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
+        if end > len(data):  # a partial copy or download: its header names more data than the file holds
+            raise CheckpointError(f"{path}: truncated ({size} bytes; tensor {name} ends at byte "
+                                  f"{8 + header_size + end}); copy or download the file again")
         tensors[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors
 

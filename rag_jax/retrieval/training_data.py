@@ -45,9 +45,36 @@ class Corpus:
     def row(self, passage_id, where: str) -> int:
         row = self._rows.get(str(passage_id))
         if row is None:
-            raise DataError(f"{where}: passage id {passage_id!r} is not in the corpus {self.path} "
-                            f"({len(self)} passages); the ids must come from the same passages file")
+            raise unknown_passage(where, passage_id, self.path, len(self))
         return row
+
+
+def unknown_passage(where: str, passage_id, passages_path: str, num_passages: int) -> DataError:
+    """The one rule for a passage id that names no passage (a gold passage id, a mined negative): every entry point
+    that reads them refuses it with this message."""
+    return DataError(f"{where}: passage id {passage_id!r} is not in the corpus {passages_path} ({num_passages} "
+                     "passages); the ids must come from the same passages file")
+
+
+def check_gold_ids(questions_path: str, passages_path: str) -> None:
+    """Every gold_passage_id of an NQ-open JSONL file names a passage of `passages_path` (read once, streamed);
+    raises DataError naming the first question line that does not. A question without one (-1) is fine."""
+    wanted: dict[str, tuple[int, int]] = {}  # id as the corpus spells it -> (line, id as the question gives it)
+    try:
+        for index, record in nq_jsonl.read_nq_jsonl(questions_path):
+            if record["gold_passage_id"] != nq_jsonl.UNKNOWN_PASSAGE_ID:
+                wanted.setdefault(str(record["gold_passage_id"]), (index + 1, record["gold_passage_id"]))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not wanted:
+        return
+    missing, count = set(wanted), 0
+    for passage in corpus.read_passages(passages_path):
+        missing.discard(passage.id)
+        count += 1
+    if missing:
+        line, passage_id = min(wanted[pid] for pid in missing)
+        raise unknown_passage(f"{questions_path}:{line}", passage_id, passages_path, count)
 
 
 # ---------------------------------------------------------------------------------------------------- sources

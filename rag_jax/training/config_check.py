@@ -196,7 +196,8 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config model.{part}.{width}={c[width]} is not divisible by model.{part}.{heads}="
                               f"{c[heads]}; attention heads split the width evenly")
     lengths = (("data.max_question_length", "question_encoder"), ("index.max_length", "doc_encoder"),
-               ("model.max_combined_length", "generator"), ("data.max_target_length", "generator"))
+               ("model.max_combined_length", "generator"), ("data.max_target_length", "generator"),
+               ("eval.max_length", "generator"))
     for field, part in lengths:
         if part == "generator" and t5:
             continue  # relative positions: any length
@@ -226,7 +227,9 @@ def require_path(value, field: str, what: str, *, directory: bool) -> str:
     check = os.path.isdir if directory else os.path.isfile
     if not check(value):
         kind = "directory" if directory else "file"
-        raise ConfigError(f"config {field}={value!r}: no such {kind} ({what})")
+        found = "a file" if os.path.isfile(value) else "a directory" if os.path.isdir(value) else None
+        raise ConfigError(f"config {field}={value!r}: " + (f"is {found}; give {what}" if found else
+                                                            f"no such {kind} ({what})"))
     return value
 
 
