@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -40,6 +42,8 @@ _SWAPPED_DEV = flags.DEFINE_string("swapped_dev_file", None, "The held-out quest
 _ENTITIES = flags.DEFINE_integer("task_entities", 1100, "Bundled task: entities (one passage each).")
 _HELDOUT = flags.DEFINE_integer("task_heldout", 100, "Bundled task: held-out entities (4 dev questions each).")
 _EXAMPLES = flags.DEFINE_integer("examples", 5, "Answers to print.")
+_KS = flags.DEFINE_list("n_docs_sweep", ["2", "4", "8"], "Held-out exact match with each of these K (passages per "
+                        "question): more passages should not mean worse answers.")
 
 FILE_FLAGS = ("passages", "train_file", "dev_file", "swapped_passages", "swapped_dev_file")
 
@@ -68,6 +72,30 @@ def _questions(path: str) -> list[dict]:
 
 def _summary(metrics: dict[str, float], k: int) -> tuple[float, float | None]:
     return metrics["eval/exact_match"], metrics.get(f"eval/gold_recall@{k}")
+
+
+def gold_prior(record: dict, gold_passage_id) -> float:
+    """p(z|x) of the gold passage among the retrieved ones (softmax of their scores), 0 when it was not retrieved."""
+    scores = np.asarray(record["doc_scores"], np.float64)
+    prior = np.exp(scores - scores.max())
+    prior /= prior.sum()
+    ids = [str(i) for i in record["doc_ids"]]
+    return float(prior[ids.index(str(gold_passage_id))]) if str(gold_passage_id) in ids else 0.0
+
+
+def _sweep_k(model, params, retriever, dev, config) -> dict[str, dict[str, float]]:
+    """Held-out exact match and the median prior of the gold passage for each K of --n_docs_sweep."""
+    sweep = {}
+    trained_k = config.eval.n_docs
+    for k in sorted({int(k) for k in _KS.value}):
+        config.eval.n_docs = k
+        records: list[dict] = []
+        metrics = dev_eval.evaluate(model, params, retriever, dev, config, records)
+        priors = [gold_prior(r, e["gold_passage_id"]) for r, e in zip(records, dev) if "gold_passage_id" in e]
+        sweep[str(k)] = {"exact_match": metrics["eval/exact_match"],
+                         "gold_prior_median": 100 * float(np.median(priors)) if priors else None}
+    config.eval.n_docs = trained_k
+    return sweep
 
 
 def _show(title: str, records: list[dict], index: index_io.Index, count: int) -> None:
@@ -123,6 +151,10 @@ def run_demo() -> dict:
     metrics = dev_eval.evaluate(model, params, retriever, dev, config, records)
     results["heldout_exact_match"], results["heldout_gold_recall"] = _summary(metrics, k)
     _show("held-out questions (retrieved passages):", records, index, _EXAMPLES.value)
+    results["heldout_by_n_docs"] = _sweep_k(model, params, retriever, dev, config)
+    print("\nheld-out exact match by K (passages per question; median prior p(z|x) of the gold passage):")
+    for k, row in results["heldout_by_n_docs"].items():
+        print(f"  K={k}: exact match {row['exact_match']:.1f} | gold prior {row['gold_prior_median'] or 0:.1f}")
 
     closed: list[dict] = []
     metrics = dev_eval.evaluate(model, params, RandomPassages(retriever, seed=config.seed), dev, config, closed)

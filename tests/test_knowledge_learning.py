@@ -44,7 +44,8 @@ def demo(tmp_path_factory):
                f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
                "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
                "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
-               "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--config.model.max_combined_length=64"]
+               "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--config.model.max_combined_length=64",
+               "--n_docs_sweep=1,2,4"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -60,6 +61,19 @@ def test_it_answers_held_out_questions_by_reading_the_retrieved_passage(demo):
     assert results["heldout_exact_match"] >= results["closed_book_exact_match"] + 40
 
 
+def test_more_passages_do_not_mean_worse_answers(demo):
+    """Trained with one passage a question, it answers as well with two and four: the retrieval scores are on the
+    retriever's training scale (retrieval.score_scale "auto": 20 x the cosines), so the prior p(z|x) puts most of
+    its mass on the entity's passage and the others cannot outvote it. With cosines alone (scale 1) the priors were
+    nearly uniform: the same test measured exact match 45% at K=2 against ~78% at K=1."""
+    results, stdout, _ = demo
+    by_k = results["heldout_by_n_docs"]
+    em = [by_k[k]["exact_match"] for k in ("1", "2", "4")]
+    assert all(later >= earlier - 1.0 for earlier, later in zip(em, em[1:])), by_k  # within 1 point
+    assert by_k["4"]["gold_prior_median"] >= 80, by_k
+    assert "held-out exact match by K" in stdout
+
+
 def test_after_the_index_hot_swap_its_answers_follow_the_changed_corpus(demo):
     results, stdout, _ = demo
     assert results["swapped_exact_match"] >= results["closed_book_exact_match"] + 40
@@ -67,10 +81,11 @@ def test_after_the_index_hot_swap_its_answers_follow_the_changed_corpus(demo):
 
 
 def test_the_gold_passage_gets_the_highest_posterior_for_the_answer(demo, tmp_path):
-    """Provenance on the trained model, reading two retrieved passages (it was trained with one, so a second passage
-    misleads it often: measured, exact match 45% and the gold passage highest for 66% of the 120 answers). The entity's
-    own passage supported most answers, every right answer, and reading a right answer raised its posterior well
-    above its prior (retrieval's belief): a posterior that were the prior, or pointed anywhere else, fails here."""
+    """Provenance on the trained model, reading two retrieved passages (it was trained with one). The entity's own
+    passage supported most answers, every right answer, and reading a right answer moved most of the probability
+    that retrieval gave the other passage onto it: (posterior - prior) / (1 - prior) of the gold passage, 0 when the
+    posterior is the prior (measured 0.98 on make run's model). A posterior that were the prior, or pointed anywhere
+    else, fails here."""
     from rag_jax.inference import metrics  # pylint: disable=g-import-not-at-top
 
     _, _, root = demo
@@ -90,7 +105,8 @@ def test_the_gold_passage_gets_the_highest_posterior_for_the_answer(demo, tmp_pa
         top.append(max(docs.values(), key=lambda d: d["posterior"])["id"] == gold_id)
         if metrics.exact_match(record["prediction"], record["answers"]):
             top_when_right.append(top[-1])
-            gain_when_right.append(docs[gold_id]["posterior"] - docs[gold_id]["prior"] if gold_id in docs else -1.0)
+            gain_when_right.append((docs[gold_id]["posterior"] - docs[gold_id]["prior"])
+                                   / max(1.0 - docs[gold_id]["prior"], 1e-12) if gold_id in docs else -1.0)
     assert np.mean(top) > 0.55, np.mean(top)
     assert len(top_when_right) >= 30 and np.mean(top_when_right) >= 0.9, (len(top_when_right), np.mean(top_when_right))
-    assert np.mean(gain_when_right) > 0.25, np.mean(gain_when_right)
+    assert np.mean(gain_when_right) > 0.5, np.mean(gain_when_right)

@@ -159,6 +159,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # current q(x). Identical to false while the question encoder is frozen. A resumed run's first step retrieves
     # with its own parameters.
     c.retrieval.stale_prefetch = False
+    # Retrieval scores q(x)·d(z) are multiplied by this before every softmax over documents (training, evaluation,
+    # provenance, export). "auto": 20 for an L2-normalised q(x) (the scale sentence-transformers trains such encoders
+    # with; cosines alone give nearly uniform priors), 1 for DPR-style encoders (transformers' RAG); or a number.
+    c.retrieval.score_scale = "auto"
+    c.retrieval.learn_score_scale = False  # train the scale (from score_scale) with q(x), as a log-parameter
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak learning rate

@@ -6,17 +6,20 @@ A post-LayerNorm BERT whose pooled output is chosen by `pooling`:
   "mean"    the mean of the non-padding hidden states (sentence-transformers style retrievers),
 optionally followed by a linear projection (DPR's `encode_proj`, when `projection_dim` > 0), and by L2
 normalisation when `normalize` (sentence-transformers' Normalize module: inner products of such vectors are the
-cosine similarities the model was trained to rank by).
+cosine similarities the model was trained to rank by), and by a score scale (`score_scale`, fixed or learnt: what
+the softmax over retrieved documents sees is scale x q(x)·d(z)).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rag_jax.models import layers
 
@@ -41,6 +44,11 @@ class BertConfig:
     pooling: str = "cls"
     projection_dim: int = 0
     normalize: bool = False
+    # Multiplies the output vector (a question encoder's: retrieval scores q(x)·d(z) are then on this scale before
+    # every softmax over documents; rankings are unchanged). With `learn_score_scale` it starts here and is trained
+    # as a parameter (its log, so that Adam's steps are relative).
+    score_scale: float = 1.0
+    learn_score_scale: bool = False
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -52,6 +60,8 @@ class BertConfig:
                 f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         layers.activation(self.hidden_act)  # fails early on an unknown name
+        if not self.score_scale > 0:
+            raise ValueError(f"BertConfig.score_scale must be > 0, got {self.score_scale}")
 
     @property
     def output_dim(self) -> int:
@@ -135,7 +145,24 @@ class BertEncoder(nn.Module):
         pooled = layers.at_least_float32(pooled)
         if cfg.normalize:
             pooled = l2_normalize(pooled)
+        if cfg.learn_score_scale:
+            log_scale = self.param(LOG_SCORE_SCALE, nn.with_logical_partitioning(
+                nn.initializers.constant(math.log(cfg.score_scale)), ()), (), cfg.param_dtype)
+            pooled = pooled * jnp.exp(log_scale).astype(pooled.dtype)
+        elif cfg.score_scale != 1.0:
+            pooled = pooled * jnp.asarray(cfg.score_scale, pooled.dtype)
         return x, pooled
+
+
+LOG_SCORE_SCALE = "log_score_scale"  # the parameter of a learnt score scale (BertConfig.learn_score_scale)
+
+
+def with_score_scale(params: Any, cfg: BertConfig) -> Any:
+    """A checkpoint's encoder parameters with the learnt score scale's parameter added at its initial value (a
+    checkpoint has none); unchanged for a fixed scale."""
+    if not cfg.learn_score_scale or LOG_SCORE_SCALE in params:
+        return params
+    return {**params, LOG_SCORE_SCALE: np.asarray(math.log(cfg.score_scale), np.float32)}
 
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' Normalize uses

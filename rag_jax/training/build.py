@@ -130,6 +130,10 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
             _check_architecture(loaded.config, "model.generator.init", m.generator.init, m.generator)
             g_cfg, pretrained["generator"] = loaded.config, loaded.params
             prefix = loaded.hf_config.get("prefix") or ""
+    q_cfg = dataclasses.replace(q_cfg, score_scale=score_scale(config, q_cfg),
+                                learn_score_scale=bool(config.retrieval.get("learn_score_scale", False)))
+    if "question_encoder" in pretrained:
+        pretrained["question_encoder"] = bert.with_score_scale(pretrained["question_encoder"], q_cfg)
     doc_cfg = None
     if trains_doc_encoder(config):  # end to end: d(z) starts as the run's document encoder (the index's)
         d_cfg, pretrained["doc_encoder"] = doc_encoder(config)
@@ -142,6 +146,22 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
     if not load_weights:
         pretrained = {}
     return Models(rag.Rag(q_cfg, g_cfg, rag_config, doc_encoder_config=doc_cfg), pretrained)
+
+
+# sentence-transformers trains normalised encoders (all-MiniLM-L6-v2 among them) with MultipleNegativesRankingLoss,
+# whose softmax sees cosine x scale with scale=20.0 by default; its saved files (modules.json,
+# config_sentence_transformers.json) do not record the scale. Cosines in [-1, 1] without it give nearly uniform
+# priors p(z|x) over the K retrieved passages.
+NORMALIZED_SCORE_SCALE = 20.0
+
+
+def score_scale(config: ml_collections.ConfigDict, q_cfg: bert.BertConfig) -> float:
+    """retrieval.score_scale as a number: "auto" is NORMALIZED_SCORE_SCALE for an L2-normalised q(x) and 1 (DPR's
+    unnormalised inner products, the reference's) otherwise. A config saved before the field existed scored at 1."""
+    value = config.retrieval.get("score_scale", 1.0)
+    if value == "auto":
+        return NORMALIZED_SCORE_SCALE if q_cfg.normalize else 1.0
+    return float(value)
 
 
 def trains_doc_encoder(config: ml_collections.ConfigDict) -> bool:

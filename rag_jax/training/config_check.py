@@ -80,6 +80,20 @@ class _Type:
         return None if isinstance(value, self.types) else f"must be {self.what}, got {type(value).__name__}"
 
 
+class _ScoreScale:
+    """retrieval.score_scale: "auto" or a number > 0 (a command-line override of the string field arrives as text)."""
+
+    def problem(self, value) -> str | None:
+        if value == "auto":
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"must be 'auto' or a number > 0, got {value!r}"
+        return None if math.isfinite(number) and number > 0 and not isinstance(value, bool) else (
+            f"must be 'auto' or a finite number > 0, got {value!r}")
+
+
 _POSITIVE = _Number(integer=True, low=1)
 _COUNT = _Number(integer=True, low=0)
 _RATE = _Number(integer=False, low=0.0, high=1.0, high_open=True)  # dropout, label smoothing, Adam betas
@@ -127,6 +141,7 @@ RULES: dict[str, Any] = {
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
     "retrieval.host_contexts": _Choice(HOST_CONTEXTS),
     "retrieval.prefetch": _BOOL, "retrieval.stale_prefetch": _BOOL,
+    "retrieval.score_scale": _ScoreScale(), "retrieval.learn_score_scale": _BOOL,
     "optim.learning_rate": _SCALE,
     "optim.warmup_steps": _COUNT,
     "optim.end_learning_rate": _Number(integer=False, low=0.0),
@@ -240,6 +255,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
+    if _get(config, "retrieval.learn_score_scale", False) and config.optim.question_encoder_lr_scale == 0:
+        raise ConfigError("config retrieval.learn_score_scale=True trains the scale with q(x), which "
+                          "optim.question_encoder_lr_scale=0 freezes; set --config.optim.question_encoder_lr_scale "
+                          "above 0 or --config.retrieval.learn_score_scale=false")
     if config.retrieval.stale_prefetch and config.retrieval.mode != "host":
         raise ConfigError(f"config retrieval.stale_prefetch=True needs retrieval.mode='host' (mode "
                           f"{config.retrieval.mode!r} retrieves inside the step, with the current parameters); "
