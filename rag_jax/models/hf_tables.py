@@ -128,8 +128,11 @@ def check_unexpected(tensors: dict[str, np.ndarray], used: set[str], source: str
 
 
 def export_tensors(params: dict[str, Any], table: list[Entry], prefix: str) -> dict[str, np.ndarray]:
-    """{Hugging Face name: array} for rag_jax parameters: the inverse of `convert` (float32)."""
-    return {
-        prefix + e.hf_name: np.ascontiguousarray(_to_hf(np.asarray(_get(params, e.path), np.float32), e))
-        for e in table
-    }
+    """{Hugging Face name: array} for rag_jax parameters: the inverse of `convert` (float32; float64 stays float64,
+    for the float64 parity tests)."""
+    return {prefix + e.hf_name: np.ascontiguousarray(_to_hf(_at_least_float32(_get(params, e.path)), e)) for e in table}
+
+
+def _at_least_float32(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.promote_types(x.dtype, np.float32))

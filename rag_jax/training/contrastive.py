@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rag_jax.models import bert
+from rag_jax.models import bert, layers
 
 
 def scores(q_QxD: jax.Array, d_PxD: jax.Array) -> jax.Array:
     """Inner-product scores of every question against every passage of the global batch (float32)."""
-    return jnp.einsum("qd,pd->qp", q_QxD.astype(jnp.float32), d_PxD.astype(jnp.float32))
+    return jnp.einsum("qd,pd->qp", layers.at_least_float32(q_QxD), layers.at_least_float32(d_PxD))
 
 
 def positive_rows(num_questions: int, num_passages: int) -> jax.Array:
@@ -50,7 +50,7 @@ def retrieved_nll(scores_BxK: jax.Array, rows_BxK: jax.Array, gold_B: jax.Array)
     passage (gold_B >= 0) was retrieved; the others add nothing (the frozen index holds no vector to score it by here)."""
     is_gold_BxK = (rows_BxK == gold_B[:, None]) & (gold_B[:, None] >= 0)
     found_B = jnp.any(is_gold_BxK, axis=1)
-    logp_BxK = jax.nn.log_softmax(scores_BxK.astype(jnp.float32), axis=-1)
+    logp_BxK = jax.nn.log_softmax(layers.at_least_float32(scores_BxK), axis=-1)
     nll_B = -jnp.sum(jnp.where(is_gold_BxK, logp_BxK, 0.0), axis=1) / jnp.maximum(is_gold_BxK.sum(axis=1), 1)
     return jnp.sum(jnp.where(found_B, nll_B, 0.0)) / jnp.maximum(found_B.sum(), 1)
 
