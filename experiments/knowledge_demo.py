@@ -153,8 +153,8 @@ def run_demo() -> dict:
     _show("held-out questions (retrieved passages):", records, index, _EXAMPLES.value)
     results["heldout_by_n_docs"] = _sweep_k(model, params, retriever, dev, config)
     print("\nheld-out exact match by K (passages per question; median prior p(z|x) of the gold passage):")
-    for k, row in results["heldout_by_n_docs"].items():
-        print(f"  K={k}: exact match {row['exact_match']:.1f} | gold prior {row['gold_prior_median'] or 0:.1f}")
+    for swept, row in results["heldout_by_n_docs"].items():
+        print(f"  K={swept}: exact match {row['exact_match']:.1f} | gold prior {row['gold_prior_median'] or 0:.1f}")
 
     closed: list[dict] = []
     metrics = dev_eval.evaluate(model, params, RandomPassages(retriever, seed=config.seed), dev, config, closed)
