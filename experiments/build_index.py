@@ -75,7 +75,7 @@ def _mode() -> str:
 
 def _check_update_flags(mode: str):
     """An update (or codes for an existing index) needs a complete index at --output; returns its metadata."""
-    from rag_jax.retrieval import codes, index_io  # pylint: disable=g-import-not-at-top (numpy only)
+    from rag_jax.retrieval import code_spec as codes, index_io  # pylint: disable=g-import-not-at-top (no jax)
 
     spec = None if _CODES.value is None else codes.parse_spec(_CODES.value)
     if mode == "build":

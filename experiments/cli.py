@@ -28,7 +28,7 @@ _USER_ERRORS = (
     ("builtins", ("FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError")),
     ("experiments.cli", ("UsageError",)),
     ("rag_jax.models.hf_files", ("CheckpointError",)),
-    ("rag_jax.retrieval.codes", ("CodesError",)),
+    ("rag_jax.retrieval.code_spec", ("CodesError",)),
     ("rag_jax.retrieval.contexts", ("SplitTokenizationError",)),
     ("rag_jax.retrieval.corpus", ("CorpusError",)),
     ("rag_jax.retrieval.index_io", ("IndexFormatError",)),

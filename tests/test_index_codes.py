@@ -80,6 +80,9 @@ def test_pq_asymmetric_scores_are_the_dot_products_with_the_reconstruction_and_k
     c = codes.pq_encode(x, books)
     want = q @ np.asarray(codes.pq_decode(c, books)).T
     np.testing.assert_allclose(np.asarray(codes.pq_scores(codes.pq_tables(q, books), c)), want, rtol=1e-4, atol=1e-4)
+    rows_2x3 = np.arange(6).reshape(2, 3)  # device mode decodes the retrieved B x K rows
+    np.testing.assert_array_equal(np.asarray(codes.decode_rows("pq", c[rows_2x3], None, books)),
+                                  np.asarray(codes.pq_decode(c, books))[rows_2x3])
 
 
 @pytest.mark.parametrize("spec", ["int8", "pq:8"])

@@ -105,7 +105,8 @@ class CodeSearcher:
         rows, scores = [], []
         for start in range(0, len(q), QUERY_BLOCK):
             block = q[start:start + QUERY_BLOCK]
-            padded = np.pad(block, ((0, QUERY_BLOCK - len(block)), (0, 0))) if len(q) > QUERY_BLOCK else block
+            rows_padded = min(QUERY_BLOCK, 1 << (len(block) - 1).bit_length())  # few shapes: few compilations
+            padded = np.pad(block, ((0, rows_padded - len(block)), (0, 0)))
             r, s = fn(padded, self.arrays, self.codebooks)
             rows.append(np.asarray(r)[:len(block)])
             scores.append(np.asarray(s)[:len(block)])

@@ -16,7 +16,6 @@ one, an argument rather than a compiled constant so that updates do not recompil
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -24,48 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rag_jax.retrieval.code_spec import CodesError, CodesSpec, parse_spec  # pylint: disable=unused-import (re-exported)
+
 NUM_CENTROIDS = 256  # one byte per sub-vector
 KMEANS_ITERATIONS = 20
 DEFAULT_SAMPLE_SIZE = 65_536
 _ENCODE_CHUNK = 32_768  # rows encoded per jitted call (bounds the rows x 256 distance block)
-
-
-class CodesError(ValueError):
-    """A codes specification or codes file that cannot be used; the message says what to change."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CodesSpec:
-    """What `--codes` asks for: kind "int8" or "pq" (with m sub-vectors)."""
-
-    kind: str
-    m: int = 0
-
-    def __str__(self) -> str:
-        return self.kind if self.kind == "int8" else f"pq:{self.m}"
-
-    def bytes_per_row(self, dim: int) -> int:
-        """Bytes the devices hold per passage (codes + scale; bias excluded)."""
-        return dim + 4 if self.kind == "int8" else self.m
-
-    def check_dim(self, dim: int, where: str = "--codes") -> None:
-        if self.kind == "pq" and dim % self.m:
-            divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= 256]
-            raise CodesError(f"{where}={self}: M={self.m} does not divide the vectors' {dim} dimensions; pick M among "
-                             f"{divisors[-8:]} (M bytes a passage)")
-
-
-def parse_spec(text: str, where: str = "--codes") -> CodesSpec:
-    """'int8' or 'pq:M' (1 <= M) -> CodesSpec; CodesError naming `where` otherwise."""
-    text = (text or "").strip()
-    if text == "int8":
-        return CodesSpec("int8")
-    if text.startswith("pq:"):
-        digits = text[3:]
-        if digits.isdigit() and int(digits) >= 1:
-            return CodesSpec("pq", int(digits))
-    raise CodesError(f"{where}={text!r}: expected 'int8' (per-row scaled 8-bit) or 'pq:M' (product quantisation, M "
-                     "sub-vectors of one byte, M dividing the dimension), e.g. pq:48")
 
 
 class CodeArrays(NamedTuple):
@@ -202,6 +165,14 @@ def scores(kind: str, q_QxD: jax.Array, arrays: CodeArrays, codebooks=None) -> j
 def decode(kind: str, arrays: CodeArrays, codebooks=None) -> jax.Array:
     """The vectors the codes stand for, float32 N x D (what device mode scores retrieved passages with)."""
     return int8_decode(arrays.codes, arrays.scale_N) if kind == "int8" else pq_decode(arrays.codes, codebooks)
+
+
+def decode_rows(kind: str, codes_XxC: jax.Array, scale_X: jax.Array, codebooks=None) -> jax.Array:
+    """decode() for rows of any leading shape X (e.g. the B x K retrieved in device mode): X x D float32."""
+    if kind == "int8":
+        return codes_XxC.astype(jnp.float32) * scale_X[..., None]
+    parts = [codebooks[i][codes_XxC[..., i].astype(jnp.int32)] for i in range(codebooks.shape[0])]
+    return jnp.concatenate(parts, axis=-1)
 
 
 def encode(spec: CodesSpec, x_NxD: np.ndarray, codebooks=None) -> tuple[np.ndarray, np.ndarray]:

@@ -101,13 +101,20 @@ class _Update:
         return index_io.load_index(self.index_dir)
 
 
-def _check_new_ids(index: index_io.Index, added: corpus.PassageStore) -> None:
-    for row, passage in enumerate(added.iter_passages()):
+def _check_new_ids(index: index_io.Index, added_path: str) -> None:
+    """Every record of the added file is valid (corpus.read_passages' checks) and its id new, in the file and the
+    index; checked before anything is written, so a refused --add changes nothing."""
+    seen = set()
+    for row, passage in enumerate(corpus.read_passages(added_path), 1):
+        if passage.id in seen:
+            raise index_io.IndexFormatError(f"{added_path}: passage {row} repeats the id {passage.id!r}; ids must be "
+                                            "unique")
+        seen.add(passage.id)
         try:
             index.passages.row_for_id(passage.id)
         except corpus.UnknownPassageIdError:
             continue
-        raise index_io.IndexFormatError(f"{added.path}: passage {row + 1} has id {passage.id!r}, already in "
+        raise index_io.IndexFormatError(f"{added_path}: passage {row} has id {passage.id!r}, already in "
                                         f"{index.index_dir}; give added passages new ids (or --remove the old one)")
 
 
@@ -122,7 +129,11 @@ def add_passages(index_dir: str, added_path: str, embed_fn: Callable[[Sequence[c
         raise index_io.IndexFormatError(f"{index.index_dir}: {field}={got!r}, but the encoder given embeds with "
                                         f"{field}={want!r}; --add with the index's own document encoder and settings")
     ext = ".tsv" if corpus.corpus_format(added_path) == "tsv" else ".jsonl"
-    update = _Update(index_dir, {"add": corpus.file_fingerprint(added_path)})
+    request = {"add": corpus.file_fingerprint(added_path)}
+    history = (index.metadata.get("update") or {}).get("history", [])
+    if not (history and history[-1] == request):  # (a rerun of the last update: its ids are in the index)
+        _check_new_ids(index, added_path)
+    update = _Update(index_dir, request)
     if update.done:
         return update.index
     index = update.index
@@ -136,7 +147,6 @@ def add_passages(index_dir: str, added_path: str, embed_fn: Callable[[Sequence[c
             shutil.copyfile(added_path, tmp)
             os.replace(tmp, copy)
         added = corpus.PassageStore.build(copy, work)
-        _check_new_ids(index, added)
         meta["shards"] += _embed_shards(index, added, work, embed_fn, shard_size or int(index.metadata["shard_size"]))
         meta["segments"].append({"passages_path": name, "store_dir": ".",
                                  "fingerprint": added.metadata["fingerprint"]})

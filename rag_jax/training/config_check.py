@@ -17,9 +17,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from rag_jax.retrieval import code_spec as codes_lib
+
 LOSSES = ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
-HOST_SEARCHERS = ("exact", "scann")
+HOST_SEARCHERS = ("exact", "scann", "codes")
 HOST_CONTEXTS = ("auto", "table", "strings")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("float32", "float16", "bfloat16")
@@ -237,6 +239,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
+    codes = config.index.get("codes", "")  # (absent from configs saved before it)
+    if codes:
+        try:
+            codes_lib.parse_spec(codes, "config index.codes")
+        except codes_lib.CodesError as e:
+            raise ConfigError(str(e) + " (or '' for none)") from None
+    if config.retrieval.host_searcher == "codes" and not codes:
+        raise ConfigError("config retrieval.host_searcher='codes' needs index.codes ('int8' or 'pq:M'): the codes are "
+                          "built with the index")
     if config.retrieval.stale_prefetch and config.retrieval.mode != "host":
         raise ConfigError(f"config retrieval.stale_prefetch=True needs retrieval.mode='host' (mode "
                           f"{config.retrieval.mode!r} retrieves inside the step, with the current parameters); "
