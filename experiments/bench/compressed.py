@@ -56,7 +56,8 @@ def _float_index(directory: str, passages: str, vectors: np.ndarray, dtype: str)
     return index_io.load_index(target)
 
 
-def _searchers(directory: str, passages: str, vectors: np.ndarray, pq_ms, reranks) -> list[tuple[dict, object]]:
+def _searchers(directory: str, passages: str, vectors: np.ndarray, pq_ms, reranks, sample_size: int = 65_536
+               ) -> list[tuple[dict, object]]:
     """(row, searcher) for every kind of index and re-rank width; each row says what was built and in how long."""
     from rag_jax.retrieval import code_search, codes, exact, index_codes  # pylint: disable=g-import-not-at-top
 
@@ -75,7 +76,7 @@ def _searchers(directory: str, passages: str, vectors: np.ndarray, pq_ms, rerank
         start = time.perf_counter()
         from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
 
-        index = index_codes.write_codes(index_io.load_index(target), spec, sample_size=65_536, seed=0)
+        index = index_codes.write_codes(index_io.load_index(target), spec, sample_size=sample_size, seed=0)
         built = time.perf_counter() - start
         for rerank in reranks:
             row = {"index": str(spec), "rerank": rerank, "bytes_per_passage": spec.bytes_per_row(dim),
@@ -89,9 +90,9 @@ def _search_all(searcher, q: np.ndarray, block: int = 512) -> np.ndarray:
 
 
 def measure(directory: str, passages: str, vectors: np.ndarray, questions: np.ndarray, *, pq_ms, reranks,
-            timed_questions: int, repeats: int) -> list[dict]:
+            timed_questions: int, repeats: int, sample_size: int = 65_536) -> list[dict]:
     """Rows of the table (module docstring) for one corpus; timings interleaved over `repeats` rounds."""
-    searchers = _searchers(directory, passages, vectors, pq_ms, reranks)
+    searchers = _searchers(directory, passages, vectors, pq_ms, reranks, sample_size)
     exact_rows = _search_all(searchers[0][1], questions)
     rows = []
     for row, searcher in searchers:
@@ -124,13 +125,13 @@ def run(opts: Options) -> list[dict]:
                          os.path.join(tempfile.gettempdir(), "rag_jax_bench"), repeats=opts.repeats)
     from experiments.bench import scann_recall  # pylint: disable=g-import-not-at-top
 
-    data = scann_recall.clustered_vectors(20_256, 64, 100, 1.0, 0)
+    data = scann_recall.clustered_vectors(5_128, 32, 50, 1.0, 0)
     directory = tempfile.mkdtemp(prefix="rag_jax_compressed_")
     passages = os.path.join(directory, "passages.jsonl")
     with open(passages, "w") as f:
-        f.writelines(f'{{"id": "{i}", "title": "", "text": "p{i}"}}\n' for i in range(20_000))
-    rows = measure(directory, passages, data[256:], data[:256], pq_ms=(16,), reranks=(0, 100), timed_questions=256,
-                   repeats=1)
+        f.writelines(f'{{"id": "{i}", "title": "", "text": "p{i}"}}\n' for i in range(5_000))
+    rows = measure(directory, passages, data[128:], data[:128], pq_ms=(8,), reranks=(0, 50), timed_questions=128,
+                   repeats=1, sample_size=1_024)
     shutil.rmtree(directory, ignore_errors=True)
     return rows + memory_rows()
 

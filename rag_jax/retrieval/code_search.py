@@ -23,6 +23,7 @@ from rag_jax.retrieval import codes as codes_lib
 from rag_jax.retrieval import exact, index_codes, index_io, merge
 
 QUERY_BLOCK = 128  # questions scored per jitted call (bounds the Q x N score block; one compilation)
+ROW_CHUNK = 1 << 18  # rows scored at a time (a Q x ROW_CHUNK block, not Q x N: 21M rows would need 10 GB)
 
 
 def padded_arrays(table: index_codes.CodeTable, removed_rows: np.ndarray, capacity: int) -> codes_lib.CodeArrays:
@@ -35,11 +36,33 @@ def padded_arrays(table: index_codes.CodeTable, removed_rows: np.ndarray, capaci
     return codes_lib.CodeArrays(np.pad(codes, ((0, capacity - n), (0, 0))), np.pad(scale, (0, capacity - n)), bias)
 
 
+def chunked_topk(kind: str, q_QxD, arrays: codes_lib.CodeArrays, codebooks, k: int, approximate: bool,
+                 total: int) -> tuple[jax.Array, jax.Array]:
+    """(code scores_QxK, rows_QxK int32) of the best k of `arrays`' rows, scored ROW_CHUNK rows at a time (each
+    chunk's top k, then the top k of those) when the rows divide into such chunks, else all at once."""
+    n = arrays.bias_N.shape[0]
+    if n <= ROW_CHUNK or n % ROW_CHUNK:
+        values, rows = exact._topk(codes_lib.scores(kind, q_QxD, arrays, codebooks), min(k, n), approximate, total)  # pylint: disable=protected-access
+        return values, rows.astype(jnp.int32)
+    chunks = jax.tree_util.tree_map(lambda x: x.reshape((n // ROW_CHUNK, ROW_CHUNK) + x.shape[1:]), arrays)
+
+    def one(chunk_and_index):
+        chunk, i = chunk_and_index
+        values, rows = exact._topk(codes_lib.scores(kind, q_QxD, codes_lib.CodeArrays(*chunk), codebooks), k,  # pylint: disable=protected-access
+                                   approximate, total)
+        return values, rows.astype(jnp.int32) + i * ROW_CHUNK
+
+    values_CxQxK, rows_CxQxK = jax.lax.map(one, (tuple(chunks), jnp.arange(n // ROW_CHUNK)))
+    values_QxA = values_CxQxK.transpose(1, 0, 2).reshape(q_QxD.shape[0], -1)
+    rows_QxA = rows_CxQxK.transpose(1, 0, 2).reshape(q_QxD.shape[0], -1)
+    values, pos = jax.lax.top_k(values_QxA, k)
+    return values, jnp.take_along_axis(rows_QxA, pos, axis=1)
+
+
 def _search_block(kind: str, k: int, approximate: bool, total: int):
     def search(q_QxD, arrays, codebooks):
-        scores_QxN = codes_lib.scores(kind, q_QxD, arrays, codebooks)
-        values, rows = exact._topk(scores_QxN, k, approximate, total)  # pylint: disable=protected-access
-        return rows.astype(jnp.int32), values
+        values, rows = chunked_topk(kind, q_QxD, arrays, codebooks, k, approximate, total)
+        return rows, values
     return jax.jit(search)
 
 
@@ -182,9 +205,8 @@ def make_sharded_code_topk(mesh: Mesh, kind: str, k: int, *, corpus_axes: str | 
     def local_then_global(q_QxD, arrays, codebooks):
         n_local = arrays.bias_N.shape[0]
         offset = jax.lax.axis_index(corpus_axes) * n_local
-        scores_Qxn = codes_lib.scores(kind, q_QxD, arrays, codebooks)
         total = n_local * math.prod(mesh.shape[a] for a in corpus_axes)
-        scores_Qxk, local_Qxk = exact._topk(scores_Qxn, min(k, n_local), approximate, total)  # pylint: disable=protected-access
+        scores_Qxk, local_Qxk = chunked_topk(kind, q_QxD, arrays, codebooks, min(k, n_local), approximate, total)
         rows_QxC = jax.lax.all_gather((local_Qxk + offset).astype(jnp.int32), corpus_axes, axis=1, tiled=True)
         cand_QxC = jax.lax.all_gather(scores_Qxk, corpus_axes, axis=1, tiled=True)
         scores_QxK, pos_QxK = jax.lax.top_k(cand_QxC, k)
