@@ -174,3 +174,32 @@ def test_kill_9_during_an_update_leaves_the_old_or_the_new_index(index_dir, tmp_
         assert redone.identity["index_version"] == 1
         rows, _ = retriever.make_searcher(redone, "codes", rerank_from_codes=20).search(query, 3)
         np.testing.assert_array_equal(rows, want_rows)
+
+
+def test_device_code_corpus_takes_updates_in_place_without_recompiling(index_dir, tmp_path):
+    """The device corpus of codes (capacity rows over 4 devices) gets an --add and a --remove in place: the same
+    shapes, the same executable, the new passage found, the removed one never."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
+    index = index_io.load_index(index_dir)
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("corpus",))
+    arrays, _ = code_search.sharded_code_arrays(index, mesh)
+    corpus = {"codes": arrays.codes, "code_scale": arrays.scale_N, "code_bias": arrays.bias_N}
+    search = jax.jit(code_search.make_sharded_code_topk(mesh, "int8", 1))
+    top = lambda q: np.asarray(search(q, codes.CodeArrays(corpus["codes"], corpus["code_scale"],
+                                                          corpus["code_bias"]), None)[0])[:, 0]
+    queries = fake_embed([corpus_lib_passage(i) for i in (5010, 7)])
+    top(queries)
+    new = index_update.add_passages(index_dir, write_passages(tmp_path / "n.jsonl", range(5000, 5020)), fake_embed,
+                                    identity(index))
+    code_search.replace_code_arrays(new, corpus)
+    assert [new.passages[int(r)].id for r in top(queries)] == ["5010", "7"]
+    (tmp_path / "ids").write_text("7\n")
+    code_search.replace_code_arrays(index_update.remove_passages(index_dir, str(tmp_path / "ids")), corpus)
+    assert new.passages[int(top(queries)[1])].id != "7"
+    assert search._cache_size() == 1  # pylint: disable=protected-access
+
+
+def corpus_lib_passage(i):
+    return corpus.Passage(str(i), "", "")

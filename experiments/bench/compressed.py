@@ -136,14 +136,16 @@ def run(opts: Options) -> list[dict]:
     return rows + memory_rows()
 
 
-def main_rows(corpus: str, cache: str, repeats: int = 3) -> list[dict]:
+def main_rows(corpus: str, cache: str, repeats: int = 3, rows: int | None = None, pq_ms=(48, 96, 192),
+              reranks=(0, 50, 100, 200)) -> list[dict]:
     from experiments.bench import compressed_data  # pylint: disable=g-import-not-at-top
 
-    data = compressed_data.cached_vectors(corpus, cache)
+    data = compressed_data.cached_vectors(corpus, cache, rows)
+    os.makedirs(data["directory"], exist_ok=True)
     print(f"{corpus}: {data['passage_vectors'].shape} passages, {len(data['questions'])} questions, embedded in "
           f"{data['embed_seconds']:.0f}s (not in build_s)")
     rows = measure(data["directory"], data["passages"], data["passage_vectors"], data["question_vectors"],
-                   pq_ms=(48, 96, 192), reranks=(0, 50, 100, 200), timed_questions=512, repeats=repeats)
+                   pq_ms=pq_ms, reranks=reranks, timed_questions=512, repeats=repeats)
     return [{"corpus": corpus, **row} for row in rows] + memory_rows()
 
 
@@ -155,5 +157,10 @@ if __name__ == "__main__":
     parser.add_argument("--cache", default="/work/cache/rag_jax_bench")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default="bench_results.jsonl")
+    parser.add_argument("--rows", type=int, default=None, help="only the first ROWS passages (embedded so far)")
+    parser.add_argument("--pq", default="48,96,192", help="pq:M variants (M values, comma-separated)")
+    parser.add_argument("--reranks", default="0,50,100,200", help="re-rank widths L for the codes")
     args = parser.parse_args()
-    report("compressed", main_rows(args.corpus, args.cache, args.repeats), args.results, False)
+    report("compressed", main_rows(args.corpus, args.cache, args.repeats, args.rows,
+                                   tuple(int(m) for m in args.pq.split(",")),
+                                   tuple(int(r) for r in args.reranks.split(","))), args.results, False)

@@ -112,30 +112,53 @@ def chunks_done(cache: str, name: str = "knowledge200k") -> np.ndarray:
     return np.concatenate([np.load(os.path.join(directory, n)) for n in names])
 
 
-def cached_vectors(name: str, cache: str) -> dict:
-    """{"passages": file, "questions": texts, "passage_vectors", "question_vectors", "embed_seconds"}."""
+def cached_vectors(name: str, cache: str, rows: int | None = None) -> dict:
+    """{"passages": file, "questions": texts, "passage_vectors", "question_vectors", "embed_seconds", "directory"};
+    rows: only the first `rows` passages, from the chunks embedded so far (no embedding of passages then)."""
     directory = os.path.join(cache, name)
     passages_path, questions = write_corpus(name, directory)
+    q_path = os.path.join(directory, "question_vectors.npy")
+    config = None
+    if not os.path.exists(q_path):
+        config, params, tokenizer = _encoder(bfloat16=False)
+        np.save(q_path, embed_texts(config, params, tokenizer, [(q, None) for q in questions], 256, 64))
     vec_path = os.path.join(directory, "passage_vectors.npy")
+    if rows is not None:
+        vectors = chunks_done(cache, name)
+        if len(vectors) < rows:
+            raise SystemExit(f"only {len(vectors)} passages of {name} are embedded so far; rerun "
+                             f"`python -m experiments.bench.compressed_data --corpus={name}` to embed more")
+        return {"passages": _first_rows(passages_path, rows, directory), "questions": questions,
+                "passage_vectors": vectors[:rows], "question_vectors": np.load(q_path), "embed_seconds": float("nan"),
+                "directory": os.path.join(directory, f"first{rows}")}
     if not os.path.exists(vec_path):
         from rag_jax.retrieval import corpus  # pylint: disable=g-import-not-at-top
 
-        config, params, tokenizer = _encoder(bfloat16=False)
+        if config is None:
+            config, params, tokenizer = _encoder(bfloat16=False)
         passages = list(corpus.read_passages(passages_path))
         start = time.time()
         vectors = _embed_in_chunks(name, directory, config, params, tokenizer, passages,
                                    32 if name != "nq_mini" else 256)
-        seconds = time.time() - start
-        q_vectors = embed_texts(config, params, tokenizer, [(q, None) for q in questions], 256, 64)
-        np.save(os.path.join(directory, "question_vectors.npy"), q_vectors)
         with open(os.path.join(directory, "embed.json"), "w") as f:
-            json.dump({"seconds": seconds, "passage_max_length": 32 if name != "nq_mini" else 256}, f)
+            json.dump({"seconds": time.time() - start, "passage_max_length": 32 if name != "nq_mini" else 256}, f)
         np.save(vec_path, vectors)
     with open(os.path.join(directory, "embed.json")) as f:
         made = json.load(f)
     return {"passages": passages_path, "questions": questions, "passage_vectors": np.load(vec_path),
-            "question_vectors": np.load(os.path.join(directory, "question_vectors.npy")),
-            "embed_seconds": made["seconds"], "directory": directory}
+            "question_vectors": np.load(q_path), "embed_seconds": made["seconds"], "directory": directory}
+
+
+def _first_rows(passages_path: str, rows: int, directory: str) -> str:
+    """A passages file of the first `rows` records (written once)."""
+    os.makedirs(os.path.join(directory, f"first{rows}"), exist_ok=True)
+    path = os.path.join(directory, f"first{rows}", "passages.jsonl")
+    if not os.path.exists(path):
+        with open(passages_path) as src, open(path + ".tmp", "w") as dst:
+            for _, line in zip(range(rows), src):
+                dst.write(line)
+        os.replace(path + ".tmp", path)
+    return path
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def rerank_exact(index: index_io.Index, q_QxD: np.ndarray, rows_QxL: np.ndarray,
     """The exact top k among each question's L candidate rows (full-precision vectors from disk); candidates with
     an approximate score of -inf (masked rows, when fewer live rows than L exist) are never picked."""
     vectors = index.gather_rows(np.where(np.isfinite(approx_QxL), rows_QxL, 0), np.float32)
-    exact_QxL = np.einsum("qd,qld->ql", q_QxD, vectors)
+    exact_QxL = np.matmul(vectors, q_QxD[:, :, None])[..., 0]  # batched BLAS, not einsum's loop
     exact_QxL = np.where(np.isfinite(approx_QxL), exact_QxL, -np.inf)
     order = np.argsort(-exact_QxL, axis=1, kind="stable")[:, :k]
     return (np.take_along_axis(rows_QxL, order, axis=1).astype(np.int32),
@@ -217,6 +217,26 @@ def make_sharded_code_topk(mesh: Mesh, kind: str, k: int, *, corpus_axes: str | 
     search = jax.shard_map(local_then_global, mesh=mesh, in_specs=(q_spec, arrays_spec, books_spec),
                            out_specs=(q_spec, q_spec), check_vma=False)
     return search
+
+
+def put_rows(array: np.ndarray, sharding: NamedSharding, rows: int | None = None) -> jax.Array:
+    """A host array (present on every host) padded with zero rows to `rows`, laid out by `sharding` (each device
+    takes its own block)."""
+    rows = array.shape[0] if rows is None else rows
+    padded = np.pad(array, ((0, rows - array.shape[0]),) + ((0, 0),) * (array.ndim - 1))
+    return jax.make_array_from_callback(padded.shape, sharding, lambda index: padded[index])
+
+
+def replace_code_arrays(index: index_io.Index, corpus: dict) -> None:
+    """Puts `index`'s codes into a device corpus's "codes"/"code_scale"/"code_bias" arrays in place: the same
+    capacity and shardings, so the compiled step is reused (an index refresh or update within the capacity)."""
+    capacity = corpus["code_bias"].shape[0]
+    if index.num_passages > capacity:
+        raise merge.SearchError(f"{index.index_dir} holds {index.num_passages} passages, more than the device "
+                                f"corpus' capacity {capacity}; restart the run to compile for the larger index")
+    host = padded_arrays(index_codes.CodeTable(index), index.removed_rows, capacity)
+    for key, value in (("codes", host.codes), ("code_scale", host.scale_N), ("code_bias", host.bias_N)):
+        corpus[key] = put_rows(np.asarray(value), corpus[key].sharding)
 
 
 def sharded_code_arrays(index: index_io.Index, mesh: Mesh, corpus_axes: str | Sequence[str] = "corpus",

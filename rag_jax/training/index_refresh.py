@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rag_jax.retrieval import code_search, embed, exact, index_codes, index_io, multihost, scann_backend
-from rag_jax.training import build, checkpoint, config_check, inputs, workdir as workdir_lib
+from rag_jax.training import build, checkpoint, config_check, workdir as workdir_lib
 from rag_jax.training.lifecycle import log as _log
 
 
@@ -152,7 +152,7 @@ class IndexRefresher:
             raise TypeError(f"index refresh cannot move a {type(retriever.searcher).__name__} to a new index")
         retriever.index = run.index = index
         if "codes" in run.corpus:  # device retrieval of codes: the same capacity, so no recompilation
-            run.corpus.update(inputs.device_code_corpus(index, run.mesh))
+            code_search.replace_code_arrays(index, run.corpus)
         if "embeddings" in run.corpus:  # device retrieval: the same shape, dtype and sharding, so no recompilation
             old = run.corpus["embeddings"]
             run.corpus["embeddings"] = multihost.device_put_rows(index, old.sharding, old.shape[0], old.dtype)

@@ -229,19 +229,13 @@ def device_codes_kind(config) -> str | None:
     return codes_lib.parse_spec(spec).kind if spec and config.retrieval.mode == "device" else None
 
 
-def _put_rows(array: np.ndarray, sharding_: jax.sharding.NamedSharding, rows: int) -> jax.Array:
-    """A host array (present on every host) padded with zero rows to `rows`, laid out by `sharding_`."""
-    padded = np.pad(array, ((0, rows - array.shape[0]),) + ((0, 0),) * (array.ndim - 1))
-    return jax.make_array_from_callback(padded.shape, sharding_, lambda index: padded[index])
-
-
 def device_code_corpus(index, mesh) -> dict[str, jax.Array]:
     """The index's codes split over the corpus axes, padded to codes.capacity rows (so that an update or refresh
     within it reuses the compiled step; padding and removed rows get bias -inf), and pq's codebooks replicated."""
     capacity = codes_lib.capacity(index.num_passages, sharding.corpus_size(mesh))
     table = code_search.index_codes.CodeTable(index)
     host = code_search.padded_arrays(table, index.removed_rows, capacity)
-    put = lambda key, x: _put_rows(np.asarray(x), sharding.named_sharding(mesh, CORPUS_AXES[key]), capacity)
+    put = lambda key, x: code_search.put_rows(np.asarray(x), sharding.named_sharding(mesh, CORPUS_AXES[key]), capacity)
     arrays = {"codes": put("codes", host.codes), "code_scale": put("code_scale", host.scale_N),
               "code_bias": put("code_bias", host.bias_N)}
     if table.codebooks is not None:
