@@ -49,7 +49,7 @@ _DEVICES_PER_HOST = flags.DEFINE_integer(
     "devices_per_host", None, "Accelerators per host of the job that will load the index; default: this host's.",
     lower_bound=1)
 _CODES = flags.DEFINE_string("codes", None, "Also store compressed codes: 'int8' or 'pq:M' (M sub-vectors).")
-_CODES_SAMPLE = flags.DEFINE_integer("codes_sample", 65_536, "pq: rows the codebooks are trained on.", lower_bound=256)
+_CODES_SAMPLE = flags.DEFINE_integer("codes_sample", 16_384, "pq: rows the codebooks are trained on.", lower_bound=256)
 _CODES_SEED = flags.DEFINE_integer("codes_seed", 0, "pq: seed of the training sample and k-means start.", lower_bound=0)
 _ADD = flags.DEFINE_string("add", None, "Passages file to embed and append to the index at --output.")
 _REMOVE = flags.DEFINE_string("remove", None, "File of passage ids (one a line) to remove from the index at --output.")

@@ -39,7 +39,13 @@ def compile_all():
             raise cli.UsageError(str(e)) from None
     for name, topology in topologies:
         print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
-        report = aot.compile_train_step(_CONFIG.value, topology, _INDEX_ROWS.value)
+        try:
+            report = aot.compile_train_step(_CONFIG.value, topology, _INDEX_ROWS.value)
+        except Exception as e:  # pylint: disable=broad-except (the compiler's own out-of-memory verdict is a result)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
+            continue
         print(report.summary(), flush=True)
         print(aot.refresh_summary(_CONFIG.value, report, _REFRESH_PASSAGES.value, utilisation=_UTILISATION.value),
               flush=True)

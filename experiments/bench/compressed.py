@@ -56,7 +56,7 @@ def _float_index(directory: str, passages: str, vectors: np.ndarray, dtype: str)
     return index_io.load_index(target)
 
 
-def _searchers(directory: str, passages: str, vectors: np.ndarray, pq_ms, reranks, sample_size: int = 65_536
+def _searchers(directory: str, passages: str, vectors: np.ndarray, pq_ms, reranks, sample_size: int = 16_384
                ) -> list[tuple[dict, object]]:
     """(row, searcher) for every kind of index and re-rank width; each row says what was built and in how long."""
     from rag_jax.retrieval import code_search, codes, exact, index_codes  # pylint: disable=g-import-not-at-top
@@ -90,7 +90,7 @@ def _search_all(searcher, q: np.ndarray, block: int = 512) -> np.ndarray:
 
 
 def measure(directory: str, passages: str, vectors: np.ndarray, questions: np.ndarray, *, pq_ms, reranks,
-            timed_questions: int, repeats: int, sample_size: int = 65_536) -> list[dict]:
+            timed_questions: int, repeats: int, sample_size: int = 16_384) -> list[dict]:
     """Rows of the table (module docstring) for one corpus; timings interleaved over `repeats` rounds."""
     searchers = _searchers(directory, passages, vectors, pq_ms, reranks, sample_size)
     exact_rows = _search_all(searchers[0][1], questions)

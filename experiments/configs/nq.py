@@ -137,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (M bytes; codebooks trained on codes_sample rows drawn with codes_seed). Device mode then holds the codes
     # instead of the vectors; host mode searches them with retrieval.host_searcher = "codes".
     c.index.codes = ""
-    c.index.codes_sample = 65_536
+    c.index.codes_sample = 16_384
     c.index.codes_seed = 0
     # Re-embed the corpus with the current document encoder every N steps ("0": never, the paper's frozen index),
     # or on an Atlas-style schedule of step ranges, "0-1000:500,1000-:2000" (rag_jax/training/index_refresh.py).
