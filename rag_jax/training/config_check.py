@@ -124,6 +124,8 @@ RULES: dict[str, Any] = {
     "index.batch_size": _POSITIVE, "index.max_length": _POSITIVE, "index.shard_size": _POSITIVE,
     "index.dtype": _Choice(INDEX_DTYPES),
     "index.backend": _Choice(("exact", "scann")),
+    "index.codes": _TEXT, "index.codes_sample": _Number(integer=True, low=256), "index.codes_seed": _COUNT,
+    "retrieval.rerank_from_codes": _COUNT,
     "index.refresh_every": _Type((str, int), "a step count or a schedule such as '0-1000:500,1000-:2000'"),
     "retrieval.mode": _Choice(RETRIEVAL_MODES),
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
