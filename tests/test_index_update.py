@@ -203,3 +203,20 @@ def test_device_code_corpus_takes_updates_in_place_without_recompiling(index_dir
 
 def corpus_lib_passage(i):
     return corpus.Passage(str(i), "", "")
+
+
+def test_scann_built_before_an_add_is_kept_and_joined_with_the_new_rows(index_dir, tmp_path):
+    """ScaNN's searcher of the rows before the first --add stays as it is; the added rows are searched exactly beside
+    it and removed rows are filtered out."""
+    from rag_jax.retrieval import scann_backend  # pylint: disable=g-import-not-at-top
+
+    index = index_io.load_index(index_dir)
+    scann_backend.build_scann_index(index)
+    new = index_update.add_passages(index_dir, write_passages(tmp_path / "n.jsonl", range(5000, 5030)), fake_embed,
+                                    identity(index))
+    (tmp_path / "ids").write_text("9\n")
+    new = index_update.remove_passages(index_dir, str(tmp_path / "ids"))
+    searcher = retriever.make_searcher(new, "scann")
+    rows, _ = searcher.search(fake_embed([corpus.Passage(str(i), "", "") for i in (5012, 40, 9)]), 2)
+    assert [new.passages[int(r)].id for r in rows[:2, 0]] == ["5012", "40"] and new.passages[int(rows[2, 0])].id != "9"
+    assert 9 not in rows
