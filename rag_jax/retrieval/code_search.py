@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rag_jax.retrieval import codes as codes_lib
 from rag_jax.retrieval import exact, index_codes, index_io, merge
 
-QUERY_BLOCK = 128  # questions scored per jitted call (bounds the Q x N score block; one compilation)
+QUERY_BLOCK = 512  # questions scored per jitted call (a Q x ROW_CHUNK block: 512 MB; few compilations)
 ROW_CHUNK = 1 << 18  # rows scored at a time (a Q x ROW_CHUNK block, not Q x N: 21M rows would need 10 GB)
 
 
