@@ -256,7 +256,6 @@ def _updated_copy(hf_space, tmp_path):
     return index
 
 
-@pytest.mark.slow
 def test_bad_updates_of_an_index_are_refused_and_change_nothing(hf_space, tmp_path):
     """--codes that do not divide the dimension, --add of a passage id the index has (or with another encoder),
     --remove of an id it lacks, --add of a missing file: one error line each, the index as it was."""
@@ -282,7 +281,6 @@ def test_bad_updates_of_an_index_are_refused_and_change_nothing(hf_space, tmp_pa
         assert snapshot(index) == before, args
 
 
-@pytest.mark.slow
 def test_codes_add_and_remove_through_the_command_line(hf_space, tmp_path):
     """build_index --codes, --add, --remove, --compact on a built index, then eval_nq searching the codes: the
     added passage is retrievable, the removed one never is."""

@@ -138,7 +138,6 @@ def _update(index_dir, what, path):
     return index_update.remove_passages(index_dir, path)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("what", ["add", "remove"])
 def test_kill_9_during_an_update_leaves_the_old_or_the_new_index(index_dir, tmp_path, what, monkeypatch):
     """kill -9 before renames of an update (the first, a shard or store file half-way, index.json, the version
