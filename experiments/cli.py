@@ -30,6 +30,7 @@ _USER_ERRORS = (
     ("experiments.errors", ("UsageError",)),
     ("rag_jax.data.tokenizers", ("TokenizerError",)),
     ("rag_jax.models.hf_files", ("CheckpointError",)),
+    ("rag_jax.retrieval.code_spec", ("CodesError",)),
     ("rag_jax.retrieval.contexts", ("SplitTokenizationError",)),
     ("rag_jax.retrieval.corpus", ("CorpusError",)),
     ("rag_jax.retrieval.index_io", ("IndexFormatError",)),

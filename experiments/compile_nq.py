@@ -19,6 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/nq.py:p
 _TOPOLOGY = flags.DEFINE_list("topology", ["v4-32"], "TPU accelerator types, e.g. v4-8,v4-32,v5e-16,v6e-16.")
 _REFRESH_PASSAGES = flags.DEFINE_integer("refresh_passages", 21_015_324, "Passages an index refresh re-embeds, for "
                                          "its time on paper (default: DPR's Wikipedia, psgs_w100).")
+_INDEX_ROWS = flags.DEFINE_integer("index_rows", 21_015_300, "Device retrieval (--config.retrieval.mode=device): "
+                                   "passages on the devices, as embeddings or --config.index.codes codes.",
+                                   lower_bound=1)
 _UTILISATION = flags.DEFINE_float("utilisation", 0.5, "Share of the slice's peak FLOPs assumed for step and refresh.")
 
 
@@ -36,7 +39,13 @@ def compile_all():
             raise cli.UsageError(str(e)) from None
     for name, topology in topologies:
         print(f"compiling the {_CONFIG.value.variant} train step for {name} ...", flush=True)
-        report = aot.compile_train_step(_CONFIG.value, topology)
+        try:
+            report = aot.compile_train_step(_CONFIG.value, topology, _INDEX_ROWS.value)
+        except Exception as e:  # pylint: disable=broad-except (the compiler's own out-of-memory verdict is a result)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{name}: DOES NOT FIT: {str(e).splitlines()[0]}", flush=True)
+            continue
         print(report.summary(), flush=True)
         print(aot.refresh_summary(_CONFIG.value, report, _REFRESH_PASSAGES.value, utilisation=_UTILISATION.value),
               flush=True)

@@ -44,7 +44,10 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.", lowe
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rag_jax", "xla"),
     "Directory of XLA's persistent compilation cache (a rerun with the same shapes skips compiling); '' disables.")
-_RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann"], "Search backend.")
+_RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann", "codes"],
+                                "Search backend ('codes': the index's build_index --codes, re-ranked exactly).")
+_RERANK_FROM_CODES = flags.DEFINE_integer("rerank_from_codes", 100, "--retrieval=codes: candidates re-ranked with the "
+                                          "full-precision vectors (0: the codes' own top K).", lower_bound=0)
 _CONTEXTS = flags.DEFINE_enum(
     "contexts", "auto", ["auto", "table", "strings"],
     "How the generator inputs are formed, the same ids either way: 'strings' tokenises each question-passage string "
@@ -148,7 +151,7 @@ def evaluate() -> None:
                                         model.generator_config.vocab_size)
     table = _passage_table(index, pair.generator, model.config.context, len(examples) * n_docs)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value,
-                                   passage_table=table)
+                                   passage_table=table, rerank_from_codes=_RERANK_FROM_CODES.value)
     settings = answering.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,
                                         answer_prefix_space=prefix_space, provenance=_PROVENANCE.value)  # fmt: skip

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from experiments import cli, input_checks, output_checks
 from rag_jax.data import knowledge_task, nq_open, tokenizers
-from rag_jax.retrieval import embed, index_io
+from rag_jax.retrieval import embed, index_codes, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
 from rag_jax.training import build, dev_eval, loop, trained_model, workdir as workdir_lib
 
@@ -142,7 +142,9 @@ def run_demo() -> dict:
     question_tok = tokenizers.load_question_tokenizer(dirs["question"])
     generator_tok = tokenizers.load_generator_tokenizer(dirs["generator"])
     index = index_io.load_index(workdir_lib.index_dir(run_dir))
-    retriever = Retriever(index, question_tok, generator_tok, model.config.context)
+    searcher = config.retrieval.get("host_searcher", "exact")  # "codes" with --config.index.codes (docs/index.md)
+    rerank = int(config.retrieval.get("rerank_from_codes", 0))
+    retriever = Retriever(index, question_tok, generator_tok, model.config.context, searcher, rerank_from_codes=rerank)
     dev = _questions(files["dev_file"])
     config.eval.num_examples = 0
     k = int(config.eval.n_docs)
@@ -167,7 +169,12 @@ def run_demo() -> dict:
         swapped_index = embed.build_index(
             doc_config, doc_params, question_tok, files["swapped_passages"], os.path.join(workdir, "swapped_index"),
             batch_size=config.index.batch_size, max_length=config.index.max_length, dtype=config.index.dtype)
-        swapped = Retriever(swapped_index, question_tok, generator_tok, model.config.context)
+        if index.metadata.get("codes"):  # the swapped corpus encoded with the index's own codebooks
+            swapped_index = index_codes.write_codes(
+                swapped_index, index_codes.spec_of(index.metadata), sample_size=index.metadata["codes"]["sample_size"],
+                seed=index.metadata["codes"]["seed"], codebooks=index_codes.load_codebooks(index))
+        swapped = Retriever(swapped_index, question_tok, generator_tok, model.config.context, searcher,
+                            rerank_from_codes=rerank)
         swapped_records: list[dict] = []
         metrics = dev_eval.evaluate(model, params, swapped, _questions(files["swapped_dev_file"]), config,
                                     swapped_records)

@@ -99,6 +99,17 @@ def test_quick_eval_and_host_rows(quick_rows):
         assert row["speedup"] == pytest.approx(row["steps_per_s"] / rows["host_train"][0]["steps_per_s"])
 
 
+def test_quick_compressed_rows(quick_rows):
+    """Every kind of index is measured; re-ranked codes find exact search's top 10; 21M x 768 memory is computed."""
+    rows = quick_rows[0]["compressed"]
+    measured = {(r["index"], r.get("rerank")) for r in rows if "recall@10" in r}
+    assert {("float32", "-"), ("bfloat16", "-"), ("int8", 0), ("int8", 50), ("pq:8", 0), ("pq:8", 50)} <= measured
+    recall = {(r["index"], r.get("rerank")): r["recall@10"] for r in rows if "recall@10" in r}
+    assert recall[("int8", 50)] >= 0.99 and recall[("pq:8", 50)] > recall[("pq:8", 0)]
+    memory = {r["index"]: r["GB"] for r in rows if "GB" in r}
+    assert memory["float32"] == 64.56 and memory["pq:96"] == 2.02
+
+
 def test_quick_mips_embed_and_mfu_rows(quick_rows):
     rows = quick_rows[0]
     assert {r["method"].split(" ")[0] for r in rows["mips"]} == {"rag_jax", "faiss", "ScaNN"}

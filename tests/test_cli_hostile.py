@@ -74,6 +74,14 @@ START_UP_CASES = [
     ("build_output_is_someones_dir", BUILD + ("--output={tmp}/mine",), ["mine", "holds no index"]),
     ("build_passages_missing", BUILD + ("--passages={tmp}/nothing.tsv",), ["--passages=", "no such file"]),
     ("build_positional_argument", BUILD + ("psgs.tsv",), ["unexpected arguments: psgs.tsv"]),
+    ("build_codes_unknown", BUILD + ("--codes=pq:x",), ["--codes='pq:x'", "pq:M"]),
+    ("build_codes_int4", BUILD + ("--codes=int4",), ["--codes='int4'", "int8"]),
+    ("build_add_to_missing_index", ("experiments.build_index", "--output={tmp}/never", "--encoder={tmp}/no_encoder",
+                                    "--add={tmp}/questions.jsonl"), ["--output=", "never", "no complete index"]),
+    ("build_remove_from_missing_index", ("experiments.build_index", "--output={tmp}/never",
+                                         "--remove={tmp}/old.jsonl"), ["--output=", "never", "no complete index"]),
+    ("build_add_with_passages", BUILD + ("--add={tmp}/questions.jsonl",), ["--passages and --add", "separate runs"]),
+    ("build_nothing_to_do", ("experiments.build_index", "--output={tmp}/never"), ["give --passages", "--add"]),
     # train_nq: every config field's type and range, combinations, the workdir, the process flags
     ("train_negative_lr", TRAIN + ("--config.optim.learning_rate=-0.001",), ["optim.learning_rate=-0.001", "> 0"]),
     ("train_zero_steps", TRAIN + ("--config.train.steps=0",), ["train.steps=0", ">= 1"]),
@@ -85,6 +93,9 @@ START_UP_CASES = [
     ("train_recall_ks", TRAIN + ("--config.eval.recall_ks=(0,)",), ["eval.recall_ks"]),
     ("train_index_dtype", TRAIN + ("--config.index.dtype=float64",), ["index.dtype='float64'", "bfloat16"]),
     ("train_seed", TRAIN + ("--config.seed=-1",), ["seed=-1"]),
+    ("train_index_codes", TRAIN + ("--config.index.codes=pq:0",), ["config index.codes='pq:0'", "pq:M"]),
+    ("train_codes_searcher_without_codes", TRAIN + ("--config.retrieval.host_searcher=codes",),
+     ["host_searcher='codes'", "index.codes"]),
     ("train_heads_split", TRAIN + ("--config.model.generator.d_model=31",), ["model.generator.d_model=31",
                                                                             "model.generator.heads"]),
     ("train_longer_than_positions", TRAIN + ("--config.data.max_question_length=1000",),
@@ -167,6 +178,66 @@ def test_non_finite_rows_never_reach_a_search_and_the_output_survives(hf_space, 
     refused(done, "embeddings-00001.npy", "row 19", "non-finite", "build_index")
     assert output.read_text() == "an earlier evaluation\n"
     assert sorted(os.listdir(tmp_path)) == ["index", "predictions.jsonl"]
+
+
+def _updated_copy(hf_space, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(hf_space / "index", index)
+    return index
+
+
+def test_bad_updates_of_an_index_are_refused_and_change_nothing(hf_space, tmp_path):
+    """--codes that do not divide the dimension, --add of a passage id the index has (or with another encoder),
+    --remove of an id it lacks, --add of a missing file: one error line each, the index as it was."""
+    index = _updated_copy(hf_space, tmp_path)
+    first = next(corpus.read_passages(hf_space / "passages.tsv"))
+    write_jsonl(tmp_path / "dup.jsonl", [{"id": "new-1", "title": "t", "text": "a new passage"},
+                                         {"id": first.id, "title": first.title, "text": first.text}])
+    (tmp_path / "ids.txt").write_text(f"{first.id}\nno-such-passage\n")
+    other = tmp_path / "other_ctx"
+    shutil.copytree(hf_space / "ctx", other)
+    with open(other / "config.json") as f:
+        config = json.load(f)
+    (other / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-5}))
+    before = snapshot(index)
+    update = ("experiments.build_index", f"--output={index}")
+    for args, culprits in (
+            (("--codes=pq:7",), ["--codes=pq:7", "does not divide"]),
+            ((f"--encoder={hf_space}/ctx", f"--add={tmp_path}/dup.jsonl"), ["dup.jsonl", "passage 2", first.id]),
+            ((f"--encoder={other}", f"--add={tmp_path}/dup.jsonl"), ["encoder_id"]),
+            ((f"--remove={tmp_path}/ids.txt",), ["ids.txt:2", "no-such-passage"]),
+            ((f"--encoder={hf_space}/ctx", f"--add={tmp_path}/nothing.jsonl"), ["--add=", "no such file"])):
+        refused(run(*update, *args), *culprits)
+        assert snapshot(index) == before, args
+
+
+def test_codes_add_and_remove_through_the_command_line(hf_space, tmp_path):
+    """build_index --codes, --add, --remove, --compact on a built index, then eval_nq searching the codes: the
+    added passage is retrievable, the removed one never is."""
+    from rag_jax.retrieval import index_io, retriever  # pylint: disable=g-import-not-at-top
+
+    index = _updated_copy(hf_space, tmp_path)
+    update = ("experiments.build_index", f"--output={index}", f"--encoder={hf_space}/ctx", "--batch_size=16")
+    assert run(*update, "--codes=int8").returncode == 0
+    write_jsonl(tmp_path / "new.jsonl", [{"id": "new-1", "title": "Zorblat", "text": "Zorblat was born in Quito."}])
+    done = run(*update, f"--add={tmp_path}/new.jsonl")
+    assert done.returncode == 0 and "41 passages" in done.stdout, done.stderr[-2000:]
+    first = next(corpus.read_passages(hf_space / "passages.tsv"))
+    (tmp_path / "ids.txt").write_text(f"{first.id}\n")
+    assert run(*update, f"--remove={tmp_path}/ids.txt").returncode == 0
+    loaded = index_io.load_index(str(index))
+    assert loaded.identity["index_version"] == 2 and loaded.passages[40].id == "new-1"
+    vectors = loaded.read_rows(0, 41)
+    rows, _ = retriever.make_searcher(loaded, "codes", 41).search(vectors[[0, 40]], 3)  # every row re-ranked
+    want = 1 + np.argsort(-(vectors[[0, 40]] @ vectors[1:].T), axis=1, kind="stable")[:, :3]  # the live rows' best
+    np.testing.assert_array_equal(rows, want)
+    output = tmp_path / "predictions.jsonl"
+    done = run("experiments.eval_nq", f"--model={hf_space}/rag", f"--index={index}", "--retrieval=codes",
+               f"--questions={hf_space}/questions.jsonl", f"--output={output}", "--n_docs=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(first.id not in json.loads(line)["doc_ids"] for line in output.read_text().splitlines())
+    assert run(*update, "--compact").returncode == 0
+    assert index_io.load_index(str(index)).num_passages == 40
 
 
 # ---------------------------------------------------------------------------------------------------- a run

@@ -1,6 +1,6 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu,compressed
       [--quick] [--sizes=tiny,small] [--generators=bart,t5] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
@@ -20,6 +20,10 @@ Sub-benchmarks:
   mfu         accelerators only: the `paper` (and `paper_t5`) config step in bf16 as a fraction of the device's
               peak FLOP/s (model FLOPs from rag_jax/training/flops.py), and exact MIPS bytes/second as a fraction of
               HBM bandwidth
+
+  compressed  float32 / bfloat16 exact search vs int8 and pq:M codes with and without an exact re-rank: bytes per
+              passage, build seconds, questions/s, recall@10 and identical top-10 share against exact float32 (NQ-mini
+              passages; `python -m experiments.bench.compressed --corpus=knowledge200k` for 200k); memory for 21M x 768
 
 Every sub-benchmark prints a table and appends one JSON line per row to --results. Figures are steady-state
 (after warm-up, so compilation is excluded) medians of repeats; ratios are reference time / rag_jax time, so > 1

@@ -133,6 +133,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.index.shard_size = 100_000  # rows per embeddings file
     c.index.dtype = "float32"  # stored embedding dtype: float32, float16 or bfloat16
     c.index.backend = "exact"  # also build a ScaNN searcher ("scann") or not ("exact")
+    # Compressed codes kept beside the vectors (docs/index.md): "" none, "int8" (D + 4 bytes a passage) or "pq:M"
+    # (M bytes; codebooks trained on codes_sample rows drawn with codes_seed). Device mode then holds the codes
+    # instead of the vectors; host mode searches them with retrieval.host_searcher = "codes".
+    c.index.codes = ""
+    c.index.codes_sample = 16_384
+    c.index.codes_seed = 0
     # Re-embed the corpus with the current document encoder every N steps ("0": never, the paper's frozen index),
     # or on an Atlas-style schedule of step ranges, "0-1000:500,1000-:2000" (rag_jax/training/index_refresh.py).
     c.index.refresh_every = "0"
@@ -140,7 +146,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retrieval = ml_collections.ConfigDict()
     c.retrieval.mode = "host"  # "host": search on the host between question encoding and the step; "device":
     #                             exact MIPS inside the step over the index sharded across all devices
-    c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device) or "scann" (CPU)
+    c.retrieval.host_searcher = "exact"  # host mode and evaluation: "exact" (one device), "scann" (CPU) or "codes"
+    # host_searcher "codes": the best L candidates by their codes are re-ranked with the full-precision vectors on
+    # disk, so the K kept are the exact top K of those L (0: the codes' own top K).
+    c.retrieval.rerank_from_codes = 100
     # How host retrieval (host mode and evaluation) forms the generator inputs, the same ids either way: "strings"
     # tokenises every "title / text // question" (as the reference); "table" glues them from the passage token
     # table cached in the index directory (what device mode assembles from; the host side of a step ~20x smaller);

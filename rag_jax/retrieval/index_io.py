@@ -41,10 +41,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rag_jax.retrieval import corpus
+from rag_jax.retrieval import corpus, passage_segments
 
 INDEX_VERSION = 1
 METADATA_FILE = "index.json"
+# An updated index (index_update.py): this file in the index directory names the version directory to read.
+CURRENT_FILE = "CURRENT"
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # How each dtype is stored in .npy (bfloat16 has no .npy type code, so its bits go in as uint16).
@@ -109,13 +111,29 @@ def read_json(path: str) -> dict[str, Any] | None:
         raise IndexFormatError(f"{path}: not valid JSON ({e}); delete the index directory and rebuild it") from None
 
 
+def current_dir(index_dir: str) -> str:
+    """The directory holding the index.json to read: the version CURRENT names after an update, else index_dir."""
+    pointer = os.path.join(index_dir, CURRENT_FILE)
+    if not os.path.exists(pointer):
+        return index_dir
+    with open(pointer) as f:
+        return os.path.join(index_dir, f.read().strip())
+
+
 def read_metadata(index_dir: str) -> dict[str, Any] | None:
-    return read_json(os.path.join(index_dir, METADATA_FILE))
+    """The metadata of the index's current version (the directory's own index.json unless updated since)."""
+    return read_json(os.path.join(current_dir(index_dir), METADATA_FILE))
 
 
 def identity(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The identity fields an index's metadata records (an older index records fewer)."""
-    return {field: metadata[field] for field in IDENTITY_FIELDS if field in metadata}
+    """The identity fields an index's metadata records (an older index records fewer), plus, for the record (not
+    compared by identity_mismatch: the vectors are the same), its codes and the update version."""
+    found = {field: metadata[field] for field in IDENTITY_FIELDS if field in metadata}
+    if metadata.get("codes"):
+        found["codes"] = {k: metadata["codes"].get(k) for k in ("spec", "sample_size", "seed", "codebooks_sha256")}
+    if metadata.get("update"):
+        found["index_version"] = metadata["update"]["version"]
+    return found
 
 
 def identity_mismatch(recorded: dict[str, Any], expected: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -187,7 +205,17 @@ class Index:
         return rows
 
     def shard_path(self, i: int) -> str:
-        return os.path.join(self.index_dir, self.shard_entries[i]["file"])
+        return os.path.normpath(os.path.join(self.index_dir, self.shard_entries[i]["file"]))
+
+    @property
+    def removed_rows(self) -> np.ndarray:
+        """Sorted int64 rows an update removed (build_index --remove): never to be returned by a search."""
+        record = self.metadata.get("removed")
+        if not record:
+            return np.zeros(0, np.int64)
+        if not hasattr(self, "_removed"):
+            self._removed = np.load(os.path.join(self.index_dir, record["file"])).astype(np.int64)
+        return self._removed
 
     def shard_problem(self, i: int) -> str | None:
         """Why shard i cannot be read as this index says (missing, wrong shape or dtype), or None if it can."""
@@ -279,7 +307,7 @@ def load_index(index_dir: str | os.PathLike, expected_encoder: str | None = None
     must match the one recorded). check_shards: open and check every shard file now; pass False on a pod whose
     hosts each hold only their own shard files (the sharded loaders check each host's rows before using them).
     """
-    index_dir = os.fspath(index_dir)
+    index_dir = current_dir(os.fspath(index_dir))
     where = os.path.join(index_dir, METADATA_FILE)
     meta = read_metadata(index_dir)
     if meta is None:
@@ -314,12 +342,9 @@ def load_index(index_dir: str | os.PathLike, expected_encoder: str | None = None
     if next_row != meta["num_passages"]:
         raise IndexFormatError(f"{where}: shards hold {next_row} rows but num_passages={meta['num_passages']}; "
                                "rebuild the index")
-    path = meta["passages_path"] if passages_path is None else os.fspath(passages_path)
-    try:
-        store = corpus.PassageStore(path, index_dir)
-    except corpus.CorpusError as e:
-        raise IndexFormatError(f"{where}: passages file: {e}; pass passages_path= if the file moved") from None
-    if store.metadata["fingerprint"] != meta["passages_fingerprint"] or store.num_passages != meta["num_passages"]:
+    store = _passage_store(index_dir, meta, where, passages_path)
+    if "segments" not in meta and store.metadata["fingerprint"] != meta["passages_fingerprint"] or \
+            store.num_passages != meta["num_passages"]:
         raise IndexFormatError(f"{where}: the passage store in {index_dir} ({store.num_passages} passages) does not "
                                f"match num_passages={meta['num_passages']}/passages_fingerprint; rebuild the index")
     index = Index(index_dir, meta, store)
@@ -328,3 +353,17 @@ def load_index(index_dir: str | os.PathLike, expected_encoder: str | None = None
         if problems:
             raise IndexFormatError(f"{where}: {problems[0]}; restore it or rebuild the index")
     return index
+
+
+def _passage_store(index_dir: str, meta: dict[str, Any], where: str, passages_path=None):
+    """The index's passages: one file's store, or (after --add) one store per segment read as one."""
+    segments = meta.get("segments") or [{"passages_path": meta["passages_path"], "store_dir": "."}]
+    stores = []
+    for i, segment in enumerate(segments):
+        path = os.path.join(index_dir, segment["passages_path"]) if passages_path is None or i else \
+            os.fspath(passages_path)
+        try:
+            stores.append(corpus.PassageStore(path, os.path.normpath(os.path.join(index_dir, segment["store_dir"]))))
+        except corpus.CorpusError as e:
+            raise IndexFormatError(f"{where}: passages file: {e}; pass passages_path= if the file moved") from None
+    return stores[0] if len(stores) == 1 else passage_segments.SegmentedStore(stores)

@@ -15,7 +15,7 @@ import numpy as np
 from rag_jax.retrieval import corpus
 from rag_jax.retrieval.index_io import (DTYPES, INDEX_FILE_PREFIXES, INDEX_VERSION, LAYOUT_FIELDS, METADATA_FILE,
                                         RECORDED_IDENTITY, STORAGE_DTYPES, IndexFormatError, host_progress_file,
-                                        host_rows, read_json, read_metadata, shard_layout, write_metadata)
+                                        host_rows, read_json, shard_layout, write_metadata)
 
 
 class IndexWriter:
@@ -71,7 +71,7 @@ class IndexWriter:
             self.output_dir, METADATA_FILE if num_hosts == 1 else host_progress_file(host_index, num_hosts))
         # Check a previous run's metadata before (re)building the passage store, which would overwrite its own.
         old = read_json(self._progress_path)
-        for previous in (old, read_metadata(self.output_dir)):
+        for previous in (old, read_json(os.path.join(self.output_dir, METADATA_FILE))):
             if previous is not None:
                 self._check_resumable(previous, num_passages_known=num_passages is not None)
         self.passages = corpus.PassageStore.build(passages_path, self.output_dir)
@@ -204,7 +204,7 @@ class IndexWriter:
         """Writes the complete index.json of the whole layout (call once every host's part is on disk)."""
         meta = {k: v for k, v in self.metadata.items() if k not in ("host_index", "host_rows")}
         meta.update(shards=self._layout, complete=True)
-        old = read_metadata(self.output_dir)
+        old = read_json(os.path.join(self.output_dir, METADATA_FILE))
         if old is not None and old.get("complete"):
             meta["backends"] = old.get("backends", {})  # A rerun keeps the searchers built since.
         self.metadata = meta if self.num_hosts == 1 else self.metadata

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from rag_jax.retrieval import contexts, corpus, embed, exact, index_io, merge, scann_backend
+from rag_jax.retrieval import code_search, contexts, corpus, embed, exact, index_io, merge, scann_backend
 
 
 @dataclasses.dataclass
@@ -32,13 +32,24 @@ class Retrieved:
         return [[p.id for p in row] for row in self.passages]
 
 
-def make_searcher(index: index_io.Index, backend: str = "exact") -> merge.Searcher:
-    """Exact inner-product search on the default device, or the ScaNN searcher saved in the index directory."""
+def make_searcher(index: index_io.Index, backend: str = "exact", rerank_from_codes: int = 0) -> merge.Searcher:
+    """Exact inner-product search on the default device, the ScaNN searcher saved in the index directory, or
+    search on the index's codes ("codes") with an exact re-rank of the best `rerank_from_codes` candidates. Rows an
+    update removed are never returned; ScaNN built before an --add is joined with exact search of the new rows."""
+    if backend == "codes":
+        return code_search.CodeSearcher(index, rerank_from_codes)
     if backend == "exact":
-        return exact.ExactSearcher(index)
-    if backend == "scann":
-        return scann_backend.load_scann_index(index)
-    raise ValueError(f"retrieval backend must be 'exact' or 'scann', got {backend!r}")
+        searcher = exact.ExactSearcher(index)
+    elif backend == "scann":
+        base_rows = (index.metadata.get("update") or {}).get("base_rows", index.num_passages)
+        if base_rows == index.num_passages and not index.metadata.get("update"):
+            searcher = scann_backend.load_scann_index(index)
+        else:  # the searcher of the root directory covers the rows before the first --add
+            searcher = code_search.AppendedSearcher(scann_backend.load_base_scann(index, base_rows), index) \
+                if base_rows < index.num_passages else scann_backend.load_base_scann(index, base_rows)
+    else:
+        raise ValueError(f"retrieval backend must be 'exact', 'scann' or 'codes', got {backend!r}")
+    return code_search.MaskedSearcher(searcher, index) if len(index.removed_rows) else searcher
 
 
 @dataclasses.dataclass
@@ -62,12 +73,14 @@ class Retriever:
         doc_tokenizer=None,
         doc_max_length: int | None = None,
         passage_table: np.ndarray | None = None,
+        rerank_from_codes: int = 0,
     ):
         """doc_tokenizer, doc_max_length: return each passage's document-encoder tokens too, truncated to and padded
         to doc_max_length (a fixed length: the training step compiles once; [PAD] columns change no pooled vector).
         passage_table: the index's passage token table (contexts.host_context_table): the generator inputs are glued
-        from its rows (contexts.table_generator_inputs: the same ids, less host time) instead of tokenised strings."""
-        self._searched = _Searched(index, make_searcher(index, backend))
+        from its rows (contexts.table_generator_inputs: the same ids, less host time) instead of tokenised strings.
+        rerank_from_codes: with backend "codes", the candidates re-ranked exactly (make_searcher)."""
+        self._searched = _Searched(index, make_searcher(index, backend, rerank_from_codes))
         self.doc_tokenizer, self.doc_max_length = doc_tokenizer, doc_max_length
         self.passage_table = passage_table
         self.question_tokenizer = question_tokenizer

@@ -161,5 +161,15 @@ def load_scann_index(index: index_io.Index) -> ScannSearcher:
     return searcher
 
 
+def load_base_scann(index: index_io.Index, base_rows: int) -> ScannSearcher:
+    """The ScaNN searcher of an updated index's root directory, which covers its first `base_rows` rows."""
+    root = os.path.normpath(os.path.join(index.index_dir, "..", ".."))
+    searcher = ScannSearcher.load(os.path.join(root, SCANN_DIR))
+    if (searcher.num_passages, searcher.dim, searcher.row_offset) != (base_rows, index.dim, 0):
+        raise index_io.IndexFormatError(f"{root}/{SCANN_DIR}: ScaNN searcher covers {searcher.num_passages} rows, the "
+                                        f"index before its updates {base_rows}; rebuild it with build_scann_index")
+    return searcher
+
+
 def _backend_record(searcher: ScannSearcher) -> dict[str, Any]:
     return {"dir": SCANN_DIR, "config": dataclasses.asdict(searcher.config), "num_passages": searcher.num_passages}

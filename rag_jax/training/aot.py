@@ -194,8 +194,39 @@ def refresh_summary(config: ml_collections.ConfigDict, report: CompileReport, nu
             f"less often costs <= {share:.0%} of training time")
 
 
-def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) -> CompileReport:
-    """Lowers and compiles the training step of `config` (host retrieval inputs) for `topology`."""
+def abstract_device_corpus(config: ml_collections.ConfigDict, model, mesh, num_passages: int
+                           ) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of device retrieval's corpus for `num_passages` rows (inputs.device_corpus's arrays): the
+    embeddings in index.dtype, or with index.codes the codes (capacity rows, codes.capacity), and the passage token
+    table (+ the document-encoder tokens end to end)."""
+    from rag_jax.retrieval import code_spec, codes as codes_lib, contexts  # pylint: disable=g-import-not-at-top
+
+    shards, dim = sharding.corpus_size(mesh), model.question_encoder_config.output_dim
+    place = lambda key, shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(
+        mesh, inputs.CORPUS_AXES[key]))
+    width = 1 + contexts.table_width(model.config.context)
+    if config.index.get("codes"):
+        spec = code_spec.parse_spec(config.index.codes, "config index.codes")
+        n = codes_lib.capacity(num_passages, shards)
+        corpus = {"codes": place("codes", (n, spec.bytes_per_row(dim) - 4 if spec.kind == "int8" else spec.m),
+                                 jnp.int8 if spec.kind == "int8" else jnp.uint8),
+                  "code_scale": place("code_scale", (n,), jnp.float32), "code_bias": place("code_bias", (n,), jnp.float32)}
+        if spec.kind == "pq":
+            corpus["codebooks"] = place("codebooks", (spec.m, codes_lib.NUM_CENTROIDS, dim // spec.m), jnp.float32)
+    else:
+        n = -(-num_passages // shards) * shards
+        dtype = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}[config.index.dtype]
+        corpus = {"embeddings": place("embeddings", (n, dim), dtype)}
+    corpus["tokens"] = place("tokens", (n, width), jnp.int32)
+    if model.trains_doc_encoder:
+        corpus["doc_tokens"] = place("doc_tokens", (n, 1 + 2 * config.index.max_length), jnp.int32)
+    return corpus
+
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: Topology, num_passages: int = 21_015_300
+                       ) -> CompileReport:
+    """Lowers and compiles the training step of `config` for `topology`: host retrieval inputs, or in device mode
+    (retrieval.mode) the corpus of `num_passages` rows on the devices (its embeddings, or index.codes' codes)."""
     config = sizes_only(config)
     devices = topology.devices()
     mesh = sharding.mesh_from_config(config.mesh, devices=devices)
@@ -203,11 +234,18 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: Topology) ->
     model = build.build_rag(config, load_weights=False).rag
     tx = optim.make_optimizer(config)
     abstract_state, state_shardings = step_lib.state_layout(model, tx, mesh)
-    keys = inputs.HOST_KEYS + (inputs.DOC_TOKEN_KEYS if model.trains_doc_encoder else ())
-    step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, keys)
+    corpus = {}
+    if config.retrieval.mode == "device":
+        corpus = abstract_device_corpus(config, model, mesh, num_passages)
+        keys = inputs.DEVICE_KEYS
+        step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, keys,
+                                        {key: x.sharding for key, x in corpus.items()}, num_passages)
+    else:
+        keys = inputs.HOST_KEYS + (inputs.DOC_TOKEN_KEYS if model.trains_doc_encoder else ())
+        step = step_lib.make_train_step(model, tx, config, mesh, state_shardings, keys)
     batch = abstract_batch(config, model, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-    compiled = step.lower(abstract_state, batch, rng, {}).compile()
+    compiled = step.lower(abstract_state, batch, rng, corpus).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -234,6 +272,12 @@ def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, 
         "doc_embeds": (b, k, model.question_encoder_config.output_dim),
         "doc_rows": (b, k),
     }
+    if config.retrieval.mode == "device":  # questions only: the step retrieves and assembles the rest
+        from rag_jax.retrieval import contexts  # pylint: disable=g-import-not-at-top
+
+        width = contexts.table_width(model.config.context)
+        shapes = {key: shapes[key] for key in ("question_input_ids", "question_attention_mask", "labels", "gold_row")}
+        shapes.update(question_gen_ids=(b, width), question_gen_length=(b,))
     if model.trains_doc_encoder:  # the passages' document-encoder tokens, index.max_length of them
         shapes.update({key: (b, k, config.index.max_length) for key in inputs.DOC_TOKEN_KEYS})
     return {

@@ -21,7 +21,7 @@ from rag_jax import rag
 from rag_jax.data import nq_open
 from rag_jax.data import tokenizers as tk
 from rag_jax.models import bart, bert, hf, t5
-from rag_jax.retrieval import embed, index_io, scann_backend
+from rag_jax.retrieval import code_spec, embed, index_codes, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.training import streams, workdir as workdir_lib
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
@@ -291,4 +291,7 @@ def ensure_index(config: ml_collections.ConfigDict, workdir: str, doc_config: be
             shard_size=config.index.shard_size, dtype=config.index.dtype, backend="exact", progress=progress)
     if config.index.backend == "scann" and "scann" not in index.metadata.get("backends", {}):
         scann_backend.build_scann_index(index)
+    if config.index.get("codes") and not (index.metadata.get("codes") or {}).get("complete"):
+        index = index_codes.write_codes(index, code_spec.parse_spec(config.index.codes, "config index.codes"),
+                                        sample_size=config.index.codes_sample, seed=config.index.codes_seed)
     return index

@@ -17,9 +17,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from rag_jax.retrieval import code_spec as codes_lib
+
 LOSSES = ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
-HOST_SEARCHERS = ("exact", "scann")
+HOST_SEARCHERS = ("exact", "scann", "codes")
 HOST_CONTEXTS = ("auto", "table", "strings")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("float32", "float16", "bfloat16")
@@ -136,6 +138,8 @@ RULES: dict[str, Any] = {
     "index.batch_size": _POSITIVE, "index.max_length": _POSITIVE, "index.shard_size": _POSITIVE,
     "index.dtype": _Choice(INDEX_DTYPES),
     "index.backend": _Choice(("exact", "scann")),
+    "index.codes": _TEXT, "index.codes_sample": _Number(integer=True, low=256), "index.codes_seed": _COUNT,
+    "retrieval.rerank_from_codes": _COUNT,
     "index.refresh_every": _Type((str, int), "a step count or a schedule such as '0-1000:500,1000-:2000'"),
     "retrieval.mode": _Choice(RETRIEVAL_MODES),
     "retrieval.host_searcher": _Choice(HOST_SEARCHERS),
@@ -259,6 +263,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config retrieval.learn_score_scale=True trains the scale with q(x), which "
                           "optim.question_encoder_lr_scale=0 freezes; set --config.optim.question_encoder_lr_scale "
                           "above 0 or --config.retrieval.learn_score_scale=false")
+    codes = config.index.get("codes", "")  # (absent from configs saved before it)
+    if codes:
+        try:
+            codes_lib.parse_spec(codes, "config index.codes")
+        except codes_lib.CodesError as e:
+            raise ConfigError(str(e) + " (or '' for none)") from None
+    if config.retrieval.host_searcher == "codes" and not codes:
+        raise ConfigError("config retrieval.host_searcher='codes' needs index.codes ('int8' or 'pq:M'): the codes are "
+                          "built with the index")
     if config.retrieval.stale_prefetch and config.retrieval.mode != "host":
         raise ConfigError(f"config retrieval.stale_prefetch=True needs retrieval.mode='host' (mode "
                           f"{config.retrieval.mode!r} retrieves inside the step, with the current parameters); "

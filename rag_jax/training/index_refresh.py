@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rag_jax.retrieval import embed, exact, index_io, multihost, scann_backend
+from rag_jax.retrieval import code_search, embed, exact, index_codes, index_io, multihost, scann_backend
 from rag_jax.training import build, checkpoint, config_check, workdir as workdir_lib
 from rag_jax.training.lifecycle import log as _log
 
@@ -120,6 +120,14 @@ class IndexRefresher:
             encoder_id=identity["encoder_id"], batch_size=c.index.batch_size, max_length=c.index.max_length,
             shard_size=c.index.shard_size, dtype=c.index.dtype, backend="exact", progress=False, all_hosts=True,
             devices=mesh_devices)
+        old_codes = self.run.index.metadata.get("codes")
+        if old_codes:  # the codes re-encoded with the same codebooks (never retrained), so code scores stay comparable
+            if jax.process_index() == 0:
+                index_codes.write_codes(index, index_codes.spec_of(self.run.index.metadata),
+                                        sample_size=old_codes["sample_size"], seed=old_codes["seed"],
+                                        codebooks=index_codes.load_codebooks(self.run.index))
+            self._barrier("index refresh: codes written")
+            index = index_io.load_index(target, check_shards=False)
         if isinstance(self.run.retriever.searcher, scann_backend.ScannSearcher):
             # As build.ensure_index does for the first index: one searcher over the whole index, built once.
             if jax.process_index() == 0:
@@ -136,13 +144,15 @@ class IndexRefresher:
         """Moves the run's retrieval (host searcher, device corpus) to a complete `index`."""
         run = self.run
         retriever = run.retriever
-        if isinstance(retriever.searcher, exact.ExactSearcher):
-            retriever.searcher.swap_index(index)  # the same N x D and dtype: no recompilation
+        if isinstance(retriever.searcher, (exact.ExactSearcher, code_search.CodeSearcher)):
+            retriever.searcher.swap_index(index)  # the same N x D and dtype (codes, codebooks): no recompilation
         elif isinstance(retriever.searcher, scann_backend.ScannSearcher):
             retriever.searcher = scann_backend.load_scann_index(index)
         else:
             raise TypeError(f"index refresh cannot move a {type(retriever.searcher).__name__} to a new index")
         retriever.index = run.index = index
+        if "codes" in run.corpus:  # device retrieval of codes: the same capacity, so no recompilation
+            code_search.replace_code_arrays(index, run.corpus)
         if "embeddings" in run.corpus:  # device retrieval: the same shape, dtype and sharding, so no recompilation
             old = run.corpus["embeddings"]
             run.corpus["embeddings"] = multihost.device_put_rows(index, old.sharding, old.shape[0], old.dtype)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.data import prefetch
-from rag_jax.retrieval import contexts, embed, multihost
+from rag_jax.retrieval import code_search, codes as codes_lib, contexts, embed, multihost
 from rag_jax.retrieval.retriever import Retriever
 
 # Logical axes of every array a step can receive (host retrieval fills the context/doc entries, device retrieval the
@@ -42,7 +42,10 @@ BATCH_AXES = {
     "doc_token_type_ids": ("batch", "docs", "length"),
 }
 # tokens: length, generator ids; doc_tokens (end-to-end training only): length, doc-encoder ids, token types
-CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length"), "doc_tokens": ("corpus", "length")}
+CORPUS_AXES = {"embeddings": ("corpus", "embed"), "tokens": ("corpus", "length"), "doc_tokens": ("corpus", "length"),
+               # a compressed index (index.codes) in device mode: codes.CodeArrays' fields, and pq's codebooks
+               "codes": ("corpus", "embed"), "code_scale": ("corpus",), "code_bias": ("corpus",),
+               "codebooks": (None, None, None)}
 HOST_KEYS = ("question_input_ids", "question_attention_mask", "labels", "gold_row", "context_input_ids",
              "context_attention_mask", "doc_embeds", "doc_rows")
 DOC_TOKEN_KEYS = ("doc_input_ids", "doc_attention_mask", "doc_token_type_ids")
@@ -220,8 +223,29 @@ def candidates(config) -> int:
     return int(config.retrieval.get("rerank_candidates", 0)) or int(config.model.n_docs)
 
 
+def device_codes_kind(config) -> str | None:
+    """'int8' or 'pq' when device mode holds the index's codes (config index.codes set), else None."""
+    spec = config.index.get("codes", "")  # (absent from configs saved before it)
+    return codes_lib.parse_spec(spec).kind if spec and config.retrieval.mode == "device" else None
+
+
+def device_code_corpus(index, mesh) -> dict[str, jax.Array]:
+    """The index's codes split over the corpus axes, padded to codes.capacity rows (so that an update or refresh
+    within it reuses the compiled step; padding and removed rows get bias -inf), and pq's codebooks replicated."""
+    capacity = codes_lib.capacity(index.num_passages, sharding.corpus_size(mesh))
+    table = code_search.index_codes.CodeTable(index)
+    host = code_search.padded_arrays(table, index.removed_rows, capacity)
+    put = lambda key, x: code_search.put_rows(np.asarray(x), sharding.named_sharding(mesh, CORPUS_AXES[key]), capacity)
+    arrays = {"codes": put("codes", host.codes), "code_scale": put("code_scale", host.scale_N),
+              "code_bias": put("code_bias", host.bias_N)}
+    if table.codebooks is not None:
+        arrays["codebooks"] = jax.device_put(table.codebooks, sharding.named_sharding(mesh, CORPUS_AXES["codebooks"]))
+    return arrays
+
+
 def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
-                  doc_max_length: int | None = None) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+                  doc_max_length: int | None = None, codes: bool = False
+                  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The index embeddings and the passage token table (length + tokens), rows split over all devices and padded
     to a multiple of them; every host reads only its devices' rows. With a `doc_tokenizer` (end-to-end training)
     also every passage's document-encoder tokens (embed.doc_token_table). Refuses (SplitTokenizationError) a
@@ -231,10 +255,17 @@ def device_corpus(index, mesh, generator_tokenizer, fmt, *, doc_tokenizer=None,
                            "passage_token_table")
     shards = sharding.corpus_size(mesh)
     n_padded = -(-index.num_passages // shards) * shards
-    keys = tuple(CORPUS_AXES) if doc_tokenizer is not None else ("embeddings", "tokens")
+    if codes:  # codes instead of the embeddings; every corpus array padded to the codes' capacity
+        n_padded = codes_lib.capacity(index.num_passages, shards)
+        arrays = {**device_code_corpus(index, mesh),
+                  "tokens": multihost.device_put_rows(table, sharding.named_sharding(mesh, CORPUS_AXES["tokens"]),
+                                                      n_padded)}
+    else:
+        arrays = {"embeddings": multihost.device_put_rows(index, sharding.named_sharding(mesh, CORPUS_AXES[
+            "embeddings"]), n_padded), "tokens": multihost.device_put_rows(
+                table, sharding.named_sharding(mesh, CORPUS_AXES["tokens"]), n_padded)}
+    keys = tuple(arrays) + (("doc_tokens",) if doc_tokenizer is not None else ())
     shardings = {key: sharding.named_sharding(mesh, CORPUS_AXES[key]) for key in keys}
-    arrays = {"embeddings": multihost.device_put_rows(index, shardings["embeddings"], n_padded),
-              "tokens": multihost.device_put_rows(table, shardings["tokens"], n_padded)}
     if doc_tokenizer is not None:
         # Tokenised in memory on every host (not cached in the index directory like the generator table).
         doc_table = embed.doc_token_table(doc_tokenizer, index.passages.get(np.arange(index.num_passages)),

@@ -115,6 +115,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
                       ) if model.trains_doc_encoder else {}
     retriever = Retriever(index, tokenizers.question, tokenizers.generator, model.config.context,
                           config.retrieval.host_searcher, **doc_tokens,
+                          rerank_from_codes=int(config.retrieval.get("rerank_from_codes", 0)),
                           passage_table=inputs.host_context_table(config, index, tokenizers.generator,
                                                                   model.config.context))  # fmt: skip
 
@@ -123,7 +124,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     corpus, corpus_shardings = {}, {}
     if config.retrieval.mode == "device":
         corpus, corpus_shardings = inputs.device_corpus(index, mesh, tokenizers.generator, model.config.context,
-                                                        **doc_tokens)
+                                                        **doc_tokens, codes=inputs.device_codes_kind(config) is not None)
     encode = inputs.make_encode(model, mesh, state_shardings.params) if config.retrieval.mode == "host" else None
     batches = inputs.BatchBuilder(config, model, mesh, retriever, encode)
     train_step = make_train_step(model, tx, config, mesh, state_shardings, batches.keys, corpus_shardings,

@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
-from rag_jax.retrieval import contexts, embed, exact
+from rag_jax.retrieval import code_search, codes as codes_lib, contexts, embed, exact
 from rag_jax.training import build, contrastive, optim
-from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates
+from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates, device_codes_kind
 
 
 @flax.struct.dataclass
@@ -127,8 +127,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     n_docs = int(config.model.n_docs)
     schedule = optim.learning_rate_schedule(config)
     device_mode = config.retrieval.mode == "device"
-    if device_mode:  # (L candidates when reranking)
+    codes_kind = device_codes_kind(config)  # the devices hold the index's codes (index.codes), not its vectors
+    if device_mode and codes_kind:
+        topk = code_search.make_sharded_code_topk(mesh, codes_kind, candidates(config),
+                                                  corpus_axes=sharding.corpus_axes())
+    elif device_mode:  # (L candidates when reranking)
         topk = exact.make_sharded_topk(mesh, candidates(config), num_passages, corpus_axes=sharding.corpus_axes())
+    if device_mode:
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
     frozen_question_encoder = optim.freezes_question_encoder(config)
@@ -140,9 +145,16 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
 
     def retrieve(params, batch, corpus):
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"])
-        rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), corpus["embeddings"])
-        tables = ("embeddings", "tokens") + (("doc_tokens",) if model.trains_doc_encoder else ())
-        embeds, table, *doc_table = gather(rows_BxK, *(corpus[key] for key in tables))
+        doc_keys = ("doc_tokens",) if model.trains_doc_encoder else ()
+        if codes_kind:  # search the codes; the doc scores use the vectors the codes stand for
+            arrays = codes_lib.CodeArrays(corpus["codes"], corpus["code_scale"], corpus["code_bias"])
+            rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), arrays, corpus.get("codebooks"))
+            codes_BxKxC, scale_BxK, table, *doc_table = gather(
+                rows_BxK, *(corpus[key] for key in ("codes", "code_scale", "tokens") + doc_keys))
+            embeds = codes_lib.decode_rows(codes_kind, codes_BxKxC, scale_BxK, corpus.get("codebooks"))
+        else:
+            rows_BxK, _ = topk(jax.lax.stop_gradient(q_BxD), corpus["embeddings"])
+            embeds, table, *doc_table = gather(rows_BxK, *(corpus[key] for key in ("embeddings", "tokens") + doc_keys))
         ids, mask = contexts.assemble_contexts(table[..., 1:], table[..., 0], batch["question_gen_ids"],
                                                       batch["question_gen_length"], max_len, bos=bos, eos=eos,
                                                       pad=pad)
