@@ -33,8 +33,8 @@ _USER_ERRORS = (
     ("rag_jax.retrieval.index_io", ("IndexFormatError",)),
     ("rag_jax.retrieval.merge", ("SearchError",)),
     ("rag_jax.retrieval.training_data", ("DataError",)),
-    ("rag_jax.training.config_check", ("ConfigError",)),
-    ("rag_jax.training.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
+    ("rag_jax.runs.config_check", ("ConfigError",)),
+    ("rag_jax.runs.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
     ("rag_jax.training.loop", ("NonFiniteLossError",)),
     ("rag_jax.training.retriever_loop", ("NonFiniteLossError",)),
 )
@@ -143,7 +143,7 @@ def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: C
 
     from absl import app  # pylint: disable=g-import-not-at-top
 
-    from rag_jax.training import config_check  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
 
     started = False
 

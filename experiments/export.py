@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def _check_flags() -> None:
     """What the flags and paths alone can tell, before anything loads."""
-    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top (no jax: paths only)
+    from rag_jax.runs import workdir  # pylint: disable=g-import-not-at-top (no jax: paths only)
 
     if not workdir.is_workdir(_WORKDIR.value):
         raise cli.UsageError(f"--workdir={_WORKDIR.value} is not a training workdir (no "
@@ -44,7 +44,7 @@ def export_run():
     _check_flags()  # before the (slow) restore
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
     from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
 
     trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
     doc_encoder = None
@@ -70,7 +70,7 @@ def _doc_encoder(trained):
     """(config, params) of the run's document encoder for ctx_encoder/, or None with a note on stderr."""
     from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
     from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import trained_model  # pylint: disable=g-import-not-at-top
 
     try:
         doc_encoder = trained_model.doc_encoder(trained)

@@ -25,7 +25,8 @@ from experiments import cli
 from rag_jax.data import knowledge_task, nq_open, tokenizers
 from rag_jax.retrieval import embed, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
-from rag_jax.training import build, dev_eval, loop, trained_model, workdir as workdir_lib
+from rag_jax.runs import build, trained_model, workdir as workdir_lib
+from rag_jax.training import dev_eval, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py") + ":knowledge",

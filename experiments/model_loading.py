@@ -14,11 +14,11 @@ from experiments import cli
 def load_model(path: str):
     """(model, params, model_dir.ModelDefaults) of a Hugging Face RAG directory or a training workdir."""
     from rag_jax.inference import model_dir  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import workdir  # pylint: disable=g-import-not-at-top
 
     if workdir.is_workdir(path):
         # Only here: it imports orbax (a quarter of a second), which a Hugging Face directory does not need.
-        from rag_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+        from rag_jax.runs import trained_model  # pylint: disable=g-import-not-at-top
 
         trained = trained_model.load(path)
         return trained.model, trained.params, trained.defaults

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from rag_jax.training import config_check
+from rag_jax.runs import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
 

@@ -112,7 +112,7 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
     """A rag_jax run's checkpoint, exported with experiments.export, gives transformers the losses rag_jax computes."""
     import jax
 
-    from rag_jax.training import trained_model
+    from rag_jax.runs import trained_model
 
     workdir, hf_dir = trained_run["workdir"], trained_run["hf"]
     _run("experiments.export", f"--workdir={workdir}", "--format=orbax", f"--output={tmp_path / 'orbax'}")

@@ -15,7 +15,8 @@ from experiments.configs import nq
 from rag_jax import sharding
 from rag_jax.data import tokenizers as tk
 from rag_jax.retrieval import contexts, corpus
-from rag_jax.training import build, checkpoint, config_check, loop, optim
+from rag_jax.runs import build, checkpoint, config_check
+from rag_jax.training import loop, optim
 from tests import train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +264,7 @@ def test_every_config_field_has_a_rule_and_the_variants_pass_them(variant):
     config = nq.get_config(variant)
     unchecked = {"variant", "eval.recall_ks"}  # informational; checked on its own (a tuple)
     missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
-    assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
+    assert not missing, f"add a rule for each to rag_jax/runs/config_check.py RULES: {missing}"
     config_check.check_fields(config)
 
 

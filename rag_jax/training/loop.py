@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, index_refresh, inputs, optim,
-                              streams, workdir as workdir_lib)
+from rag_jax.runs import build, checkpoint, config_check, streams, workdir as workdir_lib
+from rag_jax.training import denoise, dev_eval, index_refresh, inputs, optim
 from rag_jax.training.lifecycle import Preemption as _Preemption, duration as _duration, log as _log
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout

@@ -29,7 +29,8 @@ from rag_jax.data import tokenizers as tk
 from rag_jax.inference import export, metrics as answer_metrics
 from rag_jax.models import bert
 from rag_jax.retrieval import embed, exact, training_data
-from rag_jax.training import build, checkpoint, config_check, contrastive, optim, streams, workdir as workdir_lib
+from rag_jax.runs import build, checkpoint, config_check, streams, workdir as workdir_lib
+from rag_jax.training import contrastive, optim
 from rag_jax.training.lifecycle import Preemption, duration, log
 from rag_jax.training.metric_writer import MetricWriter
 from rag_jax.training.step import TrainState
