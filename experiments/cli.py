@@ -1,5 +1,6 @@
-"""What every entry point shares: flag parsing and distributed start-up, quiet logging, outputs that appear whole or
-not at all, and bad input ending with one clear line on stderr and exit status 1, not a traceback.
+"""What every entry point shares: flag parsing and distributed start-up, quiet logging, checks of output paths
+(the outputs themselves appear whole or not at all: rag_jax.files), and bad input ending with one clear line on
+stderr and exit status 1, not a traceback.
 
 This module imports nothing heavy, and the entry points import the library inside `main`: a bad flag or config
 field is refused in a fraction of a second, before jax, the models or an index load.
@@ -7,11 +8,10 @@ field is refused in a fraction of a second, before jax, the models or an index l
 
 from __future__ import annotations
 
-import contextlib
 import logging as py_logging
 import os
 import sys
-from typing import IO, Callable, Iterator
+from typing import Callable
 
 from absl import flags, logging
 
@@ -198,25 +198,3 @@ def check_new_output(path: str, flag: str, *, overwrite: bool, directory: bool =
         raise UsageError(f"{flag}={path}: the directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag}={path}: the directory {parent} is not writable")
-
-
-def partial_path(path: str) -> str:
-    """Where an output is written before it is renamed to `path`: beside it, hidden, named for this process."""
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, binary: bool = False) -> Iterator[IO]:
-    """A text (or `binary`) file that appears at `path` (replacing any file there) only when the `with` block
-    completes; a failure leaves `path` as it was and no partial file behind."""
-    partial = partial_path(path)
-    try:
-        with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)

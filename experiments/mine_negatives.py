@@ -34,6 +34,7 @@ def mine():
     import json  # pylint: disable=g-import-not-at-top
 
     from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax import files  # pylint: disable=g-import-not-at-top
     from rag_jax.data import nq_open  # pylint: disable=g-import-not-at-top
     from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
@@ -47,7 +48,7 @@ def mine():
     tokenizer = model_loading.encoder_tokenizer(_ENCODER.value, _TOKENIZER.value)
     index = index_io.load_index(_INDEX.value)
     count = empty = 0
-    with cli.atomic_output(_OUTPUT.value) as f:
+    with files.output(_OUTPUT.value) as f:
         for record in hard_negatives.mine(index, encoder, tokenizer, questions, negatives=_NEGATIVES.value,
                                           depth=_DEPTH.value, max_length=_MAX_LENGTH.value):
             f.write(json.dumps(record) + "\n")

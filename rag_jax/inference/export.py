@@ -16,13 +16,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-from typing import Any, Iterator
+from typing import Any
 
 import transformers
 from safetensors.numpy import save_file
 
-from rag_jax import rag
+from rag_jax import files, rag
 from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.models import bert, hf, hf_t5, t5
@@ -47,29 +46,15 @@ def refuse_to_overwrite(directory: str) -> None:
                               "(pass --overwrite to replace it once the new export is complete)")
 
 
-@contextlib.contextmanager
-def new_directory(directory: str, *, overwrite: bool = False) -> Iterator[str]:
-    """A directory that appears at `directory` only when complete: written under a temporary name beside it, then
-    renamed. An existing non-empty one is refused, or with `overwrite` replaced once the new one is complete; an
-    interrupted export leaves `directory` as it was."""
+def new_directory(directory: str, *, overwrite: bool = False) -> contextlib.AbstractContextManager[str]:
+    """A directory that appears at `directory` only when complete (files.new_directory). An existing non-empty one
+    is refused, or with `overwrite` replaced once the new one is complete; an interrupted export leaves `directory`
+    as it was."""
     if overwrite and os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory}: is a file; give a directory path to export into")
     if not overwrite:
         refuse_to_overwrite(directory)
-    head, name = os.path.split(os.path.abspath(directory))
-    partial, old = (os.path.join(head, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        yield partial
-        if os.path.exists(directory):
-            os.rename(directory, old)
-            os.rename(partial, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, directory)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    return files.new_directory(directory)
 
 
 def save_hf_rag(

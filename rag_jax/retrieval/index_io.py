@@ -41,6 +41,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import corpus
 
 INDEX_VERSION = 1
@@ -140,7 +141,7 @@ def check_identity(index: "Index", expected: dict[str, Any], source: str) -> Non
 
 def write_metadata(index_dir: str, metadata: dict[str, Any]) -> None:
     """Atomically replaces index.json (also used by backends to record themselves under "backends")."""
-    corpus._atomic_write_json(os.path.join(index_dir, METADATA_FILE), metadata)
+    files.write_json(os.path.join(index_dir, METADATA_FILE), metadata)
 
 
 class Index:
