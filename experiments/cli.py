@@ -134,13 +134,13 @@ def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
     return main
 
 
-def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable, loop_module: str) -> None:
+def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable,
+                 train_and_evaluate: Callable) -> None:
     """The `__main__` of a training entry point (train_nq, train_retriever): checks the config and workdir before
-    jax loads, starts the distributed runtime, then runs `loop_module.train_and_evaluate(config, workdir)`; the
-    workdir defaults to ./workdir/PREFIX_VARIANT. An unknown config field named on the command line surfaces as
-    KeyError/AttributeError while absl parses the flags: one error line then, a traceback only once the run began."""
-    import importlib  # pylint: disable=g-import-not-at-top
-
+    jax loads, starts the distributed runtime, then runs `train_and_evaluate(config, workdir)` (which imports its
+    training loop itself, so that the loop loads after the checks); the workdir defaults to ./workdir/PREFIX_VARIANT.
+    An unknown config field named on the command line surfaces as KeyError/AttributeError while absl parses the
+    flags: one error line then, a traceback only once the run began."""
     from absl import app  # pylint: disable=g-import-not-at-top
 
     from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
@@ -160,11 +160,10 @@ def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: C
             config_check.check_workdir(workdir)
             import jax  # pylint: disable=g-import-not-at-top (after the config checks)
 
-            loop = importlib.import_module(loop_module)
             init_distributed()
             if jax.process_index() == 0:
                 print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-            loop.train_and_evaluate(config, workdir)
+            train_and_evaluate(config, workdir)
 
         run(train)
 

@@ -30,5 +30,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ind
 cli.define_distributed_flags()
 
 
+def train_and_evaluate(config, workdir: str) -> None:
+    from rag_jax.training import loop  # pylint: disable=g-import-not-at-top (jax: after the config checks)
+
+    loop.train_and_evaluate(config, workdir)
+
+
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop")
+    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, train_and_evaluate)

@@ -30,6 +30,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 cli.define_distributed_flags()
 
 
+def train_and_evaluate(config, workdir: str) -> None:
+    from rag_jax.training import retriever_loop  # pylint: disable=g-import-not-at-top (jax: after the config checks)
+
+    retriever_loop.train_and_evaluate(config, workdir)
+
+
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "retriever", config_check.check_retriever_config,
-                     "rag_jax.training.retriever_loop")
+    cli.run_training(_CONFIG, _WORKDIR, "retriever", config_check.check_retriever_config, train_and_evaluate)
