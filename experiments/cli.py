@@ -35,8 +35,7 @@ _USER_ERRORS = (
     ("rag_jax.retrieval.training_data", ("DataError",)),
     ("rag_jax.runs.config_check", ("ConfigError",)),
     ("rag_jax.runs.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
-    ("rag_jax.training.loop", ("NonFiniteLossError",)),
-    ("rag_jax.training.retriever_loop", ("NonFiniteLossError",)),
+    ("rag_jax.training.trainer", ("NonFiniteLossError",)),
 )
 
 
