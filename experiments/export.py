@@ -11,6 +11,11 @@ hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGene
        the frozen one that embedded the run's index. A DPRContextEncoder for [CLS] pooling; a sentence-transformers
        directory for mean pooling or L2 normalisation, which DPR lacks; left out, with a one-line note on stderr,
        when no Hugging Face layout computes it (BERT-pooler pooling) or a frozen one no longer loads.
+       A run whose question encoder transformers' RAG cannot express (mean pooling or L2 normalisation: the local
+       configs' all-MiniLM-L6-v2) is exported in pieces instead (rag_jax/inference/export_pieces.py,
+       docs/export.md): generator/ as BartForConditionalGeneration / T5ForConditionalGeneration, question_encoder/
+       and ctx_encoder/ as sentence-transformers directories, index/ (the run's index and passages), and
+       rag_jax_export.json; eval_nq --model=OUTPUT answers from it as from the workdir, from its own index.
 orbax: the parameters only (no optimizer state), for serving, with the run's config.json.
 Both refuse to write into an existing non-empty directory unless --overwrite, and the directory appears only when
 the export is complete (an interrupted export leaves nothing behind, and an overwritten one its old content).
@@ -43,11 +48,11 @@ def _check_flags() -> None:
 def export_run():
     _check_flags()  # before the (slow) restore
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
+    from rag_jax.inference import export, export_pieces  # pylint: disable=g-import-not-at-top
     from rag_jax.runs import checkpoint, trained_model, workdir  # pylint: disable=g-import-not-at-top
 
     trained = trained_model.load(_WORKDIR.value, step=_STEP.value)
-    doc_encoder = None
+    doc_encoder, layout = None, _FORMAT.value
     if _FORMAT.value == "orbax":
         export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
                                  overwrite=_OVERWRITE.value)
@@ -57,12 +62,19 @@ def export_run():
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
         defaults = trained.defaults
-        export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
-                           generation=defaults.generation[defaults.model_type],
-                           answer_prefix_space=defaults.answer_prefix_space,
-                           index_identity=defaults.index_identity, doc_encoder=doc_encoder,
-                           ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)
-    print(f"exported {_WORKDIR.value} ({_FORMAT.value}) to {_OUTPUT.value}"
+        common = dict(generation=defaults.generation[defaults.model_type],
+                      answer_prefix_space=defaults.answer_prefix_space, index_identity=defaults.index_identity,
+                      doc_encoder=doc_encoder, ctx_index_identity=defaults.ctx_encoder_index_identity,
+                      overwrite=_OVERWRITE.value)
+        if export_pieces.rag_layout_fits(trained.model):
+            export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
+                               **common)
+        else:
+            layout = "hf, in pieces: the question encoder is not DPR's"
+            export_pieces.save_hf_pieces(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question,
+                                         generator, question_max_length=trained.config.data.max_question_length,
+                                         index_dir=defaults.index, **common)
+    print(f"exported {_WORKDIR.value} ({layout}) to {_OUTPUT.value}"
           + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else ""))
 
 

@@ -4,8 +4,8 @@ its layout and format, and reading it (`load_index`). Writing it: index_writer.p
 Layout of `index_dir/`:
   index.json              metadata: the identity (encoder_id, pooling, normalize, tokenizer_id, max_length, dtype),
                           dim, num_passages, shard_size, num_hosts, shards (file, first row, rows, building host),
-                          passages file (path and fingerprint), complete flag, backends (e.g. ScaNN searchers'
-                          parameters)
+                          passages file (path, relative to index_dir if not absolute, and fingerprint), complete
+                          flag, backends (e.g. ScaNN searchers' parameters)
   embeddings-00000.npy    the N x D matrix in row order, at most shard_size rows a file (bfloat16 is stored as its
                           uint16 bit pattern, since .npy has no bfloat16)
   index.host-00001-of-00004.json   progress of host 1 of a 4-host build (only that host writes it)
@@ -315,7 +315,8 @@ def load_index(index_dir: str | os.PathLike, expected_encoder: str | None = None
     if next_row != meta["num_passages"]:
         raise IndexFormatError(f"{where}: shards hold {next_row} rows but num_passages={meta['num_passages']}; "
                                "rebuild the index")
-    path = meta["passages_path"] if passages_path is None else os.fspath(passages_path)
+    # A relative passages_path (an exported index's own copy, export_pieces.copy_index) is the index directory's.
+    path = os.path.join(index_dir, meta["passages_path"]) if passages_path is None else os.fspath(passages_path)
     try:
         store = corpus.PassageStore(path, index_dir)
     except corpus.CorpusError as e:
