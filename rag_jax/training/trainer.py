@@ -215,11 +215,13 @@ class Trainer:
             state = job.initial_state()
         self.writer = MetricWriter(job.workdir, start, jax.process_index() == 0)
         self.preemption = Preemption()
-        self.start, self.last, self.t_start = start, {"step": start}, time.time()
-        self.clock, self.clock_step = self.t_start, start
+        self.start, self.last = start, {"step": start}
         log(job.describe(start))
         if start == 0 and self._evaluates(at_ends=True):  # the baseline: what the job does before training
             self._evaluate(0, state.params)
+        # Rates, ETAs and the run's duration count the steps from here (not the set-up or the baseline).
+        self.t_start = self.clock = time.time()
+        self.clock_step = start
         return state
 
     def _steps(self, state):
