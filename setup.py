@@ -6,8 +6,9 @@ setuptools.setup(
     name="rag_jax",
     version="0.1.0",
     description="RAG (retrieval-augmented generation) in JAX/Flax, TPU-native, parity with Hugging Face RAG.",
-    packages=setuptools.find_packages(include=["rag_jax", "rag_jax.*", "experiments", "experiments.*"]),
-    package_data={"rag_jax": ["assets/**/*"]},
+    packages=setuptools.find_namespace_packages(include=["rag_jax", "rag_jax.*", "experiments", "experiments.*"],
+                                                exclude=["*.__pycache__"]),
+    package_data={"rag_jax.assets": ["**/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

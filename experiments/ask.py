@@ -76,6 +76,7 @@ def _typed_questions():
 
 def ask(questions: list[str]) -> None:
     _check_flags(questions)
+    from rag_jax import files  # pylint: disable=g-import-not-at-top
     from rag_jax.inference import answering, provenance_plot  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import retriever  # pylint: disable=g-import-not-at-top
 
@@ -111,7 +112,7 @@ def ask(questions: list[str]) -> None:
                 answered.append((record, texts))
                 _show(record, texts)
     if _PLOT.value and answered:
-        with cli.atomic_output(_PLOT.value, binary=True) as f:  # whole or not at all, as every output
+        with files.output(_PLOT.value, binary=True) as f:  # whole or not at all, as every output
             provenance_plot.write([record for record, _ in answered], f, os.path.splitext(_PLOT.value)[1].lower())
         print(f"wrote {_PLOT.value}")
     if refused:

@@ -1,5 +1,6 @@
-"""What every entry point shares: flag parsing and distributed start-up, quiet logging, outputs that appear whole or
-not at all, and bad input ending with one clear line on stderr and exit status 1, not a traceback.
+"""What every entry point shares: flag parsing and distributed start-up, quiet logging, checks of output paths
+(the outputs themselves appear whole or not at all: rag_jax.files), and bad input ending with one clear line on
+stderr and exit status 1, not a traceback.
 
 This module imports nothing heavy, and the entry points import the library inside `main`: a bad flag or config
 field is refused in a fraction of a second, before jax, the models or an index load.
@@ -13,7 +14,7 @@ import logging as py_logging
 import os
 import signal
 import sys
-from typing import IO, Callable, Iterator
+from typing import Callable
 
 from absl import flags, logging
 
@@ -36,10 +37,9 @@ _USER_ERRORS = (
     ("rag_jax.retrieval.index_io", ("IndexFormatError",)),
     ("rag_jax.retrieval.merge", ("SearchError",)),
     ("rag_jax.retrieval.training_data", ("DataError",)),
-    ("rag_jax.training.config_check", ("ConfigError",)),
-    ("rag_jax.training.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
-    ("rag_jax.training.loop", ("NonFiniteLossError",)),
-    ("rag_jax.training.retriever_loop", ("NonFiniteLossError",)),
+    ("rag_jax.runs.config_check", ("ConfigError",)),
+    ("rag_jax.runs.checkpoint", ("CheckpointSaveError", "CheckpointRestoreError")),
+    ("rag_jax.training.trainer", ("NonFiniteLossError",)),
 )
 
 
@@ -213,19 +213,17 @@ def main_running(job: Callable[[], None]) -> Callable[[list[str]], None]:
     return main
 
 
-def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable, loop_module: str,
-                 check_inputs: Callable | None = None) -> None:
+def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: Callable,
+                 train_and_evaluate: Callable, check_inputs: Callable | None = None) -> None:
     """The `__main__` of a training entry point (train_nq, train_retriever): checks the config, the workdir (not
     another tool's directory) and `check_inputs(config)` before jax loads, starts the distributed runtime, then runs
-    `loop_module.train_and_evaluate(config, workdir)`; the workdir defaults to ./workdir/PREFIX_VARIANT. A run
-    stopped by SIGTERM after saving its checkpoint exits with EXIT_PREEMPTED. An unknown config field named on the
-    command line surfaces as KeyError/AttributeError while absl parses the flags: one error line then, a traceback
-    only once the run began."""
-    import importlib  # pylint: disable=g-import-not-at-top
-
+    `train_and_evaluate(config, workdir)` (which imports its training loop itself, so that the loop loads after the
+    checks); the workdir defaults to ./workdir/PREFIX_VARIANT. A run stopped by SIGTERM after saving its checkpoint
+    exits with EXIT_PREEMPTED. An unknown config field named on the command line surfaces as KeyError/AttributeError
+    while absl parses the flags: one error line then, a traceback only once the run began."""
     from absl import app  # pylint: disable=g-import-not-at-top
 
-    from rag_jax.training import config_check  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
 
     started = False
 
@@ -246,11 +244,10 @@ def run_training(config_flag, workdir_flag, workdir_prefix: str, check_config: C
             declare_outputs(os.path.abspath(workdir))
             import jax  # pylint: disable=g-import-not-at-top (after the config checks)
 
-            loop = importlib.import_module(loop_module)
             init_distributed()
             if jax.process_index() == 0:
                 print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-            last = loop.train_and_evaluate(config, workdir)
+            last = train_and_evaluate(config, workdir) or {}
             if last.get("preempted"):  # its checkpoint is saved: a scheduler should rerun the same command
                 sys.exit(EXIT_PREEMPTED)
 
@@ -286,25 +283,3 @@ def check_new_output(path: str, flag: str, *, overwrite: bool, directory: bool =
         raise UsageError(f"{flag}={path}: the directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag}={path}: the directory {parent} is not writable")
-
-
-def partial_path(path: str) -> str:
-    """Where an output is written before it is renamed to `path`: beside it, hidden, named for this process."""
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, binary: bool = False) -> Iterator[IO]:
-    """A text (or `binary`) file that appears at `path` (replacing any file there) only when the `with` block
-    completes; a failure leaves `path` as it was and no partial file behind."""
-    partial = partial_path(path)
-    try:
-        with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)

@@ -124,6 +124,7 @@ def evaluate() -> None:
     _check_flags()
     import tqdm  # pylint: disable=g-import-not-at-top (after the flag checks)
 
+    from rag_jax import files  # pylint: disable=g-import-not-at-top
     from rag_jax.inference import answering, metrics  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import retriever  # pylint: disable=g-import-not-at-top
 
@@ -158,7 +159,7 @@ def evaluate() -> None:
     print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []
-    with cli.atomic_output(_OUTPUT.value) as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
+    with files.output(_OUTPUT.value) as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:
         for record, texts in answering.answer_questions(model, params, searcher, examples, settings, generation, bar):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             answered.append((record, texts))

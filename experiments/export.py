@@ -11,6 +11,11 @@ hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGene
        the frozen one that embedded the run's index. A DPRContextEncoder for [CLS] pooling; a sentence-transformers
        directory for mean pooling or L2 normalisation, which DPR lacks; left out, with a one-line note on stderr,
        when no Hugging Face layout computes it (BERT-pooler pooling) or a frozen one no longer loads.
+       A run whose question encoder transformers' RAG cannot express (mean pooling or L2 normalisation: the local
+       configs' all-MiniLM-L6-v2) is exported in pieces instead (rag_jax/inference/export_pieces.py,
+       docs/export.md): generator/ as BartForConditionalGeneration / T5ForConditionalGeneration, question_encoder/
+       and ctx_encoder/ as sentence-transformers directories, index/ (the run's index and passages), and
+       rag_jax_export.json; eval_nq --model=OUTPUT answers from it as from the workdir, from its own index.
 orbax: the parameters only (no optimizer state), for serving, with the run's config.json.
 Both refuse to write into an existing non-empty directory unless --overwrite, and the directory appears only when
 the export is complete (an interrupted export leaves nothing behind, and an overwritten one its old content).
@@ -32,7 +37,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def _check_flags() -> None:
     """What the flags and paths alone can tell, before anything loads."""
-    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top (no jax: paths only)
+    from rag_jax.runs import workdir  # pylint: disable=g-import-not-at-top (no jax: paths only)
 
     if not workdir.is_workdir(_WORKDIR.value):
         raise cli.UsageError(f"--workdir={_WORKDIR.value} is not a training workdir (no "
@@ -41,7 +46,8 @@ def _check_flags() -> None:
                                          overwrite=_OVERWRITE.value)
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
     # --overwrite replaces an earlier export (config.json beside its weights), never another tool's directory.
-    output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", ("config.json",), "export (no config.json)")
+    output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", ("config.json", "rag_jax_export.json"),
+                                          "export (no config.json or rag_jax_export.json)")
     output_checks.remove_partials(_OUTPUT.value)  # of an export killed before it could
     cli.declare_outputs(_OUTPUT.value)
 
@@ -49,11 +55,11 @@ def _check_flags() -> None:
 def export_run():
     _check_flags()  # before the (slow) restore
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import checkpoint, workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.inference import export, export_pieces  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import checkpoint, workdir  # pylint: disable=g-import-not-at-top
 
     step, trained, skipped = _load(_WORKDIR.value)
-    doc_encoder = None
+    doc_encoder, layout = None, _FORMAT.value
     if _FORMAT.value == "orbax":
         export.save_params_orbax(_OUTPUT.value, trained.params, checkpoint.config_to_json(trained.config),
                                  overwrite=_OVERWRITE.value)
@@ -63,12 +69,19 @@ def export_run():
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
         defaults = trained.defaults
-        export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
-                           generation=defaults.generation[defaults.model_type],
-                           answer_prefix_space=defaults.answer_prefix_space,
-                           index_identity=defaults.index_identity, doc_encoder=doc_encoder,
-                           ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)
-    print(f"exported {_WORKDIR.value} step {step} ({_FORMAT.value}) to {_OUTPUT.value}"
+        common = dict(generation=defaults.generation[defaults.model_type],
+                      answer_prefix_space=defaults.answer_prefix_space, index_identity=defaults.index_identity,
+                      doc_encoder=doc_encoder, ctx_index_identity=defaults.ctx_encoder_index_identity,
+                      overwrite=_OVERWRITE.value)
+        if export_pieces.rag_layout_fits(trained.model):
+            export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
+                               **common)
+        else:
+            layout = "hf, in pieces: the question encoder is not DPR's"
+            export_pieces.save_hf_pieces(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question,
+                                         generator, question_max_length=trained.config.data.max_question_length,
+                                         index_dir=defaults.index, **common)
+    print(f"exported {_WORKDIR.value} step {step} ({layout}) to {_OUTPUT.value}"
           + (f" (document encoder in {export.CTX_ENCODER_SUBDIR}/)" if doc_encoder else "")
           + (f"; skipped the newer checkpoint(s) {skipped}, which do not restore" if skipped else ""))
 
@@ -76,7 +89,7 @@ def export_run():
 def _load(workdir: str):
     """(step, trained model, newer steps skipped) of --step, else of the newest checkpoint that restores (each
     damaged newer one is named on stderr, and the final line says which step was exported instead)."""
-    from rag_jax.training import checkpoint, trained_model  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import checkpoint, trained_model  # pylint: disable=g-import-not-at-top
 
     if _STEP.value is not None:
         return _STEP.value, trained_model.load(workdir, step=_STEP.value), []
@@ -103,7 +116,7 @@ def _doc_encoder(trained):
     """(config, params) of the run's document encoder for ctx_encoder/, or None with a note on stderr."""
     from rag_jax.inference import export  # pylint: disable=g-import-not-at-top
     from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import trained_model  # pylint: disable=g-import-not-at-top
 
     try:
         doc_encoder = trained_model.doc_encoder(trained)

@@ -87,7 +87,7 @@ def _check_pretrained_lengths(config) -> None:
         section, name = field.split(".")
         value = config[section].get(name)
         if limit is not None and isinstance(value, int) and value > limit:
-            from rag_jax.training import config_check  # pylint: disable=g-import-not-at-top
+            from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
 
             raise config_check.ConfigError(f"config {field}={value} exceeds the {limit} positions of {source} "
                                            f"(max_position_embeddings={limit}); give at most {limit}")
@@ -99,7 +99,7 @@ def check_nq_training_inputs(config) -> None:
     data.passages, lengths within the positions of the pretrained models."""
     from rag_jax.data import nq_jsonl  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import training_data  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import config_check  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
 
     _check_pretrained_lengths(config)
     for split in ("train", "dev"):

@@ -25,10 +25,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli, input_checks, output_checks
+from rag_jax import files
 from rag_jax.data import knowledge_task, nq_open, tokenizers
 from rag_jax.retrieval import embed, index_codes, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
-from rag_jax.training import build, dev_eval, loop, trained_model, workdir as workdir_lib
+from rag_jax.runs import build, trained_model, workdir as workdir_lib
+from rag_jax.training import dev_eval, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py") + ":knowledge",
@@ -183,7 +185,7 @@ def run_demo() -> dict:
               _EXAMPLES.value)
 
     results["num_heldout_questions"] = len(dev)
-    with cli.atomic_output(os.path.join(workdir, "knowledge_demo.json")) as f:
+    with files.output(os.path.join(workdir, "knowledge_demo.json")) as f:
         json.dump(results, f, indent=2)
     print("\nsummary (percent of held-out questions):")
     print(f"  exact match {results['heldout_exact_match']:.1f} | gold passage in the top {k} "

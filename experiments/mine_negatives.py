@@ -36,6 +36,7 @@ def mine():
     import json  # pylint: disable=g-import-not-at-top
 
     from experiments import model_loading  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax import files  # pylint: disable=g-import-not-at-top
     from rag_jax.data import nq_open  # pylint: disable=g-import-not-at-top
     from rag_jax.models import hf  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import index_io  # pylint: disable=g-import-not-at-top
@@ -55,7 +56,7 @@ def mine():
                              f"--index={_INDEX.value} holds {index.dim}-d ones; give the question encoder that goes "
                              "with the index (trained with its document encoder)")
     count = empty = 0
-    with cli.atomic_output(_OUTPUT.value) as f:
+    with files.output(_OUTPUT.value) as f:
         for record in hard_negatives.mine(index, encoder, tokenizer, questions, negatives=_NEGATIVES.value,
                                           depth=_DEPTH.value, max_length=_MAX_LENGTH.value):
             f.write(json.dumps(record) + "\n")

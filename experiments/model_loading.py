@@ -12,17 +12,18 @@ from experiments import cli
 
 
 def load_model(path: str):
-    """(model, params, model_dir.ModelDefaults) of a Hugging Face RAG directory or a training workdir."""
+    """(model, params, model_dir.ModelDefaults) of a Hugging Face RAG directory, an export in pieces or a training
+    workdir."""
     from rag_jax.inference import model_dir  # pylint: disable=g-import-not-at-top (after the flag checks)
-    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import workdir  # pylint: disable=g-import-not-at-top
 
     if workdir.is_workdir(path):
         # Only here: it imports orbax (a quarter of a second), which a Hugging Face directory does not need.
-        from rag_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+        from rag_jax.runs import trained_model  # pylint: disable=g-import-not-at-top
 
         trained = trained_model.load(path)
         return trained.model, trained.params, trained.defaults
-    return model_dir.load_hf_rag(path)
+    return model_dir.load(path)
 
 
 def check_answer_length(max_length: int, flag_value: int | None, model, model_flag: str) -> None:
@@ -36,12 +37,18 @@ def check_answer_length(max_length: int, flag_value: int | None, model, model_fl
 
 
 def tokenizers_for(model_dir: str, question_vocab: int, generator_vocab: int):
-    """The model directory's own tokenizers (its RAG subfolders) or the bundled defaults, checked against the
-    model's vocabulary sizes."""
+    """The model directory's own tokenizers (its RAG subfolders, or an export's pieces) or the bundled defaults,
+    checked against the model's vocabulary sizes."""
     from rag_jax.data import tokenizers  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.inference import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
 
     own = os.path.join(model_dir, tokenizers.RAG_QUESTION_SUBDIR)
-    pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
+    pieces = model_dir_lib.tokenizer_dirs(model_dir)
+    if pieces is not None:
+        pair = tokenizers.RagTokenizers(tokenizers.load_question_tokenizer(pieces["question"]),
+                                        tokenizers.load_generator_tokenizer(pieces["generator"]))
+    else:
+        pair = tokenizers.load_rag_tokenizers(model_dir if os.path.isdir(own) else None)
     for name, tok, vocab, subdir in (("question", pair.question, question_vocab, tokenizers.RAG_QUESTION_SUBDIR),
                                      ("generator", pair.generator, generator_vocab, tokenizers.RAG_GENERATOR_SUBDIR)):
         if len(tok) > vocab:

@@ -22,8 +22,9 @@ import shutil
 from typing import Iterable
 
 from experiments.errors import UsageError
+from rag_jax import files  # the partial names (files.partial_path); a module with no heavy imports
 
-# What a training workdir holds (rag_jax/training/workdir.py names each path; tests/test_cli_hostile_outputs.py
+# What a training workdir holds (rag_jax/runs/workdir.py names each path; tests/test_cli_hostile_outputs.py
 # checks that this list keeps up with it).
 WORKDIR_ENTRIES = ("checkpoints", "checkpoints_skipped", "index", "index_versions", "question_encoder_tokenizer",
                    "generator_tokenizer", "metrics.jsonl", "tensorboard", "export")
@@ -92,7 +93,7 @@ def remove_partials(output: str, pids: list[int] | None = None) -> list[str]:
     process died between its two renames), and is removed otherwise. Those of live processes (a run writing now)
     are left alone, as is anything else. Returns what it removed or restored."""
     head, name = os.path.split(os.path.abspath(output))
-    pattern = re.compile(rf"\.{re.escape(name)}\.(partial|old)-(\d+)")
+    pattern = re.compile(rf"\.{re.escape(name)}\.({files.PARTIAL}|{files.MOVED_ASIDE})-(\d+)")
     done = []
     for entry in sorted(os.listdir(head)) if os.path.isdir(head) else []:
         match = pattern.fullmatch(entry)

@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, input_checks
-from rag_jax.training import config_check
+from rag_jax.runs import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "nq.py")
 
@@ -32,6 +32,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ind
 cli.define_distributed_flags()
 
 
+def train_and_evaluate(config, workdir: str) -> None:
+    from rag_jax.training import loop  # pylint: disable=g-import-not-at-top (jax: after the config checks)
+
+    return loop.train_and_evaluate(config, workdir)
+
+
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, "rag_jax.training.loop",
+    cli.run_training(_CONFIG, _WORKDIR, "nq", config_check.check_config, train_and_evaluate,
                      check_inputs=input_checks.check_nq_training_inputs)

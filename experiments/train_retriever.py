@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from rag_jax.training import config_check
+from rag_jax.runs import config_check
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "retriever.py")
 
@@ -31,6 +31,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 cli.define_distributed_flags()
 
 
+def train_and_evaluate(config, workdir: str) -> None:
+    from rag_jax.training import retriever_loop  # pylint: disable=g-import-not-at-top (jax: after the config checks)
+
+    return retriever_loop.train_and_evaluate(config, workdir)
+
+
 if __name__ == "__main__":
-    cli.run_training(_CONFIG, _WORKDIR, "retriever", config_check.check_retriever_config,
-                     "rag_jax.training.retriever_loop")
+    cli.run_training(_CONFIG, _WORKDIR, "retriever", config_check.check_retriever_config, train_and_evaluate)

@@ -155,7 +155,7 @@ def init_params(model: Rag, rng: jax.Array) -> dict[str, Any]:
     q_vars = model.question_encoder.init(q_rng, ids, ids)
     g_vars = model.generator.init(g_rng, ids, ids, ids[:, :4])
     params = {"question_encoder": q_vars["params"], "generator": g_vars["params"]}
-    if model.trains_doc_encoder:  # its initial weights come from the run's document encoder (training.build)
+    if model.trains_doc_encoder:  # its initial weights come from the run's document encoder (runs.build)
         params["doc_encoder"] = model.doc_encoder.init(jax.random.fold_in(rng, 2), ids, ids)["params"]
     return params
 

@@ -18,7 +18,8 @@ from absl import flags
 from experiments import bench
 from experiments.bench import common, mfu
 from rag_jax import rag
-from rag_jax.training import build, flops
+from rag_jax.runs import build
+from rag_jax.training import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -106,15 +106,16 @@ def test_eval_bad_input(workspace, case, flags, message):
 def test_an_output_appears_only_when_complete(tmp_path):
     """eval_nq's --output: an interrupted run leaves an existing file as it was and no partial file beside it."""
     from experiments import cli  # pylint: disable=g-import-not-at-top
+    from rag_jax import files  # pylint: disable=g-import-not-at-top
 
     out = tmp_path / "predictions.jsonl"
     out.write_text("earlier\n")
     with pytest.raises(RuntimeError):
-        with cli.atomic_output(str(out)) as f:
+        with files.output(str(out)) as f:
             f.write("half\n")
             raise RuntimeError("killed")
     assert out.read_text() == "earlier\n" and os.listdir(tmp_path) == ["predictions.jsonl"]
-    with cli.atomic_output(str(out)) as f:
+    with files.output(str(out)) as f:
         f.write("new\n")
     assert out.read_text() == "new\n" and os.listdir(tmp_path) == ["predictions.jsonl"]
     with pytest.raises(cli.UsageError, match="--overwrite"):

@@ -341,7 +341,8 @@ def test_a_failed_background_save_stops_the_run_at_once(run_dir, tmp_path, monke
 
     from experiments import cli  # pylint: disable=g-import-not-at-top
     from rag_jax import sharding  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import checkpoint, loop  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import checkpoint  # pylint: disable=g-import-not-at-top
+    from rag_jax.training import loop  # pylint: disable=g-import-not-at-top
     from tests import train_task  # pylint: disable=g-import-not-at-top
 
     original = ocp.JsonCheckpointHandler._save_fn

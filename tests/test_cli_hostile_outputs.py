@@ -104,7 +104,7 @@ def test_the_workdir_rule_knows_every_entry_of_a_workdir():
     """output_checks.WORKDIR_ENTRIES (which train_nq and train_retriever accept in a --workdir) must name every
     path of rag_jax/training/workdir.py, or a real run would be refused as someone else's directory."""
     from experiments import output_checks  # pylint: disable=g-import-not-at-top
-    from rag_jax.training import workdir  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import workdir  # pylint: disable=g-import-not-at-top
 
     made = [workdir.checkpoints_dir("w"), workdir.skipped_checkpoints_dir("w"), workdir.index_dir("w"),
             workdir.index_versions_dir("w"), workdir.metrics_file("w"), workdir.tensorboard_dir("w"),

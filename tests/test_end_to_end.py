@@ -21,7 +21,8 @@ import transformers
 
 from rag_jax import rag, sharding
 from rag_jax.models import hf
-from rag_jax.training import build, loop, optim, step
+from rag_jax.runs import build
+from rag_jax.training import loop, optim, step
 from tests import hf_models, train_task
 from tests.test_rag_gradients import BATCH, N_DOCS, TOLERANCE, ZERO, _KEY_BIAS, _batch, checkpoint  # noqa: F401
 

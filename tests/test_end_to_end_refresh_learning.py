@@ -27,7 +27,8 @@ import pytest
 
 from rag_jax import sharding
 from rag_jax.data import knowledge_task
-from rag_jax.training import loop, workdir as workdir_lib
+from rag_jax.runs import workdir as workdir_lib
+from rag_jax.training import loop
 from tests import train_task
 
 ENTITIES, HELDOUT = 48, 8

@@ -76,6 +76,19 @@ def test_an_export_directory_appears_only_when_complete(tmp_path):
             pass
 
 
+def test_a_dpr_style_question_encoder_keeps_the_rag_layout():
+    """[CLS] pooling without normalisation is DPR's: transformers' RAG classes compute it, so the run exports as one
+    RAG checkpoint; mean pooling or normalisation go to the pieces layout (test_export_pieces.py)."""
+    from rag_jax.inference import export_pieces
+    from rag_jax.models import bart, bert
+
+    def fits(**encoder):
+        return export_pieces.rag_layout_fits(rag.Rag(bert.BertConfig(**encoder), bart.BartConfig()))
+
+    assert fits() and fits(projection_dim=8)
+    assert not fits(pooling="mean") and not fits(normalize=True) and not fits(pooling="mean", normalize=True)
+
+
 def test_only_dpr_pooling_exports():
     from rag_jax.models import bert
 
@@ -112,7 +125,7 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
     """A rag_jax run's checkpoint, exported with experiments.export, gives transformers the losses rag_jax computes."""
     import jax
 
-    from rag_jax.training import trained_model
+    from rag_jax.runs import trained_model
 
     workdir, hf_dir = trained_run["workdir"], trained_run["hf"]
     _run("experiments.export", f"--workdir={workdir}", "--format=orbax", f"--output={tmp_path / 'orbax'}")
@@ -170,8 +183,9 @@ def _eval(model: str, model_type: str, index: str, questions: str, output: str) 
 
 @pytest.mark.slow
 def test_export_answers_and_scores_like_its_workdir(trained_run, tmp_path):
-    """eval_nq on the HF export = eval_nq on the workdir (predictions, gold-answer NLLs), for both model types; and
-    transformers' own greedy RagTokenForGeneration.generate on the export gives the workdir's RAG-Token answers."""
+    """eval_nq on the HF export = eval_nq on the workdir (the very output lines: predictions, documents, gold-answer
+    NLLs), for both model types; and transformers' own greedy RagTokenForGeneration.generate on the export gives the
+    workdir's RAG-Token answers."""
     from rag_jax.retrieval import index_io, retriever
 
     workdir, hf_dir, questions = trained_run["workdir"], trained_run["hf"], trained_run["task"]["questions"]
@@ -187,6 +201,8 @@ def test_export_answers_and_scores_like_its_workdir(trained_run, tmp_path):
         for key in ("nll_sequence", "nll_token"):
             got, want = np.array([r[key] for r in exported]), np.array([r[key] for r in ours])
             assert hf_models.relative_error(got, want) <= 1e-4, (model_type, key)
+        assert ((tmp_path / f"export-{model_type}.jsonl").read_text()
+                == (tmp_path / f"workdir-{model_type}.jsonl").read_text()), model_type
 
     reference = transformers.RagTokenForGeneration.from_pretrained(hf_dir).eval()
     pair = tokenizers.load_rag_tokenizers(hf_dir)

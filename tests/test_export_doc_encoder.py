@@ -20,7 +20,7 @@ from rag_jax.data import tokenizers
 from rag_jax.inference import export, model_dir
 from rag_jax.models import bert, hf
 from rag_jax.retrieval import corpus, embed, index_io
-from rag_jax.training import trained_model, workdir as workdir_lib
+from rag_jax.runs import trained_model, workdir as workdir_lib
 from tests import hf_models, train_task
 
 REFRESH_STEP = 2  # the run refreshes its index after step 2 and ends at step 3: its last version is older than d(z)

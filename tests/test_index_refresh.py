@@ -16,8 +16,8 @@ import pytest
 
 from rag_jax import sharding
 from rag_jax.retrieval import embed, index_io
-from rag_jax.training import build, checkpoint, config_check, index_refresh, loop, trained_model
-from rag_jax.training import workdir as workdir_lib
+from rag_jax.runs import build, checkpoint, config_check, trained_model, workdir as workdir_lib
+from rag_jax.training import index_refresh, loop
 from tests import local_processes, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_run_records_prunes_and_evaluates_its_index_versions(task, tmp_path, mon
     assert {s: checkpointer.index_version(s) for s in checkpointer.all_steps()} == {6: 5, 7: 5}
     checkpointer.close()
     assert [m["index_age"] for m in _metrics(workdir)] == [1, 0, 1, 2, 0, 1, 2]
-    assert index_refresh.latest_complete_version(workdir) == 5
+    assert workdir_lib.latest_complete_version(workdir) == 5
     assert trained_model.load(workdir).defaults.index == workdir_lib.index_version_dir(workdir, 5)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import nq
 from rag_jax.models import bert
-from rag_jax.training import build, config_check
+from rag_jax.runs import build, config_check
 
 SMALL = dict(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24, initializer_range=0.5,
              hidden_dropout=0.0, attention_dropout=0.0, pooling="mean", normalize=True)  # fmt: skip

@@ -75,7 +75,8 @@ def _eval(model: str, model_type: str, index: str, questions: str, output: str) 
 
 @pytest.mark.slow
 def test_tiny_t5_run_trains_evaluates_and_exports(tmp_path, t5_tokenizer_dir):
-    from rag_jax.training import loop, trained_model
+    from rag_jax.runs import trained_model
+    from rag_jax.training import loop
 
     task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
     vocab = len(tokenizers.load_generator_tokenizer(t5_tokenizer_dir))
@@ -116,7 +117,7 @@ def test_tiny_t5_device_retrieval_run_from_the_command_line_learns(tmp_path, t5_
     corpus split over 2 devices), then eval_nq on its workdir: the gold answers' RAG-Sequence NLL that eval_nq scores
     with the trained model is well below the first step's training loss (the untrained model's, on the same 8
     questions), and the answers come from the workdir's own index."""
-    from rag_jax.training import trained_model
+    from rag_jax.runs import trained_model
 
     task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
     vocab = len(tokenizers.load_generator_tokenizer(t5_tokenizer_dir))

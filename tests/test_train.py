@@ -15,7 +15,8 @@ from experiments.configs import nq
 from rag_jax import sharding
 from rag_jax.data import tokenizers as tk
 from rag_jax.retrieval import contexts, corpus
-from rag_jax.training import build, checkpoint, config_check, loop, optim
+from rag_jax.runs import build, checkpoint, config_check
+from rag_jax.training import loop, optim, trainer
 from tests import train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +264,7 @@ def test_every_config_field_has_a_rule_and_the_variants_pass_them(variant):
     config = nq.get_config(variant)
     unchecked = {"variant", "eval.recall_ks"}  # informational; checked on its own (a tuple)
     missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
-    assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
+    assert not missing, f"add a rule for each to rag_jax/runs/config_check.py RULES: {missing}"
     config_check.check_fields(config)
 
 
@@ -322,7 +323,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path, mo
 
     monkeypatch.setattr(optim, "make_optimizer", poisoned)
     config = train_task.tiny_config(task, **{"train.steps": 6, "train.checkpoint_every": 1, "train.log_every": 1})
-    with pytest.raises(loop.NonFiniteLossError, match="step 3") as error:
+    with pytest.raises(trainer.NonFiniteLossError, match="step 3") as error:
         loop.train_and_evaluate(config, str(tmp_path), mesh=_mesh(2, 1))
     assert "checkpoints/2" in str(error.value)
     assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 2

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from rag_jax import sharding
-from rag_jax.training import build, checkpoint, inputs, loop, trained_model
+from rag_jax.runs import build, checkpoint, trained_model
+from rag_jax.training import inputs, loop
 from tests import train_task
 
 # Host retrieval on one device; dropout on (its keys are per step, so a batch off by one shows in the parameters too).

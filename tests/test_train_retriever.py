@@ -145,7 +145,7 @@ def test_frozen_document_encoder_reads_the_index_vectors_of_the_batch_passages(t
 
 
 def test_frozen_document_encoder_needs_gold_pairs_and_separate_encoders():
-    from rag_jax.training import config_check
+    from rag_jax.runs import config_check
 
     for fields in ({"model.shared_encoder": True}, {"data.kind": "ict"}):
         with pytest.raises(config_check.ConfigError, match="model.train_doc_encoder=False"):
@@ -228,12 +228,12 @@ def _leaf_fields(tree, prefix=""):
 
 @pytest.mark.parametrize("variant", retriever_config.VARIANTS)
 def test_every_retriever_config_field_has_a_rule(variant):
-    from rag_jax.training import config_check
+    from rag_jax.runs import config_check
 
     config = retriever_config.get_config(variant)
     unchecked = {"variant", "eval.recall_ks"}
     missing = [f for f in _leaf_fields(config.to_dict()) if f not in config_check.RULES and f not in unchecked]
-    assert not missing, f"add a rule for each to rag_jax/training/config_check.py RULES: {missing}"
+    assert not missing, f"add a rule for each to rag_jax/runs/config_check.py RULES: {missing}"
     config_check.check_fields(config)
 
 

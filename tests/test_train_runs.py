@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from rag_jax import sharding
-from rag_jax.training import dev_eval, loop, trained_model
+from rag_jax.runs import trained_model
+from rag_jax.training import dev_eval, loop
 from rag_jax.retrieval import corpus
 from tests import local_processes, train_task
 

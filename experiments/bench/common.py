@@ -169,7 +169,8 @@ def twins(size: str, generator: str = "bart") -> Twins:
 def jax_model(config: ml_collections.ConfigDict) -> Twins:
     """The rag_jax side alone (no export): model, mesh over every available device, optimizer, initial state."""
     from rag_jax import sharding
-    from rag_jax.training import build, optim, step
+    from rag_jax.runs import build
+    from rag_jax.training import optim, step
 
     model = build.build_rag(config, load_weights=False).rag
     mesh = sharding.mesh_from_config(config.mesh)
@@ -182,7 +183,7 @@ def make_twins(size: str, directory: str, generator: str = "bart") -> Twins:
     """Builds the model of `size` with rag_jax's own initialisation and exports it (with its tokenizers) to
     `directory`/hf-`size`-`generator`."""
     from rag_jax.inference import export
-    from rag_jax.training import build
+    from rag_jax.runs import build
 
     pair = jax_model(model_config(size, generator))
     tokenizers = build.load_tokenizers(pair.config)

@@ -32,7 +32,8 @@ def run(opts) -> list[dict]:
 
     from experiments.configs import nq
     from rag_jax import sharding
-    from rag_jax.training import inputs, loop, streams
+    from rag_jax.runs import streams
+    from rag_jax.training import inputs, loop
 
     config = nq.get_config("tiny" if opts.quick else "local")
     config.retrieval.mode = "host"

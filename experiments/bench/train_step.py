@@ -142,7 +142,7 @@ def end2end_twins(size: str, directory: str) -> Twins:
     """The model of `size` with a trained document encoder (its own random weights), exported for the reference:
     the RAG checkpoint and a DPRContextEncoder beside it (`ctx_encoder/`)."""
     from rag_jax.inference import export
-    from rag_jax.training import build
+    from rag_jax.runs import build
 
     if size not in _END2END:
         config = model_config(size)

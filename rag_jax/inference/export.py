@@ -16,13 +16,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-from typing import Any, Iterator
+from typing import Any
 
 import transformers
 from safetensors.numpy import save_file
 
-from rag_jax import rag
+from rag_jax import files, rag
 from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.models import bert, hf, hf_t5, t5
@@ -47,29 +46,15 @@ def refuse_to_overwrite(directory: str) -> None:
                               "(pass --overwrite to replace it once the new export is complete)")
 
 
-@contextlib.contextmanager
-def new_directory(directory: str, *, overwrite: bool = False) -> Iterator[str]:
-    """A directory that appears at `directory` only when complete: written under a temporary name beside it, then
-    renamed. An existing non-empty one is refused, or with `overwrite` replaced once the new one is complete; an
-    interrupted export leaves `directory` as it was."""
+def new_directory(directory: str, *, overwrite: bool = False) -> contextlib.AbstractContextManager[str]:
+    """A directory that appears at `directory` only when complete (files.new_directory). An existing non-empty one
+    is refused, or with `overwrite` replaced once the new one is complete; an interrupted export leaves `directory`
+    as it was."""
     if overwrite and os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory}: is a file; give a directory path to export into")
     if not overwrite:
         refuse_to_overwrite(directory)
-    head, name = os.path.split(os.path.abspath(directory))
-    partial, old = (os.path.join(head, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        yield partial
-        if os.path.exists(directory):
-            os.rename(directory, old)
-            os.rename(partial, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, directory)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    return files.new_directory(directory)
 
 
 def save_hf_rag(
@@ -102,8 +87,9 @@ def save_hf_rag(
     return directory
 
 
-def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
-                  answer_prefix_space, index_identity, doc_encoder, ctx_index_identity) -> None:
+def hf_generator(model: rag.Rag, generation: GenerationConfig | None):
+    """(transformers config, tensor table) of the model's generator as its own Hugging Face class (BART or T5 for
+    conditional generation), starting to decode as `generation` does."""
     cfg = model.config
     g = model.generator_config
     is_t5 = isinstance(g, t5.T5Config)
@@ -118,11 +104,25 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
     else:
         generator_config = transformers.BartConfig(**generator_fields, forced_eos_token_id=None)
         generator_table = hf.bart_table(g)
+    return generator_config, generator_table
+
+
+def run_record(answer_prefix_space: bool | None, index_identity: dict[str, Any] | None,
+               ctx_index_identity: dict[str, Any] | None) -> dict[str, Any]:
+    """The RUN_KEY record of an exported run (see RUN_KEY)."""
     run = {} if answer_prefix_space is None else {"answer_prefix_space": bool(answer_prefix_space)}
     if index_identity is not None:
         run["index_identity"] = dict(index_identity)
     if ctx_index_identity is not None:
         run["ctx_encoder_index_identity"] = dict(ctx_index_identity)
+    return run
+
+
+def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
+                  answer_prefix_space, index_identity, doc_encoder, ctx_index_identity) -> None:
+    cfg = model.config
+    generator_config, generator_table = hf_generator(model, generation)
+    run = run_record(answer_prefix_space, index_identity, ctx_index_identity)
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         transformers.DPRConfig(**hf.dpr_config_dict(model.question_encoder_config)),
         generator_config,
@@ -189,27 +189,32 @@ def check_hf_encoder(cfg) -> None:
                                  "that keeps it; export the parameters alone (--format=orbax)")
 
 
-def write_hf_encoder(directory: str, cfg, params: dict[str, Any], role: str, tokenizer) -> None:
+def write_hf_encoder(directory: str, cfg, params: dict[str, Any], role: str, tokenizer, *,
+                     sentence_transformers: bool = False, max_seq_length: int | None = None) -> None:
     """A DPRQuestionEncoder (`role` "question") or DPRContextEncoder ("ctx") for [CLS] pooling without
-    normalisation, DPR's only kind; otherwise (e.g. a fine-tuned all-MiniLM-L6-v2: mean pooling, L2 normalised) a
-    sentence-transformers directory (BertModel + Pooling [+ Normalize]) that keeps the pooling. The tokenizer is
-    saved beside the weights."""
+    normalisation, DPR's only kind; otherwise, or with `sentence_transformers`, (e.g. a fine-tuned
+    all-MiniLM-L6-v2: mean pooling, L2 normalised) a sentence-transformers directory (BertModel + Pooling
+    [+ Normalize]) that keeps the pooling, with `max_seq_length` (the length rag_jax cut its inputs at) in its
+    sentence_bert_config.json. The tokenizer is saved beside the weights."""
     check_hf_encoder(cfg)
+    if sentence_transformers and cfg.projection_dim:
+        raise hf.CheckpointError("a DPR encoder with a projection has no sentence-transformers layout; export it "
+                                 "as a DPR encoder")
     os.makedirs(directory, exist_ok=True)
-    if cfg.pooling == "cls" and not cfg.normalize:
+    if cfg.pooling == "cls" and not cfg.normalize and not sentence_transformers:
         architecture, prefix = DPR_ROLES[role]
         config = transformers.DPRConfig(**hf.dpr_config_dict(cfg))
         config.architectures = [architecture]
         config.save_pretrained(directory)
         tensors = hf.encoder_tensors(cfg, params, prefix)
     else:
-        _write_sentence_transformers_modules(directory, cfg)
+        _write_sentence_transformers_modules(directory, cfg, max_seq_length)
         tensors = hf.export_tensors(params, hf.bert_table(cfg), "")
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
 
 
-def _write_sentence_transformers_modules(directory: str, cfg) -> None:
+def _write_sentence_transformers_modules(directory: str, cfg, max_seq_length: int | None = None) -> None:
     """config.json of a BertModel, and modules.json with the pooling (and normalisation) rag_jax trained with."""
     fields = hf.dpr_config_dict(dataclasses.replace(cfg, pooling="cls", normalize=False))
     fields.pop("projection_dim")
@@ -227,3 +232,6 @@ def _write_sentence_transformers_modules(directory: str, cfg) -> None:
                    "pooling_mode_mean_tokens": cfg.pooling == "mean", "pooling_mode_max_tokens": False}, f, indent=2)
     with open(os.path.join(directory, "modules.json"), "w") as f:
         json.dump(modules, f, indent=2)
+    if max_seq_length is not None:
+        with open(os.path.join(directory, "sentence_bert_config.json"), "w") as f:
+            json.dump({"max_seq_length": int(max_seq_length), "do_lower_case": False}, f, indent=2)

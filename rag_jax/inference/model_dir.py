@@ -1,10 +1,12 @@
-"""A Hugging Face RAG directory read for answering: the model, its parameters, and the defaults it carries.
+"""A Hugging Face RAG directory, or an export of a run in pieces (export_pieces.py), read for answering: the model,
+its parameters, and the defaults it carries.
 
 The defaults are what eval_nq uses unless a flag says otherwise: the model type (from `architectures`), the
 generation settings as transformers resolves them (RAG-Token: generation_config.json, else config.json; RAG-Sequence:
 the generator's own `generate`, see GenerationConfig.for_rag_sequence), and how gold answers are tokenised. A
 directory exported from a rag_jax run (export.RUN_KEY in config.json) is answered as its workdir is: with the run's
-generation settings (its generation_config.json) for either model type, and the run's answer tokenisation.
+generation settings (its generation_config.json) for either model type, and the run's answer tokenisation; so is
+an export in pieces (the generator's generation_config.json), which also brings the run's index.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 
 from rag_jax import rag
-from rag_jax.inference import export
+from rag_jax.inference import export, export_pieces
 from rag_jax.inference.generation import GenerationConfig
 from rag_jax.models import hf
 
@@ -45,6 +47,37 @@ def _read_json(path: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def load(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
+    """(model, params, defaults) of a Hugging Face RAG directory or an export in pieces."""
+    return load_pieces(path) if export_pieces.is_pieces(path) else load_hf_rag(path)
+
+
+def tokenizer_dirs(path: str) -> dict[str, str] | None:
+    """{"question": ..., "generator": ...}: where an export in pieces keeps its tokenizers (None: not one)."""
+    if not export_pieces.is_pieces(path):
+        return None
+    return {"question": os.path.join(path, export_pieces.QUESTION_ENCODER_SUBDIR),
+            "generator": os.path.join(path, export_pieces.GENERATOR_SUBDIR)}
+
+
+def load_pieces(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
+    """(model, params, defaults) of an export in pieces: answered as the run's workdir is, from its own index."""
+    spec = export_pieces.read_spec(path)
+    question = hf.load_encoder(os.path.join(path, export_pieces.QUESTION_ENCODER_SUBDIR))
+    generator_dir = os.path.join(path, export_pieces.GENERATOR_SUBDIR)
+    generator = hf.load_generator(generator_dir)
+    model = rag.Rag(question.config, generator.config, export_pieces.rag_config_from_json(spec["rag"]))
+    params = {"question_encoder": question.params, "generator": generator.params}
+    generation = GenerationConfig.from_hf(_read_json(os.path.join(generator_dir, export.GENERATION_CONFIG_FILE)))
+    run = spec[export.RUN_KEY]
+    index = os.path.join(path, export_pieces.INDEX_SUBDIR)
+    defaults = ModelDefaults(
+        model_type=spec["model_type"], generation={"token": generation, "sequence": generation},
+        answer_prefix_space=bool(run.get("answer_prefix_space", False)), index=index if os.path.isdir(index) else None,
+        index_identity=run.get("index_identity"), ctx_encoder_index_identity=run.get("ctx_encoder_index_identity"))
+    return model, params, defaults
 
 
 def load_hf_rag(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:

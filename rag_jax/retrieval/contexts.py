@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from rag_jax import files
 from rag_jax.retrieval import corpus, index_io
 
 
@@ -207,13 +208,8 @@ def passage_token_table(index: index_io.Index, generator_tokenizer, fmt: Context
 def _load_or_build_table(path: str, index: index_io.Index, generator_tokenizer, fmt: ContextFormat,
                          batch_size: int = 4096) -> np.ndarray:
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"  # two jobs building the table of one index must not share a file
-        try:
+        with files.replaced_when_done(path) as tmp:  # two jobs building the table of one index write their own
             _write_table(tmp, index, generator_tokenizer, fmt, batch_size)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):  # a failed or interrupted build leaves nothing behind
-                os.remove(tmp)
     return np.load(path, mmap_mode="r")
 
 

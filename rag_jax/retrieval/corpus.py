@@ -20,10 +20,11 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from rag_jax import files
 
 TSV_HEADER = ("id", "text", "title")
 TSV_DIALECT = "excel-tab"  # What DPR (and HF's RagRetriever) use to read and write psgs_w100.tsv.
@@ -236,26 +237,6 @@ def _line_of_offset(path, offset: int) -> int:
     return count + 1
 
 
-def _tmp_name(path: str) -> str:
-    # Unique per writer: hosts sharing a filesystem may write the same file (same content) at the same time,
-    # and each must rename its own whole copy into place, never one another's half-written one.
-    return f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-
-
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 class PassageStore:
     """Random access to the passages of one uncompressed .tsv/.jsonl file, by row and by passage id.
 
@@ -328,10 +309,10 @@ class PassageStore:
         rows = np.argsort(keys_arr, kind="stable")
         sorted_keys = keys_arr[rows]
         _raise_on_duplicate_ids(path, offsets_arr, sorted_keys, rows, cls._read_record_at)
-        _atomic_save_npy(os.path.join(store_dir, _STORE_FILES[1]), offsets_arr)
-        _atomic_save_npy(os.path.join(store_dir, _STORE_FILES[2]), sorted_keys)
-        _atomic_save_npy(os.path.join(store_dir, _STORE_FILES[3]), rows.astype(np.int64))
-        _atomic_write_json(meta_path, {
+        files.save_npy(os.path.join(store_dir, _STORE_FILES[1]), offsets_arr)
+        files.save_npy(os.path.join(store_dir, _STORE_FILES[2]), sorted_keys)
+        files.save_npy(os.path.join(store_dir, _STORE_FILES[3]), rows.astype(np.int64))
+        files.write_json(meta_path, {
             "version": _STORE_VERSION, "passages_path": os.path.abspath(path), "format": corpus_format(path),
             "num_passages": int(len(keys_arr)), "fingerprint": file_fingerprint(path)})
         return cls(path, store_dir)

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from rag_jax import files
 from rag_jax.models import bert
 from rag_jax.retrieval import corpus, index_io, index_writer, multihost, scann_backend
 
@@ -281,7 +282,7 @@ def _placed(encode, params, devices: Sequence[jax.Device] | None, batch_size: in
 
 def _record_encoder_config(output_dir: str, config: bert.BertConfig, max_length: int) -> None:
     """Keeps how passages were tokenised beside the embeddings (for users; loading does not depend on it)."""
-    corpus._atomic_write_json(  # Atomic: every host of a multi-host build writes the same file.
+    files.write_json(  # Atomic: every host of a multi-host build writes the same file.
         f"{output_dir}/encoder.json",
         {"bert_config": {k: str(v) for k, v in vars(config).items()}, "max_length": max_length},
     )

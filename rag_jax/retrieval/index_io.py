@@ -4,8 +4,8 @@ its layout and format, and reading it (`load_index`). Writing it: index_writer.p
 Layout of `index_dir/`:
   index.json              metadata: the identity (encoder_id, pooling, normalize, tokenizer_id, max_length, dtype),
                           dim, num_passages, shard_size, num_hosts, shards (file, first row, rows, building host),
-                          passages file (path and fingerprint), complete flag, backends (e.g. ScaNN searchers'
-                          parameters)
+                          passages file (path, relative to index_dir if not absolute, and fingerprint), complete
+                          flag, backends (e.g. ScaNN searchers' parameters)
   embeddings-00000.npy    the N x D matrix in row order, at most shard_size rows a file (bfloat16 is stored as its
                           uint16 bit pattern, since .npy has no bfloat16)
   index.host-00001-of-00004.json   progress of host 1 of a 4-host build (only that host writes it)
@@ -41,6 +41,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import corpus, passage_segments
 
 INDEX_VERSION = 1
@@ -158,7 +159,7 @@ def check_identity(index: "Index", expected: dict[str, Any], source: str) -> Non
 
 def write_metadata(index_dir: str, metadata: dict[str, Any]) -> None:
     """Atomically replaces index.json (also used by backends to record themselves under "backends")."""
-    corpus._atomic_write_json(os.path.join(index_dir, METADATA_FILE), metadata)
+    files.write_json(os.path.join(index_dir, METADATA_FILE), metadata)
 
 
 class Index:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import corpus
 from rag_jax.retrieval.index_io import (DTYPES, INDEX_FILE_PREFIXES, INDEX_VERSION, LAYOUT_FIELDS, METADATA_FILE,
                                         RECORDED_IDENTITY, STORAGE_DTYPES, IndexFormatError, host_progress_file,
@@ -91,7 +92,7 @@ class IndexWriter:
         self._shards_done = self._count_whole_shards()
         # A shard lost since a complete run (deleted to be rebuilt) makes this part incomplete again.
         self.metadata["complete"] = bool(self.metadata["complete"]) and self.rows_done == self.stop_row
-        corpus._atomic_write_json(self._progress_path, self.metadata)
+        files.write_json(self._progress_path, self.metadata)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
         self.index_written = False  # Set by finalize() once index.json describes the whole, complete index.
@@ -166,7 +167,7 @@ class IndexWriter:
             data = np.concatenate(self._buffer, axis=0) if len(self._buffer) > 1 else self._buffer[0]
             shard, rest = data[:entry["rows"]], data[entry["rows"]:]
             path = os.path.join(self.output_dir, entry["file"])
-            corpus._atomic_save_npy(path, shard.view(STORAGE_DTYPES[self.dtype]))
+            files.save_npy(path, shard.view(STORAGE_DTYPES[self.dtype]))
             self._shards_done += 1
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
 
@@ -186,7 +187,7 @@ class IndexWriter:
             self.write_index_metadata()
         else:
             self.metadata["complete"] = True
-            corpus._atomic_write_json(self._progress_path, self.metadata)
+            files.write_json(self._progress_path, self.metadata)
             if self.all_hosts_complete():
                 self.write_index_metadata()
         return self.output_dir

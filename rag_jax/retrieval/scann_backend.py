@@ -16,11 +16,11 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Any
 
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import index_io, merge
 
 SCANN_DIR = "scann"
@@ -111,16 +111,11 @@ class ScannSearcher:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Serialises the searcher (relative asset paths, so the directory can move) and our metadata, atomically."""
-        directory = os.fspath(directory)
-        tmp = directory + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self._searcher.serialize(tmp, relative_path=True)
-        with open(os.path.join(tmp, _META_FILE), "w") as f:
-            json.dump({"config": dataclasses.asdict(self.config), "num_passages": self.num_passages, "dim": self.dim,
-                       "row_offset": self.row_offset}, f, indent=2)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        with files.new_directory(os.fspath(directory)) as tmp:
+            self._searcher.serialize(tmp, relative_path=True)
+            with open(os.path.join(tmp, _META_FILE), "w") as f:
+                json.dump({"config": dataclasses.asdict(self.config), "num_passages": self.num_passages,
+                           "dim": self.dim, "row_offset": self.row_offset}, f, indent=2)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ScannSearcher:

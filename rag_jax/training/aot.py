@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import sharding
-from rag_jax.training import build, flops, inputs, optim, step as step_lib
+from rag_jax.runs import build
+from rag_jax.training import flops, inputs, optim, step as step_lib
 from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir, t5
 
 GIB = 1024**3

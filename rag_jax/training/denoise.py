@@ -32,7 +32,7 @@ import optax
 
 from rag_jax import rag, sharding
 from rag_jax.retrieval import contexts, corpus
-from rag_jax.training import streams
+from rag_jax.runs import streams
 
 
 def applies(config: ml_collections.ConfigDict) -> bool:

@@ -9,7 +9,7 @@ from jax.experimental import multihost_utils
 from rag_jax import rag
 from rag_jax.inference import answering, metrics
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training import trained_model
+from rag_jax.runs import trained_model
 
 
 def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,

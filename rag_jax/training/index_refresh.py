@@ -2,13 +2,13 @@
 
 Every `index.refresh_every` steps (or on an Atlas-style schedule, config_check.refresh_schedule) every host embeds its
 own rows of the corpus with the document encoder of that step on the training mesh's local devices, with
-build_index's jitted embedding, into a new index version WORKDIR/index_versions/<step>/ (workdir.py). Retrieval
+build_index's jitted embedding, into a new index version WORKDIR/index_versions/<step>/ (runs/workdir.py). Retrieval
 moves to it only once build_index has returned, i.e. once index.json says it is complete on every host: host mode
 swaps the exact searcher's embeddings (no recompilation) or loads the rebuilt ScaNN searcher; device mode replaces
 the corpus embeddings on the devices in place, with the same shape, dtype and sharding, so the step does not
 recompile.
 
-Each checkpoint records the version the run searches after its step (checkpoint.py); a resumed run searches that
+Each checkpoint records the version the run searches after its step (runs/checkpoint.py); a resumed run searches that
 version, and a refresh that was killed half-way is redone (resumed from its whole shards when the encoder is the
 same) when the run reaches its step again, so no search ever reads a half-written index. A version is deleted once
 neither the run nor any kept checkpoint needs it (version 0, WORKDIR/index, which may link to a shared index, is
@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rag_jax.retrieval import code_search, embed, exact, index_codes, index_io, multihost, scann_backend
-from rag_jax.training import build, checkpoint, config_check, workdir as workdir_lib
+from rag_jax.runs import build, checkpoint, config_check, workdir as workdir_lib
 from rag_jax.training.lifecycle import log as _log
 
 
@@ -210,12 +210,3 @@ def _recorded_encoders(index_dir: str) -> set[str]:
             if isinstance(record, dict) and "encoder_id" in record:
                 found.add(record["encoder_id"])
     return found
-
-
-def latest_complete_version(workdir: str) -> int | None:
-    """The newest index version of a workdir whose index.json says it is complete (None: none is)."""
-    for version in reversed(workdir_lib.index_versions(workdir)):
-        meta = index_io.read_metadata(workdir_lib.index_version_dir(workdir, version))
-        if meta is not None and meta.get("complete"):
-            return version
-    return None

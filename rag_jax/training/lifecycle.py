@@ -1,5 +1,5 @@
-"""What every training loop of rag_jax shares around its steps: progress lines on process 0, durations, and saving
-on preemption (SIGTERM)."""
+"""The small pieces of a training run's lifecycle (trainer.py) that index refreshes use too: progress lines on
+process 0, durations, and noticing preemption (SIGTERM)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from rag_jax.training import workdir as workdir_lib
+from rag_jax.runs import workdir as workdir_lib
 
 
 class MetricWriter:

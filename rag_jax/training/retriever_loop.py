@@ -1,9 +1,10 @@
 """Training the retriever alone (experiments.train_retriever): DPR's bi-encoder with global in-batch negatives
 (contrastive.py), on gold pairs, DPR's training JSON or the Inverse Cloze Task (rag_jax/data/training_data.py).
 
-The same machinery as the RAG loop (loop.py): parameters replicated and the global batch split over the mesh's data
-axis, one jitted step (state donated, `fold_in(rng, step)` dropout), progress lines, metrics.jsonl and TensorBoard,
-orbax checkpoints with the data position and the config (resume from the latest, save on SIGTERM). Evaluation
+Run by the same trainer as RAG training (trainer.py: progress lines, metrics.jsonl and TensorBoard, orbax checkpoints
+with the data position and the config, resume from the newest that restores, save on SIGTERM): parameters replicated
+and the global batch split over the mesh's data axis, one jitted step (state donated, `fold_in(rng, step)` dropout).
+Evaluation
 re-embeds the corpus with the current document encoder and reports DPR's top-k retrieval accuracy (an answer string
 in the top k) and gold-passage recall@k. At the end both encoders are written as Hugging Face directories
 (WORKDIR/export/question_encoder, WORKDIR/export/ctx_encoder) that build_index and train_nq accept as encoders.
@@ -12,7 +13,6 @@ in the top k) and gold-passage recall@k. At the end both encoders are written as
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable
@@ -29,14 +29,10 @@ from rag_jax.data import tokenizers as tk
 from rag_jax.inference import export, metrics as answer_metrics
 from rag_jax.models import bert
 from rag_jax.retrieval import embed, exact, training_data
-from rag_jax.training import build, checkpoint, config_check, contrastive, optim, streams, workdir as workdir_lib
-from rag_jax.training.lifecycle import Preemption, duration, log
-from rag_jax.training.metric_writer import MetricWriter
+from rag_jax.runs import build, config_check, streams, workdir as workdir_lib
+from rag_jax.training import contrastive, optim, trainer
+from rag_jax.training.lifecycle import log
 from rag_jax.training.step import TrainState
-
-
-class NonFiniteLossError(RuntimeError):
-    """The contrastive loss became NaN/inf; the run stopped without saving that state."""
 
 
 @dataclasses.dataclass
@@ -231,85 +227,79 @@ def export_encoders(run: Run, params: dict[str, Any], directory: str) -> dict[st
     return out
 
 
-def _resume(run: Run, checkpointer: checkpoint.Checkpointer, state: TrainState) -> tuple[int, TrainState]:
-    if checkpointer.latest_step() is None:
-        return 0, state
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    step, (restored, _), skipped = checkpointer.restore_newest(lambda s: checkpointer.restore(s, abstract))
-    for bad, cause in skipped:
-        log(f"skipped checkpoint {checkpointer.step_dir(bad)}, which does not restore ({cause})")
-    log(f"resumed from {checkpointer.directory}/{step}")
-    return step, restored
+class _StepBatches:
+    """The global batch of each step from `start` on, with the data position after it (batches are a function of
+    the step: training_data.Batches.at)."""
+
+    def __init__(self, run: Run, start: int):
+        self.run, self.step = run, start
+
+    def next(self, params) -> tuple[dict[str, jax.Array], dict[str, int]]:
+        del params
+        batch = global_batch(self.run, self.step)
+        self.step += 1
+        return batch, {"step": self.step}
+
+    def close(self) -> None:
+        pass
+
+
+class RetrieverJob(trainer.Job):
+    """Retriever training as the trainer runs it: contrastive steps on the run's batches, retrieval evaluation
+    (re-embedding the corpus), and the encoders exported at the end."""
+
+    rate_unit = ("q/s", "questions_per_sec")
+    evaluates_ends = True  # its retrieval accuracy before and after training is what a run reports
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.config, self.workdir, self.mesh = run.config, run.workdir, run.mesh
+
+    def abstract_state(self) -> TrainState:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      self.run.initial_state())
+
+    def initial_state(self) -> TrainState:
+        return self.run.initial_state()
+
+    def describe(self, start: int) -> str:
+        c, run = self.config, self.run
+        return (f"training the retriever {int(c.train.steps)} steps from step {start}: {c.data.kind} data, mesh "
+                f"{dict(run.mesh.shape)}, batch {c.train.global_batch_size} x (1 + "
+                f"{c.data.hard_negatives_per_question}) passages, {len(run.passages)} passages, {len(run.dev)} dev "
+                "questions")
+
+    def inputs(self, start: int) -> _StepBatches:
+        return _StepBatches(self.run, start)
+
+    def train_step(self, state, batch, rng):
+        return self.run.step(state, batch, rng)
+
+    def summarize(self, done: int, interval: list[dict[str, float]], wall_seconds: float) -> trainer.Summary:
+        logged = trainer.mean_of(interval, ("loss", "grad_norm", "accuracy"))
+        logged["learning_rate"] = interval[-1]["learning_rate"]
+        return trainer.Summary(logged, f"loss {logged['loss']:.4f} | in-batch acc {logged['accuracy']:.2f} | "
+                                       f"lr {logged['learning_rate']:.2e}")
+
+    def has_dev(self) -> bool:
+        return bool(self.run.dev)
+
+    def evaluate(self, params) -> dict[str, float]:
+        return evaluate(self.run, params)
+
+    def describe_eval(self, results: dict[str, float], seconds: float) -> str:
+        return (" | ".join(f"{k[5:]} {v:.1f}" for k, v in results.items() if k != "eval/num_questions")
+                + f" ({seconds:.0f}s)")
+
+    def finish(self, state, last: dict[str, Any]) -> None:
+        if last["step"] == int(self.config.train.steps) and jax.process_index() == 0:
+            last["export"] = export_encoders(self.run, state.params, workdir_lib.export_dir(self.workdir))
+            log(f"encoders: {last['export']['question_encoder']} and {last['export']['ctx_encoder']}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
-    """Trains (resuming from WORKDIR/checkpoints), evaluates, exports; returns the last logged metrics."""
+    """Trains (resuming from WORKDIR/checkpoints), evaluates, exports; returns the last logged metrics and
+    evaluation (and "export": the encoders' directories, once the last step is done)."""
     run = setup(config, workdir, mesh)
-    c, workdir = run.config, run.workdir
-    os.makedirs(workdir, exist_ok=True)
-    checkpointer = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-    start, state = _resume(run, checkpointer, run.initial_state())
-    rng = jax.device_put(streams.key(c.seed, streams.DROPOUT), sharding.replicated(run.mesh))
-    writer = MetricWriter(workdir, start, jax.process_index() == 0)
-    preemption = Preemption()
-    steps = int(c.train.steps)
-    log(f"training the retriever {steps} steps from step {start}: {c.data.kind} data, mesh {dict(run.mesh.shape)}, "
-        f"batch {c.train.global_batch_size} x (1 + {c.data.hard_negatives_per_question}) passages, "
-        f"{len(run.passages)} passages, {len(run.dev)} dev questions")
-    last: dict[str, Any] = {"step": start}
-
-    def run_eval(done):
-        t0 = time.time()
-        results = evaluate(run, state.params)
-        writer.write(done, results)
-        log(f"eval at step {done}: " + " | ".join(f"{k[5:]} {v:.1f}" for k, v in results.items()
-                                                  if k != "eval/num_questions") + f" ({time.time() - t0:.0f}s)")
-        last.update(results)
-
-    if start == 0 and run.dev:
-        run_eval(0)
-    interval, t_start, clock, clock_step = [], time.time(), time.time(), start
-    stopped = True
-    try:
-        for step in range(start, steps):
-            batch = global_batch(run, step)
-            with jax.transfer_guard("disallow"):
-                state, metrics = run.step(state, batch, rng)
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise NonFiniteLossError(f"non-finite contrastive loss at step {step + 1}; stopped without saving "
-                                         "that state; lower optim.learning_rate, then rerun to resume")
-            interval.append(values)
-            checkpointer.check()
-            done = step + 1
-            stop = preemption.reached(done)
-            if done % c.train.log_every == 0 or done == steps:
-                now = time.time()
-                logged = {k: float(np.mean([m[k] for m in interval])) for k in ("loss", "grad_norm", "accuracy")}
-                logged["learning_rate"] = interval[-1]["learning_rate"]
-                rate = (done - clock_step) * c.train.global_batch_size / max(now - clock, 1e-9)
-                writer.write(done, logged, perf={"questions_per_sec": rate})
-                log(f"step {done}/{steps} | loss {logged['loss']:.4f} | in-batch acc {logged['accuracy']:.2f} | "
-                    f"lr {logged['learning_rate']:.2e} | {rate:.1f} q/s | ETA "
-                    f"{duration((steps - done) * (now - t_start) / max(done - start, 1))}")
-                last = {**last, "step": done, **logged}
-                interval, clock, clock_step = [], now, done
-            if run.dev and ((c.train.eval_every and done % c.train.eval_every == 0) or done == steps):
-                run_eval(done)
-            if done % c.train.checkpoint_every == 0 or done == steps or stop:
-                checkpointer.save(done, state, {"step": done}, c)
-            if stop:
-                log(f"preempted (SIGTERM): saved step {done}; rerun the same command to resume")
-                last["preempted"] = True
-                break
-        stopped = False
-    finally:
-        checkpointer.close(quiet=stopped)
-        writer.close()
-        preemption.close()
-    last["step"] = int(jax.device_get(state.step))
-    if last["step"] == steps and jax.process_index() == 0:
-        last["export"] = export_encoders(run, state.params, workdir_lib.export_dir(workdir))
-        log(f"encoders: {last['export']['question_encoder']} and {last['export']['ctx_encoder']}")
-    log(f"done: step {last['step']}, {duration(time.time() - t_start)}, workdir {workdir}")
-    return last
+    os.makedirs(run.workdir, exist_ok=True)
+    return trainer.Trainer(RetrieverJob(run)).run()

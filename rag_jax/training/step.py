@@ -31,7 +31,8 @@ import optax
 
 from rag_jax import rag, sharding
 from rag_jax.retrieval import code_search, codes as codes_lib, contexts, embed, exact
-from rag_jax.training import build, contrastive, optim
+from rag_jax.runs import build
+from rag_jax.training import contrastive, optim
 from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates, device_codes_kind
 
 

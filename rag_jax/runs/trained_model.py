@@ -2,7 +2,7 @@
 the defaults its config implies for inference.
 
 `generation_config` is the one place that says how a rag_jax-trained model decodes: the periodic dev evaluation
-(dev_eval.py), eval_nq on a workdir and the Hugging Face export all take it from here.
+(training/dev_eval.py), eval_nq on a workdir and the Hugging Face export all take it from here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
 from rag_jax.models.hf_files import CheckpointError
 from rag_jax.models import bert
 from rag_jax.retrieval import embed, index_io
-from rag_jax.training import build, checkpoint, index_refresh, workdir as workdir_lib
+from rag_jax.runs import build, checkpoint, workdir as workdir_lib
 
 
 def generation_config(model: rag.Rag, config: ml_collections.ConfigDict) -> GenerationConfig:
@@ -57,7 +57,7 @@ def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedMode
     """The run's model (rebuilt from the config saved in the checkpoint; no pretrained weights are read), its
     float32 parameters placed with `sharding` (default: the first local device), and its inference defaults: the
     training loss as model type, `generation_config`, the run's answer tokenisation, the run's index and its identity:
-    the index version the checkpoint searched when it is complete, else the newest complete one (index_refresh.py;
+    the index version the checkpoint searched when it is complete, else the newest complete one (training/index_refresh.py;
     WORKDIR/index for a run without refreshes).
     `step` defaults to the newest checkpoint that restores (newer, damaged ones are named on stderr)."""
     if not workdir_lib.is_workdir(workdir):
@@ -112,7 +112,7 @@ def _index_dir(workdir: str, version: int) -> str:
     """The index version a checkpoint searched if it is complete, else the newest complete one, else WORKDIR/index."""
     recorded = index_io.read_metadata(workdir_lib.index_version_dir(workdir, version))
     if recorded is None or not recorded.get("complete"):
-        latest = index_refresh.latest_complete_version(workdir)
+        latest = workdir_lib.latest_complete_version(workdir)
         version = 0 if latest is None else latest
     return workdir_lib.index_version_dir(workdir, version)
 

@@ -29,7 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rag_jax.training import workdir as workdir_lib
+from rag_jax.runs import workdir as workdir_lib
 
 ITEMS = ("params", "opt_state", "data", "config", "index")
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 Everything a training run or an evaluation of its checkpoint needs to rebuild from the config lives here: the RAG
 model (and pretrained weights), the frozen document encoder, the tokenizers, the data sources and the run's index
-(the optimizer is in optim.py). Each check fails with a `ConfigError` naming the config field and what to do; the
+(the optimizer is in training/optim.py). Each check fails with a `ConfigError` naming the config field and what to do; the
 checks of the config alone are in config_check.py.
 """
 
@@ -23,11 +23,11 @@ from rag_jax.data import tokenizers as tk
 from rag_jax.models import bart, bert, hf, t5
 from rag_jax.retrieval import code_spec, embed, index_codes, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
-from rag_jax.training import streams, workdir as workdir_lib
+from rag_jax.runs import streams, workdir as workdir_lib
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
 # part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
-from rag_jax.training.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, require_path
-from rag_jax.training.config_check import check_config  # noqa: F401 (re-exported, see above)
+from rag_jax.runs.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, require_path
+from rag_jax.runs.config_check import check_config  # noqa: F401 (re-exported, see above)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.compute_dtype
 

@@ -11,7 +11,7 @@ import jax
 
 DOC_ENCODER = 1  # a randomly initialised (frozen) document encoder d(z)
 DROPOUT = 2  # dropout in the training step
-DENOISE = 3  # the generator's denoising warm-up: passages drawn and spans masked (denoise.py)
+DENOISE = 3  # the generator's denoising warm-up: passages drawn and spans masked (training/denoise.py)
 
 
 def params_key(seed: int) -> jax.Array:
