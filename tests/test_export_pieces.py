@@ -106,7 +106,11 @@ def test_transformers_computes_what_the_run_does_from_each_piece(pieces_run, tmp
     batch = tokenizer(["who wrote hamlet", "capital of france?"], padding=True, return_tensors="pt")
     theirs = _mean_normalised(_bert(question_dir), batch)
     ours = np.asarray(model.encode_questions(params, batch["input_ids"].numpy(), batch["attention_mask"].numpy()))
-    assert hf_models.relative_error(ours, theirs) <= 1e-5
+    # The run scores with scale x q(x)·d(z) (retrieval.score_scale "auto": 20 for a normalised q(x)); the export
+    # records the scale beside the sentence-transformers files, which have no place for it.
+    scale = export_pieces.read_spec(out)[export_pieces.SCORE_SCALE_KEY]
+    assert scale == 20.0
+    assert hf_models.relative_error(ours, scale * theirs) <= 1e-5
 
     index = index_io.load_index(os.path.join(out, "index"))
     passages = list(corpus.read_passages(pieces_run["task"]["passages"]))

@@ -37,6 +37,7 @@ from rag_jax.retrieval import corpus, index_io
 from rag_jax.retrieval.contexts import ContextFormat
 
 SPEC_FILE = "rag_jax_export.json"
+SCORE_SCALE_KEY = "question_score_scale"  # the retrieval score scale of the run (retrieval.score_scale)
 LAYOUT = "transformers-pieces"
 GENERATOR_SUBDIR = "generator"
 QUESTION_ENCODER_SUBDIR = "question_encoder"
@@ -44,9 +45,10 @@ INDEX_SUBDIR = "index"
 
 
 def rag_layout_fits(model: rag.Rag) -> bool:
-    """Whether transformers' RAG classes compute the model's question encoder (DPR: [CLS], not normalised)."""
+    """Whether transformers' RAG classes compute the model's question encoder (DPR: [CLS], not normalised, scores
+    on their own scale)."""
     q = model.question_encoder_config
-    return q.pooling == "cls" and not q.normalize
+    return q.pooling == "cls" and not q.normalize and q.score_scale == 1.0 and not q.learn_score_scale
 
 
 def is_pieces(path: str) -> bool:
@@ -98,7 +100,11 @@ def save_hf_pieces(
                                     max_seq_length=max_length)
         if index_dir is not None:
             copy_index(index_dir, os.path.join(partial, INDEX_SUBDIR))
+        # The retrieval score scale (retrieval.score_scale, learnt or fixed): sentence-transformers' files have no
+        # place for it, and the priors p(z|x) of the run are softmaxes of scale x q(x)·d(z).
+        scale = bert.effective_score_scale(model.question_encoder_config, params["question_encoder"])
         spec = {"layout": LAYOUT, "model_type": model_type, "rag": rag_config_to_json(model.config),
+                SCORE_SCALE_KEY: scale,
                 export.RUN_KEY: export.run_record(answer_prefix_space, index_identity, ctx_index_identity)}
         files.write_json(os.path.join(partial, SPEC_FILE), spec)
     return directory

@@ -68,7 +68,8 @@ def load_pieces(path: str) -> tuple[rag.Rag, dict, ModelDefaults]:
     question = hf.load_encoder(os.path.join(path, export_pieces.QUESTION_ENCODER_SUBDIR))
     generator_dir = os.path.join(path, export_pieces.GENERATOR_SUBDIR)
     generator = hf.load_generator(generator_dir)
-    model = rag.Rag(question.config, generator.config, export_pieces.rag_config_from_json(spec["rag"]))
+    q_config = dataclasses.replace(question.config, score_scale=float(spec.get(export_pieces.SCORE_SCALE_KEY, 1.0)))
+    model = rag.Rag(q_config, generator.config, export_pieces.rag_config_from_json(spec["rag"]))
     params = {"question_encoder": question.params, "generator": generator.params}
     generation = GenerationConfig.from_hf(_read_json(os.path.join(generator_dir, export.GENERATION_CONFIG_FILE)))
     run = spec[export.RUN_KEY]

@@ -165,6 +165,13 @@ def with_score_scale(params: Any, cfg: BertConfig) -> Any:
     return {**params, LOG_SCORE_SCALE: np.asarray(math.log(cfg.score_scale), np.float32)}
 
 
+def effective_score_scale(cfg: BertConfig, params: Any) -> float:
+    """The scale the encoder's vectors are multiplied by now: the learnt one's current value, or the fixed one."""
+    if cfg.learn_score_scale:
+        return float(np.exp(np.asarray(params[LOG_SCORE_SCALE], np.float64)))
+    return float(cfg.score_scale)
+
+
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' Normalize uses
 
 
