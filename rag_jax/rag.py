@@ -1,4 +1,5 @@
-"""The RAG model: question encoder q(x), doc scores q(x)·d(z), a BART or T5 generator over the K retrieved documents, and the
+"""The RAG model: question encoder q(x), doc scores q(x)·d(z), a generator (BART, T5 or another architecture of
+rag_jax/models/registry.py) over the K retrieved documents, and the
 RAG-Sequence / RAG-Token marginal negative log-likelihoods of Lewis et al. (2020).
 
 Parameters are one tree {"question_encoder": ..., "generator": ...}. In the paper's recipe the document encoder is not
@@ -21,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rag_jax.models import bart, bert, layers, t5
+from rag_jax.models import bert, layers, registry
 from rag_jax.models.layers import constrain
 from rag_jax.retrieval.contexts import ContextFormat
 
@@ -63,7 +64,7 @@ class Rag:
     """The two trained networks of RAG and its settings; methods are pure functions of the parameters."""
 
     question_encoder_config: bert.BertConfig
-    generator_config: bart.BartConfig | t5.T5Config
+    generator_config: Any  # the config class of a registered generator architecture (bart.BartConfig, t5.T5Config)
     config: RagConfig = RagConfig()
     doc_encoder_config: bert.BertConfig | None = None  # set: d(z) is trained, params["doc_encoder"]
 
@@ -80,11 +81,10 @@ class Rag:
         return bert.BertEncoder(self.question_encoder_config)
 
     @property
-    def generator(self) -> bart.Bart | t5.T5:
-        """The generator network; both kinds have the same methods (encode, decode, init_cache, decode_step)."""
-        if isinstance(self.generator_config, t5.T5Config):
-            return t5.T5(self.generator_config)
-        return bart.Bart(self.generator_config)
+    def generator(self) -> nn.Module:
+        """The generator network its architecture's registry entry builds; every one has BART's methods (encode,
+        decode, init_cache, decode_step, lm_head_arrays)."""
+        return registry.for_config(self.generator_config).module_class(self.generator_config)
 
     def encode_questions(self, params: Params, input_ids_BxL, attention_mask_BxL, *, dropout_rng=None) -> jax.Array:
         """q(x): the pooled question vectors (B, D), float32."""

@@ -185,8 +185,8 @@ def test_flop_counter_terms():
     expected = 2 * n * length * (4 * e * e + 2 * e * f) + 2 * 2 * n * length * length * e
     assert flops.bert_forward_flops(q, n, length) == expected
     g = model.generator_config
-    without_head = flops.bart_forward_flops(g, 2, 7, 4) - 2 * 2 * 4 * g.d_model * g.vocab_size
-    assert without_head == flops.bart_forward_flops(dataclasses.replace(g, vocab_size=0), 2, 7, 4)
+    without_head = flops.generator_forward_flops(g, 2, 7, 4) - 2 * 2 * 4 * g.d_model * g.vocab_size
+    assert without_head == flops.generator_forward_flops(dataclasses.replace(g, vocab_size=0), 2, 7, 4)
 
 
 # ----------------------------------------------------------------------------------------------- mfu pieces

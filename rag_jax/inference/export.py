@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.inference.generation import GenerationConfig
-from rag_jax.models import bert, hf, hf_t5, t5
+from rag_jax.models import bert, hf, registry
 
 ARCHITECTURES = {"sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
 # config.json: {"answer_prefix_space": bool, "index_identity": {...}, "ctx_encoder_index_identity": {...}} of an
@@ -106,18 +106,13 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
                   answer_prefix_space, index_identity, doc_encoder, ctx_index_identity) -> None:
     cfg = model.config
     g = model.generator_config
-    is_t5 = isinstance(g, t5.T5Config)
-    generator_fields = hf_t5.config_dict(g) if is_t5 else hf.bart_config_dict(g)
+    architecture = registry.for_config(g)
+    generator_fields = architecture.hf_config_dict(g)
     if generation is not None:
         generator_fields["decoder_start_token_id"] = generation.decoder_start_token_id
-    if is_t5:
-        # bos_token_id None said explicitly: transformers' RAG-Sequence loss reads it from the generator's config
-        generator_config = transformers.T5Config(**generator_fields, bos_token_id=None,
-                                                 **({"prefix": cfg.context.prefix} if cfg.context.prefix else {}))
-        generator_table = hf_t5.table(g)
-    else:
-        generator_config = transformers.BartConfig(**generator_fields, forced_eos_token_id=None)
-        generator_table = hf.bart_table(g)
+    generator_config = getattr(transformers, architecture.hf_config_class)(
+        **generator_fields, **architecture.hf_export_extras(g, cfg.context.prefix))
+    generator_table = architecture.hf_table(g)
     run = {} if answer_prefix_space is None else {"answer_prefix_space": bool(answer_prefix_space)}
     if index_identity is not None:
         run["index_identity"] = dict(index_identity)
