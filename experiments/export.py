@@ -4,7 +4,8 @@
 
 hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGeneration `from_pretrained` loads
        (config.json, generation_config.json, model.safetensors, question_encoder_tokenizer/, generator_tokenizer/);
-       the architecture follows the run's loss (RAG-Sequence or RAG-Token). It carries the run's generation settings,
+       the architecture follows the run's reader (RAG-Sequence or RAG-Token; a reader without a transformers class is
+       refused: use orbax). It carries the run's generation settings,
        answer tokenisation and index identity, so eval_nq on it answers and scores exactly as eval_nq on the workdir.
        Its subfolder ctx_encoder/ holds the run's document encoder with its tokenizer, so that transformers (or
        build_index --encoder) can rebuild the index: the checkpoint's trained one (model.doc_encoder.trainable), else
@@ -63,8 +64,8 @@ def export_run():
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
         defaults = trained.defaults
-        export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
-                           generation=defaults.generation[defaults.model_type],
+        export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.reader, question, generator,
+                           generation=defaults.generation_config(defaults.reader),
                            answer_prefix_space=defaults.answer_prefix_space,
                            index_identity=defaults.index_identity, doc_encoder=doc_encoder,
                            ctx_index_identity=defaults.ctx_encoder_index_identity, overwrite=_OVERWRITE.value)

@@ -96,14 +96,15 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Generator:
-    """The entry `name` names (a built-in, a registered name, or `package.module:name`)."""
+    """The entry `name` names (a built-in, a registered name, or `package.module:name`). Raises ValueError naming
+    the known ones."""
     if name not in _ENTRIES:
         module, entry = _split(name)
         if module is not None:
             importlib.import_module(module)
         name = entry
     if name not in _ENTRIES:
-        raise KeyError(f"no generator architecture {name!r}; known: {', '.join(names())} (or 'package.module:name' "
+        raise ValueError(f"no generator architecture {name!r}; known: {', '.join(names())} (or 'package.module:name' "
                        "of a module that registers one with rag_jax.models.registry.register)")
     return _ENTRIES[name]
 
@@ -115,7 +116,7 @@ def for_config(config: Any) -> Generator:
     for entry in _ENTRIES.values():
         if type(config) is entry.config_class:
             return entry
-    raise KeyError(f"no generator architecture is registered for {type(config).__name__}")
+    raise ValueError(f"no generator architecture is registered for {type(config).__name__}")
 
 
 def for_hf(model_type: str | None) -> Generator | None:

@@ -21,6 +21,7 @@ from rag_jax import rag
 from rag_jax.data import nq_open
 from rag_jax.data import tokenizers as tk
 from rag_jax.models import bert, hf, registry
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval import embed, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.training import config_check, streams, workdir as workdir_lib
@@ -32,12 +33,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.compute_dty
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """config_check.check_config, then the generator architecture's own checks (its registry entry's, which need
-    the architecture's module: after jax loads)."""
+    """config_check.check_config, then what needs the modules the config names (after jax loads): the generator
+    architecture's own checks (its registry entry's), and that model.reader names a registered reader."""
     config_check.check_config(config)
     problem = generator_architecture(config.model.generator).check_run_config(config)
     if problem:
         raise ConfigError(problem)
+    try:
+        readers.from_config(config)
+    except ValueError as e:
+        raise ConfigError(f"config model.reader={readers.configured_name(config.model)!r}: {e}") from None
 
 
 def check_batch(config: ml_collections.ConfigDict, data_ways: int, num_processes: int) -> None:
@@ -81,8 +86,8 @@ def generator_architecture(c: ml_collections.ConfigDict) -> registry.Generator:
     name = c.get("architecture", "bart")
     try:
         return registry.get(name)
-    except KeyError as e:
-        raise ConfigError(f"config model.generator.architecture={name!r}: {e.args[0]}") from None
+    except ValueError as e:
+        raise ConfigError(f"config model.generator.architecture={name!r}: {e}") from None
 
 
 def _check_architecture(g_cfg, field: str, path: str, c: ml_collections.ConfigDict) -> None:

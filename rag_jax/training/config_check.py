@@ -18,8 +18,9 @@ from typing import Any, Sequence
 import ml_collections
 
 from rag_jax.models import registry as generators
+from rag_jax.readers import registry as readers
 
-LOSSES = ("sequence", "token")
+LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann")
 HOST_CONTEXTS = ("auto", "table", "strings")
@@ -141,7 +142,8 @@ RULES: dict[str, Any] = {
     "model.n_docs": _POSITIVE,
     "model.doc_encoder.trainable": _BOOL, "model.doc_encoder.lr_scale": _SCALE,
     "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
-    "model.loss": _Choice(LOSSES),
+    "model.reader": _Registered(readers.known, readers.names),
+    "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.training import (build, checkpoint, config_check, denoise, dev_eval, index_refresh, inputs, optim,
                               streams, workdir as workdir_lib)
@@ -206,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     steps = int(config.train.steps)
     _log(f"training {steps} steps from step {start}: mesh {dict(mesh.shape)} ({mesh.size} devices), "
          f"{jax.process_count()} processes, retrieval {config.retrieval.mode}, K={config.model.n_docs}, "
-         f"RAG-{config.model.loss}, {index.num_passages} passages")
+         f"reader {readers.from_config(config).name}, {index.num_passages} passages")
     last: dict[str, Any] = {"step": start}
 
     def evaluate(done, params):
