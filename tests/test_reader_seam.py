@@ -26,9 +26,9 @@ from tests import train_task
 NAME = f"{__name__}:rag_sequence_per_token"
 
 
-def _target_counts(labels_BxT, pad: int):
-    """Non-pad targets (the decoder inputs shifted left) per row, at least 1."""
-    return jnp.maximum((labels_BxT[:, 1:] != pad).sum(-1), 1)
+def _target_counts(ids___xT, pad: int):
+    """Non-pad targets (the decoder inputs shifted left) per sequence, at least 1."""
+    return jnp.maximum((ids___xT[..., 1:] != pad).sum(-1), 1)
 
 
 class PerTokenSequence(rag_sequence.RagSequence):
@@ -48,9 +48,7 @@ class PerTokenSequence(rag_sequence.RagSequence):
         _, candidates = rag_sequence.generate(model, params, context_input_ids_BKxS, context_attention_mask_BKxS,
                                               doc_scores_BxK, gen, mode=decoding or "thorough", return_candidates=True)
         ids_BxCxL = candidates.ids_BxCxL
-        per_token_BxC = candidates.scores_BxC / _target_counts(ids_BxCxL.reshape(-1, ids_BxCxL.shape[-1]),
-                                                               model.generator_config.pad_token_id).reshape(
-                                                                   ids_BxCxL.shape[:2])  # fmt: skip
+        per_token_BxC = candidates.scores_BxC / _target_counts(ids_BxCxL, model.generator_config.pad_token_id)
         tokens_BxL = jnp.take_along_axis(ids_BxCxL, jnp.argmax(per_token_BxC, axis=1)[:, None, None], axis=1)[:, 0]
         if not provenance:
             return base.Decoded(tokens_BxL)
