@@ -10,6 +10,7 @@ vocabulary (only the special tokens), and call-time `add_prefix_space=True` is s
 therefore goes through `from_pretrained` and then checks that the vocabulary is really there.
 """
 
+import json
 import os
 import re
 from typing import Iterable, NamedTuple
