@@ -1,7 +1,7 @@
 """Asks a RAG model questions and shows which retrieved passage each answer came from.
 
-  python -m experiments.ask --model=HF_DIR_OR_WORKDIR [--index=DIR] [--n_docs=K] [--plot=FILE.png|.svg|.html]
-      [QUESTION ...]
+  python -m experiments.ask --model=HF_DIR_OR_WORKDIR [--index=DIR] [--n_docs=K] [--reader=NAME]
+      [--plot=FILE.png|.svg|.html] [QUESTION ...]
 
 Answers the questions given as arguments, or else one per line typed on standard input (an empty line is refused
 and the prompt goes on; the exit status is then 1). Under each answer: the retrieved passages, highest posterior
@@ -21,7 +21,9 @@ _MODEL = flags.DEFINE_string("model", None, "Hugging Face RAG directory or rag_j
 _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output); default for a workdir: its index.")
 _N_DOCS = flags.DEFINE_integer("n_docs", None, "Passages retrieved per question; default: the model's n_docs.",
                                lower_bound=1)
-_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Default: from the model.")
+_READER = flags.DEFINE_string("reader", None, "How the model reads its passages (rag_jax/readers/): rag_sequence, "
+                              "rag_token or package.module:name of a registered reader; default: the model's.")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Deprecated: --reader=rag_<model_type>.")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the model's.", lower_bound=1)
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum answer length, start token included.", lower_bound=2)
 _PLOT = flags.DEFINE_string("plot", None, "Also draw the document posteriors to this .png, .svg or .html file.")
@@ -39,6 +41,7 @@ def _check_flags(questions: list[str]) -> None:
                              "training workdir)")
     if _INDEX.value is not None and not os.path.isdir(_INDEX.value):
         raise cli.UsageError(f"--index={_INDEX.value}: no such directory (an index built by experiments.build_index)")
+    model_loading.reader_from_flags(_READER, _MODEL_TYPE)
     if _PLOT.value is not None:
         if os.path.splitext(_PLOT.value)[1].lower() not in (".png", ".svg", ".html"):  # provenance_plot.FORMATS
             raise cli.UsageError(f"--plot={_PLOT.value}: name a .png, .svg or .html file")
@@ -83,14 +86,14 @@ def ask(questions: list[str]) -> None:
     model, params, defaults = model_loading.load_model(_MODEL.value)
     index_dir, index = model_loading.load_index(_INDEX.value, model, defaults, f"--model={_MODEL.value}")
     n_docs = model_loading.n_docs_for(_N_DOCS.value, model, index, index_dir)
-    model_type = _MODEL_TYPE.value or defaults.model_type
+    reader = model_loading.reader_from_flags(_READER, _MODEL_TYPE) or defaults.reader
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value)) if v}
-    generation = defaults.generation_config(model_type, **overrides)
+    generation = defaults.generation_config(reader, **overrides)
     model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context)
-    settings = answering.AnswerSettings(n_docs=n_docs, model_type=model_type, provenance=True,
+    settings = answering.AnswerSettings(n_docs=n_docs, reader=reader, provenance=True,
                                         batch_size=min(_BATCH, len(questions)) if questions else 1)  # fmt: skip
 
     def answer(batch: list[str]):

@@ -1,7 +1,7 @@
 """Evaluates a RAG model on NQ-open style questions: retrieval, generation, exact match / F1, recall@k.
 
   python -m experiments.eval_nq --model=DIR --index=DIR --questions=FILE --output=FILE
-      [--n_docs=K] [--model_type=sequence|token] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
+      [--n_docs=K] [--reader=rag_sequence|rag_token] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
       [--provenance]
 
 --model is a Hugging Face RAG directory (RagSequenceForGeneration / RagTokenForGeneration layout, with its
@@ -29,14 +29,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write one JSON line per 
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output (once the evaluation completes).")
 _N_DOCS = flags.DEFINE_integer("n_docs", None, "Documents retrieved per question; default: the model's n_docs.",
                                lower_bound=1)
-_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Default: from the checkpoint.")
+_READER = flags.DEFINE_string("reader", None, "How the model reads its passages (rag_jax/readers/): rag_sequence, "
+                              "rag_token or package.module:name of a registered reader; default: the model's.")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Deprecated: --reader=rag_<model_type>.")
 _DECODING = flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"], "RAG-Sequence decoding.")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the checkpoint's generation config.",
                                   lower_bound=1)
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum output length, start token included (as generate).",
                                    lower_bound=1)
 _MIN_LENGTH = flags.DEFINE_integer("min_length", None, "Minimum output length, start token included.", lower_bound=0)
-_SCORE = flags.DEFINE_bool("score", False, "Also write nll_sequence / nll_token of the first gold answer.")
+_SCORE = flags.DEFINE_bool("score", False, "Also write the reader's scores of the first gold answer (RAG readers: "
+                           "nll_sequence / nll_token).")
 _PROVENANCE = flags.DEFINE_bool(
     "provenance", False, "Also write which passage supported each answer: per document its id, title, prior and "
     "posterior, and the document posteriors of every generated token (rag_jax/inference/provenance.py).")
@@ -76,6 +79,7 @@ def _check_flags() -> None:
     input_checks.require_file(_QUESTIONS.value, "--questions", "a JSONL questions file")
     if _INDEX.value is not None and not os.path.isdir(_INDEX.value):
         raise cli.UsageError(f"--index={_INDEX.value}: no such directory (an index built by experiments.build_index)")
+    model_loading.reader_from_flags(_READER, _MODEL_TYPE)
     output_checks.remove_partials(_OUTPUT.value)  # of an evaluation killed before it could
     cli.declare_outputs(_OUTPUT.value)
 
@@ -138,10 +142,10 @@ def evaluate() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     examples, lines = _read_questions(_QUESTIONS.value, _LIMIT.value)
     model, params, defaults = model_loading.load_model(_MODEL.value)
-    model_type = _MODEL_TYPE.value or defaults.model_type
+    reader = model_loading.reader_from_flags(_READER, _MODEL_TYPE) or defaults.reader
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value),
                                    ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip
-    generation = defaults.generation_config(model_type, **overrides)
+    generation = defaults.generation_config(reader, **overrides)
     model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
     index_dir, index = model_loading.load_index(
         _INDEX.value, model, defaults, f"--model={_MODEL.value}", expected_encoder=_DOC_ENCODER_ID.value)
@@ -153,10 +157,10 @@ def evaluate() -> None:
     table = _passage_table(index, pair.generator, model.config.context, len(examples) * n_docs)
     searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value,
                                    passage_table=table, rerank_from_codes=_RERANK_FROM_CODES.value)
-    settings = answering.AnswerSettings(n_docs=n_docs, model_type=model_type, decoding=_DECODING.value,
+    settings = answering.AnswerSettings(n_docs=n_docs, reader=reader, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,
                                         answer_prefix_space=prefix_space, provenance=_PROVENANCE.value)  # fmt: skip
-    print(f"evaluating {len(examples)} questions: RAG-{model_type}, K={n_docs}, beams={generation.num_beams}, "
+    print(f"evaluating {len(examples)} questions: reader {reader}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []
     with files.output(_OUTPUT.value) as out, tqdm.tqdm(total=len(examples), unit="q", desc="answering") as bar:

@@ -4,7 +4,8 @@
 
 hf:    a directory that transformers' RagSequenceForGeneration / RagTokenForGeneration `from_pretrained` loads
        (config.json, generation_config.json, model.safetensors, question_encoder_tokenizer/, generator_tokenizer/);
-       the architecture follows the run's loss (RAG-Sequence or RAG-Token). It carries the run's generation settings,
+       the architecture follows the run's reader (RAG-Sequence or RAG-Token; a reader without a transformers class is
+       refused: use orbax). It carries the run's generation settings,
        answer tokenisation and index identity, so eval_nq on it answers and scores exactly as eval_nq on the workdir.
        Its subfolder ctx_encoder/ holds the run's document encoder with its tokenizer, so that transformers (or
        build_index --encoder) can rebuild the index: the checkpoint's trained one (model.doc_encoder.trainable), else
@@ -69,16 +70,16 @@ def export_run():
         question = tokenizers.load_question_tokenizer(dirs["question"])
         generator = tokenizers.load_generator_tokenizer(dirs["generator"])
         defaults = trained.defaults
-        common = dict(generation=defaults.generation[defaults.model_type],
+        common = dict(generation=defaults.generation_config(defaults.reader),
                       answer_prefix_space=defaults.answer_prefix_space, index_identity=defaults.index_identity,
                       doc_encoder=doc_encoder, ctx_index_identity=defaults.ctx_encoder_index_identity,
                       overwrite=_OVERWRITE.value)
         if export_pieces.rag_layout_fits(trained.model):
-            export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question, generator,
+            export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.reader, question, generator,
                                **common)
         else:
             layout = "hf, in pieces: the question encoder is not DPR's"
-            export_pieces.save_hf_pieces(_OUTPUT.value, trained.model, trained.params, defaults.model_type, question,
+            export_pieces.save_hf_pieces(_OUTPUT.value, trained.model, trained.params, defaults.reader, question,
                                          generator, question_max_length=trained.config.data.max_question_length,
                                          index_dir=defaults.index, **common)
     print(f"exported {_WORKDIR.value} step {step} ({layout}) to {_OUTPUT.value}"

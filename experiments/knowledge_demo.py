@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli, input_checks, output_checks
-from rag_jax import files
+from rag_jax import files as whole_files  # `files` is the task files here
 from rag_jax.data import knowledge_task, nq_open, tokenizers
 from rag_jax.retrieval import embed, index_codes, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
@@ -185,7 +185,7 @@ def run_demo() -> dict:
               _EXAMPLES.value)
 
     results["num_heldout_questions"] = len(dev)
-    with files.output(os.path.join(workdir, "knowledge_demo.json")) as f:
+    with whole_files.output(os.path.join(workdir, "knowledge_demo.json")) as f:
         json.dump(results, f, indent=2)
     print("\nsummary (percent of held-out questions):")
     print(f"  exact match {results['heldout_exact_match']:.1f} | gold passage in the top {k} "

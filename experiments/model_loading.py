@@ -111,3 +111,20 @@ def encoder_tokenizer(encoder_dir: str, override: str | None):
     own_files = ("tokenizer.json", "vocab.txt", sentence_transformers_dir.MODULES_FILE)
     has_own = any(os.path.exists(os.path.join(encoder_dir, f)) for f in own_files)
     return tokenizers.load_question_tokenizer(encoder_dir if has_own else tokenizers.QUESTION_TOKENIZER_DIR)
+
+
+def reader_from_flags(reader_flag, model_type_flag) -> str | None:
+    """--reader, or the reader the deprecated --model_type names (saying so once); None: the model's own. Refuses
+    the two together, and a name no reader has, before anything loads."""
+    from rag_jax.readers import registry  # pylint: disable=g-import-not-at-top (light: names only)
+
+    if reader_flag.value is not None and model_type_flag.value is not None:
+        raise cli.UsageError(f"--model_type={model_type_flag.value} is the old name of --reader; give --reader alone")
+    if model_type_flag.value is not None:
+        reader = registry.ALIASES[model_type_flag.value]
+        registry.note_deprecated(f"--model_type={model_type_flag.value}", f"--reader={reader}")
+        return reader
+    if reader_flag.value is not None and not registry.known(reader_flag.value):
+        raise cli.UsageError(f"--reader={reader_flag.value}: choose one of {', '.join(registry.names())}, or "
+                             "package.module:name of a module that registers a reader")
+    return reader_flag.value

@@ -18,6 +18,7 @@ from absl import flags
 from experiments import bench
 from experiments.bench import common, mfu
 from rag_jax import rag
+from rag_jax.readers import rag_sequence
 from rag_jax.runs import build
 from rag_jax.training import flops
 
@@ -162,7 +163,7 @@ def test_flop_counter_matches_xla_cost_analysis(sizes):
     def loss(params, q_ids, q_mask, ctx_ids, ctx_mask, labels, doc_embeds):
         scores = rag.doc_scores(model.encode_questions(params, q_ids, q_mask), doc_embeds)
         logits = model.generator_logits(params, ctx_ids, ctx_mask, labels)
-        return rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1).mean()
+        return rag_sequence.nll(logits, scores, labels, pad_token_id=1).mean()
 
     forward = flops.rag_forward_flops(model, b, k, lq, s, t)
     step = flops.rag_train_step_flops(model, b, k, lq, s, t)
@@ -197,8 +198,8 @@ def test_flop_counter_terms():
     expected = 2 * n * length * (4 * e * e + 2 * e * f) + 2 * 2 * n * length * length * e
     assert flops.bert_forward_flops(q, n, length) == expected
     g = model.generator_config
-    without_head = flops.bart_forward_flops(g, 2, 7, 4) - 2 * 2 * 4 * g.d_model * g.vocab_size
-    assert without_head == flops.bart_forward_flops(dataclasses.replace(g, vocab_size=0), 2, 7, 4)
+    without_head = flops.generator_forward_flops(g, 2, 7, 4) - 2 * 2 * 4 * g.d_model * g.vocab_size
+    assert without_head == flops.generator_forward_flops(dataclasses.replace(g, vocab_size=0), 2, 7, 4)
 
 
 # ----------------------------------------------------------------------------------------------- mfu pieces
@@ -252,15 +253,15 @@ def test_mfu_paper_configs_hold_the_paper_generators():
 
 
 def test_rag_token_marginal_equals_the_logsumexp_formula():
-    """rag_decoding.marginal_log_probs (one exp per logit, made for speed) is the reference's
+    """rag_token.marginal_log_probs (one exp per logit, made for speed) is the reference's
     logsumexp_z(log p(z|x) + log_softmax(logits_z)), including where the documents disagree strongly."""
-    from rag_jax.inference import rag_decoding
+    from rag_jax.readers import rag_token
 
     key_logits, key_docs = jax.random.split(jax.random.PRNGKey(0))
     logits_NxKxV = jax.random.normal(key_logits, (6, 3, 500)) * jnp.asarray([1.0, 5.0, 20.0])[None, :, None]
     doc_lp_NxK = jax.nn.log_softmax(jax.random.normal(key_docs, (6, 3)) * 3, axis=-1)
     expected = jax.nn.logsumexp(jax.nn.log_softmax(logits_NxKxV, axis=-1) + doc_lp_NxK[..., None], axis=1)
-    got = rag_decoding.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
+    got = rag_token.marginal_log_probs(logits_NxKxV, doc_lp_NxK)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.exp(got).sum(-1), 1.0, rtol=1e-5)
 

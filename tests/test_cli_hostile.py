@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
+from rag_jax.retrieval import corpus
 from tests.hostile import PASSAGES, QUESTIONS, refused, run, snapshot, write_jsonl
 
 pytest_plugins = ["tests.hostile"]  # its session fixtures hf_space and run_dir: one copy for all the tables

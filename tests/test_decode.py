@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from rag_jax import rag
-from rag_jax.inference import generation, rag_decoding
+from rag_jax.readers import decoding, generation, rag_sequence, rag_token, search
 from rag_jax.models import hf
 from tests import hf_models
 
@@ -89,12 +89,12 @@ def _assert_same(ours, reference: np.ndarray):
 
 
 def _token(checkpoint, inputs, gen):
-    return rag_decoding.rag_token_generate(checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen)
+    return rag_token.generate(checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen)
 
 
 def _sequence(checkpoint, inputs, gen, **kwargs):
     """Our RAG-Sequence decoding and its candidates (one compilation per gen / mode / mask_beams / shape)."""
-    return rag_decoding.rag_sequence_generate(
+    return rag_sequence.generate(
         checkpoint["model"], checkpoint["params"], *map(jnp.asarray, inputs), gen, return_candidates=True, **kwargs
     )
 
@@ -163,11 +163,11 @@ def test_rag_sequence_thorough_matches_reference(checkpoint, kwargs):
 def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup, monkeypatch):
     """Every scored hypothesis gets -loss of the reference's rescoring forward pass over its example's K docs (the
     scored ones: the first occurrences with deduplication, else all, which takes more than one packed pass). The
-    contexts carry pad columns past the longest, which the rescoring cuts (rag_decoding.masked_width) and the
+    contexts carry pad columns past the longest, which the rescoring cuts (decoding.masked_width) and the
     reference attends to, masked."""
-    monkeypatch.setattr(rag_decoding, "CONTEXT_BUCKET", 4)
+    monkeypatch.setattr(decoding, "CONTEXT_BUCKET", 4)
     inputs = _inputs(seed=1, repeat_first_doc=True, extra_padding=9)
-    assert rag_decoding.masked_width(inputs[1]) == 12 < inputs[1].shape[1]
+    assert decoding.masked_width(inputs[1]) == 12 < inputs[1].shape[1]
     gen = generation.GenerationConfig.for_rag_sequence(checkpoint["hf_config"], **FAST)
     _, candidates = _sequence(checkpoint, inputs, gen, do_deduplication=dedup)
     ids, mask, doc_scores = map(torch.as_tensor, inputs)
@@ -193,13 +193,13 @@ def test_thorough_scores_are_the_references_rescoring_loss(checkpoint, dedup, mo
 def test_masked_width_keeps_every_unmasked_column(monkeypatch):
     """The rescoring's cut reaches the last column any row keeps (a hole or left padding keeps more), rounded up to
     the bucket; inside jit, where the mask's values are unknown, nothing is cut."""
-    monkeypatch.setattr(rag_decoding, "CONTEXT_BUCKET", 4)
+    monkeypatch.setattr(decoding, "CONTEXT_BUCKET", 4)
     mask = np.zeros((2, 20), np.int32)
     mask[0, :5], mask[1, :3] = 1, 1
-    assert rag_decoding.masked_width(mask) == 8
-    assert jax.jit(lambda m: jnp.zeros(rag_decoding.masked_width(m)))(mask).shape == (20,)
+    assert decoding.masked_width(mask) == 8
+    assert jax.jit(lambda m: jnp.zeros(decoding.masked_width(m)))(mask).shape == (20,)
     mask[1, 17] = 1
-    assert rag_decoding.masked_width(mask) == 20
+    assert decoding.masked_width(mask) == 20
 
 
 def test_fast_decoding_returns_a_candidate_and_equals_thorough_with_one_document(checkpoint):
@@ -326,7 +326,7 @@ def test_first_max_index_is_torch_argmax():
     x[3, -1] = 9.0
     x[4, :] = 1.0
     x[5, 0], x[5, 10] = np.inf, np.inf
-    got = np.asarray(jax.jit(generation.first_max_index)(jnp.asarray(x)))
+    got = np.asarray(jax.jit(search.first_max_index)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, torch.argmax(torch.as_tensor(x), dim=-1).numpy())
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     assert got.dtype == np.int32
@@ -334,7 +334,7 @@ def test_first_max_index_is_torch_argmax():
 
 @pytest.mark.parametrize("vocab", [50265, 977], ids=["divisible", "padded"])
 def test_beam_candidates_are_top_k_of_the_log_probs_ties_included(vocab):
-    """The beam search's candidates (through group maxima, generation._top_candidates) are jax.lax.top_k of
+    """The beam search's candidates (through group maxima, search._top_candidates) are jax.lax.top_k of
     log_softmax(logits) + running score over (beam, token): the same tokens, lower index first among equal scores,
     on logits with many ties, with the reference's -1e9 running score, and with a vocabulary the groups do not
     divide."""
@@ -352,12 +352,12 @@ def test_beam_candidates_are_top_k_of_the_log_probs_ties_included(vocab):
     for logits, running in [
         (spikes, np.zeros((1, 2))),
         (rng.integers(-3, 3, (5, 2, vocab)), rng.standard_normal((5, 2))),  # ties everywhere
-        (rng.standard_normal((5, 2, vocab)), np.tile([0.0, generation.NEG], (5, 1))),  # the first step
+        (rng.standard_normal((5, 2, vocab)), np.tile([0.0, search.NEG], (5, 1))),  # the first step
         (rng.standard_normal((4, 3, vocab)) * 3, rng.standard_normal((4, 3)) * 5),
     ]:
         logits, running = jnp.asarray(logits, jnp.float32), jnp.asarray(running, jnp.float32)
         want_values, want_idx = full(logits, running)
-        values, idx = jax.jit(generation._top_candidates, static_argnums=2)(logits, running, k)
+        values, idx = jax.jit(search._top_candidates, static_argnums=2)(logits, running, k)
         np.testing.assert_array_equal(idx, want_idx)
         np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-5)
 
@@ -383,13 +383,13 @@ def test_log_softmax_at_the_targets_equals_the_full_log_softmax(vocab):
 
 
 def test_encoder_slices_give_the_encoder_outputs(checkpoint, monkeypatch):
-    """rag_decoding._encode, which runs the generator's encoder over slices of the contexts (here forced: 3 per
+    """decoding.encode, which runs the generator's encoder over slices of the contexts (here forced: 3 per
     slice), gives the encoder's outputs over all of them at once."""
-    monkeypatch.setattr(rag_decoding, "_ENCODE_SLICE_ABOVE", 0)
+    monkeypatch.setattr(decoding, "_ENCODE_SLICE_ABOVE", 0)
     ids, mask, _ = _inputs(seed=1)
-    monkeypatch.setattr(rag_decoding, "_ENCODE_TOKENS", 3 * ids.shape[1])
+    monkeypatch.setattr(decoding, "_ENCODE_TOKENS", 3 * ids.shape[1])
     model, params = checkpoint["model"], checkpoint["params"]
     whole = model.generator.apply({"params": params["generator"]}, ids, mask, method="encode")
-    sliced = jax.jit(lambda i, m: rag_decoding._encode(model, params, i, m))(ids, mask)
+    sliced = jax.jit(lambda i, m: decoding.encode(model, params, i, m))(ids, mask)
     assert ids.shape[0] > 2
     np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)  # float32 rounding of other matmul shapes

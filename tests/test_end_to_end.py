@@ -21,6 +21,7 @@ import transformers
 
 from rag_jax import rag, sharding
 from rag_jax.models import hf
+from rag_jax.readers import rag_sequence, rag_token
 from rag_jax.runs import build
 from rag_jax.training import loop, optim, step
 from tests import hf_models, train_task
@@ -90,7 +91,7 @@ def _ours(directory, ctx_dir, loss, epsilon, batch, docs):
     doc_tokens = {"doc_input_ids": doc_ids.reshape(BATCH, N_DOCS, -1),
                   "doc_attention_mask": doc_mask.reshape(BATCH, N_DOCS, -1),
                   "doc_token_type_ids": np.zeros((BATCH, N_DOCS, DOC_LENGTH), np.int64)}  # as transformers
-    nll = rag.rag_sequence_nll if loss == "sequence" else rag.rag_token_nll
+    nll = rag_sequence.nll if loss == "sequence" else rag_token.nll
 
     def total(params):
         scores = model.trained_doc_scores(params, model.encode_questions(params, q_ids, q_mask), doc_tokens)

@@ -16,6 +16,7 @@ from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.inference import export
 from rag_jax.models import hf
+from rag_jax.readers import rag_sequence, rag_token, registry
 from tests import hf_models
 
 
@@ -24,7 +25,7 @@ def test_hf_round_trip_is_exact(tmp_path, model_type, projection_dim):
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         hf_models.dpr_config(projection_dim=projection_dim), hf_models.bart_config(), n_docs=3, label_smoothing=0.1
     )
-    cls = export.ARCHITECTURES[model_type]
+    cls = registry.get(model_type).hf_architecture
     original = hf_models.randomize(getattr(transformers, cls)(config), seed=5)
     original.save_pretrained(tmp_path / "original")
 
@@ -136,7 +137,7 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
     orbax_params = export.load_params_orbax(str(tmp_path / "orbax"))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(orbax_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert json.load(open(tmp_path / "orbax" / "config.json"))["model"]["loss"] == "sequence"
+    assert json.load(open(tmp_path / "orbax" / "config.json"))["model"]["reader"] == "rag_sequence"
 
     rng = np.random.default_rng(0)
     b, k, s = 2, model.config.n_docs, 24
@@ -148,8 +149,8 @@ def test_trained_workdir_exports_to_transformers_with_the_same_losses(trained_ru
     doc_embeds = rng.normal(size=(b, k, model.question_encoder_config.output_dim)).astype(np.float32)
     scores = rag.doc_scores(model.encode_questions(params, q_ids, q_mask), doc_embeds)
     logits = model.generator_logits(params, ctx, ctx_mask, labels)
-    ours = {"sequence": rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1),
-            "token": rag.rag_token_nll(logits, scores, labels, pad_token_id=1)}  # fmt: skip
+    ours = {"sequence": rag_sequence.nll(logits, scores, labels, pad_token_id=1),
+            "token": rag_token.nll(logits, scores, labels, pad_token_id=1)}  # fmt: skip
     for model_type, cls in (("sequence", transformers.RagSequenceForGeneration),
                             ("token", transformers.RagTokenForGeneration)):  # fmt: skip
         reference = cls.from_pretrained(hf_dir).eval()
@@ -175,7 +176,7 @@ def test_a_frozen_run_exports_the_doc_encoder_that_embedded_its_index(trained_ru
 
 
 def _eval(model: str, model_type: str, index: str, questions: str, output: str) -> list[dict]:
-    _run("experiments.eval_nq", f"--model={model}", f"--model_type={model_type}", f"--index={index}",
+    _run("experiments.eval_nq", f"--model={model}", f"--reader=rag_{model_type}", f"--index={index}",
          f"--questions={questions}", f"--output={output}", "--score", "--batch_size=4")
     with open(output) as f:
         return [json.loads(line) for line in f]

@@ -12,6 +12,7 @@ import transformers
 from rag_jax.data import prefetch, tokenizers
 from rag_jax.inference import answering, model_dir
 from rag_jax.models import hf
+from rag_jax.readers import base
 from rag_jax.retrieval import contexts, corpus, embed, retriever
 from tests import hf_models
 
@@ -72,11 +73,11 @@ def setup(tmp_path_factory):
     return model, params, defaults, retriever.Retriever(index, qtok, gtok, model.config.context), examples
 
 
-@pytest.mark.parametrize("model_type,num_beams,random_passages", [("token", 1, False), ("sequence", 2, True)])
-def test_answers_are_identical_with_and_without_the_overlap(setup, model_type, num_beams, random_passages):
+@pytest.mark.parametrize("reader,num_beams,random_passages", [("rag_token", 1, False), ("rag_sequence", 2, True)])
+def test_answers_are_identical_with_and_without_the_overlap(setup, reader, num_beams, random_passages):
     model, params, defaults, searcher, examples = setup
-    generation = defaults.generation_config(model_type, num_beams=num_beams, max_length=6)
-    settings = answering.AnswerSettings(n_docs=3, model_type=model_type, batch_size=4, score=True, provenance=True)
+    generation = defaults.generation_config(reader, num_beams=num_beams, max_length=6)
+    settings = answering.AnswerSettings(n_docs=3, reader=reader, batch_size=4, score=True, provenance=True)
     answered = {}
     for overlap in (False, True):
         # Random passages advance a random generator batch by batch: the overlap must keep that order too.
@@ -87,14 +88,14 @@ def test_answers_are_identical_with_and_without_the_overlap(setup, model_type, n
     assert json.dumps(answered[True]) == json.dumps(answered[False])
 
 
-@pytest.mark.parametrize("model_type,num_beams", [("token", 1), ("sequence", 2)])
-def test_answers_are_identical_with_contexts_glued_from_the_passage_token_table(setup, model_type, num_beams,
+@pytest.mark.parametrize("reader,num_beams", [("rag_token", 1), ("rag_sequence", 2)])
+def test_answers_are_identical_with_contexts_glued_from_the_passage_token_table(setup, reader, num_beams,
                                                                                monkeypatch):
     """eval_nq's --contexts=table: the generator inputs glued from the index's passage token table instead of
     tokenised strings change no answer, score or provenance record."""
     model, params, defaults, searcher, examples = setup
-    generation = defaults.generation_config(model_type, num_beams=num_beams, max_length=6)
-    settings = answering.AnswerSettings(n_docs=3, model_type=model_type, batch_size=4, score=True, provenance=True)
+    generation = defaults.generation_config(reader, num_beams=num_beams, max_length=6)
+    settings = answering.AnswerSettings(n_docs=3, reader=reader, batch_size=4, score=True, provenance=True)
     table = contexts.host_context_table(searcher.index, searcher.generator_tokenizer, model.config.context, "table",
                                         len(examples) * 3, remedy="")
     glued = retriever.Retriever(searcher.index, searcher.question_tokenizer, searcher.generator_tokenizer,
@@ -109,22 +110,22 @@ def test_answers_are_identical_with_contexts_glued_from_the_passage_token_table(
 
 
 def test_cutting_context_padding_leaves_answers_unchanged(setup, monkeypatch):
-    """RAG-Token contexts are cut to the batch's longest (rounded up to CONTEXT_BUCKET) instead of
+    """RAG-Token contexts are cut to the batch's longest (rounded up to base.CONTEXT_BUCKET) instead of
     max_combined_length; RAG-Sequence's keep their length (its search attends to padding, as the reference's)."""
     model, params, defaults, searcher, examples = setup
     widths = []
     prepare = answering._prepare
     monkeypatch.setattr(answering, "_prepare", lambda *a: widths.append(prepare(*a).context_ids.shape[1]) or
                         prepare(*a))  # fmt: skip
-    sequence = answering.AnswerSettings(n_docs=3, model_type="sequence", batch_size=4)
+    sequence = answering.AnswerSettings(n_docs=3, reader="rag_sequence", batch_size=4)
     list(answering.answer_questions(model, params, searcher, examples[:4], sequence,
                                     defaults.generation_config("sequence", num_beams=2, max_length=6)))
     assert set(widths) == {model.config.context.max_combined_length}
     widths.clear()
     generation = defaults.generation_config("token", num_beams=2, max_length=6)
-    settings = answering.AnswerSettings(n_docs=3, model_type="token", batch_size=4, score=True, provenance=True)
+    settings = answering.AnswerSettings(n_docs=3, reader="rag_token", batch_size=4, score=True, provenance=True)
     cut = [record for record, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
     assert max(widths) < model.config.context.max_combined_length  # the cut happened
-    monkeypatch.setattr(answering, "CONTEXT_BUCKET", 10_000)  # never cut
+    monkeypatch.setattr(base, "CONTEXT_BUCKET", 10_000)  # never cut
     whole = [r for r, _ in answering.answer_questions(model, params, searcher, examples, settings, generation)]
     assert json.dumps(cut) == json.dumps(whole)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rag_jax import rag
-from rag_jax.inference import generation, provenance, rag_decoding
+from rag_jax.inference import provenance
+from rag_jax.readers import generation, marginal, rag_sequence, rag_token
 from rag_jax.retrieval.corpus import Passage
 from tests import hf_models, test_decode
 
@@ -43,8 +43,8 @@ def _ours(pair, inputs, answers):
     """Our posteriors (per token (B, T, K), per answer (B, K)) from a teacher-forced pass."""
     ids, mask, scores = map(jnp.asarray, inputs)
     logits = pair["model"].generator_logits(pair["params"], ids, mask, jnp.asarray(answers))
-    token_ll = rag.target_log_likelihoods(logits, jnp.asarray(answers), pad_token_id=PAD)
-    return tuple(np.asarray(x) for x in rag.doc_posteriors(scores, token_ll))
+    token_ll = marginal.target_log_likelihoods(logits, jnp.asarray(answers), pad_token_id=PAD)
+    return tuple(np.asarray(x) for x in marginal.doc_posteriors(scores, token_ll))
 
 
 def _caught(monkeypatch, owner, name, call):
@@ -101,14 +101,14 @@ def test_decoding_returns_the_posteriors_of_its_answers(pair, monkeypatch, model
     args = (pair["model"], pair["params"], *map(jnp.asarray, inputs))
     if model_type == "token":
         gen = generation.GenerationConfig.from_hf(pair["hf_config"], num_beams=num_beams, max_length=8)
-        plain = rag_decoding.rag_token_generate(*args, gen)
-        tokens, token_ll = rag_decoding.rag_token_generate(*args, gen, return_token_ll=True)
+        plain = rag_token.generate(*args, gen)
+        tokens, token_ll = rag_token.generate(*args, gen, return_token_ll=True)
     else:
         gen = generation.GenerationConfig.for_rag_sequence(pair["hf_config"], num_beams=num_beams, max_length=8)
-        plain = rag_decoding.rag_sequence_generate(*args, gen, mode=mode)
-        tokens, token_ll = rag_decoding.rag_sequence_generate(*args, gen, mode=mode, return_token_ll=True)
+        plain = rag_sequence.generate(*args, gen, mode=mode)
+        tokens, token_ll = rag_sequence.generate(*args, gen, mode=mode, return_token_ll=True)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(plain))
-    per_token, per_answer = (np.asarray(x) for x in rag.doc_posteriors(jnp.asarray(inputs[2]), token_ll))
+    per_token, per_answer = (np.asarray(x) for x in marginal.doc_posteriors(jnp.asarray(inputs[2]), token_ll))
     tokens = np.asarray(tokens)
     ref_token, ref_answer, real = _reference(pair, monkeypatch, inputs, tokens)
     np.testing.assert_allclose(per_token[real], ref_token[real], atol=TOLERANCE)

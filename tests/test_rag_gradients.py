@@ -23,6 +23,7 @@ import transformers
 
 from rag_jax import rag
 from rag_jax.models import hf
+from rag_jax.readers import rag_sequence, rag_token
 from tests import hf_models
 
 N_DOCS, BATCH = 3, 4
@@ -73,7 +74,7 @@ def _our_gradients(directory, loss, epsilon, batch):
     loaded = hf.load_rag(directory)
     model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))
     params = {"question_encoder": loaded.question_encoder.params, "generator": loaded.generator.params}
-    nll = rag.rag_sequence_nll if loss == "sequence" else rag.rag_token_nll
+    nll = rag_sequence.nll if loss == "sequence" else rag_token.nll
 
     def total(params):
         scores = rag.doc_scores(model.encode_questions(params, q_ids, q_mask), doc_embeds)

@@ -12,6 +12,7 @@ import transformers
 
 from rag_jax import rag
 from rag_jax.models import hf
+from rag_jax.readers import marginal, rag_sequence, rag_token
 from tests import hf_models
 from tests.hf_models import relative_error
 
@@ -102,13 +103,13 @@ def _sequence_inputs(exclude_bos_score):
 
 
 def _sequence_loss(epsilon, exclude_bos_score):
-    return lambda logits, scores, labels: rag.rag_sequence_nll(
+    return lambda logits, scores, labels: rag_sequence.nll(
         logits, scores, labels, pad_token_id=1, epsilon=epsilon, exclude_bos_score=exclude_bos_score
     )
 
 
 def _token_loss(epsilon):
-    return lambda logits, scores, labels: rag.rag_token_nll(logits, scores, labels, pad_token_id=1, epsilon=epsilon)
+    return lambda logits, scores, labels: rag_token.nll(logits, scores, labels, pad_token_id=1, epsilon=epsilon)
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
@@ -172,7 +173,7 @@ def _random_logits(seed, batch=3, docs=4, length=5, vocab=11):
 
 
 def _plain_seq2seq_nll(logits_BxTxV, labels_BxT, pad):
-    target = rag.shift_left(labels_BxT, pad)
+    target = marginal.shift_left(labels_BxT, pad)
     lp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     ll = jnp.take_along_axis(lp, target[..., None], axis=-1)[..., 0]
     return -jnp.where(target != pad, ll, 0.0).sum(-1)
@@ -182,8 +183,8 @@ def test_one_document_losses_equal_plain_seq2seq_loss():
     logits, scores, labels = _random_logits(3, docs=1)
     labels = labels.at[1, 3:].set(1)  # padding present
     expected = _plain_seq2seq_nll(logits[:, 0], labels, pad=1)
-    np.testing.assert_allclose(rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
-    np.testing.assert_allclose(rag.rag_token_nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
+    np.testing.assert_allclose(rag_sequence.nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
+    np.testing.assert_allclose(rag_token.nll(logits, scores, labels, pad_token_id=1), expected, rtol=1e-6)
 
 
 def test_sequence_and_token_agree_on_one_token_targets():
@@ -192,17 +193,17 @@ def test_sequence_and_token_agree_on_one_token_targets():
     doc_lp = jax.nn.log_softmax(scores, axis=-1)
     token_lp = jax.nn.log_softmax(logits[:, :, 0], axis=-1)[..., 7]
     marginal = -jax.nn.logsumexp(doc_lp + token_lp, axis=1)
-    tok = rag.rag_token_nll(logits, scores, labels, pad_token_id=1)
-    paper = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
+    tok = rag_token.nll(logits, scores, labels, pad_token_id=1)
+    paper = rag_sequence.nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
     np.testing.assert_allclose(tok, marginal, rtol=1e-6)
     np.testing.assert_allclose(paper, marginal, rtol=1e-6)
     # The reference's default puts the prior at target position 1, a pad here, so it drops out.
-    quirk = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1)
+    quirk = rag_sequence.nll(logits, scores, labels, pad_token_id=1)
     np.testing.assert_allclose(quirk, -jax.nn.logsumexp(token_lp, axis=1), rtol=1e-6)
 
 
 def test_prior_position_is_irrelevant_when_both_positions_are_scored():
     logits, scores, labels = _random_logits(5, length=5)
-    reference = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1)
-    paper = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
+    reference = rag_sequence.nll(logits, scores, labels, pad_token_id=1)
+    paper = rag_sequence.nll(logits, scores, labels, pad_token_id=1, doc_prior_position=0)
     np.testing.assert_allclose(reference, paper, rtol=1e-6)

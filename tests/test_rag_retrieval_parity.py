@@ -14,6 +14,7 @@ from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.retrieval import contexts as context, retriever
 from rag_jax.models import hf
+from rag_jax.readers import rag_sequence, rag_token
 from rag_jax.retrieval import corpus, embed
 from tests import hf_models
 from tests.hf_models import relative_error
@@ -99,9 +100,9 @@ def test_retrieval_inputs_losses_and_gradients_match_reference(setup, model_type
         logits = model.generator_logits(params, retrieved.context_input_ids_BKxS,
                                         retrieved.context_attention_mask_BKxS, labels)  # fmt: skip
         if model_type == "sequence":
-            nll = rag.rag_sequence_nll(logits, scores, labels, pad_token_id=1)
+            nll = rag_sequence.nll(logits, scores, labels, pad_token_id=1)
         else:
-            nll = rag.rag_token_nll(logits, scores, labels, pad_token_id=1)
+            nll = rag_token.nll(logits, scores, labels, pad_token_id=1)
         return nll.sum(), (nll, scores)
 
     (_, (nll, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -13,7 +13,7 @@ import transformers
 
 from rag_jax import rag
 from rag_jax.data import tokenizers
-from rag_jax.inference import generation, rag_decoding
+from rag_jax.readers import generation, rag_sequence, rag_token
 from rag_jax.models import hf
 from rag_jax.retrieval import corpus, embed, retriever
 from tests import hf_models
@@ -129,7 +129,7 @@ def test_contexts_and_losses_match_reference(setup, kind):
                             retrieved.doc_embeds_BxKxD)  # fmt: skip
     logits = model.generator_logits(params, retrieved.context_input_ids_BKxS, retrieved.context_attention_mask_BKxS,
                                     labels)  # fmt: skip
-    nll_fn = rag.rag_sequence_nll if kind == "sequence" else rag.rag_token_nll
+    nll_fn = rag_sequence.nll if kind == "sequence" else rag_token.nll
     extra = dict(bos_token_id=model.generator_config.bos_token_id) if kind == "sequence" else {}
     nll = nll_fn(logits, scores, labels, pad_token_id=PAD, **extra)
     assert relative_error(scores, out.doc_scores.numpy()) <= 1e-5
@@ -174,7 +174,7 @@ def test_rag_token_generate_matches_reference(setup, kwargs):
         assert ended.any() and not ended.all()
     assert len({tuple(row) for row in expected}) > 1  # the contexts matter
     gen = generation.GenerationConfig.from_hf(setup["hf_config"], **kwargs)
-    ours = rag_decoding.rag_token_generate(setup["model"], setup["params"], *map(jnp.asarray, inputs), gen)
+    ours = rag_token.generate(setup["model"], setup["params"], *map(jnp.asarray, inputs), gen)
     _assert_same(ours, expected, fill=gen.beam_fill_token_id if gen.num_beams > 1 else PAD)
 
 
@@ -185,7 +185,7 @@ def test_rag_sequence_generate(setup, mode):
     inputs = _decoding_inputs(setup)
     kwargs = dict(num_beams=2, max_length=10)
     gen = generation.GenerationConfig.for_rag_sequence(setup["hf_config"], **kwargs)
-    ours, candidates = rag_decoding.rag_sequence_generate(
+    ours, candidates = rag_sequence.generate(
         setup["model"], setup["params"], *map(jnp.asarray, inputs), gen, mode=mode, return_candidates=True)
     if mode == "thorough":
         expected = _generate(_reference(setup, "sequence"), inputs, do_deduplication=True, **kwargs)

@@ -16,6 +16,7 @@ from rag_jax import rag
 from rag_jax.data import tokenizers
 from rag_jax.inference import export
 from rag_jax.models import hf, t5
+from rag_jax.readers import registry
 from rag_jax.retrieval import corpus
 from tests import hf_models, train_task
 
@@ -35,7 +36,7 @@ def test_hf_round_trip_of_rag_with_t5_is_exact(tmp_path, t5_tokenizer_dir, versi
     config = transformers.RagConfig.from_question_encoder_generator_configs(
         hf_models.dpr_config(), hf_models.t5_config(version, prefix=PREFIX, bos_token_id=None), n_docs=3,
     )  # fmt: skip
-    cls = getattr(transformers, export.ARCHITECTURES[model_type])
+    cls = getattr(transformers, registry.get(model_type).hf_architecture)
     original = cls(config)
     hf_models.untie_t5_head(original.rag.generator)
     hf_models.randomize(original, seed=5)
@@ -67,7 +68,7 @@ def _run(*args):
 
 
 def _eval(model: str, model_type: str, index: str, questions: str, output: str) -> list[dict]:
-    _run("experiments.eval_nq", f"--model={model}", f"--model_type={model_type}", f"--index={index}",
+    _run("experiments.eval_nq", f"--model={model}", f"--reader=rag_{model_type}", f"--index={index}",
          f"--questions={questions}", f"--output={output}", "--score", "--batch_size=4")
     with open(output) as f:
         return [json.loads(line) for line in f]

@@ -189,7 +189,7 @@ def make_twins(size: str, directory: str, generator: str = "bart") -> Twins:
     tokenizers = build.load_tokenizers(pair.config)
     pair.hf_dir = os.path.join(directory, f"hf-{size}-{generator}")
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
-    export.save_hf_rag(pair.hf_dir, pair.model, params, "sequence", tokenizers.question, tokenizers.generator)
+    export.save_hf_rag(pair.hf_dir, pair.model, params, "rag_sequence", tokenizers.question, tokenizers.generator)
     with open(os.path.join(pair.hf_dir, "config.json")) as f:
         pair.hf_config = json.load(f)
     return pair

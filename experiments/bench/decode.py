@@ -17,7 +17,7 @@ def _decode_cases(pair: Twins, max_length: int) -> list[tuple[str, Any, dict[str
     """(name, rag_jax GenerationConfig, the reference's generate kwargs). min_length = max_length bans EOS until
     the end, so every row generates max_length - 1 new tokens on both sides (fixed work, not the random weights'
     EOS timing)."""
-    from rag_jax.inference.generation import GenerationConfig
+    from rag_jax.readers.generation import GenerationConfig
 
     length = dict(max_length=max_length, min_length=max_length)
     token = lambda beams: GenerationConfig.from_hf(pair.hf_config, num_beams=beams, **length)
@@ -35,7 +35,7 @@ def run(opts: Options) -> list[dict]:
     import torch
     import transformers
 
-    from rag_jax.inference import rag_decoding
+    from rag_jax.readers import rag_sequence, rag_token
 
     batch, new_tokens = (4, 3) if opts.quick else (16, 20)
     rows = []
@@ -54,11 +54,11 @@ def run(opts: Options) -> list[dict]:
                             doc_scores=torch.as_tensor(scores), n_docs=k)  # fmt: skip
         for name, gen, kwargs in _decode_cases(pair, new_tokens + 1):
             if name.startswith("rag_token"):
-                run_ours = lambda: rag_decoding.rag_token_generate(pair.model, params, *jax_inputs, gen)
+                run_ours = lambda: rag_token.generate(pair.model, params, *jax_inputs, gen)
                 reference = references["token"]
             else:
-                run_ours = lambda: rag_decoding.rag_sequence_generate(pair.model, params, *jax_inputs, gen,
-                                                                mode="thorough", do_deduplication=True)
+                run_ours = lambda: rag_sequence.generate(pair.model, params, *jax_inputs, gen, mode="thorough",
+                                                         do_deduplication=True)
                 reference = references["sequence"]
 
             def run_reference():

@@ -26,8 +26,8 @@ N_DOCS, MAX_LENGTH, BATCH = 4, 10, 8
 T5_VOCAB = 32128
 # (model class, eval_nq flags, reference generate kwargs, questions as in the measurement)
 CASES = {
-    "rag_token greedy": ("RagTokenForGeneration", ["--model_type=token", "--num_beams=1"], dict(num_beams=1), 2620),
-    "rag_sequence thorough beam 2": ("RagSequenceForGeneration", ["--model_type=sequence", "--num_beams=2"],
+    "rag_token greedy": ("RagTokenForGeneration", ["--reader=rag_token", "--num_beams=1"], dict(num_beams=1), 2620),
+    "rag_sequence thorough beam 2": ("RagSequenceForGeneration", ["--reader=rag_sequence", "--num_beams=2"],
                                      dict(num_beams=2), 655),
 }
 

@@ -151,7 +151,7 @@ def end2end_twins(size: str, directory: str) -> Twins:
         tokenizers = build.load_tokenizers(config)
         hf_dir = os.path.join(directory, f"hf-end2end-{size}")
         params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
-        export.save_hf_rag(hf_dir, pair.model, params, "sequence", tokenizers.question, tokenizers.generator)
+        export.save_hf_rag(hf_dir, pair.model, params, "rag_sequence", tokenizers.question, tokenizers.generator)
         export.save_hf_encoder(os.path.join(hf_dir, "ctx_encoder"), pair.model.doc_encoder_config,
                                params["doc_encoder"], "ctx", tokenizers.question)
         _END2END[size] = dataclasses.replace(pair, hf_dir=hf_dir)

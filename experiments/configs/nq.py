@@ -119,7 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.doc_encoder.lr_scale = 1.0  # a trained d(z)'s learning rate over optim.learning_rate
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
-    c.model.loss = "sequence"  # "sequence" (RAG-Sequence) or "token" (RAG-Token) marginal likelihood
+    # How the generator reads the K passages, its loss and decoding (rag_jax/readers/): "rag_sequence" or
+    # "rag_token" (the marginal likelihoods of Lewis et al.), or 'package.module:name' of a registered reader.
+    c.model.reader = "rag_sequence"
+    c.model.loss = placeholder(str)  # deprecated: the old model.reader ("sequence", "token"), which it overrides
     c.model.label_smoothing = 0.0  # epsilon of the reference's label smoothing
     c.model.max_combined_length = 160  # generator input tokens: title / text // question, truncated at the end
     c.model.title_sep = " / "  # RagConfig default
@@ -355,7 +358,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     c.model.generator.dropout = 0.1  # REF: --dropout 0.1
     c.model.generator.attention_dropout = 0.1  # REF: --attention_dropout 0.1
     c.model.n_docs = 10  # REF: k in {5, 10} in training; 10 here
-    c.model.loss = "sequence"  # RAG-Sequence (paper's best NQ model, 44.5 EM); "token" for RAG-Token (44.1)
+    c.model.reader = "rag_sequence"  # RAG-Sequence (paper's best NQ model, 44.5 EM); "rag_token" for RAG-Token (44.1)
     c.model.label_smoothing = 0.1  # REF: label smoothing 0.1
     c.model.max_combined_length = 300  # REF: RagConfig max_combined_length default
     c.model.compute_dtype = "bfloat16"  # the paper trained in mixed precision (fp16 on V100); bf16 on TPU
@@ -405,7 +408,7 @@ def _end2end(c: ml_collections.ConfigDict) -> None:
     rate 3e-5, 500 warm-up steps, polynomial decay, weight decay 0.001, Adam eps 1e-8, max grad norm 0.1, label
     smoothing 0.1, dropout and attention dropout 0.1, source length 128, target length 25."""
     c.model.init_from_rag = placeholder(str)  # E2E: --model_name_or_path facebook/rag-token-base (q(x) + generator)
-    c.model.loss = "token"  # E2E: --model_type rag_token
+    c.model.reader = "rag_token"  # E2E: --model_type rag_token
     c.model.n_docs = 5  # E2E: rag-token-base's RagConfig n_docs (the script sets none)
     c.eval.n_docs = 5  # as in training
     # E2E: --end2end, --context_encoder_name facebook/dpr-ctx_encoder-multiset-base (it also embeds the index)

@@ -18,7 +18,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import transformers
 
-from rag_jax.models import sentence_transformers_dir
+from rag_jax.models import registry, sentence_transformers_dir
 
 _ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers")
 QUESTION_TOKENIZER_DIR = os.path.join(_ASSETS_DIR, "bert-base-uncased")
@@ -30,8 +30,6 @@ RAG_GENERATOR_SUBDIR = "generator_tokenizer"
 
 # Either a serialised fast tokenizer (tokenizer.json) or the raw vocabulary files must be present.
 _BERT_FILE_SETS = (("tokenizer.json",), ("vocab.txt",))
-_BART_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-_T5_FILE_SETS = (("tokenizer.json",), ("spiece.model",))
 
 # Below this many entries a vocabulary is surely a broken load (the real ones have 30,522 and 50,265).
 _MIN_VOCAB_SIZE = 1000
@@ -134,28 +132,21 @@ def load_question_tokenizer(path: str = QUESTION_TOKENIZER_DIR) -> transformers.
     return _load(transformers.BertTokenizerFast, path, _BERT_FILE_SETS, "the", "Question encoder (BERT)")
 
 
-def is_t5_tokenizer(path: str) -> bool:
-    """Whether `path` holds a T5 SentencePiece tokenizer (spiece.model, or a tokenizer_config.json naming a T5
-    tokenizer); a hub id is taken as T5 when its name says t5."""
+def generator_tokenizer_kind(path: str) -> registry.TokenizerKind:
+    """The tokenizer family (rag_jax/models/registry.py TokenizerKind) of the generator tokenizer at `path`: the one a
+    generator architecture recognises there (T5's SentencePiece: spiece.model, a T5 tokenizer_config.json, a hub id
+    naming t5), else BART's byte-level BPE. A path that is neither a directory nor a hub id gets BART's (its loader
+    then says it is missing)."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        return _is_hub_id(path) and "t5" in path.lower()
-    if os.path.isfile(os.path.join(path, "spiece.model")):
-        return True
-    config = os.path.join(path, "tokenizer_config.json")
-    if not os.path.isfile(config):
-        return False
-    with open(config) as f:
-        return str(json.load(f).get("tokenizer_class", "")).startswith("T5")
+    return registry.tokenizer_kind(path if os.path.isdir(path) or _is_hub_id(path) else "")
 
 
 def load_generator_tokenizer(path: str = GENERATOR_TOKENIZER_DIR) -> transformers.PreTrainedTokenizerBase:
     """The generator's tokenizer from a directory or hub id: BART byte-level BPE (<s>=0, <pad>=1, </s>=2,
     <mask>=50264; tokenizer.json or vocab.json + merges.txt) or T5 SentencePiece (<pad>=0, </s>=1, <unk>=2, no BOS,
     100 <extra_id_*> sentinels at the top; spiece.model or tokenizer.json)."""
-    if is_t5_tokenizer(path):
-        return _load(transformers.T5Tokenizer, path, _T5_FILE_SETS, "▁the", "Generator (T5)")
-    return _load(transformers.BartTokenizerFast, path, _BART_FILE_SETS, "Ġthe", "Generator (BART)")
+    kind = generator_tokenizer_kind(path)
+    return _load(getattr(transformers, kind.cls), path, kind.file_sets, kind.probe, kind.what)
 
 
 def decoder_labels(tokenizer, texts: list[str], *, max_length: int | None = None, padding="max_length"):

@@ -17,33 +17,28 @@ import numpy as np
 from rag_jax import rag
 from rag_jax.data import prefetch
 from rag_jax.data import tokenizers
-from rag_jax.inference import metrics, provenance, rag_decoding
-from rag_jax.inference.generation import GenerationConfig
+from rag_jax.inference import metrics, provenance
+from rag_jax.readers import base, registry
+from rag_jax.readers.generation import GenerationConfig
 from rag_jax.retrieval.retriever import Retriever
 
 QUESTION_BUCKET = 16
-# The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
-# question often take a third of it; decoding's cost grows with the context length, so contexts are cut to the
-# batch's longest, rounded up to this bucket (few shapes to compile; only padding is dropped, masked out anyway);
-# RAG-Token only (see _prepare; RAG-Sequence's rescoring cuts its contexts itself, rag_decoding.masked_width).
-CONTEXT_BUCKET = rag_decoding.CONTEXT_BUCKET
 
 
 @dataclasses.dataclass(frozen=True)
 class AnswerSettings:
     n_docs: int = 5
-    model_type: str = "sequence"  # "sequence" | "token"
+    reader: str = "rag_sequence"  # rag_jax/readers/registry.py name ("sequence" / "token": the old names)
     decoding: str = "thorough"  # RAG-Sequence only: "thorough" (the reference) | "fast" (the paper's approximation)
     batch_size: int = 8
     max_question_length: int = 128
-    score: bool = False  # also the NLL of the first gold answer under RAG-Sequence and RAG-Token
+    score: bool = False  # also the reader's scores of the first gold answer (RAG: NLL under RAG-Sequence and -Token)
     answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
     provenance: bool = False  # also the document posteriors of each answer, per answer and per token (provenance.py)
     overlap: bool = True  # prepare batch n+1 on the host while batch n decodes (same outputs; data/prefetch.py)
 
     def __post_init__(self):
-        if self.model_type not in ("sequence", "token"):
-            raise ValueError(f"model_type must be 'sequence' or 'token', got {self.model_type!r}")
+        registry.get(self.reader)  # a ValueError naming the known readers
         if self.decoding not in ("thorough", "fast"):
             raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
 
@@ -66,22 +61,6 @@ def _encode(model: rag.Rag, params, ids, mask):
     return model.encode_questions(params, ids, mask)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _nlls(model: rag.Rag, params, context_ids, context_mask, doc_embeds, q, labels):
-    scores = rag.doc_scores(q, doc_embeds)
-    logits = model.generator_logits(params, context_ids, context_mask, labels)
-    pad = model.generator_config.pad_token_id
-    return (
-        rag.rag_sequence_nll(logits, scores, labels, pad_token_id=pad),
-        rag.rag_token_nll(logits, scores, labels, pad_token_id=pad),
-    )
-
-
-@jax.jit
-def _posteriors(doc_scores_BxK, token_ll_BxKxL):
-    return rag.doc_posteriors(doc_scores_BxK, token_ll_BxKxL)
-
-
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -99,7 +78,8 @@ class _Prepared:
     scores_BxK: np.ndarray
 
 
-def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSettings, batch) -> _Prepared:
+def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSettings, reader: base.Reader,
+             batch) -> _Prepared:
     """Everything before decoding: tokenise and encode the questions, retrieve, form the generator inputs."""
     rows, k, n = settings.batch_size, settings.n_docs, len(batch)
     encoded = retriever.question_tokenizer([e["question"] for e in batch], truncation=True, padding=True,
@@ -112,13 +92,10 @@ def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSetti
     q_pad = _pad_to(q, rows)
     embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)
     context_mask = retrieved.context_attention_mask_BKxS
-    width = _bucket(int(context_mask.sum(1).max()), CONTEXT_BUCKET, context_mask.shape[1])
-    if settings.model_type == "sequence":
-        # RAG-Sequence's per-document beam search attends to the contexts' padding, as the reference's does (it
-        # passes attention_mask=None: rag_decoding.rag_sequence_generate's mask_beams), so its answers depend on
-        # the padded length (T5's visibly, found by experiments/bench/eval.py): its contexts keep their full length
-        # (its rescoring, which masks the padding, drops it: rag_decoding.masked_width).
-        width = context_mask.shape[1]
+    # The generator tokenizer pads every context to max_combined_length (300 by default), while a passage and its
+    # question often take a third of it, and decoding's cost grows with the width: the reader says how much of it
+    # it needs (base.Reader.context_width: the batch's longest, rounded up to a bucket; RAG-Sequence all of it).
+    width = reader.context_width(context_mask)
     return _Prepared(
         retrieved=retrieved, q_pad=q_pad, embeds=embeds,
         context_ids=_pad_to(retrieved.context_input_ids_BKxS[:, :width], rows * k),
@@ -137,37 +114,31 @@ def answer_questions(
     progress: Iterable | None = None,
 ) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """Yields per example (record, texts of its retrieved passages); the record holds question, answers,
-    prediction, doc_ids, doc_scores, with `settings.score` nll_sequence / nll_token, and with `settings.provenance`
-    provenance (provenance.entry)."""
+    prediction, doc_ids, doc_scores, with `settings.score` the reader's scores (RAG: nll_sequence / nll_token), and
+    with `settings.provenance` provenance (provenance.entry)."""
     # A fast tokenizer keeps its truncation/padding settings in shared state and may not be entered from two
     # threads at once, so this thread decodes and tokenises labels with its own copy.
     gtok = copy.deepcopy(retriever.generator_tokenizer) if settings.overlap else retriever.generator_tokenizer
     rows = settings.batch_size
-    prepare = functools.partial(_prepare, model, params, retriever, settings)
+    reader = registry.get(settings.reader)
+    prepare = functools.partial(_prepare, model, params, retriever, settings, reader)
     # Batch n+1's host work (tokenising, encoding, searching, forming contexts) runs while batch n decodes.
     for batch, prepared in zip(_batches(examples, rows), prefetch.prefetch(_batches(examples, rows), prepare,
                                                                            enabled=settings.overlap)):  # fmt: skip
         n, retrieved, scores = len(batch), prepared.retrieved, prepared.scores_BxK
         context_ids, context_mask = prepared.context_ids, prepared.context_mask
-        if settings.model_type == "token":
-            decoded = rag_decoding.rag_token_generate(
-                model, params, context_ids, context_mask, scores, generation, return_token_ll=settings.provenance
-            )
-        else:
-            decoded = rag_decoding.rag_sequence_generate(
-                model, params, context_ids, context_mask, scores, generation, mode=settings.decoding,
-                return_token_ll=settings.provenance,
-            )  # fmt: skip
-        tokens = decoded[0] if settings.provenance else decoded
+        decoded = reader.generate(model, params, context_ids, context_mask, scores, generation,
+                                  decoding=settings.decoding, provenance=settings.provenance)
+        tokens = decoded.tokens_NxL
         if settings.provenance:
-            per_token, per_answer = (np.asarray(x) for x in _posteriors(scores, decoded[1]))
+            per_token, per_answer = (np.asarray(x) for x in decoded[1:])
         predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
         if settings.score:
             prefix = " " if settings.answer_prefix_space else ""
             labels = tokenizers.decoder_labels(gtok, [prefix + e["answers"][0] for e in batch], padding=True)
             labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
-            nll_seq, nll_tok = _nlls(model, params, context_ids, context_mask, prepared.embeds, prepared.q_pad,
-                                     _pad_to(labels, rows))  # fmt: skip
+            scored = reader.score(model, params, context_ids, context_mask, prepared.q_pad, prepared.embeds,
+                                  _pad_to(labels, rows))  # fmt: skip
         for i, example in enumerate(batch):
             record = {
                 "question": example["question"],
@@ -177,8 +148,7 @@ def answer_questions(
                 "doc_scores": [float(s) for s in scores[i]],
             }
             if settings.score:
-                record["nll_sequence"] = float(nll_seq[i])
-                record["nll_token"] = float(nll_tok[i])
+                record.update({name: float(values[i]) for name, values in scored.items()})
             if settings.provenance:
                 record["provenance"] = provenance.entry(
                     retrieved.passages[i], scores[i], per_answer[i], per_token[i], np.asarray(tokens)[i], gtok,

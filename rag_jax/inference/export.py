@@ -7,7 +7,7 @@ its workdir: the run's generation settings (generation_config.json, which transf
 `generate` reads, and the generator's decoder start, which RagSequenceForGeneration's per-document `generate`
 reads), how the run tokenised answers and the identity of the index it was trained with (config.json key RUN_KEY).
 model_dir.load_hf_rag reads them back: a directory with RUN_KEY is answered with generation_config.json's settings by
-either model type, as its workdir is, and refuses an index of another identity. Exports appear only when complete.
+every reader, as its workdir is, and refuses an index of another identity. Exports appear only when complete.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from safetensors.numpy import save_file
 
 from rag_jax import files, rag
 from rag_jax.data import tokenizers
-from rag_jax.inference.generation import GenerationConfig
-from rag_jax.models import bert, hf, hf_t5, t5
+from rag_jax.models import bert, hf, registry
+from rag_jax.readers import registry as readers
+from rag_jax.readers.generation import GenerationConfig
 
-ARCHITECTURES = {"sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
 # config.json: {"answer_prefix_space": bool, "index_identity": {...}, "ctx_encoder_index_identity": {...}} of an
 # exported run; the last, the identity of the index CTX_ENCODER_SUBDIR makes, is accepted besides the first (they
 # differ when the run trained its document encoder past its last index refresh).
@@ -61,7 +61,7 @@ def save_hf_rag(
     directory: str,
     model: rag.Rag,
     params: dict[str, Any],
-    model_type: str,
+    reader: str,
     question_tokenizer,
     generator_tokenizer,
     *,
@@ -72,17 +72,23 @@ def save_hf_rag(
     ctx_index_identity: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Writes `params` as a Hugging Face RAG checkpoint. `generation` (the settings to answer with) goes to
-    generation_config.json and the generator's decoder start; `answer_prefix_space` records how gold answers were
-    tokenised in training, `index_identity` the index it was trained with. `doc_encoder` (config, params), the
-    document encoder that embeds the run's index, goes to CTX_ENCODER_SUBDIR as `save_hf_encoder` writes it, with the
-    question tokenizer (build_index tokenises passages with it); `ctx_index_identity` is the identity of the index
-    it makes. Refuses a non-empty `directory` unless `overwrite`, and a document encoder with no Hugging Face layout
-    (check_hf_encoder) before writing anything; the directory appears only when complete (`new_directory`)."""
+    """Writes `params` as a Hugging Face RAG checkpoint of the transformers class of `reader` (a reader name: its
+    hf_architecture, RagSequenceForGeneration or RagTokenForGeneration). `generation` (the settings to answer with)
+    goes to generation_config.json and the generator's decoder start; `answer_prefix_space` records how gold answers
+    were tokenised in training, `index_identity` the index it was trained with. `doc_encoder` (config, params), the
+    document encoder that embeds the run's index, goes to CTX_ENCODER_SUBDIR as `save_hf_encoder` writes it, with
+    the question tokenizer (build_index tokenises passages with it); `ctx_index_identity` is the identity of the
+    index it makes. Refuses a non-empty `directory` unless `overwrite`, a reader without a transformers class, and
+    a document encoder with no Hugging Face layout (check_hf_encoder) before writing anything; the directory
+    appears only when complete (`new_directory`)."""
+    rag_class = readers.get(reader).hf_architecture
+    if rag_class is None:
+        raise hf.CheckpointError(f"the {readers.get(reader).name} reader has no Hugging Face RAG class; export the "
+                                 "parameters alone (experiments.export --format=orbax)")
     if doc_encoder is not None:
         check_hf_encoder(doc_encoder[0])
     with new_directory(directory, overwrite=overwrite) as partial:
-        _write_hf_rag(partial, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
+        _write_hf_rag(partial, model, params, rag_class, question_tokenizer, generator_tokenizer, generation,
                       answer_prefix_space, index_identity, doc_encoder, ctx_index_identity)
     return directory
 
@@ -92,18 +98,13 @@ def hf_generator(model: rag.Rag, generation: GenerationConfig | None):
     conditional generation), starting to decode as `generation` does."""
     cfg = model.config
     g = model.generator_config
-    is_t5 = isinstance(g, t5.T5Config)
-    generator_fields = hf_t5.config_dict(g) if is_t5 else hf.bart_config_dict(g)
+    generator = registry.for_config(g)
+    generator_fields = generator.hf_config_dict(g)
     if generation is not None:
         generator_fields["decoder_start_token_id"] = generation.decoder_start_token_id
-    if is_t5:
-        # bos_token_id None said explicitly: transformers' RAG-Sequence loss reads it from the generator's config
-        generator_config = transformers.T5Config(**generator_fields, bos_token_id=None,
-                                                 **({"prefix": cfg.context.prefix} if cfg.context.prefix else {}))
-        generator_table = hf_t5.table(g)
-    else:
-        generator_config = transformers.BartConfig(**generator_fields, forced_eos_token_id=None)
-        generator_table = hf.bart_table(g)
+    generator_config = getattr(transformers, generator.hf_config_class)(
+        **generator_fields, **generator.hf_export_extras(g, cfg.context.prefix))
+    generator_table = generator.hf_table(g)
     return generator_config, generator_table
 
 
@@ -118,7 +119,7 @@ def run_record(answer_prefix_space: bool | None, index_identity: dict[str, Any] 
     return run
 
 
-def _write_hf_rag(directory, model, params, model_type, question_tokenizer, generator_tokenizer, generation,
+def _write_hf_rag(directory, model, params, rag_class, question_tokenizer, generator_tokenizer, generation,
                   answer_prefix_space, index_identity, doc_encoder, ctx_index_identity) -> None:
     cfg = model.config
     generator_config, generator_table = hf_generator(model, generation)
@@ -130,7 +131,7 @@ def _write_hf_rag(directory, model, params, model_type, question_tokenizer, gene
         doc_sep=cfg.context.doc_sep, label_smoothing=cfg.label_smoothing, exclude_bos_score=cfg.exclude_bos_score,
         reduce_loss=cfg.reduce_loss, do_deduplication=cfg.do_deduplication, **({RUN_KEY: run} if run else {}),
     )  # fmt: skip
-    config.architectures = [ARCHITECTURES[model_type]]
+    config.architectures = [rag_class]
     config.save_pretrained(directory)
     if generation is not None:
         transformers.GenerationConfig(**generation.to_hf()).save_pretrained(directory)

@@ -31,7 +31,8 @@ from safetensors.numpy import save_file
 
 from rag_jax import files, rag
 from rag_jax.inference import export
-from rag_jax.inference.generation import GenerationConfig
+from rag_jax.readers import registry as readers
+from rag_jax.readers.generation import GenerationConfig
 from rag_jax.models import bert, hf
 from rag_jax.retrieval import corpus, index_io
 from rag_jax.retrieval.contexts import ContextFormat
@@ -67,7 +68,7 @@ def save_hf_pieces(
     directory: str,
     model: rag.Rag,
     params: dict[str, Any],
-    model_type: str,
+    reader: str,
     question_tokenizer,
     generator_tokenizer,
     *,
@@ -103,7 +104,7 @@ def save_hf_pieces(
         # The retrieval score scale (retrieval.score_scale, learnt or fixed): sentence-transformers' files have no
         # place for it, and the priors p(z|x) of the run are softmaxes of scale x q(x)·d(z).
         scale = bert.effective_score_scale(model.question_encoder_config, params["question_encoder"])
-        spec = {"layout": LAYOUT, "model_type": model_type, "rag": rag_config_to_json(model.config),
+        spec = {"layout": LAYOUT, "reader": readers.get(reader).name, "rag": rag_config_to_json(model.config),
                 SCORE_SCALE_KEY: scale,
                 export.RUN_KEY: export.run_record(answer_prefix_space, index_identity, ctx_index_identity)}
         files.write_json(os.path.join(partial, SPEC_FILE), spec)

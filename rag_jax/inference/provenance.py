@@ -1,7 +1,7 @@
 """Provenance of an answer: which retrieved passage supported it, as JSON-ready rows, and passage snippets.
 
-The posteriors come from rag.doc_posteriors over the per-document log-likelihoods that decoding already computed
-(rag_decoding's `return_token_ll`); this module only lays them out. A record's "provenance" holds
+The posteriors are the reader's (base.Decoded: RAG-Sequence and RAG-Token take marginal.doc_posteriors over the
+per-passage log-likelihoods their decoding already computed); this module only lays them out. A record's "provenance" holds
   documents: per retrieved passage, in retrieval order: id, title, prior p(z|x), posterior p(z|x,y);
   tokens: per generated token (start token excluded, end token included): its text and p(z|x,y_t,y_<t) per document
           in the order of `documents` (Figure 2 of the paper).

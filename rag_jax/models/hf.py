@@ -1,6 +1,8 @@
 """Import of Hugging Face checkpoints (BERT, DPR encoders, BART, T5, whole RAG models) into rag_jax parameters.
 
 Each architecture has one table (rag_jax/models/hf_tables.py says how they work); T5 has its own module, hf_t5.py.
+Which generator a checkpoint holds is its config.json's model_type, looked up in the generator registry
+(rag_jax/models/registry.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models import bart, bert, hf_files, hf_t5, sentence_transformers_dir, t5
+from rag_jax.models import bart, bert, hf_files, hf_t5, registry, sentence_transformers_dir
 from rag_jax.models.hf_tables import Entry, check_unexpected, convert, expected_shapes, export_tensors  # noqa: F401
 from rag_jax.models.hf_tables import attention as _attention
 from rag_jax.models.hf_tables import linear as _linear
@@ -165,7 +167,7 @@ def _projection(tensors, prefix, cfg, params, source, used):
     return params
 
 
-def _bart_params(tensors, prefix, cfg, source, used: set[str]):
+def bart_params(tensors, prefix, cfg, source, used: set[str]):
     if prefix + "model.shared.weight" not in tensors and prefix + "model.encoder.embed_tokens.weight" in tensors:
         tensors = dict(tensors, **{prefix + "model.shared.weight": tensors[prefix + "model.encoder.embed_tokens.weight"]})
     table = bart_table(cfg)
@@ -194,9 +196,10 @@ class Loaded:
 
 
 def module_for(config) -> nn.Module:
-    """The network a config describes: BertEncoder, Bart or T5."""
-    kinds = {bert.BertConfig: bert.BertEncoder, bart.BartConfig: bart.Bart, t5.T5Config: t5.T5}
-    return kinds[type(config)](config)
+    """The network a config describes: a BertEncoder, or the generator its registry entry builds."""
+    if isinstance(config, bert.BertConfig):
+        return bert.BertEncoder(config)
+    return registry.for_config(config).module_class(config)
 
 
 @dataclasses.dataclass
@@ -254,7 +257,7 @@ def load_bart(path: str, **overrides) -> Loaded:
         tensors = {("" if n == "final_logits_bias" else "model.") + n: v for n, v in tensors.items()}
     cfg = bart_config_from_hf(hf, **overrides)
     used: set[str] = set()
-    params = _bart_params(tensors, "", cfg, source, used)
+    params = bart_params(tensors, "", cfg, source, used)
     check_unexpected(tensors, used, source)
     return Loaded(cfg, params, hf)
 
@@ -268,21 +271,25 @@ def load_t5(path: str, **overrides) -> Loaded:
     return Loaded(cfg, params, hf)
 
 
+def _generator_entry(model_type: str | None, where: str) -> registry.Generator:
+    entry = registry.for_hf(model_type)
+    if entry is None:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not a generator rag_jax imports "
+                              f"({', '.join(map(repr, registry.hf_model_types()))})")
+    return entry
+
+
 def load_generator(path: str, **overrides) -> Loaded:
-    """A BART or T5 generator checkpoint, as its config.json's model_type says."""
+    """A generator checkpoint (BART, T5, or another registered architecture), as its config.json's model_type says."""
     directory = hf_files.resolve(path)
     model_type = hf_files.read_config(directory).get("model_type")
-    if model_type not in ("bart", "t5"):
-        raise CheckpointError(f"{directory}/config.json: model_type {model_type!r} is not a generator ('bart' or 't5')")
-    return (load_t5 if model_type == "t5" else load_bart)(directory, **overrides)
+    return _generator_entry(model_type, f"{directory}/config.json").load(directory, **overrides)
 
 
-def generator_config_from_hf(hf: dict[str, Any], **overrides) -> bart.BartConfig | t5.T5Config:
-    """The BART or T5 config of a generator's config.json dict (sizes only: a T5's head tying is read from its
+def generator_config_from_hf(hf: dict[str, Any], **overrides) -> Any:
+    """The generator config of a generator's config.json dict (sizes only: a T5's head tying is read from its
     weights when it loads)."""
-    if hf.get("model_type") == "t5":
-        return hf_t5.config_from_hf(hf, **overrides)
-    return bart_config_from_hf(hf, **overrides)
+    return _generator_entry(hf.get("model_type"), "config.json").config_from_hf(hf, **overrides)
 
 
 RAG_QUESTION_ENCODER_PREFIX = "rag.question_encoder.question_encoder."
@@ -298,8 +305,7 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
     for part in ("question_encoder", "generator"):
         if part not in hf:
             raise CheckpointError(f"{directory}/config.json: the RAG config has no {part!r} section")
-    if hf["generator"].get("model_type") not in ("bart", "t5"):
-        raise CheckpointError(f"{directory}/config.json: generator model_type must be 'bart' or 't5'")
+    generator = _generator_entry(hf["generator"].get("model_type"), f"{directory}/config.json: the generator's")
     tensors, source = hf_files.read_weights(directory)
     tensors = _normalise_legacy_names(tensors)
     if not any(n.startswith("rag.") for n in tensors):  # RagModel saves without the 'rag.' prefix
@@ -308,12 +314,8 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
     qcfg = bert_config_from_hf(hf["question_encoder"], pooling="cls", **(encoder_overrides or {}))
     qparams = _bert_params(tensors, RAG_QUESTION_ENCODER_PREFIX + "bert_model.", qcfg, source, used)
     qparams = _projection(tensors, RAG_QUESTION_ENCODER_PREFIX, qcfg, qparams, source, used)
-    if hf["generator"]["model_type"] == "t5":
-        gcfg, gparams = hf_t5.params(tensors, RAG_GENERATOR_PREFIX, hf["generator"], source, used,
-                                     **(generator_overrides or {}))  # fmt: skip
-    else:
-        gcfg = bart_config_from_hf(hf["generator"], **(generator_overrides or {}))
-        gparams = _bart_params(tensors, RAG_GENERATOR_PREFIX, gcfg, source, used)
+    gcfg, gparams = generator.params_from_hf(tensors, RAG_GENERATOR_PREFIX, hf["generator"], source, used,
+                                             **(generator_overrides or {}))  # fmt: skip
     check_unexpected(tensors, used, source)
     return LoadedRag(
         question_encoder=Loaded(qcfg, qparams, hf["question_encoder"]),
@@ -324,11 +326,11 @@ def load_rag(path: str, *, encoder_overrides: dict | None = None, generator_over
 
 
 def load(path: str) -> Loaded | LoadedRag:
-    """Loads whatever a directory holds: a RAG model, a BART or T5 generator or a BERT/DPR encoder."""
+    """Loads whatever a directory holds: a RAG model, a generator (BART, T5, ...) or a BERT/DPR encoder."""
     directory = hf_files.resolve(path)
     model_type = hf_files.read_config(directory).get("model_type")
-    loaders: dict[str, Callable[[str], Any]] = {"rag": load_rag, "bart": load_bart, "t5": load_t5, "bert": load_encoder,
-                                                "dpr": load_encoder}  # fmt: skip
+    loaders: dict[str, Callable[[str], Any]] = {"rag": load_rag, "bert": load_encoder, "dpr": load_encoder}
+    loaders.update({name: load_generator for name in registry.hf_model_types()})
     if model_type not in loaders:
         raise CheckpointError(
             f"{directory}/config.json: unknown model_type {model_type!r}; rag_jax loads {sorted(loaders)}"

@@ -20,16 +20,29 @@ import numpy as np
 from rag_jax import rag
 from rag_jax.data import nq_open
 from rag_jax.data import tokenizers as tk
-from rag_jax.models import bart, bert, hf, t5
+from rag_jax.models import bert, hf, registry
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval import code_spec, embed, index_codes, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
-from rag_jax.runs import streams, workdir as workdir_lib
+from rag_jax.runs import config_check, streams, workdir as workdir_lib
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
 # part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
 from rag_jax.runs.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, require_path
-from rag_jax.runs.config_check import check_config  # noqa: F401 (re-exported, see above)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.compute_dtype
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """config_check.check_config, then what needs the modules the config names (after jax loads): the generator
+    architecture's own checks (its registry entry's), and that model.reader names a registered reader."""
+    config_check.check_config(config)
+    problem = generator_architecture(config.model.generator).check_run_config(config)
+    if problem:
+        raise ConfigError(problem)
+    try:
+        readers.from_config(config)
+    except ValueError as e:
+        raise ConfigError(f"config model.reader={readers.configured_name(config.model)!r}: {e}") from None
 
 
 def check_batch(config: ml_collections.ConfigDict, data_ways: int, num_processes: int) -> None:
@@ -68,26 +81,20 @@ def _load_encoder(c: ml_collections.ConfigDict, **overrides) -> hf.Loaded:
     return hf.load_encoder(c.init, pooling=None if pooling == AUTO_POOLING else pooling, **overrides)
 
 
-def _generator_config(c: ml_collections.ConfigDict, dtype) -> bart.BartConfig | t5.T5Config:
-    if c.get("architecture", "bart") == "t5":
-        v1_0 = not c.feed_forward_proj.startswith("gated-")  # v1.0: tied LM head, scaled decoder output
-        return t5.T5Config(
-            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.ffn_dim, encoder_layers=c.encoder_layers,
-            decoder_layers=c.decoder_layers, heads=c.heads, feed_forward_proj=c.feed_forward_proj,
-            tie_word_embeddings=v1_0, scale_decoder_outputs=v1_0, dropout=c.dropout,
-            attention_dropout=c.attention_dropout, dtype=dtype)
-    return bart.BartConfig(
-        vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
-        encoder_heads=c.heads, decoder_heads=c.heads, encoder_ffn_dim=c.ffn_dim, decoder_ffn_dim=c.ffn_dim,
-        max_position_embeddings=c.max_position_embeddings, dropout=c.dropout, attention_dropout=c.attention_dropout,
-        init_std=c.init_std, dtype=dtype)
+def generator_architecture(c: ml_collections.ConfigDict) -> registry.Generator:
+    """The registry entry model.generator.architecture names ("bart" in configs saved before the field existed)."""
+    name = c.get("architecture", "bart")
+    try:
+        return registry.get(name)
+    except ValueError as e:
+        raise ConfigError(f"config model.generator.architecture={name!r}: {e}") from None
 
 
 def _check_architecture(g_cfg, field: str, path: str, c: ml_collections.ConfigDict) -> None:
-    found = "t5" if isinstance(g_cfg, t5.T5Config) else "bart"
-    if found != c.get("architecture", "bart"):
-        raise ConfigError(f"config {field}={path!r} holds a {found} generator but model.generator.architecture="
-                          f"{c.get('architecture', 'bart')!r}; set --config.model.generator.architecture={found}")
+    found = registry.for_config(g_cfg)
+    if found is not generator_architecture(c):
+        raise ConfigError(f"config {field}={path!r} holds a {found.name} generator but model.generator.architecture="
+                          f"{c.get('architecture', 'bart')!r}; set --config.model.generator.architecture={found.name}")
 
 
 @dataclasses.dataclass
@@ -124,7 +131,7 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
             loaded = _load_encoder(m.question_encoder, **q_overrides)
             q_cfg, pretrained["question_encoder"] = loaded.config, loaded.params
         if m.generator.init == "random":
-            g_cfg = _generator_config(m.generator, dtype)
+            g_cfg = generator_architecture(m.generator).config_from_run(m.generator, dtype)
         else:
             loaded = hf.load_generator(m.generator.init, **g_overrides)
             _check_architecture(loaded.config, "model.generator.init", m.generator.init, m.generator)

@@ -17,9 +17,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from rag_jax.models import registry as generators
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval import code_spec as codes_lib
 
-LOSSES = ("sequence", "token")
+LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
 HOST_SEARCHERS = ("exact", "scann", "codes")
 HOST_CONTEXTS = ("auto", "table", "strings")
@@ -28,7 +30,6 @@ INDEX_DTYPES = ("float32", "float16", "bfloat16")
 AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
 POOLINGS = ("cls", "pooler", "mean", AUTO_POOLING)
 RETRIEVER_DATA = ("gold", "dpr", "ict")  # train_retriever's data.kind
-GENERATOR_ARCHITECTURES = ("bart", "t5")
 DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
 
 
@@ -74,6 +75,19 @@ class _Choice:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Registered:
+    """A name a registry knows (`known`), listing `names()` when it does not."""
+
+    known: Any
+    names: Any
+
+    def problem(self, value) -> str | None:
+        if self.known(value):
+            return None
+        return f"choose one of {tuple(self.names())}, or 'package.module:name' of a module that registers one"
+
+
+@dataclasses.dataclass(frozen=True)
 class _Type:
     types: tuple
     what: str
@@ -108,7 +122,7 @@ _OPTIONAL_BOOL = _Type((bool, type(None)), "true, false or None (as the checkpoi
 _ENCODER = {"init": _PATH, "vocab_size": _POSITIVE, "hidden_size": _POSITIVE, "num_layers": _POSITIVE,
             "num_heads": _POSITIVE, "intermediate_size": _POSITIVE, "max_position_embeddings": _POSITIVE,
             "initializer_range": _SCALE, "pooling": _Choice(POOLINGS), "dropout": _RATE, "normalize": _OPTIONAL_BOOL}
-_GENERATOR = {"architecture": _Choice(GENERATOR_ARCHITECTURES), "init": _PATH, "vocab_size": _POSITIVE,
+_GENERATOR = {"architecture": _Registered(generators.known, generators.names), "init": _PATH, "vocab_size": _POSITIVE,
               "d_kv": _POSITIVE, "feed_forward_proj": _Choice(("relu", "gated-gelu", "gelu", "gated-relu", "gated-silu")), "d_model": _POSITIVE, "encoder_layers": _POSITIVE,
               "decoder_layers": _POSITIVE, "heads": _POSITIVE, "ffn_dim": _POSITIVE,
               "max_position_embeddings": _POSITIVE, "init_std": _SCALE, "dropout": _RATE, "attention_dropout": _RATE}
@@ -129,7 +143,8 @@ RULES: dict[str, Any] = {
     "model.n_docs": _POSITIVE,
     "model.doc_encoder.trainable": _BOOL, "model.doc_encoder.lr_scale": _SCALE,
     "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
-    "model.loss": _Choice(LOSSES),
+    "model.reader": _Registered(readers.known, readers.names),
+    "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,
@@ -204,22 +219,16 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
-    """Combinations of sizes that cannot work (those of random-init networks; a checkpoint's are checked when it
-    loads)."""
+    """Combinations of the encoders' sizes that cannot work (those of random-init networks; a checkpoint's are
+    checked when it loads). The generator's are its architecture's (registry entry `check_run_config`, which
+    build.check_config runs once jax has loaded)."""
     m = config.model
-    t5 = m.generator.get("architecture", "bart") == "t5"
-    for part, width, heads in (("question_encoder", "hidden_size", "num_heads"),
-                               ("doc_encoder", "hidden_size", "num_heads"), ("generator", "d_model", "heads")):
+    for part in ("question_encoder", "doc_encoder"):
         c = m[part]
-        if c.init == "random" and c[width] % c[heads] and not (part == "generator" and t5):  # T5 has d_kv
-            raise ConfigError(f"config model.{part}.{width}={c[width]} is not divisible by model.{part}.{heads}="
-                              f"{c[heads]}; attention heads split the width evenly")
-    lengths = (("data.max_question_length", "question_encoder"), ("index.max_length", "doc_encoder"),
-               ("model.max_combined_length", "generator"), ("data.max_target_length", "generator"),
-               ("eval.max_length", "generator"))
-    for field, part in lengths:
-        if part == "generator" and t5:
-            continue  # relative positions: any length
+        if c.init == "random" and c.hidden_size % c.num_heads:
+            raise ConfigError(f"config model.{part}.hidden_size={c.hidden_size} is not divisible by model.{part}."
+                              f"num_heads={c.num_heads}; attention heads split the width evenly")
+    for field, part in (("data.max_question_length", "question_encoder"), ("index.max_length", "doc_encoder")):
         positions = m[part].max_position_embeddings
         if m[part].init == "random" and m.init_from_rag is None and _get(config, field) > positions:
             raise ConfigError(f"config {field}={_get(config, field)} exceeds model.{part}.max_position_embeddings="

@@ -19,10 +19,11 @@ import numpy as np
 
 from rag_jax import rag
 from rag_jax.data import tokenizers
-from rag_jax.inference.generation import GenerationConfig
-from rag_jax.inference.model_dir import MODEL_TYPES, ModelDefaults
+from rag_jax.inference.model_dir import ModelDefaults
 from rag_jax.models.hf_files import CheckpointError
 from rag_jax.models import bert
+from rag_jax.readers import registry as readers
+from rag_jax.readers.generation import GenerationConfig
 from rag_jax.retrieval import embed, index_io
 from rag_jax.runs import build, checkpoint, workdir as workdir_lib
 
@@ -56,8 +57,8 @@ class TrainedModel(NamedTuple):
 def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedModel:
     """The run's model (rebuilt from the config saved in the checkpoint; no pretrained weights are read), its
     float32 parameters placed with `sharding` (default: the first local device), and its inference defaults: the
-    training loss as model type, `generation_config`, the run's answer tokenisation, the run's index and its identity:
-    the index version the checkpoint searched when it is complete, else the newest complete one (training/index_refresh.py;
+    run's reader (model.reader), `generation_config` (for every reader), the run's answer tokenisation, the run's
+    index and its identity: the index version the checkpoint searched when it is complete, else the newest complete one (index_refresh.py;
     WORKDIR/index for a run without refreshes).
     `step` defaults to the newest checkpoint that restores (newer, damaged ones are named on stderr)."""
     if not workdir_lib.is_workdir(workdir):
@@ -86,7 +87,8 @@ def load(workdir: str, *, step: int | None = None, sharding=None) -> TrainedMode
         checkpointer.close()
     generation = generation_config(model, config)
     recorded = index_io.read_metadata(index_dir) if os.path.isdir(index_dir) else None
-    defaults = ModelDefaults(model_type=config.model.loss, generation={t: generation for t in MODEL_TYPES},
+    reader = readers.from_config(config).name
+    defaults = ModelDefaults(reader=reader, generation={reader: generation},
                              answer_prefix_space=bool(config.data.answer_prefix_space), index=index_dir,
                              index_identity=index_io.identity(recorded) if recorded else None,
                              ctx_encoder_index_identity=_trained_doc_index_identity(workdir, config, model, params))

@@ -19,7 +19,7 @@ import ml_collections
 from rag_jax import sharding
 from rag_jax.runs import build
 from rag_jax.training import flops, inputs, optim, step as step_lib
-from rag_jax.models import bart, bert, hf, hf_files, sentence_transformers_dir, t5
+from rag_jax.models import bert, hf, hf_files, registry, sentence_transformers_dir
 
 GIB = 1024**3
 
@@ -94,7 +94,8 @@ def parse_topology(accelerator_type: str) -> Topology:
 def sizes_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose networks are random-init with the sizes of the checkpoints it names (read from
     their config.json only), so compiling needs no weights. Unset checkpoint fields of the `paper` variant get the
-    paper's sizes: BERT-base encoders and BART-large."""
+    paper's sizes: BERT-base encoders and, for the generator, its architecture's default config (BART-large,
+    T5 v1.1-large)."""
     config = ml_collections.ConfigDict(config.to_dict())
     m = config.model
     if m.init_from_rag is not None:
@@ -108,7 +109,7 @@ def sizes_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         elif part.init != "random":
             _set_encoder_from_checkpoint(part, hf_files.resolve(part.init))
     if m.generator.init is None:  # BART-large, or T5 v1.1-large (Flan-T5-large)
-        _set_generator_sizes(m.generator, t5.T5Config() if m.generator.get("architecture") == "t5" else bart.BartConfig())
+        _set_generator_sizes(m.generator, build.generator_architecture(m.generator).config_class())
     elif m.generator.init != "random":
         generator_hf = hf_files.read_config(hf_files.resolve(m.generator.init))
         _set_generator_sizes(m.generator, hf.generator_config_from_hf(generator_hf))
@@ -136,12 +137,11 @@ def _set_encoder_sizes(c: ml_collections.ConfigDict, cfg) -> None:
 
 
 def _set_generator_sizes(c: ml_collections.ConfigDict, cfg) -> None:
+    entry = registry.for_config(cfg)
+    if c.get("architecture") is None or build.generator_architecture(c) is not entry:  # a checkpoint's own
+        c.architecture = entry.name
     c.init = "random"
-    c.vocab_size, c.d_model, c.encoder_layers, c.decoder_layers = cfg.vocab_size, cfg.d_model, cfg.encoder_layers, cfg.decoder_layers
-    if isinstance(cfg, t5.T5Config):
-        c.architecture, c.heads, c.ffn_dim, c.d_kv, c.feed_forward_proj = "t5", cfg.heads, cfg.d_ff, cfg.d_kv, cfg.feed_forward_proj
-    else:
-        c.heads, c.ffn_dim, c.max_position_embeddings = cfg.encoder_heads, cfg.encoder_ffn_dim, cfg.max_position_embeddings
+    entry.sizes_to_run(c, cfg)
 
 
 @dataclasses.dataclass

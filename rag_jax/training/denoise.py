@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
+from rag_jax.readers import rag_sequence
 from rag_jax.retrieval import contexts, corpus
 from rag_jax.runs import streams
 
@@ -109,7 +110,7 @@ def make_step(model: rag.Rag, tx: optax.GradientTransformation, mesh, param_shar
     def loss_fn(generator, batch):
         logits = model.generator_logits({"generator": generator}, batch["ids"], batch["mask"], batch["labels"])
         no_prior = jnp.zeros((batch["labels"].shape[0], 1), jnp.float32)  # one "document": the plain seq2seq NLL
-        return rag.rag_sequence_nll(logits, no_prior, batch["labels"], pad_token_id=pad, bos_token_id=bos).mean()
+        return rag_sequence.nll(logits, no_prior, batch["labels"], pad_token_id=pad, bos_token_id=bos).mean()
 
     def step(generator, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(generator, batch)

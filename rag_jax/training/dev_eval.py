@@ -1,4 +1,5 @@
-"""The periodic dev evaluation of training: greedy RAG-Token answers, exact match / F1, retrieval recall@k."""
+"""The periodic dev evaluation of training: greedy answers of the run's reader (or the cheaper stand-in it names:
+RAG-Sequence's is RAG-Token), exact match / F1, retrieval recall@k."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ from jax.experimental import multihost_utils
 
 from rag_jax import rag
 from rag_jax.inference import answering, metrics
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.runs import trained_model
 
 
 def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,
              records: list | None = None) -> dict[str, float]:
-    """Dev metrics: exact match / F1 of greedy RAG-Token answers, answer recall@k of retrieval, and recall@k of the
-    gold passage (where known). Every process answers its share of the questions; counts are summed over them.
-    `records`, when given, receives this process's answer records (answering.answer_questions')."""
+    """Dev metrics: exact match / F1 of greedy answers (the reader's `dev_reader`, else its own), answer recall@k of
+    retrieval, and recall@k of the gold passage (where known). Every process answers its share of the questions;
+    counts are summed over them. `records`, when given, receives this process's answer records
+    (answering.answer_questions')."""
     ks = [k for k in config.eval.recall_ks if k <= config.eval.n_docs]
     mine = list(examples)[jax.process_index()::jax.process_count()]
     if jax.process_count() > 1:  # each host decodes its share with a full copy of the parameters
         params = multihost_utils.process_allgather(params, tiled=True)
-    settings = answering.AnswerSettings(n_docs=config.eval.n_docs, model_type="token",
+    reader = readers.from_config(config)
+    settings = answering.AnswerSettings(n_docs=config.eval.n_docs, reader=reader.dev_reader or reader.name,
                                         batch_size=config.eval.batch_size // jax.process_count(),
                                         max_question_length=config.data.max_question_length,
                                         answer_prefix_space=config.data.answer_prefix_space)

@@ -1,12 +1,13 @@
 """Model FLOPs of RAG counted analytically: the numerator of model FLOPs utilisation (MFU).
 
 Only matrix multiplications are counted (2 FLOPs per multiply-add): the projections and feed-forward layers, the
-attention score and value products over the full (padded, static) sequence lengths, BART's LM head, and the doc
-scores. Softmax, layer norm, activations, embedding gathers and the optimizer update are not counted, nor is any
-recomputation: this is the work the model needs, not what a particular compilation does. A training step is 3x the
-forward pass (forward, plus the gradients with respect to activations and to weights).
+attention score and value products over the full (padded, static) sequence lengths, the generator's LM head, and
+the doc scores; each generator architecture's formula is its registry entry's (rag_jax/models/bart_generator.py,
+t5_generator.py). Softmax, layer norm, activations, embedding gathers and the optimizer update are not counted, nor
+is any recomputation: this is the work the model needs, not what a particular compilation does. A training step is
+3x the forward pass (forward, plus the gradients with respect to activations and to weights).
 
-Shapes: B questions, each with K retrieved documents; the question encoder reads Lq tokens, BART's encoder S
+Shapes: B questions, each with K retrieved documents; the question encoder reads Lq tokens, the generator's encoder S
 tokens per (question, document) and its decoder T tokens. The document encoder is frozen and not part of a step
 (its embeddings come from the index).
 """
@@ -14,26 +15,14 @@ tokens per (question, document) and its decoder T tokens. The document encoder i
 from __future__ import annotations
 
 from rag_jax import rag
-from rag_jax.models import bart, bert, t5
-
-
-def _attention_block(rows: int, q_len: int, kv_len: int, width: int, kv_rows: int | None = None) -> int:
-    """Q and output projections over rows*q_len tokens, K/V projections over kv_rows*kv_len tokens, and the
-    score (QK^T) and weighted-value products: rows * q_len * kv_len * width each."""
-    kv_rows = rows if kv_rows is None else kv_rows
-    projections = 2 * 2 * rows * q_len * width * width + 2 * 2 * kv_rows * kv_len * width * width
-    products = 2 * 2 * rows * q_len * kv_len * width
-    return projections + products
-
-
-def _feed_forward(tokens: int, width: int, hidden: int) -> int:
-    return 2 * 2 * tokens * width * hidden
+from rag_jax.models import bert, registry
+from rag_jax.models.flops import attention_block, feed_forward
 
 
 def bert_forward_flops(cfg: bert.BertConfig, batch: int, length: int) -> int:
     """Matmul FLOPs of one forward pass of a BERT/DPR encoder over (batch, length) tokens, pooling included."""
     e = cfg.hidden_size
-    per_layer = _attention_block(batch, length, length, e) + _feed_forward(batch * length, e, cfg.intermediate_size)
+    per_layer = attention_block(batch, length, length, e) + feed_forward(batch * length, e, cfg.intermediate_size)
     total = cfg.num_layers * per_layer
     if cfg.pooling == "pooler":
         total += 2 * batch * e * e
@@ -42,41 +31,15 @@ def bert_forward_flops(cfg: bert.BertConfig, batch: int, length: int) -> int:
     return total
 
 
-def bart_forward_flops(cfg: bart.BartConfig, rows: int, source_length: int, target_length: int) -> int:
-    """Matmul FLOPs of one teacher-forced forward pass of BART over `rows` (source, target) pairs, LM head included."""
-    e, s, t = cfg.d_model, source_length, target_length
-    encoder = cfg.encoder_layers * (_attention_block(rows, s, s, e) + _feed_forward(rows * s, e, cfg.encoder_ffn_dim))
-    decoder_layer = (_attention_block(rows, t, t, e) + _attention_block(rows, t, s, e)
-                     + _feed_forward(rows * t, e, cfg.decoder_ffn_dim))  # fmt: skip
-    lm_head = 2 * rows * t * e * cfg.vocab_size
-    return encoder + cfg.decoder_layers * decoder_layer + lm_head
-
-
-def t5_forward_flops(cfg: t5.T5Config, rows: int, source_length: int, target_length: int) -> int:
-    """Matmul FLOPs of one teacher-forced forward pass of T5 over `rows` (source, target) pairs, LM head included.
-    Attention projections map d_model to heads * d_kv (not d_model); a gated feed-forward has two input matrices."""
-    e, inner, s, t = cfg.d_model, cfg.heads * cfg.d_kv, source_length, target_length
-    ffn_inputs = 2 if cfg.gated else 1
-
-    def attention(q_len, kv_len):
-        return 2 * 2 * rows * (q_len + kv_len) * e * inner + 2 * 2 * rows * q_len * kv_len * inner
-
-    def ffn(length):
-        return 2 * rows * length * e * cfg.d_ff * (ffn_inputs + 1)
-
-    encoder = cfg.encoder_layers * (attention(s, s) + ffn(s))
-    decoder = cfg.decoder_layers * (attention(t, t) + attention(t, s) + ffn(t))
-    return encoder + decoder + 2 * rows * t * e * cfg.vocab_size
-
-
 def generator_forward_flops(cfg, rows: int, source_length: int, target_length: int) -> int:
-    count = t5_forward_flops if isinstance(cfg, t5.T5Config) else bart_forward_flops
-    return count(cfg, rows, source_length, target_length)
+    """Matmul FLOPs of one teacher-forced forward pass of the generator `cfg` configures (its architecture's formula,
+    rag_jax/models/registry.py) over `rows` (source, target) pairs, LM head included."""
+    return registry.for_config(cfg).forward_flops(cfg, rows, source_length, target_length)
 
 
 def rag_forward_flops(model: rag.Rag, batch: int, n_docs: int, question_length: int, source_length: int,
                       target_length: int) -> int:  # fmt: skip
-    """One forward pass of the RAG loss: q(x) over the questions, the doc scores, BART over B*K contexts."""
+    """One forward pass of the RAG loss: q(x) over the questions, the doc scores, the generator over B*K contexts."""
     q_cfg = model.question_encoder_config
     return (bert_forward_flops(q_cfg, batch, question_length) + 2 * batch * n_docs * q_cfg.output_dim
             + generator_forward_flops(model.generator_config, batch * n_docs, source_length, target_length))  # fmt: skip

@@ -15,6 +15,7 @@ import optax
 
 from rag_jax import rag, sharding
 from rag_jax.data import pipeline as pipeline_lib
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.runs import build, checkpoint, config_check, streams, workdir as workdir_lib
 from rag_jax.training import denoise, dev_eval, index_refresh, inputs, optim, trainer
@@ -160,7 +161,7 @@ class RagJob(trainer.Job):
         c, mesh = self.config, self.mesh
         return (f"training {int(c.train.steps)} steps from step {start}: mesh {dict(mesh.shape)} ({mesh.size} "
                 f"devices), {jax.process_count()} processes, retrieval {c.retrieval.mode}, K={c.model.n_docs}, "
-                f"RAG-{c.model.loss}, {self.run.index.num_passages} passages")
+                f"reader {readers.from_config(c).name}, {self.run.index.num_passages} passages")
 
     def inputs(self, start: int) -> inputs.StepInputs:
         c = self.config

@@ -1,8 +1,9 @@
 """The training step: the sharded train state and the jitted `train_step(state, batch, rng, corpus) -> (state,
 metrics)` (state donated, no I/O).
 
-One step: question encoding q(x), doc scores q(x)·d(z) against the retrieved documents' precomputed embeddings, BART
-over the K documents, the RAG-Sequence or RAG-Token marginal NLL, and the optax update. In the paper's recipe the
+One step: question encoding q(x), doc scores q(x)·d(z) against the retrieved documents' precomputed embeddings, the
+reader's loss over the K documents (config model.reader: RAG-Sequence's or RAG-Token's marginal NLL, rag_jax/readers/),
+and the optax update. In the paper's recipe the
 document encoder is frozen: it is not in the state, its embeddings are the index. End to end (model.doc_encoder.
 trainable) it is params["doc_encoder"] and the step embeds the retrieved passages again from their document-encoder
 tokens, so the doc scores carry gradients to both encoders; with retrieval.rerank_candidates L the batch holds L
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
+from rag_jax.readers import registry as readers
 from rag_jax.retrieval import code_search, codes as codes_lib, contexts, embed, exact
 from rag_jax.runs import build
 from rag_jax.training import contrastive, optim
@@ -123,6 +125,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     """
     gcfg = model.generator_config
     pad, bos, eos = gcfg.pad_token_id, gcfg.bos_token_id, gcfg.eos_token_id
+    reader = readers.from_config(config)
     epsilon = float(config.model.label_smoothing)
     accum = int(config.train.grad_accum_steps)
     n_docs = int(config.model.n_docs)
@@ -173,15 +176,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
             scores_BxK = model.trained_doc_scores(params, q_BxD, batch, dropout_rng=jax.random.fold_in(rng, 2))
         else:
             scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
-        b, k, s = batch["context_input_ids"].shape
-        logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
-                                        batch["context_attention_mask"].reshape(b * k, s), batch["labels"],
-                                        dropout_rng=g_rng)
-        if config.model.loss == "sequence":
-            nll_B = rag.rag_sequence_nll(logits, scores_BxK, batch["labels"], pad_token_id=pad, bos_token_id=bos,
-                                         epsilon=epsilon)
-        else:
-            nll_B = rag.rag_token_nll(logits, scores_BxK, batch["labels"], pad_token_id=pad, epsilon=epsilon)
+        nll_B = reader.loss(model, params, batch, scores_BxK, epsilon=epsilon, dropout_rng=g_rng)
         if not retrieval_weight:
             return nll_B.mean()
         # Mean over this (micro)batch's questions with a retrieved gold passage (a microbatch-weighted mean under

@@ -1,0 +1,108 @@
+"""The readers RAG can answer with, by name: what the training step, dev evaluation, eval_nq, ask, export,
+compile_nq and the benchmarks ask instead of branching on "sequence" / "token".
+
+A run config names one (`model.reader`); a reader (base.Reader) owns its loss, its decoding and its provenance
+terms. A built-in name is the module that registers it (BUILTIN, imported on first use, so that this module stays
+light: the config checks use it before jax loads). Adding a reader = one new module that calls `register` plus one
+line in BUILTIN. A reader registered elsewhere (a test, a user's package) is named `package.module:name`: the module
+is imported, it registers `name`, and every process that reads the config finds it the same way.
+
+`model.loss` ("sequence" / "token") and eval_nq's --model_type are the old names of model.reader and --reader:
+ALIASES maps their values, and `note_deprecated` says so once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+# name -> the module that registers it
+BUILTIN = {"rag_sequence": "rag_jax.readers.rag_sequence", "rag_token": "rag_jax.readers.rag_token"}
+# model.loss / --model_type values -> reader names
+ALIASES = {"sequence": "rag_sequence", "token": "rag_token"}
+
+_READERS: dict[str, Any] = {}
+_NOTED: set[str] = set()
+
+
+def register(reader: Any) -> Any:
+    """Adds (or replaces) `reader` (a base.Reader) under its `name`."""
+    _READERS[reader.name] = reader
+    return reader
+
+
+def _split(name: str) -> tuple[str | None, str]:
+    """("package.module", "reader") of "package.module:reader"; (BUILTIN module or None, name) of a plain name."""
+    if ":" in name:
+        module, _, reader = name.partition(":")
+        return module, reader
+    name = ALIASES.get(name, name)
+    return BUILTIN.get(name), name
+
+
+def known(name: Any) -> bool:
+    """Whether `name` can name a reader, without importing anything heavy (for the config and flag checks)."""
+    if not isinstance(name, str) or not name:
+        return False
+    if name in _READERS:
+        return True
+    module, reader = _split(name)
+    if module is None or not reader:
+        return False
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def names() -> list[str]:
+    """The built-in names and those registered so far."""
+    return sorted(set(BUILTIN) | set(_READERS))
+
+
+def get(name: str) -> Any:
+    """The reader `name` names: a built-in or registered name, an alias ("sequence", "token") or
+    `package.module:name`. Raises ValueError naming the known ones."""
+    if name not in _READERS:
+        module, name = _split(name)
+        if module is not None:
+            importlib.import_module(module)
+    if name not in _READERS:
+        raise ValueError(f"no reader named {name!r}; known: {', '.join(names())} (or 'package.module:name' of a "
+                         "module that registers one with rag_jax.readers.registry.register)")
+    return _READERS[name]
+
+
+def for_hf_architecture(architecture: str | None) -> Any:
+    """The reader a Hugging Face RAG checkpoint's `architectures` entry stands for; RAG-Sequence when it names none
+    (transformers' RagModel)."""
+    for name in BUILTIN:
+        if get(name).hf_architecture == architecture:
+            return get(name)
+    return get("rag_sequence")
+
+
+def note_deprecated(what: str, instead: str) -> None:
+    """One line on stderr, once per process, that `what` is an old name and `instead` says it now."""
+    if what not in _NOTED:
+        _NOTED.add(what)
+        print(f"note: {what} is deprecated; use {instead}", file=sys.stderr, flush=True)
+
+
+def configured_name(model_config: Any) -> str:
+    """The reader a run config's model section selects: model.reader, or model.loss where it is set (the old field;
+    configs saved before model.reader existed have only it, and a note is printed when a config with model.reader
+    sets it)."""
+    loss = model_config.get("loss")
+    if loss is None:
+        return model_config.get("reader", "rag_sequence")
+    if "reader" in model_config:
+        note_deprecated(f"config model.loss={loss!r}", f"model.reader={ALIASES.get(loss, loss)!r}")
+    return ALIASES.get(loss, loss)
+
+
+def from_config(config: Any) -> Any:
+    """The reader of a run config (`configured_name` of config.model)."""
+    return get(configured_name(config.model))
