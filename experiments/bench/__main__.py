@@ -42,12 +42,13 @@ import os
 from absl import app, flags
 
 from experiments.bench import BENCHMARKS
-from experiments.bench import decode, embed, eval as eval_bench, host, host_train, mfu, mips, retriever_step, train_step
+from experiments.bench import compressed, decode, embed, eval as eval_bench, host, host_train, mfu, mips, retriever_step
+from experiments.bench import train_step
 from experiments.bench.common import GENERATORS, Options, machine, reference_floats_like_xla
 
 # Plain imports, not importlib, so that the import contracts (.importlinter) see what the benchmarks import.
 _MODULES = {"train_step": train_step, "decode": decode, "embed": embed, "mips": mips, "eval": eval_bench, "host": host,
-            "host_train": host_train, "retriever_step": retriever_step, "mfu": mfu}
+            "host_train": host_train, "retriever_step": retriever_step, "mfu": mfu, "compressed": compressed}
 assert tuple(_MODULES) == BENCHMARKS, "experiments/bench/__init__.py BENCHMARKS and _MODULES list the same modules"
 
 _BENCHMARKS = flags.DEFINE_list("benchmarks", list(BENCHMARKS), f"Which sub-benchmarks to run, of {list(BENCHMARKS)}.")
