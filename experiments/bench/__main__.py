@@ -36,15 +36,12 @@ in common.py. experiments/bench/scann_recall.py is the separate ScaNN leaves-fra
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
 from experiments.bench import BENCHMARKS
 from experiments.bench import compressed, decode, embed, eval as eval_bench, host, host_train, mfu, mips, retriever_step
 from experiments.bench import train_step
-from experiments.bench.common import GENERATORS, Options, machine, reference_floats_like_xla
+from experiments.bench.common import GENERATORS, Options, reference_floats_like_xla, report
 
 # Plain imports, not importlib, so that the import contracts (.importlinter) see what the benchmarks import.
 _MODULES = {"train_step": train_step, "decode": decode, "embed": embed, "mips": mips, "eval": eval_bench, "host": host,
@@ -61,25 +58,6 @@ _GENERATORS = flags.DEFINE_list("generators", list(GENERATORS),
 _MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
 _EVAL_SCALE = flags.DEFINE_float("eval_questions_scale", 1.0, "eval: fraction of the 2,620 / 655 questions to answer.")
 _MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")
-
-
-def report(name: str, rows: list[dict], results: str, quick: bool) -> None:
-    """Prints rows as a table and appends them to the results file (with the 1-minute load average, since other
-    jobs on the machine skew the timings)."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    widths = [max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys]
-    print(f"\n== {name} ({machine()}, load {os.getloadavg()[0]:.1f})")
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    for row in rows:
-        print("  ".join(_fmt(row.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
-    with open(results, "a") as f:
-        for row in rows:
-            record = {"benchmark": name, "machine": machine(), "load": os.getloadavg()[0], "quick": quick}
-            f.write(json.dumps({**record, **row}) + "\n")
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main(argv):

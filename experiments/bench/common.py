@@ -236,3 +236,22 @@ def train_batch(config: ml_collections.ConfigDict, model, seed: int = 0) -> dict
 
 def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
+
+
+def report(name: str, rows: list[dict], results: str, quick: bool) -> None:
+    """Prints rows as a table and appends them to the results file (with the 1-minute load average, since other
+    jobs on the machine skew the timings)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    widths = [max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys]
+    print(f"\n== {name} ({machine()}, load {os.getloadavg()[0]:.1f})")
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for row in rows:
+        print("  ".join(_fmt(row.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
+    with open(results, "a") as f:
+        for row in rows:
+            record = {"benchmark": name, "machine": machine(), "load": os.getloadavg()[0], "quick": quick}
+            f.write(json.dumps({**record, **row}) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -150,7 +150,7 @@ def main_rows(corpus: str, cache: str, repeats: int = 3, rows: int | None = None
 
 
 if __name__ == "__main__":
-    from experiments.bench.__main__ import report  # pylint: disable=g-import-not-at-top
+    from experiments.bench.common import report  # pylint: disable=g-import-not-at-top
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="nq_mini", choices=["nq_mini", "knowledge200k"])
