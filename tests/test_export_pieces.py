@@ -52,7 +52,7 @@ def pieces_run(tmp_path_factory):
 def test_the_pieces_are_what_transformers_loads(pieces_run):
     out = pieces_run["out"]
     spec = export_pieces.read_spec(out)
-    assert spec["model_type"] == "sequence" and spec["rag"]["n_docs"] == pieces_run["config"].model.n_docs
+    assert spec["reader"] == "rag_sequence" and spec["rag"]["n_docs"] == pieces_run["config"].model.n_docs
     assert spec[export.RUN_KEY]["answer_prefix_space"] is True and spec[export.RUN_KEY]["index_identity"]
     with open(os.path.join(out, "generator", "config.json")) as f:
         assert json.load(f)["architectures"] == ["BartForConditionalGeneration"]
@@ -124,7 +124,7 @@ def test_transformers_computes_what_the_run_does_from_each_piece(pieces_run, tmp
     moved = str(tmp_path / "moved")
     shutil.copytree(out, moved)
     _, moved_params, defaults = model_dir.load(moved)
-    assert defaults.index == os.path.join(moved, "index") and defaults.model_type == "sequence"
+    assert defaults.index == os.path.join(moved, "index") and defaults.reader == "rag_sequence"
     assert index_io.load_index(defaults.index).passages.path == os.path.join(moved, "index", "passages.tsv")
     np.testing.assert_array_equal(moved_params["question_encoder"]["word"]["embedding"],
                                   np.asarray(params["question_encoder"]["word"]["embedding"]))

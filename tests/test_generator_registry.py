@@ -72,7 +72,7 @@ def test_a_generator_registered_in_a_test_trains_evaluates_and_exports(tmp_path)
     """train_nq -> eval_nq -> export -> eval_nq on the export, every step in its own process: the run's model is the
     toy's (its config class, SiLU), and the export (a transformers BART with activation_function silu) answers and
     scores as the workdir does."""
-    from rag_jax.training import trained_model
+    from rag_jax.runs import trained_model
 
     task = train_task.write_bundled_task(str(tmp_path / "task"), num_questions=8, num_distractors=8)
     workdir, hf_dir = str(tmp_path / "run"), str(tmp_path / "hf")

@@ -13,13 +13,15 @@ sequential, ...) so that all see the same background load, after one untimed chu
 around the step is the training loop's: the next batch, the step, the previous step's metrics fetched. A fourth
 timing, the batches alone (the sequential variant's host work, q(x) and search, without the steps), gives their
 share of a sequential step and so the most any overlap can gain: (inputs + rest) / max(inputs, rest).
---quick runs the `tiny` config for a few steps (no figures). The workdir (with its index, built on the first run:
-minutes on a CPU) is kept under the temporary directory for the next run.
+--quick runs the `tiny` config for a few steps (no figures) in a fresh temporary workdir. The `local` workdir (with
+its index, built on the first run: minutes on a CPU) is kept under the temporary directory for the next run, and
+rebuilt when this code's encoder or config no longer matches it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -28,19 +30,34 @@ VARIANTS = (("sequential", False, False), ("overlap", True, False), ("stale_pref
 
 
 def run(opts) -> list[dict]:
-    import jax
-
     from experiments.configs import nq
-    from rag_jax import sharding
-    from rag_jax.runs import streams
-    from rag_jax.training import inputs, loop
+    from rag_jax.runs import config_check
+    from rag_jax.training import loop
 
     config = nq.get_config("tiny" if opts.quick else "local")
     config.retrieval.mode = "host"
     config.denoise.steps = 0  # timing only: no warm-up of the generator
+    if opts.quick:
+        with tempfile.TemporaryDirectory(prefix="rag_jax_bench_host_train_") as workdir:
+            return _timed_rows(opts, config, loop.setup(config, workdir))
+    workdir = os.path.join(tempfile.gettempdir(), "rag_jax_bench_host_train", "local")
+    try:
+        run_ = loop.setup(config, workdir)
+    except config_check.ConfigError as error:  # a workdir of older code: rebuild it
+        print(f"host_train: rebuilding {workdir}: {error}")
+        shutil.rmtree(workdir)
+        run_ = loop.setup(config, workdir)
+    return _timed_rows(opts, config, run_)
+
+
+def _timed_rows(opts, config, run_) -> list[dict]:
+    import jax
+
+    from rag_jax import sharding
+    from rag_jax.runs import streams
+    from rag_jax.training import inputs, loop
+
     steps = 2 if opts.quick else 10  # per timed chunk
-    workdir = os.path.join(tempfile.gettempdir(), "rag_jax_bench_host_train", "tiny" if opts.quick else "local")
-    run_ = loop.setup(config, workdir)
     state = run_.initial_state()
     pipeline = loop.make_pipeline(run_)
     rng = jax.device_put(streams.key(config.seed, streams.DROPOUT), sharding.replicated(run_.mesh))

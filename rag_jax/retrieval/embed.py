@@ -36,7 +36,7 @@ _CPU_ENCODER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # BertConfig fields added after indexes were first built, with the value every earlier encoder had. At that value
 # they are left out of the fingerprint, so an index built before the field existed still matches its encoder.
-_LATER_FIELDS = {"normalize": False}
+_LATER_FIELDS = {"normalize": False, "score_scale": 1.0, "learn_score_scale": False}
 
 
 def _config_identity(config: bert.BertConfig) -> str:

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import codes as codes_lib
-from rag_jax.retrieval import corpus, index_io
+from rag_jax.retrieval import index_io
 
 CODEBOOKS_FILE = "pq_codebooks.npy"
 
@@ -105,7 +106,7 @@ def write_codes(index: index_io.Index, spec: codes_lib.CodesSpec, *, sample_size
                 sample = index.gather_rows(_sample_rows(index.num_passages, sample_size, seed))
                 codebooks = codes_lib.train_pq(sample, spec.m, seed)
             path = os.path.join(index.index_dir, CODEBOOKS_FILE)
-            corpus._atomic_save_npy(path, codebooks.astype(np.float32))
+            files.save_npy(path, codebooks.astype(np.float32))
             record.update(codebooks=CODEBOOKS_FILE, codebooks_sha256=_sha(codebooks.astype(np.float32)))
         index.metadata["codes"] = record
         index_io.write_metadata(index.index_dir, index.metadata)
@@ -133,8 +134,8 @@ def write_shard_codes(index: index_io.Index, i: int, spec: codes_lib.CodesSpec, 
     rows = index.read_rows(entry["start"], entry["start"] + entry["rows"], np.float32)
     codes, scale = codes_lib.encode(spec, rows, codebooks)
     if spec.kind == "int8":
-        corpus._atomic_save_npy(scale_path, scale)
-    corpus._atomic_save_npy(path, codes)
+        files.save_npy(scale_path, scale)
+    files.save_npy(path, codes)
 
 
 class CodeTable:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rag_jax import files
 from rag_jax.retrieval import codes as codes_lib
 from rag_jax.retrieval import corpus, index_codes, index_io
 
@@ -85,7 +86,7 @@ class _Update:
         if os.path.isdir(self.final):  # whole, killed before CURRENT moved: publish it
             return
         os.makedirs(self.partial, exist_ok=True)
-        corpus._atomic_write_json(os.path.join(self.partial, _REQUEST_FILE), request)
+        files.write_json(os.path.join(self.partial, _REQUEST_FILE), request)
 
     def publish(self, meta: dict[str, Any]) -> index_io.Index:
         """index.json into the partial directory, the rename, then CURRENT: the update becomes visible at once."""
@@ -94,10 +95,8 @@ class _Update:
             index_io.write_metadata(self.partial, meta)
             os.replace(self.partial, self.final)
         pointer = os.path.join(self.index_dir, index_io.CURRENT_FILE)
-        tmp = corpus._tmp_name(pointer)
-        with open(tmp, "w") as f:
+        with files.replaced_when_done(pointer) as tmp, open(tmp, "w") as f:
             f.write(os.path.relpath(self.final, self.index_dir) + "\n")
-        os.replace(tmp, pointer)
         return index_io.load_index(self.index_dir)
 
 
@@ -143,9 +142,8 @@ def add_passages(index_dir: str, added_path: str, embed_fn: Callable[[Sequence[c
     if work == update.partial:
         copy = os.path.join(work, name)
         if not os.path.exists(copy):
-            tmp = corpus._tmp_name(copy)
-            shutil.copyfile(added_path, tmp)
-            os.replace(tmp, copy)
+            with files.replaced_when_done(copy) as tmp:
+                shutil.copyfile(added_path, tmp)
         added = corpus.PassageStore.build(copy, work)
         meta["shards"] += _embed_shards(index, added, work, embed_fn, shard_size or int(index.metadata["shard_size"]))
         meta["segments"].append({"passages_path": name, "store_dir": ".",
@@ -176,9 +174,9 @@ def _embed_shards(index: index_io.Index, added: corpus.PassageStore, work: str, 
                 codes, scale = codes_lib.encode(spec, stored.astype(np.float32), books)
                 code_path, scale_path = index_codes.code_paths(path)
                 if spec.kind == "int8":
-                    corpus._atomic_save_npy(scale_path, scale)
-                corpus._atomic_save_npy(code_path, codes)
-            corpus._atomic_save_npy(path, stored.view(storage))
+                    files.save_npy(scale_path, scale)
+                files.save_npy(code_path, codes)
+            files.save_npy(path, stored.view(storage))
         entries.append(entry)
     return entries
 
@@ -211,7 +209,7 @@ def remove_passages(index_dir: str, ids_path: str) -> index_io.Index:
     meta = _next_metadata(update.index, update.final, update.request)
     if os.path.isdir(update.partial):
         removed = np.union1d(update.index.removed_rows, np.asarray(rows, np.int64))
-        corpus._atomic_save_npy(os.path.join(update.partial, "removed.npy"), removed)
+        files.save_npy(os.path.join(update.partial, "removed.npy"), removed)
         meta["removed"] = {"file": "removed.npy", "count": int(len(removed))}
     return update.publish(meta)
 
@@ -245,7 +243,7 @@ def compact(index_dir: str) -> index_io.Index:
             entry = {"file": index_io.shard_file(j), "start": first, "rows": len(rows), "host": 0}
             vectors = index.gather_rows(rows, index.dtype)
             target = os.path.join(update.partial, entry["file"])
-            corpus._atomic_save_npy(target, vectors.view(index_io.STORAGE_DTYPES[index.metadata["dtype"]]))
+            files.save_npy(target, vectors.view(index_io.STORAGE_DTYPES[index.metadata["dtype"]]))
             meta["shards"].append(entry)
         meta.update(num_passages=int(len(keep)), passages_path="passages.jsonl", num_hosts=1, devices_per_host=1,
                     passages_fingerprint=store.metadata["fingerprint"],
