@@ -35,6 +35,7 @@ class AnswerSettings:
     score: bool = False  # also the reader's scores of the first gold answer (RAG: NLL under RAG-Sequence and -Token)
     answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
     provenance: bool = False  # also the document posteriors of each answer, per answer and per token (provenance.py)
+    pages: bool = False  # also the retrieved passages' titles, "doc_titles" (KILT's pages, for R-Precision)
     overlap: bool = True  # prepare batch n+1 on the host while batch n decodes (same outputs; data/prefetch.py)
 
     def __post_init__(self):
@@ -147,6 +148,8 @@ def answer_questions(
                 "doc_ids": retrieved.doc_ids[i],
                 "doc_scores": [float(s) for s in scores[i]],
             }
+            if settings.pages:
+                record["doc_titles"] = [p.title for p in retrieved.passages[i]]
             if settings.score:
                 record.update({name: float(values[i]) for name, values in scored.items()})
             if settings.provenance:

@@ -19,6 +19,7 @@ import ml_collections
 
 from rag_jax.models import registry as generators
 from rag_jax.readers import registry as readers
+from rag_jax.tasks import registry as tasks
 from rag_jax.retrieval import code_spec as codes_lib
 
 LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
@@ -145,6 +146,7 @@ RULES: dict[str, Any] = {
     "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
     "model.reader": _Registered(readers.known, readers.names),
     "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
+    "task.name": _Registered(tasks.known, tasks.names),
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,
