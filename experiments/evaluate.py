@@ -182,7 +182,7 @@ def evaluate() -> None:
     settings = answering.AnswerSettings(n_docs=n_docs, reader=reader, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,
                                         answer_prefix_space=prefix_space, provenance=_PROVENANCE.value,
-                                        pages=with_pages)  # fmt: skip
+                                        pages=with_pages, choices=task.labels)  # fmt: skip
     print(f"evaluating {len(examples)} questions: reader {reader}, K={n_docs}, beams={generation.num_beams}, "
           f"max_length={generation.max_length}, index {index_dir} ({index.num_passages} passages)")  # fmt: skip
     answered = []

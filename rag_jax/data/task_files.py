@@ -12,7 +12,8 @@ Formats (`detect_format` tells them apart by extension and the first record's ke
             "No Answer Present." are left out (they have no reference).
   searchqa  SearchQA's Jeopardy files: JSON-lines or a JSON array of {"question" (the clue), "answer", "category",
             ...}. For question generation the input is the answer and the output the clue, as in the RAG paper.
-  dpr_csv   DPR's question files (TriviaQA, WebQuestions, CuratedTrec): `question<TAB>["answer", ...]` a line. A file
+  dpr_csv   DPR's question files (TriviaQA, WebQuestions, CuratedTrec; *.csv, tab-separated inside as DPR writes
+            them): `question<TAB>["answer", ...]` a line. A file
             whose name contains "curatedtrec" has regular-expression answers ("answers_are_regex").
   dpr_json  DPR's retriever training JSON: an array of {"question", "answers", "positive_ctxs": [{"title", ...}]}.
   nq        NQ-open JSONL {"question", "answers" | "answer"} (rag_jax/data/nq_jsonl.py reads it).
@@ -73,8 +74,9 @@ def _whole_json(path: str) -> Any:
 
 
 def detect_format(path: str) -> str:
-    """One of FORMATS: dpr_csv by extension (.csv, .tsv, .txt), else from the first record's keys."""
-    if os.path.splitext(path)[1].lower() in (".csv", ".tsv", ".txt"):
+    """One of FORMATS: dpr_csv by extension (.csv, as DPR names its question files), else from the first record's
+    keys (of the JSON array in a .json file, of the first line otherwise)."""
+    if os.path.splitext(path)[1].lower() == ".csv":
         return "dpr_csv"
     if os.path.splitext(path)[1].lower() == ".json":
         data = _whole_json(path)
@@ -180,7 +182,9 @@ def _msmarco(path: str) -> Iterator[tuple[int, dict]]:
 
 def _searchqa(path: str) -> Iterator[tuple[int, dict]]:
     for line, where, record in _records(path):
-        clue = _text(record, "question", where).strip("'\"").strip()
+        clue = _text(record, "question", where)
+        if len(clue) > 1 and clue[0] == clue[-1] == "'":  # the Jeopardy archive quotes every clue
+            clue = clue[1:-1].strip()
         yield line, {"input": _text(record, "answer", where), "outputs": [clue],
                      "category": record.get("category")}
 

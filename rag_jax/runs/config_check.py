@@ -267,6 +267,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Value checks that need no devices or files beyond the paths named in the config."""
     check_fields(config)
     m, t = config.model, config.train
+    task_name = _get(config, "task.name", "qa")
+    if task_name != "qa" and (config.data.train_file is None or (t.eval_every and config.data.dev_file is None)):
+        raise ConfigError(f"config task.name={task_name!r} reads its examples from data.train_file and "
+                          "data.dev_file (the built-in data.source is NQ-open); set both")
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")

@@ -114,3 +114,23 @@ def format_metrics(task: Task, summary: Mapping[str, float]) -> str:
     names = [*(task.headline or task.statistics), "r_precision", *task.kilt_scores.values()]
     parts = [f"{name} {summary[name]:.2f}" for name in dict.fromkeys(names) if name in summary]
     return "  ".join(parts) + f"  ({int(summary.get('num_questions', 0))} questions)"
+
+
+class ExampleSource:
+    """A task's examples from a data file in any format rag_jax/data/task_files.py reads, held in memory: a pipeline
+    source (len + indexing), as nq_jsonl.JsonlSource is for NQ-open JSONL. Raises TaskDataError / TaskFileError
+    naming the file and line of a bad record."""
+
+    def __init__(self, path: str, task: Task):
+        from rag_jax.data import task_files  # pylint: disable=g-import-not-at-top (a light module; kept local)
+
+        self.name = path
+        self._examples = [to_example(task, record, f"{path}:{line}") for line, record in task_files.read_records(path)]
+        if not self._examples:
+            raise TaskDataError(f"{path}: no examples in the file")
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._examples[index]

@@ -44,7 +44,8 @@ def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,
     settings = answering.AnswerSettings(n_docs=config.eval.n_docs, reader=reader.dev_reader or reader.name,
                                         batch_size=config.eval.batch_size // jax.process_count(),
                                         max_question_length=config.data.max_question_length,
-                                        answer_prefix_space=config.data.answer_prefix_space, pages=with_pages)
+                                        answer_prefix_space=config.data.answer_prefix_space, pages=with_pages,
+                                        choices=task.labels)
     generation = trained_model.generation_config(model, config)
     counts = np.zeros(len(names) + 3 * len(ks), np.float64)
     if mine:
