@@ -23,7 +23,8 @@ KILT = [
     {"id": "1", "input": "Who wrote Hamlet?", "output": [
         {"answer": "Shakespeare", "provenance": [{"wikipedia_id": "1", "title": "Hamlet"}]},
         {"answer": "William Shakespeare"},
-        {"provenance": [{"wikipedia_id": "2", "title": "William Shakespeare"}, {"wikipedia_id": "1", "title": "Hamlet"}]},
+        {"provenance": [{"wikipedia_id": "2", "title": "William Shakespeare"},
+                        {"wikipedia_id": "1", "title": "Hamlet"}]},
     ]},
 ]
 

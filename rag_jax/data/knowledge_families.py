@@ -61,8 +61,10 @@ def _claims(task, rng, entities: Sequence[int], facts, true_facts, strangers: di
     different attributes; labelled against `facts` (the swapped ones for swapped_dev), worded from `true_facts`."""
     out = []
     for i in entities:
-        supported, refuted, unknown = (task.schema.attributes[j] for j in rng.permutation(len(task.schema.attributes))[:3])
-        other = knowledge_task._other(rng, refuted.values, true_facts[i][refuted.name])  # pylint: disable=protected-access
+        attributes = task.schema.attributes
+        supported, refuted, unknown = (attributes[j] for j in rng.permutation(len(attributes))[:3])
+        # pylint: disable-next=protected-access (the knowledge task's own way of drawing another value)
+        other = knowledge_task._other(rng, refuted.values, true_facts[i][refuted.name])
         stranger_value = unknown.values[int(rng.integers(len(unknown.values)))]
         for kind, attribute, value, subject in (("s", supported, true_facts[i][supported.name], task.entities[i]),
                                                 ("r", refuted, other, task.entities[i]),
