@@ -151,6 +151,14 @@ def test_kilt_em_counts_only_where_r_precision_is_one():
     assert summary["r_precision"] == 75.0 and summary["kilt_em"] == 50.0 and summary["kilt_f1"] == 50.0
 
 
+def test_kilt_scores_average_over_the_examples_with_pages():
+    task = registry.get("fact_verification")
+    examples = [{"question": "c1", "answers": ["supports"], "pages": [["A"]]},
+                {"question": "c2", "answers": ["unknown"]}]  # NOT ENOUGH INFO: no page to find
+    summary = base.evaluate(task, ["supports", "unknown"], examples, retrieved_pages=[["A"], ["B"]])
+    assert summary["accuracy"] == 100.0 and summary["r_precision"] == 100.0 and summary["kilt_ac"] == 100.0
+
+
 def test_statistic_names_cover_what_example_statistics_returns():
     for name in registry.BUILTIN:
         task = registry.get(name)

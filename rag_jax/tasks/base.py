@@ -8,7 +8,9 @@ metrics (percentages). Examples are dicts with "question" (the generator's input
 list of gold page sets) and "gold_passage_id".
 
 Where an example has pages and the retrieved pages are known, `example_statistics` adds KILT's R-Precision and the
-KILT variants of the task's per-example scores (kilt.py).
+KILT variants of the task's per-example scores (kilt.py). Both are averaged over the examples that have gold pages
+("pages_count"): an example with none (a NOT ENOUGH INFO claim) has nothing to retrieve, so it neither lowers
+R-Precision nor counts in KILT-*.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def statistic_names(task: Task, with_pages: bool) -> list[str]:
     """Every statistic `example_statistics` returns for `task`, in a fixed order (hosts sum them as one vector)."""
     names = ["count", *task.statistics]
     if with_pages:
-        names += ["r_precision", *task.kilt_scores.values()]
+        names += ["pages_count", "r_precision", *task.kilt_scores.values()]
     return names
 
 
@@ -77,20 +79,20 @@ def example_statistics(task: Task, prediction: str, example: Mapping[str, Any],
     stats = {"count": 1.0, **task.score(prediction, example)}
     if example.get("pages") and retrieved_pages is not None:
         r_precision = kilt.r_precision(retrieved_pages, example["pages"])
-        stats["r_precision"] = r_precision
+        stats["pages_count"], stats["r_precision"] = 1.0, r_precision
         for source, kilt_name in task.kilt_scores.items():
             stats[kilt_name] = stats[source] if r_precision == 1.0 else 0.0
     return stats
 
 
 def summarize(task: Task, sums: Mapping[str, float]) -> dict[str, float]:
-    """The task's metrics of summed statistics, KILT's (as percentages of the examples) where they were counted,
-    and "num_questions"."""
+    """The task's metrics of summed statistics, KILT's (as percentages of the examples with gold pages) where they
+    were counted, and "num_questions"."""
     count = sums.get("count", 0.0)
     out = dict(task.aggregate(sums)) if count else {}
-    if count and "r_precision" in sums:
+    if sums.get("pages_count"):
         for name in ("r_precision", *task.kilt_scores.values()):
-            out[name] = 100.0 * sums[name] / count
+            out[name] = 100.0 * sums[name] / sums["pages_count"]
     out["num_questions"] = float(count)
     return out
 

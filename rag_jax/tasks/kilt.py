@@ -7,6 +7,7 @@ A page is a Wikipedia page, named here by its title (the passage file's `title` 
 distinct retrieved pages that are in the set; the example's R-Precision is the maximum over its sets. The KILT
 variants of a downstream score (KILT-EM, KILT-F1, KILT-AC, KILT-RL) count an example's score only when its
 R-Precision is 1, so a system scores only when it both answered and found the page that justifies the answer.
+(base.summarize averages both over the examples that have gold pages.)
 """
 
 from __future__ import annotations
