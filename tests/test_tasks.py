@@ -1,11 +1,8 @@
 """Tasks (rag_jax/tasks/): each metric against hand-worked examples, KILT's R-Precision and gating, the registry seam
-(a task registered from this file alone is found by name), and the data readers on a few hand-written records."""
-
-import json
+(a task registered from this file alone is found by name) and the config check of task.name."""
 
 import pytest
 
-from rag_jax.data import task_files
 from rag_jax.tasks import base, kilt, registry, text_metrics
 
 
