@@ -191,10 +191,11 @@ def evaluate() -> None:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             answered.append((record, texts))
     print(f"wrote {_OUTPUT.value}")
-    if task.answer_recall:  # EM, F1 and answer recall@k, as eval_nq has always printed them
+    legacy = task.name == "qa" and not any(example.get("answers_are_regex") for example in examples)
+    if legacy:  # EM, F1 and answer recall@k, as eval_nq has always printed them
         summary = answering.summarize(answered, sorted({k for k in RECALL_KS if k < n_docs} | {n_docs}))
         print(metrics.format_summary(summary))
-    if not task.answer_recall or with_pages:
+    if not legacy or with_pages:
         predictions = [record["prediction"] for record, _ in answered]
         pages = [record["doc_titles"] for record, _ in answered] if with_pages else None
         print(base.format_metrics(task, base.evaluate(task, predictions, examples, pages)))

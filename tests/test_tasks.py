@@ -32,6 +32,15 @@ def test_curatedtrec_answers_are_regular_expressions_matched_from_the_start():
     assert summary["exact_match"] == 50.0 and summary["f1"] == 0.0
 
 
+def test_answer_recall_finds_plain_answers_as_dpr_and_patterns_anywhere_in_a_passage():
+    task = registry.get("qa")
+    passages = ["The Moon is far away.", "It is 238,855 miles from Earth."]
+    assert task.answer_hit_rank(_qa(["238,855 miles"]), passages) == 1
+    assert task.answer_hit_rank(_qa([r"2\d\d,?\d+ mi(les)?"], answers_are_regex=True), passages) == 1  # re.search
+    assert task.answer_hit_rank(_qa(["Mars"]), passages) is None
+    assert registry.get("fact_verification").answer_hit_rank is None  # a label is not in a passage
+
+
 def test_a_regex_that_does_not_compile_is_one_error_naming_the_line():
     with pytest.raises(base.TaskDataError, match=r"f.csv:3: answer pattern '\(unclosed' is not a regular"):
         base.to_example(registry.get("qa"), {"input": "q", "outputs": ["(unclosed"], "answers_are_regex": True},

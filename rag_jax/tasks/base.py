@@ -51,7 +51,9 @@ class Task:
     # {"question", "answers", ...}; raises TaskDataError
     example: Callable[[Mapping[str, Any], str], dict[str, Any]] = _default_example
     kilt_scores: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    answer_recall: bool = False  # whether answer-string recall@k of the retrieved passages means anything
+    # (example, ranked passage texts) -> 0-based rank of the first passage that holds an answer, or None: answer
+    # recall@k of retrieval, for tasks whose answers are short enough to be found in a passage (None: no such recall)
+    answer_hit_rank: Callable[[Mapping[str, Any], Sequence[str]], int | None] | None = None
     labels: tuple[str, ...] = ()  # a closed set of target words (classification tasks); empty: free text
     headline: tuple[str, ...] = ()  # the metrics a one-line summary shows, in order
 

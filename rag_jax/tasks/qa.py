@@ -48,6 +48,15 @@ def _score(prediction: str, example: Mapping[str, Any]) -> dict[str, float]:
             "f1_count": 1.0}
 
 
+def first_hit_rank(example: Mapping[str, Any], passages: Sequence[str]) -> int | None:
+    """Rank of the first passage holding an answer: DPR's has_answer (metrics.first_hit_rank), or for regex answers
+    DPR's regex_match (a pattern found anywhere in the passage: re.search with the same flags)."""
+    if not example.get("answers_are_regex"):
+        return metrics.first_hit_rank(example["answers"], passages)
+    patterns = compile_patterns(example["answers"], "answer pattern")
+    return next((rank for rank, text in enumerate(passages) if any(p.search(text) for p in patterns)), None)
+
+
 def _aggregate(sums: Mapping[str, float]) -> dict[str, float]:
     out = {"exact_match": 100.0 * sums["exact_match"] / sums["count"]}
     if sums["f1_count"]:  # F1 over the examples with plain answers
@@ -57,4 +66,4 @@ def _aggregate(sums: Mapping[str, float]) -> dict[str, float]:
 
 TASK = registry.register(base.Task(
     name="qa", statistics=("exact_match", "f1", "f1_count"), score=_score, aggregate=_aggregate, example=_example,
-    kilt_scores={"exact_match": "kilt_em", "f1": "kilt_f1"}, answer_recall=True, headline=("exact_match", "f1")))
+    kilt_scores={"exact_match": "kilt_em", "f1": "kilt_f1"}, answer_hit_rank=first_hit_rank, headline=("exact_match", "f1")))

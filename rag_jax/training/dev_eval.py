@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rag_jax import rag
-from rag_jax.inference import answering, metrics
+from rag_jax.inference import answering
 from rag_jax.readers import registry as readers
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.runs import trained_model
@@ -21,7 +21,7 @@ def _retrieval_counts(task: base.Task, record, texts, example, ks) -> np.ndarray
     """[answer hit@k..., gold hit@k..., gold known...] of one example, for each k."""
     gold = str(example.get("gold_passage_id", -1))
     known = example.get("gold_passage_id", -1) >= 0
-    rank = metrics.first_hit_rank(record["answers"], texts) if task.answer_recall else None
+    rank = task.answer_hit_rank(example, texts) if task.answer_hit_rank else None
     return np.array([rank is not None and rank < k for k in ks] + [known and gold in record["doc_ids"][:k] for k in ks]
                     + [known] * len(ks), np.float64)
 
@@ -29,7 +29,7 @@ def _retrieval_counts(task: base.Task, record, texts, example, ks) -> np.ndarray
 def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,
              records: list | None = None) -> dict[str, float]:
     """Dev metrics: the task's metrics of greedy answers (the reader's `dev_reader`, else its own), KILT's where the
-    examples have pages, answer recall@k of retrieval (tasks with `answer_recall`), and recall@k of the gold passage
+    examples have pages, answer recall@k of retrieval (tasks with `answer_hit_rank`), and recall@k of the gold passage
     (where known). Every process answers its share of the questions; statistics are summed over them. `records`,
     when given, receives this process's answer records (answering.answer_questions')."""
     ks = [k for k in config.eval.recall_ks if k <= config.eval.n_docs]
@@ -64,7 +64,7 @@ def evaluate(model: rag.Rag, params, retriever: Retriever, examples, config,
     out["eval/num_questions"] = float(counts[0])
     retrieval = counts[len(names):].reshape(3, len(ks))
     for i, k in enumerate(ks):
-        if task.answer_recall:
+        if task.answer_hit_rank:
             out[f"eval/recall@{k}"] = 100 * retrieval[0, i] / total
         if retrieval[2, i]:
             out[f"eval/gold_recall@{k}"] = 100 * retrieval[1, i] / retrieval[2, i]
