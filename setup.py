@@ -29,6 +29,8 @@ setuptools.setup(
         "matplotlib",  # experiments.ask --plot: the document-posterior pictures
         "sentencepiece",  # T5 generators' tokenizers (spiece.model)
         "scann; platform_system == 'Linux'",
+        "sacrebleu>=2.0,<3",  # BLEU-1 of the abstractive QA and question generation tasks (rag_jax/tasks/)
+        "rouge-score>=0.1.2,<0.2",  # ROUGE-L of the abstractive QA task
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU wheel the test machines carry; it is only the parity reference.

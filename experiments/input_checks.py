@@ -93,6 +93,14 @@ def _check_pretrained_lengths(config) -> None:
                                            f"(max_position_embeddings={limit}); give at most {limit}")
 
 
+def _reads_as_nq(config, path: str) -> bool:
+    """Whether a run reads `path` as NQ-open JSONL (task qa, a file of that format), as runs/build.data_source does."""
+    from rag_jax.data import task_files  # pylint: disable=g-import-not-at-top
+    from rag_jax.tasks import registry as tasks  # pylint: disable=g-import-not-at-top
+
+    return tasks.from_config(config).name == "qa" and task_files.detect_format(path) == "nq"
+
+
 def check_nq_training_inputs(config) -> None:
     """What train_nq (and knowledge_demo) can check of a run config's files before anything loads: the question
     files' records, one batch's worth of training questions, gold passage ids that name passages of
@@ -100,6 +108,7 @@ def check_nq_training_inputs(config) -> None:
     from rag_jax.data import nq_jsonl  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import training_data  # pylint: disable=g-import-not-at-top
     from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
+    from rag_jax.tasks import base as task_base, registry as tasks  # pylint: disable=g-import-not-at-top
 
     _check_pretrained_lengths(config)
     for split in ("train", "dev"):
@@ -108,8 +117,11 @@ def check_nq_training_inputs(config) -> None:
             continue
         field = f"data.{split}_file"
         try:
-            count = sum(1 for _ in nq_jsonl.read_nq_jsonl(path))
-            training_data.check_gold_ids(path, config.data.passages)
+            if _reads_as_nq(config, path):
+                count = sum(1 for _ in nq_jsonl.read_nq_jsonl(path))
+                training_data.check_gold_ids(path, config.data.passages)
+            else:  # another task's file, or a qa file in another format (KILT, DPR): the task's examples
+                count = len(task_base.ExampleSource(path, tasks.from_config(config)))
         except ValueError as e:  # DataError and the readers' errors name the file and line
             raise config_check.ConfigError(f"config {field}: {e}") from None
         batch = config.train.global_batch_size

@@ -47,12 +47,24 @@ def _argparse_parser(module) -> argparse.ArgumentParser | None:
     return None
 
 
-def _forget(name: str) -> None:
-    """Removes the entry point's module, every flag an `experiments` module defined and the config overrides."""
+def _unload(name: str) -> None:
+    """Forgets module `name` (`from package import module` would find it on its package otherwise)."""
     sys.modules.pop(name, None)
+    package, _, attribute = name.rpartition(".")
+    if package in sys.modules and hasattr(sys.modules[package], attribute):
+        delattr(sys.modules[package], attribute)
+
+
+def _forget(name: str) -> None:
+    """Removes the entry point's module, every flag an `experiments` module defined, the modules that defined them
+    (an alias such as eval_nq defines its flags by importing experiments.evaluate: the next import must define them
+    again) and the config overrides."""
+    _unload(name)
     for flag in list(flags.FLAGS):
-        if (flags.FLAGS.find_module_defining_flag(flag) or "").startswith("experiments") or flag.startswith("config."):
+        defining = flags.FLAGS.find_module_defining_flag(flag) or ""
+        if defining.startswith("experiments") or flag.startswith("config."):
             delattr(flags.FLAGS, flag)
+            _unload(defining)
 
 
 def _import(name: str, args: list[str]):

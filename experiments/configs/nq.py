@@ -104,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.answer_choice = "first"  # "first" answer (the HF research project's data) or a "random" one per epoch
     c.data.answer_prefix_space = True  # tokenise " answer", as the HF research project does for BART targets
 
+    c.task = ml_collections.ConfigDict()
+    # What the run learns and how dev evaluation scores it (rag_jax/tasks/): "qa" (exact match / F1),
+    # "abstractive_qa", "question_generation", "fact_verification", or 'package.module:name' of a registered task.
+    c.task.name = "qa"
+
     c.tokenizers = ml_collections.ConfigDict()
     c.tokenizers.question = BUNDLED_QUESTION_TOKENIZER  # BERT WordPiece directory (bundled bert-base-uncased)
     c.tokenizers.generator = BUNDLED_GENERATOR_TOKENIZER  # BART BPE directory (bundled bart-large)

@@ -41,6 +41,7 @@ class Schema:
     attributes: tuple[Attribute, ...]
     name_parts: tuple[tuple[str, ...], tuple[str, ...]]  # syllables: entity names are onset+vowel+coda words
     pronouns: tuple[str, ...]  # the subject of a passage's later sentences
+    clue: str = ""  # a Jeopardy-style clue made of an entity's facts ("{attribute name}" for each value)
 
 
 _CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Kyoto", "Dublin", "Quito", "Tunis", "Hanoi", "Zagreb", "Perth",
@@ -69,6 +70,7 @@ PEOPLE = Schema(
     name_parts=(("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gr", "st", "tr"),
                 ("a", "e", "i", "o", "u", "ai", "ou")),
     pronouns=("He", "She"),
+    clue="Born in {birthplace} in {birth_year}, this {occupation} played the {instrument}.",
 )
 
 
@@ -94,6 +96,7 @@ COMPANIES = Schema(
     name_parts=(("c", "h", "j", "k", "m", "n", "q", "v", "w", "x", "y", "z", "ch", "sh", "pl", "kr"),
                 ("a", "e", "o", "ia", "eo", "y")),
     pronouns=("It",),
+    clue="Founded in {founded} and based in {headquarters}, this maker of {product} also works in {sector}.",
 )
 
 
@@ -106,9 +109,15 @@ class Task:
     train: list[dict]
     dev: list[dict]
     swapped_dev: list[dict]
+    # What the files were written from (the other task families of knowledge_families.py ask about the same facts):
+    entities: list[str] = dataclasses.field(default_factory=list)  # passage i is entities[i]'s
+    facts: list[dict[str, str]] = dataclasses.field(default_factory=list)  # attribute name -> value, per entity
+    swapped_facts: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    num_heldout: int = 0  # the last entities are held out
+    schema: Schema | None = None
 
 
-def _names(rng: np.random.Generator, count: int, parts) -> list[str]:
+def invented_names(rng: np.random.Generator, count: int, parts) -> list[str]:
     onsets, vowels = parts
 
     def word(syllables: int) -> str:
@@ -150,7 +159,7 @@ def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0,
     if not 0 < num_heldout < num_entities:
         raise ValueError(f"num_heldout={num_heldout} must lie in (0, num_entities={num_entities})")
     rng = np.random.default_rng(seed)
-    entities = _names(rng, num_entities, schema.name_parts)
+    entities = invented_names(rng, num_entities, schema.name_parts)
     facts = [{a.name: a.values[int(rng.integers(len(a.values)))] for a in schema.attributes} for _ in entities]
     orders = [rng.permutation(len(schema.attributes)) for _ in entities]
     pronouns = [schema.pronouns[int(rng.integers(len(schema.pronouns)))] for _ in entities]
@@ -167,7 +176,8 @@ def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0,
     dev = _questions(dev_rng, entities[heldout], facts[heldout], pids[heldout], schema)
     dev_rng = np.random.default_rng(seed + 1)
     swapped_dev = _questions(dev_rng, entities[heldout], swapped_facts[heldout], pids[heldout], schema)
-    return Task(passages, swapped, [train[i] for i in order], dev, swapped_dev)
+    return Task(passages, swapped, [train[i] for i in order], dev, swapped_dev, entities, facts, swapped_facts,
+                num_heldout, schema)
 
 
 def _other(rng: np.random.Generator, values: Sequence[str], current: str) -> str:

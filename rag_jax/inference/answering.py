@@ -35,6 +35,10 @@ class AnswerSettings:
     score: bool = False  # also the reader's scores of the first gold answer (RAG: NLL under RAG-Sequence and -Token)
     answer_prefix_space: bool = False  # tokenise gold answers as " answer" (how rag_jax training labels are made)
     provenance: bool = False  # also the document posteriors of each answer, per answer and per token (provenance.py)
+    # A closed set of answers (a task's label words): each is scored by the reader and the likeliest is the
+    # prediction, instead of free decoding (decoding restricted to the label words).
+    choices: tuple[str, ...] = ()
+    pages: bool = False  # also the retrieved passages' titles, "doc_titles" (KILT's pages, for R-Precision)
     overlap: bool = True  # prepare batch n+1 on the host while batch n decodes (same outputs; data/prefetch.py)
 
     def __post_init__(self):
@@ -133,12 +137,12 @@ def answer_questions(
         if settings.provenance:
             per_token, per_answer = (np.asarray(x) for x in decoded[1:])
         predictions = gtok.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
+        if settings.choices:
+            predictions = _likeliest_choices(model, params, reader, prepared, settings, gtok)[:n]
         if settings.score:
-            prefix = " " if settings.answer_prefix_space else ""
-            labels = tokenizers.decoder_labels(gtok, [prefix + e["answers"][0] for e in batch], padding=True)
-            labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
+            labels = _gold_labels(gtok, [e["answers"][0] for e in batch], settings)
             scored = reader.score(model, params, context_ids, context_mask, prepared.q_pad, prepared.embeds,
-                                  _pad_to(labels, rows))  # fmt: skip
+                                  labels)  # fmt: skip
         for i, example in enumerate(batch):
             record = {
                 "question": example["question"],
@@ -147,6 +151,8 @@ def answer_questions(
                 "doc_ids": retrieved.doc_ids[i],
                 "doc_scores": [float(s) for s in scores[i]],
             }
+            if settings.pages:
+                record["doc_titles"] = [p.title for p in retrieved.passages[i]]
             if settings.score:
                 record.update({name: float(values[i]) for name, values in scored.items()})
             if settings.provenance:
@@ -157,6 +163,27 @@ def answer_questions(
             yield record, [p.text for p in retrieved.passages[i]]
         if progress is not None:
             progress.update(len(batch))
+
+
+def _gold_labels(gtok, texts: Sequence[str], settings: AnswerSettings) -> np.ndarray:
+    """Decoder labels of `texts` (as training makes them), padded to a multiple of 8 columns and the batch's rows."""
+    prefix = " " if settings.answer_prefix_space else ""
+    labels = tokenizers.decoder_labels(gtok, [prefix + text for text in texts], padding=True)
+    labels = np.pad(labels, [(0, 0), (0, -labels.shape[1] % 8)], constant_values=gtok.pad_token_id)
+    return _pad_to(labels, settings.batch_size)
+
+
+def _likeliest_choices(model: rag.Rag, params, reader: base.Reader, prepared: _Prepared, settings: AnswerSettings,
+                       gtok) -> list[str]:
+    """Per row, the choice whose NLL under the reader is lowest (its own nll_<kind> score, else the first it has)."""
+    nlls = []
+    for choice in settings.choices:
+        labels = _gold_labels(gtok, [choice] * settings.batch_size, settings)
+        scored = reader.score(model, params, prepared.context_ids, prepared.context_mask, prepared.q_pad,
+                              prepared.embeds, labels)  # fmt: skip
+        own = f"nll_{reader.name.removeprefix('rag_')}"
+        nlls.append(np.asarray(scored[own] if own in scored else next(iter(scored.values()))))
+    return [settings.choices[i] for i in np.argmin(np.stack(nlls, 1), axis=1)]
 
 
 def summarize(answered: Sequence[tuple[dict[str, Any], list[str]]], ks: Sequence[int]) -> dict[str, float | int]:

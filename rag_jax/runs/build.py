@@ -18,13 +18,14 @@ import ml_collections
 import numpy as np
 
 from rag_jax import rag
-from rag_jax.data import nq_open
+from rag_jax.data import nq_open, task_files
 from rag_jax.data import tokenizers as tk
 from rag_jax.models import bert, hf, registry
 from rag_jax.readers import registry as readers
 from rag_jax.retrieval import code_spec, embed, index_codes, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
 from rag_jax.runs import config_check, streams, workdir as workdir_lib
+from rag_jax.tasks import base as task_base, registry as tasks
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
 # part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
 from rag_jax.runs.config_check import AUTO_POOLING, DOC_ENCODER, ConfigError, require_path
@@ -239,11 +240,15 @@ def check_vocab(models: Models, doc_config: bert.BertConfig, tokenizers: tk.RagT
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
-    """The train or dev questions: a JSONL file when data.{train,dev}_file is set, else the TFDS NQ-open source."""
+    """The train or dev examples: a file when data.{train,dev}_file is set (NQ-open JSONL, or for any task a format
+    rag_jax/data/task_files.py reads, made into the task's examples), else the TFDS NQ-open source."""
     path = config.data.train_file if split == "train" else config.data.dev_file
     if path is not None:
+        task = tasks.from_config(config)
         try:
-            return nq_open.JsonlSource(path)
+            if task.name == "qa" and task_files.detect_format(path) == "nq":
+                return nq_open.JsonlSource(path)
+            return task_base.ExampleSource(path, task)
         except ValueError as e:
             raise ConfigError(f"config data.{split}_file: {e}") from None
     return nq_open.get_data_source(config.data.source, split, config.data.data_dir, config.data.manual_dir)

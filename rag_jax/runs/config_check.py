@@ -19,6 +19,7 @@ import ml_collections
 
 from rag_jax.models import registry as generators
 from rag_jax.readers import registry as readers
+from rag_jax.tasks import registry as tasks
 from rag_jax.retrieval import code_spec as codes_lib
 
 LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
@@ -145,6 +146,7 @@ RULES: dict[str, Any] = {
     "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
     "model.reader": _Registered(readers.known, readers.names),
     "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
+    "task.name": _Registered(tasks.known, tasks.names),
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,
@@ -265,6 +267,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Value checks that need no devices or files beyond the paths named in the config."""
     check_fields(config)
     m, t = config.model, config.train
+    task_name = _get(config, "task.name", "qa")
+    if task_name != "qa" and (config.data.train_file is None or (t.eval_every and config.data.dev_file is None)):
+        raise ConfigError(f"config task.name={task_name!r} reads its examples from data.train_file and "
+                          "data.dev_file (the built-in data.source is NQ-open); set both")
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
