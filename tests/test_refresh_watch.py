@@ -4,7 +4,7 @@ questions with a known gold passage are not."""
 
 from rag_jax.training import refresh_watch
 
-BATCH = 8  # questions with a known gold passage per step
+BATCH = 16  # questions with a known gold passage per step
 
 
 def _watch(recall_before: float, recall_after: float, refresh_at: int = 10, steps: int = 20, window: int = 5):
@@ -34,23 +34,23 @@ def test_a_sharp_fall_after_a_refresh_is_reported_once_with_its_figures():
 
 
 def test_steady_or_small_changes_are_not_reported():
-    for before, after in ((0.875, 0.875), (0.875, 0.75), (0.5, 1.0)):
+    for before, after in ((0.875, 0.875), (0.875, 0.8125), (0.5, 1.0)):
         assert _watch(before, after)[1] == {}, (before, after)
 
 
 def test_the_last_refresh_is_judged_at_the_final_step_over_the_steps_it_had():
-    _, reported = _watch(1.0, 0.0, refresh_at=17, steps=20)  # 3 steps after it (24 questions), not the window's 5
+    _, reported = _watch(1.0, 0.0, refresh_at=16, steps=20)  # 4 steps after it (64 questions), not the window's 5
     ((drop,),) = reported.values()
-    assert list(reported) == [20] and drop.steps_after == 3
+    assert list(reported) == [20] and drop.steps_after == 4
 
 
 def test_too_few_known_gold_passages_are_not_judged():
     watch = refresh_watch.RefreshRecallWatch(window=2)
     for step in (1, 2, 3, 4):
-        watch.record(step, 1.0 if step <= 2 else 0.0, 1.0)  # one known question a step: 2 per side < MIN_QUESTIONS
+        watch.record(step, 16.0 if step <= 2 else 0.0, 16.0)  # 1.0 -> 0.0, but 32 known questions a side
         if step == 2:
             watch.refreshed(step)
-    assert refresh_watch.MIN_QUESTIONS > 2 and watch.judge(4, final=True) == []
+    assert refresh_watch.MIN_QUESTIONS > 32 and watch.judge(4, final=True) == []
 
 
 def test_the_window_before_a_refresh_stops_at_the_previous_refresh():
@@ -68,3 +68,4 @@ def test_the_window_before_a_refresh_stops_at_the_previous_refresh():
 def test_the_window_spans_enough_questions_for_small_batches():
     assert refresh_watch.window_steps(log_every=25, batch_size=32) == 25
     assert refresh_watch.window_steps(log_every=2, batch_size=8) == refresh_watch.WINDOW_QUESTIONS // 8
+    assert refresh_watch.WINDOW_QUESTIONS >= refresh_watch.MIN_QUESTIONS  # a whole window is judged
