@@ -14,14 +14,14 @@ Variants:
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   end2end_local  `local` trained end to end on a laptop: q(x), d(z) (both at their fine-tuning rate) and the
-             generator, the index refreshed during training (docs/end_to_end.md has its figures).
+             generator, the index refreshed during training (docs/end_to_end_local.md).
   tiny       the smallest working model (random encoders), for tests.
 
 The variants' functions are in nq_variants.py. Any field can be overridden on the command line, e.g.
 `--config.train.steps=10 --config.model.n_docs=2`; an unknown field stops the run at start-up. Sources of the paper
 values ("REF"): Lewis et al. 2020, Hugging Face's `transformers/examples/research_projects/rag` (finetune_rag.sh,
-lightning_base.py) and transformers' RagConfig defaults. "E2E": `transformers/examples/research_projects/rag-end2end-retriever` (finetune_rag_ray_end2end.sh,
-finetune_rag.py).
+lightning_base.py) and transformers' RagConfig defaults. "E2E":
+`transformers/examples/research_projects/rag-end2end-retriever` (finetune_rag_ray_end2end.sh, finetune_rag.py).
 """
 
 import ml_collections

@@ -94,7 +94,7 @@ def combination_problem(config: ml_collections.ConfigDict, refreshes: bool) -> s
         return (f"config model.doc_encoder.trainable=True with index.refresh_every="
                 f"{_get(config, 'index.refresh_every', '0')!r} re-embeds the corpus with a trained d(z) that the "
                 "frozen q(x) (optim.question_encoder_lr_scale=0) cannot follow: retrieval breaks at the first "
-                f"refresh; train q(x) too (--config.optim.question_encoder_lr_scale={fine_tuning:g}: a learning rate of "
-                f"{fine_tuning * float(config.optim.learning_rate):.0e}), or set --config.index.refresh_every=0 or "
+                f"refresh; train q(x) too (--config.optim.question_encoder_lr_scale={fine_tuning:g}: a learning rate "
+                f"of {fine_tuning * float(config.optim.learning_rate):.0e}), or set --config.index.refresh_every=0 or "
                 "--config.model.doc_encoder.trainable=False")
     return None
