@@ -66,6 +66,9 @@ def test_quick_train_step_compares_the_same_computation(quick_rows):
         assert row["first_loss_rel_diff"] < 1e-4
     assert all(row["model_gflop"] > 0 and row["ours_gflop_per_s"] > 0 for row in rows)  # T5 rows too
     assert rows[2]["model_gflop"] > rows[0]["model_gflop"]  # + the document encoder's forward and backward
+    # The end-to-end row's cost over the frozen step of its size (the BART rag row), measured and in FLOPs.
+    assert rows[2]["measured_over_frozen"] == pytest.approx(rows[2]["ours_s"] / rows[0]["ours_s"])
+    assert rows[2]["flops_over_frozen"] == pytest.approx(rows[2]["model_gflop"] / rows[0]["model_gflop"])
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import transformers
 from rag_jax import rag, sharding
 from rag_jax.models import hf
 from rag_jax.readers import rag_sequence, rag_token
-from rag_jax.runs import build
+from rag_jax.runs import build, encoder_training
 from rag_jax.training import loop, optim, step
 from tests import hf_models, train_task
 from tests.test_rag_gradients import BATCH, N_DOCS, TOLERANCE, ZERO, _KEY_BIAS, _batch, checkpoint  # noqa: F401
@@ -247,6 +247,11 @@ def test_the_paper_recipe_keeps_its_state_without_a_doc_encoder():
     ({"retrieval.rerank_candidates": 5}, r"rerank_candidates=5 .*trainable=False.*--config"),
     ({"model.doc_encoder.trainable": True, "model.n_docs": 3, "retrieval.rerank_candidates": 2},
      r"rerank_candidates=2 is below model\.n_docs=3"),
+    # issue 32: a trained d(z) re-embeds the corpus, which a frozen q(x) cannot follow (random q(x): a scale of 1)
+    ({"model.doc_encoder.trainable": True, "optim.question_encoder_lr_scale": 0.0, "index.refresh_every": "0-4:0,4-:2"},
+     r"doc_encoder\.trainable=True with index\.refresh_every='0-4:0,4-:2' .*frozen q\(x\) \(optim\."
+     r"question_encoder_lr_scale=0\).*--config\.optim\.question_encoder_lr_scale=1: a learning rate of 1e-03\), or "
+     r"set --config\.index\.refresh_every=0 or --config\.model\.doc_encoder\.trainable=False$"),
 ])
 def test_end_to_end_config_errors_name_the_field(tmp_path, overrides, expected):
     task = train_task.write_bundled_task(str(tmp_path), num_questions=4, num_distractors=4)
@@ -261,6 +266,36 @@ def test_end_to_end_config_errors_name_the_field(tmp_path, overrides, expected):
     with pytest.raises(build.ConfigError, match=expected) as error:
         build.check_config(config)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fields", [
+    {"model.doc_encoder.trainable": True, "optim.question_encoder_lr_scale": 0.0},  # no refresh: the first index
+    {"optim.question_encoder_lr_scale": 0.0, "index.refresh_every": "2"},  # d(z) frozen: refreshes rebuild it
+    {"model.doc_encoder.trainable": True, "index.refresh_every": "2"},  # q(x) trained (None: 1x, random init)
+    {"model.doc_encoder.trainable": True, "optim.question_encoder_lr_scale": 0.0, "index.refresh_every": "0-:0"},
+])  # (the last: a schedule that never refreshes)
+def test_frozen_question_encoder_is_refused_only_beside_a_trained_refreshed_index(tmp_path, fields):
+    task = train_task.write_bundled_task(str(tmp_path), num_questions=4, num_distractors=4)
+    build.check_config(train_task.tiny_config(task, **fields))
+
+
+@pytest.mark.parametrize("init, learning_rate, expected", [
+    ("pretrained", 1e-3, 0.03), ("pretrained", 3e-5, 1.0), ("pretrained", 1e-5, 1.0), ("random", 1e-3, 1.0)])
+def test_unset_learning_rate_scales_fine_tune_pretrained_encoders(init, learning_rate, expected):
+    """None (the default) scales a pretrained encoder to encoder_training.FINE_TUNING_LEARNING_RATE (3e-5), never above
+    optim.learning_rate; a random one trains at optim.learning_rate. An explicit scale is kept."""
+    config = train_task.tiny_config({"questions": "q", "passages": "p"}, **{
+        "model.doc_encoder.trainable": True, "optim.learning_rate": learning_rate})
+    if init == "pretrained":
+        config.model.doc_encoder.init = config.model.question_encoder.init = "/some/checkpoint"
+    assert encoder_training.FINE_TUNING_LEARNING_RATE == 3e-5
+    assert config.optim.question_encoder_lr_scale is None and config.model.doc_encoder.lr_scale is None
+    assert optim.doc_encoder_lr_scale(config) == pytest.approx(expected)
+    assert encoder_training.question_encoder_lr_scale(config) == pytest.approx(expected)
+    config.model.question_encoder.init = "doc_encoder"  # a copy of d(z): pretrained when d(z) is
+    assert encoder_training.question_encoder_lr_scale(config) == pytest.approx(expected)
+    config.model.doc_encoder.lr_scale, config.optim.question_encoder_lr_scale = 0.5, 0.0
+    assert optim.doc_encoder_lr_scale(config) == 0.5 and optim.freezes_question_encoder(config)
 
 
 @pytest.mark.slow

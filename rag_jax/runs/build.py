@@ -24,7 +24,7 @@ from rag_jax.models import bert, hf, registry
 from rag_jax.readers import registry as readers
 from rag_jax.retrieval import code_spec, embed, index_codes, index_io, scann_backend
 from rag_jax.retrieval.contexts import ContextFormat
-from rag_jax.runs import config_check, streams, workdir as workdir_lib
+from rag_jax.runs import config_check, encoder_training, streams, workdir as workdir_lib
 from rag_jax.tasks import base as task_base, registry as tasks
 # The config's own checks live in config_check.py (light, so that entry points run them before jax loads); they are
 # part of building a run, so build.check_config and build.ConfigError are how the rest of training reaches them.
@@ -174,7 +174,7 @@ def score_scale(config: ml_collections.ConfigDict, q_cfg: bert.BertConfig) -> fl
 
 def trains_doc_encoder(config: ml_collections.ConfigDict) -> bool:
     """model.doc_encoder.trainable (absent from configs saved before it: the paper's frozen d(z))."""
-    return bool(config.model.doc_encoder.get("trainable", False))
+    return encoder_training.trains_doc_encoder(config)
 
 
 def doc_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any]:

@@ -21,6 +21,7 @@ from rag_jax.models import registry as generators
 from rag_jax.readers import registry as readers
 from rag_jax.tasks import registry as tasks
 from rag_jax.retrieval import code_spec as codes_lib
+from rag_jax.runs import encoder_training
 
 LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
@@ -31,7 +32,7 @@ INDEX_DTYPES = ("float32", "float16", "bfloat16")
 AUTO_POOLING = "auto"  # model.*_encoder.pooling: as the checkpoint says; "cls" for random init
 POOLINGS = ("cls", "pooler", "mean", AUTO_POOLING)
 RETRIEVER_DATA = ("gold", "dpr", "ict")  # train_retriever's data.kind
-DOC_ENCODER = "doc_encoder"  # model.question_encoder.init: start q(x) as a copy of the document encoder d(z)
+DOC_ENCODER = encoder_training.DOC_ENCODER  # model.question_encoder.init: start q(x) as a copy of d(z)
 
 
 class ConfigError(ValueError):
@@ -142,7 +143,8 @@ RULES: dict[str, Any] = {
     **{f"model.doc_encoder.{k}": rule for k, rule in _ENCODER.items()},
     **{f"model.generator.{k}": rule for k, rule in _GENERATOR.items()},
     "model.n_docs": _POSITIVE,
-    "model.doc_encoder.trainable": _BOOL, "model.doc_encoder.lr_scale": _SCALE,
+    # None: a pretrained encoder's fine-tuning rate (runs/encoder_training.py)
+    "model.doc_encoder.trainable": _BOOL, "model.doc_encoder.lr_scale": dataclasses.replace(_SCALE, allow=(None,)),
     "retrieval.rerank_candidates": _COUNT,  # 0: no reranking
     "model.reader": _Registered(readers.known, readers.names),
     "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
@@ -170,7 +172,7 @@ RULES: dict[str, Any] = {
     "optim.b1": _RATE, "optim.b2": _RATE,
     "optim.eps": _SCALE,
     "optim.max_grad_norm": _Number(integer=False, low=0.0),  # 0: no clipping
-    "optim.question_encoder_lr_scale": _Number(integer=False, low=0.0),
+    "optim.question_encoder_lr_scale": _Number(integer=False, low=0.0, allow=(None,)),  # None: see lr_scale
     "train.steps": _POSITIVE, "train.global_batch_size": _POSITIVE, "train.grad_accum_steps": _POSITIVE,
     "train.retrieval_loss_weight": _Number(integer=False, low=0.0),
     "train.log_every": _POSITIVE, "train.checkpoint_every": _POSITIVE,
@@ -237,19 +239,6 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
                               f"{positions}; lower it or give the model more positions")
 
 
-def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
-    """A trained document encoder and reranking: the combinations built so far."""
-    trainable = bool(_get(config, "model.doc_encoder.trainable", False))
-    candidates = _get(config, "retrieval.rerank_candidates", 0)
-    if candidates and not trainable:
-        raise ConfigError(f"config retrieval.rerank_candidates={candidates} reranks with the current document "
-                          "encoder, but model.doc_encoder.trainable=False (a frozen one would keep the index's order); "
-                          "set --config.model.doc_encoder.trainable=True or --config.retrieval.rerank_candidates=0")
-    if candidates and candidates < config.model.n_docs:
-        raise ConfigError(f"config retrieval.rerank_candidates={candidates} is below model.n_docs="
-                          f"{config.model.n_docs}: rerank L >= K candidates (or 0 for none)")
-
-
 def require_path(value, field: str, what: str, *, directory: bool) -> str:
     """`value`, which config `field` names, if it is an existing file (or directory)."""
     if value is None:
@@ -274,10 +263,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
-    if _get(config, "retrieval.learn_score_scale", False) and config.optim.question_encoder_lr_scale == 0:
-        raise ConfigError("config retrieval.learn_score_scale=True trains the scale with q(x), which "
-                          "optim.question_encoder_lr_scale=0 freezes; set --config.optim.question_encoder_lr_scale "
-                          "above 0 or --config.retrieval.learn_score_scale=false")
     codes = config.index.get("codes", "")  # (absent from configs saved before it)
     if codes:
         try:
@@ -297,9 +282,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.retrieval.mode == "device" and not m.doc_sep.endswith(" "):
         raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
                           "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
-    _check_end_to_end(config)
+    refreshes = any(every for _, _, every in refresh_schedule(_get(config, "index.refresh_every", "0")))
+    problem = encoder_training.combination_problem(config, refreshes)  # encoder training, reranking, refreshes
+    if problem:
+        raise ConfigError(problem)
     _check_sizes(config)
-    refresh_schedule(_get(config, "index.refresh_every", "0"))
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
                   directory=False)
     for field in ("data.train_file", "data.dev_file"):

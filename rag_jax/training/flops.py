@@ -51,6 +51,12 @@ def rag_train_step_flops(model: rag.Rag, batch: int, n_docs: int, question_lengt
     return 3 * rag_forward_flops(model, batch, n_docs, question_length, source_length, target_length)
 
 
+def trained_doc_encoder_flops(doc_cfg: bert.BertConfig, batch: int, n_docs: int, length: int) -> int:
+    """What an end-to-end step (model.doc_encoder.trainable) adds to rag_train_step_flops: the B*K retrieved
+    passages through the document encoder at their `length` (index.max_length) tokens, forward and backward."""
+    return 3 * bert_forward_flops(doc_cfg, batch * n_docs, length)
+
+
 # Peak dense bfloat16 matmul throughput of one device (chip) as JAX sees it, from Google's TPU pages.
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 

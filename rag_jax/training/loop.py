@@ -18,7 +18,7 @@ from rag_jax.data import pipeline as pipeline_lib
 from rag_jax.readers import registry as readers
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.runs import build, checkpoint, config_check, streams, workdir as workdir_lib
-from rag_jax.training import denoise, dev_eval, index_refresh, inputs, optim, trainer
+from rag_jax.training import denoise, dev_eval, index_refresh, inputs, optim, refresh_watch, trainer
 from rag_jax.training.lifecycle import log as _log
 from rag_jax.training.step import TrainState, create_train_state, make_train_step, state_layout
 
@@ -144,6 +144,8 @@ class RagJob(trainer.Job):
         self.config, self.workdir, self.mesh = run.config, run.workdir, run.mesh
         self.pipeline = make_pipeline(run)
         self.refresher: index_refresh.IndexRefresher | None = None
+        self.recall_watch = refresh_watch.RefreshRecallWatch(refresh_watch.window_steps(
+            self.config.train.log_every, self.config.train.global_batch_size))
 
     def abstract_state(self) -> TrainState:
         return self.run.abstract_state
@@ -176,7 +178,8 @@ class RagJob(trainer.Job):
 
     def after_step(self, done: int, state, step_inputs: inputs.StepInputs) -> None:
         # The next steps search the index of this step's document encoder; nothing searches while it moves.
-        self.refresher.maybe_refresh(done, state, before_swap=step_inputs.settle)
+        if self.refresher.maybe_refresh(done, state, before_swap=step_inputs.settle):
+            self.recall_watch.refreshed(done)
 
     def summarize(self, done: int, interval: list[dict[str, float]], wall_seconds: float) -> trainer.Summary:
         logged = trainer.mean_of(interval, ("loss", "grad_norm"))
@@ -184,6 +187,11 @@ class RagJob(trainer.Job):
         known = sum(m["gold_known"] for m in interval)
         if known:
             logged["gold_recall"] = sum(m["gold_hits"] for m in interval) / known
+        for step, m in enumerate(interval, done - len(interval) + 1):
+            self.recall_watch.record(step, m["gold_hits"], m["gold_known"])
+        for drop in self.recall_watch.judge(done, final=done == int(self.config.train.steps)):
+            _log(drop.message())
+            logged["gold_recall_drop_after_refresh"] = drop.before - drop.after
         index_logged, index_perf = self.refresher.metrics(done, wall_seconds)
         logged.update(index_logged)
         gold = f" | gold@K {logged['gold_recall']:.2f}" if "gold_recall" in logged else ""

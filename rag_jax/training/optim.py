@@ -1,12 +1,15 @@
 """The optimizer of a run: gradient clipping, then AdamW with warm-up and linear decay (the Hugging Face research
-project's recipe), weight decay off for biases and layer norms, and optional learning-rate scales for q(x)
-(optim.question_encoder_lr_scale) and a trained d(z) (model.doc_encoder.lr_scale)."""
+project's recipe), weight decay off for biases and layer norms, and learning-rate scales for q(x)
+(optim.question_encoder_lr_scale) and a trained d(z) (model.doc_encoder.lr_scale); unset, a pretrained encoder's
+is its fine-tuning rate over optim.learning_rate (runs/encoder_training.py)."""
 
 from __future__ import annotations
 
 import jax
 import ml_collections
 import optax
+
+from rag_jax.runs import encoder_training
 
 _NO_DECAY = ("bias", "scale", "final_logits_bias")  # REF's no_decay list: biases and LayerNorm weights
 
@@ -43,7 +46,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     doc_scale = doc_encoder_lr_scale(config)
     if doc_scale != 1.0:
         parts.append(optax.masked(optax.scale(doc_scale), _part_mask("doc_encoder")))
-    scale = float(o.get("question_encoder_lr_scale", 1.0))  # (train_retriever has no such field)
+    scale = encoder_training.question_encoder_lr_scale(config)
     if freezes_question_encoder(config):  # frozen q(x): no Adam moments for it (22M parameters of all-MiniLM-L6-v2 not updated a step)
         return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()},
                                      _question_encoder_labels)
@@ -54,13 +57,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def doc_encoder_lr_scale(config: ml_collections.ConfigDict) -> float:
     """The trained document encoder's learning rate over optim.learning_rate (1 when it is frozen: no params)."""
-    d = config.model.get("doc_encoder", {})
-    return float(d.get("lr_scale", 1.0)) if d.get("trainable", False) else 1.0
+    return encoder_training.doc_encoder_lr_scale(config)
 
 
 def freezes_question_encoder(config: ml_collections.ConfigDict) -> bool:
     """optim.question_encoder_lr_scale 0: q(x) never changes (the step also skips its backward pass)."""
-    return float(config.optim.get("question_encoder_lr_scale", 1.0)) == 0.0
+    return encoder_training.question_encoder_lr_scale(config) == 0.0
 
 
 def _question_encoder_labels(params):
