@@ -29,7 +29,6 @@ from ml_collections.config_dict import placeholder
 
 from experiments.configs import nq_variants
 from experiments.configs.nq_variants import BUNDLED_GENERATOR_TOKENIZER, BUNDLED_PASSAGES, BUNDLED_QUESTION_TOKENIZER
-from experiments.configs.nq_variants import pretrained_retriever  # noqa: F401 (configs/retriever.py reads it here)
 
 VARIANTS = nq_variants.VARIANTS
 

@@ -15,7 +15,7 @@ Sources ("DPR"): the paper and its code as above. Any field can be overridden wi
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from experiments.configs import nq
+from experiments.configs import nq, nq_variants
 
 VARIANTS = ("local", "paper", "tiny")
 DATA_KINDS = ("gold", "dpr", "ict")
@@ -108,7 +108,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
 
 
 def _local(c: ml_collections.ConfigDict) -> None:
-    retriever = nq.pretrained_retriever()
+    retriever = nq_variants.pretrained_retriever()
     c.tokenizers.question = retriever
     for enc in (c.model.question_encoder, c.model.doc_encoder):
         enc.init = retriever
