@@ -1,0 +1,148 @@
+"""Fusion-in-Decoder (Izacard & Grave 2020), as facebookresearch/FiD builds it: each of a question's K passages is
+formatted `question: {question} title: {title} context: {text}` (src/data.py; `context_format` below), tokenised and
+truncated/padded to the passage length on its own, the generator's encoder runs over the B*K rows in one batched
+pass, each question's K encoder outputs and masks are concatenated to K*S positions (FiDT5's EncoderWrapper), and
+one decoder attends over all of them. The loss is the answer's token cross-entropy (the answer followed by the end
+token) averaged over the batch's answer tokens, as FiD's T5ForConditionalGeneration loss (CrossEntropyLoss with
+ignore_index, mean over the kept tokens) averages it. The doc scores take no part: the reader does not marginalise.
+
+Decoding is greedy or beam search over one decoder per question, the encoder run once per question and the
+cross-attention keys/values projected once (decoding.tiled_cache with one "passage" of K*S positions): transformers'
+`generate` with the concatenated encoder output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax import rag
+from rag_jax.models import layers
+from rag_jax.readers import base, decoding, marginal, registry, search
+from rag_jax.retrieval.contexts import ContextFormat
+
+
+def fused_encoder_out(model: rag.Rag, params, ids_BKxS: jax.Array, mask_BKxS: jax.Array, n_docs: int, *,
+                      dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The encoder over the B*K passages, concatenated per question: states (B, K*S, E) and mask (B, K*S).
+
+    Without dropout the encoder runs a few passages at a time (decoding.encode: the same values, faster on CPU);
+    the cross-attention has no positions, so the concatenated padding in the middle is hidden by the mask alone."""
+    rows, width = ids_BKxS.shape
+    if dropout_rng is None:
+        states = decoding.encode(model, params, ids_BKxS, mask_BKxS)
+    else:
+        states = model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, deterministic=False,
+                                       rngs={"dropout": dropout_rng}, method="encode")
+    batch = rows // n_docs
+    states = layers.constrain(states.reshape(batch, n_docs * width, -1), ("batch", "length", "embed"))
+    return states, mask_BKxS.reshape(batch, n_docs * width)
+
+
+def target_log_likelihoods(logits_BxTxV: jax.Array, labels_BxT: jax.Array, pad_token_id: int, smoothing: bool):
+    """log p(y_t | x, y_<t) of each target (labels shifted left) (B, T), 0 at pad targets, and for label smoothing
+    the vocabulary sums of the log-probabilities (B, T) (None without)."""
+    target_BxT = marginal.shift_left(labels_BxT, pad_token_id)
+    token_ll, vocab_sum = marginal.token_log_probs(logits_BxTxV[:, None], target_BxT, smoothing)
+    keep_BxT = target_BxT != pad_token_id
+    token_ll_BxT = jnp.where(keep_BxT, token_ll[:, 0], 0.0)
+    vocab_sum_BxT = None if vocab_sum is None else jnp.where(keep_BxT, vocab_sum[:, 0], 0.0)
+    return token_ll_BxT, vocab_sum_BxT
+
+
+def fused_logits(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT, *, dropout_rng=None) -> jax.Array:
+    """The decoder's logits (B, T, V) for decoder inputs `labels` over each question's fused passages."""
+    n_docs = ids_BKxS.shape[0] // labels_BxT.shape[0]
+    e_rng, d_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    states, mask = fused_encoder_out(model, params, ids_BKxS, mask_BKxS, n_docs, dropout_rng=e_rng)
+    rngs = {} if d_rng is None else {"dropout": d_rng}
+    return model.generator.apply({"params": params["generator"]}, labels_BxT, states, mask,
+                                 deterministic=d_rng is None, rngs=rngs, method="decode")
+
+
+def nll_sums(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> jax.Array:
+    """-log p(y | x, all K passages) per question (B,): the answer's token NLL summed, end token included."""
+    logits = fused_logits(model, params, ids_BKxS, mask_BKxS, labels_BxT)
+    token_ll_BxT, _ = target_log_likelihoods(logits, labels_BxT, model.generator_config.pad_token_id, False)
+    return -token_ll_BxT.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+@functools.partial(jax.jit, static_argnames=("model", "gen"))
+def generate(model: rag.Rag, params, context_input_ids_BKxS, context_attention_mask_BKxS, n_docs_like_B, gen):
+    """Greedy or beam search (gen.num_beams) over one decoder per question: (B * num_return_sequences, max_length)
+    int32, filled past the end. `n_docs_like_B` is any (B, K) array (the doc scores): it gives B and K statically."""
+    batch, n_docs = decoding.check_shapes(context_input_ids_BKxS, n_docs_like_B, None)
+    states, mask = fused_encoder_out(model, params, context_input_ids_BKxS, context_attention_mask_BKxS, n_docs)
+    cache = decoding.tiled_cache(model, params, states, mask, gen.num_beams, 1, gen.max_length)
+
+    def step(cache, tokens_N):
+        logits_NxV, cache = decoding.decode_step(model, params, cache, tokens_N)
+        return jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1), cache
+
+    reorder = functools.partial(decoding.reorder_self_kv, rows_per_beam=1)
+    return search.search(step, reorder, cache, batch, gen)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> dict[str, jax.Array]:
+    return {"nll": nll_sums(model, params, ids_BKxS, mask_BKxS, labels_BxT)}
+
+
+# ---------------------------------------------------------------------------------------------------- the reader
+
+
+class FusionInDecoder(base.Reader):
+    name = "fid"
+
+    def context_format(self, fmt: ContextFormat) -> ContextFormat:
+        """FiD's passage strings (src/data.py): `question: {q} title: {t} context: {c}`, each passage alone."""
+        return dataclasses.replace(fmt, layout="fid")
+
+    def loss(self, model, params, batch, doc_scores_BxK, *, epsilon, dropout_rng):
+        """Per-question NLL scaled so that its mean over the batch is the mean over the batch's answer tokens
+        (FiD's loss: T5ForConditionalGeneration's cross-entropy, averaged over the non-ignored tokens)."""
+        del doc_scores_BxK  # the reader does not weigh passages by the retriever
+        b, k, s = batch["context_input_ids"].shape
+        labels = batch["labels"]
+        logits = fused_logits(model, params, batch["context_input_ids"].reshape(b * k, s),
+                              batch["context_attention_mask"].reshape(b * k, s), labels, dropout_rng=dropout_rng)
+        pad = model.generator_config.pad_token_id
+        token_ll_BxT, vocab_sum_BxT = target_log_likelihoods(logits, labels, pad, marginal.smoothing_needed(epsilon))
+        nll_B = -token_ll_BxT.sum(-1)
+        smooth_B = None if vocab_sum_BxT is None else -vocab_sum_BxT.sum(-1)
+        nll_B = marginal.smoothed(nll_B, smooth_B, epsilon, logits.shape[-1], False)
+        tokens = jnp.maximum((marginal.shift_left(labels, pad) != pad).sum(), 1)
+        return nll_B * (b / tokens)
+
+    def passage_log_likelihoods(self, model, params, batch):
+        """log p(y | x, passage k) with the decoder reading passage k alone (B, K)."""
+        b, k, s = batch["context_input_ids"].shape
+        logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
+                                        batch["context_attention_mask"].reshape(b * k, s), batch["labels"])
+        pad = model.generator_config.pad_token_id
+        return marginal.target_log_likelihoods(logits, batch["labels"], pad_token_id=pad).sum(-1)
+
+    def generate(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, *,
+                 decoding=None, provenance=False):
+        if decoding not in (None, "default"):
+            raise ValueError(f"reader fid: --decoding={decoding!r}; it has one decoding (leave --decoding out)")
+        if provenance:
+            raise ValueError("reader fid: --provenance is not implemented yet (the decoder's cross-attention mass "
+                             "per passage); leave --provenance out")
+        return base.Decoded(generate(model, params, context_input_ids_BKxS, context_attention_mask_BKxS,
+                                     doc_scores_BxK, gen))
+
+    def score(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, q_BxD, doc_embeds_BxKxD,
+              labels_BxT):
+        """nll: the gold answer's NLL given all K passages, summed over its tokens, end token included."""
+        del q_BxD, doc_embeds_BxKxD
+        return _scores(model, params, context_input_ids_BKxS, context_attention_mask_BKxS, labels_BxT)
+
+
+READER = registry.register(FusionInDecoder())
