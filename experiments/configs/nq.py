@@ -120,8 +120,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
     # How the generator reads the K passages, its loss and decoding (rag_jax/readers/): "rag_sequence" or
-    # "rag_token" (the marginal likelihoods of Lewis et al.), or 'package.module:name' of a registered reader.
+    # "rag_token" (the marginal likelihoods of Lewis et al.), "fid" (Fusion-in-Decoder, Izacard & Grave: all K
+    # passages in one decoder; needs retrieval.mode="host"), or 'package.module:name' of a registered reader.
     c.model.reader = "rag_sequence"
+    # Fusion-in-Decoder (model.reader="fid", rag_jax/readers/fid.py): tokens per `question: ... title: ... context: ...`
+    # passage (FiD's --text_maxlength); None: model.max_combined_length.
+    c.model.fid = ml_collections.ConfigDict()
+    c.model.fid.passage_length = placeholder(int)
     c.model.loss = placeholder(str)  # deprecated: the old model.reader ("sequence", "token"), which it overrides
     c.model.label_smoothing = 0.0  # epsilon of the reference's label smoothing
     c.model.max_combined_length = 160  # generator input tokens: title / text // question, truncated at the end

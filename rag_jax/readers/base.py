@@ -64,9 +64,11 @@ class Reader:
         losses that distil the reader into the retriever (Atlas's EMDR², perplexity distillation) train against."""
         raise NotImplementedError
 
-    def context_format(self, fmt: ContextFormat) -> ContextFormat:
+    def context_format(self, fmt: ContextFormat, model_config: Any = None) -> ContextFormat:
         """How this reader's passages are written for the generator, from the run's format (RAG's by default:
-        `title / text // question`, Hugging Face's RagRetriever.postprocess_docs)."""
+        `title / text // question`, Hugging Face's RagRetriever.postprocess_docs); `model_config`: a run config's
+        model section, where the reader has settings of its own (None: a loaded model's format, already made)."""
+        del model_config
         return fmt
 
     # ---------------------------------------------------------------------------------------------- answering

@@ -100,9 +100,11 @@ def _scores(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> dict[str
 class FusionInDecoder(base.Reader):
     name = "fid"
 
-    def context_format(self, fmt: ContextFormat) -> ContextFormat:
-        """FiD's passage strings (src/data.py): `question: {q} title: {t} context: {c}`, each passage alone."""
-        return dataclasses.replace(fmt, layout="fid")
+    def context_format(self, fmt: ContextFormat, model_config=None) -> ContextFormat:
+        """FiD's passage strings (src/data.py): `question: {q} title: {t} context: {c}`, each passage alone, cut or
+        padded to model.fid.passage_length tokens (FiD's --text_maxlength; unset: model.max_combined_length)."""
+        length = None if model_config is None else model_config.get("fid", {}).get("passage_length")
+        return dataclasses.replace(fmt, layout="fid", max_combined_length=length or fmt.max_combined_length)
 
     def loss(self, model, params, batch, doc_scores_BxK, *, epsilon, dropout_rng):
         """Per-question NLL scaled so that its mean over the batch is the mean over the batch's answer tokens
@@ -130,8 +132,7 @@ class FusionInDecoder(base.Reader):
 
     def generate(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, *,
                  decoding=None, provenance=False):
-        if decoding not in (None, "default"):
-            raise ValueError(f"reader fid: --decoding={decoding!r}; it has one decoding (leave --decoding out)")
+        del decoding  # one kind (eval_nq's --decoding is RAG-Sequence's)
         if provenance:
             raise ValueError("reader fid: --provenance is not implemented yet (the decoder's cross-attention mass "
                              "per passage); leave --provenance out")
