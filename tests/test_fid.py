@@ -4,9 +4,12 @@
 question (FiDT5's EncoderWrapper), the loss from `labels` (cross-entropy averaged over the kept tokens), `generate`
 with that encoder output. Random odd-sized weights, real tokenizers, real passages."""
 
+import dataclasses
+import functools
 import itertools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -184,3 +187,25 @@ def test_fid_is_a_registered_reader():
     assert registry.for_hf_architecture(None).name == "rag_sequence"
     with pytest.raises(ValueError, match="puts the question first"):
         contexts.passage_part("t", "x", contexts.ContextFormat(layout="fid"))
+
+
+def test_remat_gives_the_same_loss_and_gradients(setup):
+    """model.fid.remat recomputes the encoder in the backward pass: the same values (dropout is 0 here)."""
+    model, params, labels = setup["model"], setup["params"], setup["labels"]
+    batch = {"context_input_ids": jnp.asarray(setup["ids"]).reshape(B, K, S),
+             "context_attention_mask": jnp.asarray(setup["mask"]).reshape(B, K, S), "labels": jnp.asarray(labels)}
+    reader = registry.get("fid")
+
+    def loss(model, params):
+        return reader.loss(model, params, batch, jnp.zeros((B, K)), epsilon=0.0,
+                           dropout_rng=jax.random.PRNGKey(0)).mean()
+
+    plain = jax.value_and_grad(functools.partial(loss, model))(params)
+    remat_model = dataclasses.replace(model, config=dataclasses.replace(model.config, remat_encoder=True))
+    remat = jax.value_and_grad(functools.partial(loss, remat_model))(params)
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain[1]))  # some leaves' gradients are ~0
+    for got, expected in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
+        assert float(jnp.abs(got - expected).max()) <= 1e-4 * scale
+    assert "remat" in str(jax.make_jaxpr(functools.partial(loss, remat_model))(params))  # the remat path ran
+    assert "remat" not in str(jax.make_jaxpr(functools.partial(loss, model))(params))

@@ -11,6 +11,8 @@ Variants:
              fields at NQ-open and DPR's psgs_w100.tsv.
   paper_t5   `paper` with a T5-large-sized generator (Flan-T5-large, T5 v1.1-large or T5-large; K=10): point
              model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
+  paper_fid  Fusion-in-Decoder's NQ reader (Izacard & Grave 2020) as facebookresearch/FiD's README trains it: T5-base,
+             K=100 passages of 250 tokens, the retriever frozen ("FiD" below: that README and its src/options.py).
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   tiny       the smallest working model (random encoders), for tests.
@@ -27,13 +29,14 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from experiments.configs import fid
 from rag_jax.models import sentence_transformers_dir
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rag_jax", "assets")
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "knowledge", "paper", "paper_t5", "end2end", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "paper_t5", "paper_fid", "end2end", "tiny")
 
 
 def encoder_section(hidden: int, layers: int, heads: int, mlp: int, init_range: float) -> ml_collections.ConfigDict:
@@ -127,6 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # passage (FiD's --text_maxlength); None: model.max_combined_length.
     c.model.fid = ml_collections.ConfigDict()
     c.model.fid.passage_length = placeholder(int)
+    # Recompute the generator's encoder in the backward pass, one passage per question at a time (FiD's
+    # --use_checkpoint): the activations of the B*K passages are not kept, at the cost of one more encoder pass.
+    c.model.fid.remat = False
     c.model.loss = placeholder(str)  # deprecated: the old model.reader ("sequence", "token"), which it overrides
     c.model.label_smoothing = 0.0  # epsilon of the reference's label smoothing
     c.model.max_combined_length = 160  # generator input tokens: title / text // question, truncated at the end
@@ -239,6 +245,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "paper_t5":
         _paper(c)
         _paper_t5(c)
+    elif variant == "paper_fid":
+        _paper(c)
+        fid.paper_fid(c)
     elif variant == "end2end":
         _paper(c)
         _end2end(c)

@@ -34,12 +34,34 @@ def fused_encoder_out(model: rag.Rag, params, ids_BKxS: jax.Array, mask_BKxS: ja
     rows, width = ids_BKxS.shape
     if dropout_rng is None:
         states = decoding.encode(model, params, ids_BKxS, mask_BKxS)
+    elif model.config.remat_encoder:
+        states = _rematerialised_encode(model, params, ids_BKxS, mask_BKxS, n_docs, dropout_rng)
     else:
         states = model.generator.apply({"params": params["generator"]}, ids_BKxS, mask_BKxS, deterministic=False,
                                        rngs={"dropout": dropout_rng}, method="encode")
     batch = rows // n_docs
     states = layers.constrain(states.reshape(batch, n_docs * width, -1), ("batch", "length", "embed"))
     return states, mask_BKxS.reshape(batch, n_docs * width)
+
+
+def _rematerialised_encode(model: rag.Rag, params, ids_BKxS, mask_BKxS, n_docs: int, dropout_rng) -> jax.Array:
+    """The encoder (B*K, S, E) one passage of each question at a time (a loop over K), each step under
+    jax.checkpoint: the backward pass keeps each step's (B, S) inputs and its output, and recomputes the step's
+    activations when it needs them (FiD's --use_checkpoint keeps each layer's inputs). The loop runs over passages,
+    not rows, so every step keeps the batch's sharding."""
+    rows, width = ids_BKxS.shape
+    batch = rows // n_docs
+    per_passage = lambda x: jnp.swapaxes(x.reshape(batch, n_docs, width), 0, 1)  # noqa: E731  (K, B, S)
+
+    @jax.checkpoint
+    def encode(generator_params, ids_BxS, mask_BxS, rng):
+        return model.generator.apply({"params": generator_params}, ids_BxS, mask_BxS, deterministic=False,
+                                     rngs={"dropout": rng}, method="encode")
+
+    rngs_K = jax.random.split(dropout_rng, n_docs)
+    states_KxBxSxE = jax.lax.map(lambda xs: encode(params["generator"], *xs),
+                                 (per_passage(ids_BKxS), per_passage(mask_BKxS), rngs_K))
+    return jnp.swapaxes(states_KxBxSxE, 0, 1).reshape(rows, width, -1)
 
 
 def target_log_likelihoods(logits_BxTxV: jax.Array, labels_BxT: jax.Array, pad_token_id: int, smoothing: bool):

@@ -157,7 +157,7 @@ RULES: dict[str, Any] = {
     "model.loss": _Choice(LOSSES + (None,)),  # None: model.reader decides
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
-    "model.fid.passage_length": _OPTIONAL_POSITIVE,
+    "model.fid.passage_length": _OPTIONAL_POSITIVE, "model.fid.remat": _BOOL,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,
     "model.compute_dtype": _Choice(COMPUTE_DTYPES),
     "index.dir": _PATH,
