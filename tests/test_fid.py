@@ -209,3 +209,30 @@ def test_remat_gives_the_same_loss_and_gradients(setup):
         assert float(jnp.abs(got - expected).max()) <= 1e-4 * scale
     assert "remat" in str(jax.make_jaxpr(functools.partial(loss, remat_model))(params))  # the remat path ran
     assert "remat" not in str(jax.make_jaxpr(functools.partial(loss, model))(params))
+
+
+def test_provenance_is_the_decoders_cross_attention_mass_per_passage(setup):
+    """Against transformers' cross_attentions of the same decoder pass (output_attentions=True), summed over each
+    passage's tokens, averaged over heads and layers; per answer, averaged over its tokens up to its end token."""
+    reference, model, params = setup["reference"], setup["model"], setup["params"]
+    cfg = reference.config
+    gen = generation.GenerationConfig(max_length=10, decoder_start_token_id=cfg.decoder_start_token_id,
+                                      bos_token_id=getattr(cfg, "bos_token_id", None), eos_token_id=cfg.eos_token_id,
+                                      pad_token_id=cfg.pad_token_id)
+    decoded = registry.get("fid").generate(model, params, jnp.asarray(setup["ids"]), jnp.asarray(setup["mask"]),
+                                           jnp.zeros((B, K)), gen, provenance=True)
+    tokens = np.asarray(decoded.tokens_NxL)
+    states, mask = _torch_encoder_out(reference, setup["ids"], setup["mask"])
+    reference.set_attn_implementation("eager")  # sdpa returns no attention weights (the same function otherwise)
+    with torch.no_grad():
+        out = reference(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
+                        decoder_input_ids=torch.tensor(tokens, dtype=torch.long), output_attentions=True)
+    per_layer = [a.double().reshape(*a.shape[:3], K, S).sum(-1).mean(1) for a in out.cross_attentions]
+    expected_per_token = torch.stack(per_layer).mean(0).numpy()  # (N, L, K)
+    np.testing.assert_allclose(decoded.token_posteriors_NxLxK, expected_per_token, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(decoded.answer_posteriors_NxK).sum(-1), 1.0, atol=1e-5)
+    for n in range(B):
+        targets = list(tokens[n, 1:])
+        length = targets.index(cfg.eos_token_id) + 1 if cfg.eos_token_id in targets else len(targets)
+        np.testing.assert_allclose(decoded.answer_posteriors_NxK[n], expected_per_token[n, :length].mean(0),
+                                   atol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -92,13 +93,39 @@ def nll_sums(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> jax.Arr
     return -token_ll_BxT.sum(-1)
 
 
+# -------------------------------------------------------------------------------------------------- provenance
+
+
+def cross_attention_mass(model: rag.Rag, params, tokens_NxL, states_BxKSxE, mask_BxKS, n_docs: int):
+    """How much of the decoder's cross-attention each passage got while reading answers `tokens_NxL` (start token
+    first; N = B * copies): per token (N, L, K), row t the attention of decoder position t, which predicts token
+    t + 1, and per answer (N, K), the mean over its tokens up to its end token; each sums to 1 over the passages.
+    Averaged over layers and heads (FiD-KD's attention scores, Izacard & Grave 2021, take the same average)."""
+    copies = tokens_NxL.shape[0] // states_BxKSxE.shape[0]
+    states, mask = jnp.repeat(states_BxKSxE, copies, axis=0), jnp.repeat(mask_BxKS, copies, axis=0)
+    _, kept = model.generator.apply({"params": params["generator"]}, tokens_NxL, states, mask, method="decode",
+                                    mutable=["intermediates"])
+    flat = traverse_util.flatten_dict(kept["intermediates"])
+    cross = [weights for path, (weights,) in flat.items() if "cross_attn" in path]  # (N, H, L, K*S) per layer
+    per_layer_NxL_xHxK = [w.reshape(*w.shape[:3], n_docs, -1).sum(-1).mean(1) for w in cross]
+    per_token_NxLxK = jnp.mean(jnp.stack(per_layer_NxL_xHxK), axis=0)
+    targets_NxL = tokens_NxL[:, 1:]
+    eos = model.generator_config.eos_token_id
+    ended_before = (jnp.cumsum(targets_NxL == eos, axis=1) - (targets_NxL == eos)) > 0
+    reads_N_xL = jnp.concatenate([~ended_before, jnp.zeros_like(ended_before[:, :1])], axis=1).astype(jnp.float32)
+    per_answer_NxK = (per_token_NxLxK * reads_N_xL[..., None]).sum(1) / jnp.maximum(reads_N_xL.sum(1), 1.0)[:, None]
+    return per_token_NxLxK, per_answer_NxK
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-@functools.partial(jax.jit, static_argnames=("model", "gen"))
-def generate(model: rag.Rag, params, context_input_ids_BKxS, context_attention_mask_BKxS, n_docs_like_B, gen):
+@functools.partial(jax.jit, static_argnames=("model", "gen", "provenance"))
+def generate(model: rag.Rag, params, context_input_ids_BKxS, context_attention_mask_BKxS, n_docs_like_B, gen,
+             provenance: bool = False):
     """Greedy or beam search (gen.num_beams) over one decoder per question: (B * num_return_sequences, max_length)
-    int32, filled past the end. `n_docs_like_B` is any (B, K) array (the doc scores): it gives B and K statically."""
+    int32, filled past the end. `n_docs_like_B` is any (B, K) array (the doc scores): it gives B and K statically.
+    With `provenance`, (tokens, cross_attention_mass per token, per answer)."""
     batch, n_docs = decoding.check_shapes(context_input_ids_BKxS, n_docs_like_B, None)
     states, mask = fused_encoder_out(model, params, context_input_ids_BKxS, context_attention_mask_BKxS, n_docs)
     cache = decoding.tiled_cache(model, params, states, mask, gen.num_beams, 1, gen.max_length)
@@ -108,7 +135,10 @@ def generate(model: rag.Rag, params, context_input_ids_BKxS, context_attention_m
         return jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1), cache
 
     reorder = functools.partial(decoding.reorder_self_kv, rows_per_beam=1)
-    return search.search(step, reorder, cache, batch, gen)
+    tokens_NxL = search.search(step, reorder, cache, batch, gen)
+    if not provenance:
+        return tokens_NxL
+    return tokens_NxL, *cross_attention_mass(model, params, tokens_NxL, states, mask, n_docs)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -155,11 +185,11 @@ class FusionInDecoder(base.Reader):
     def generate(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, *,
                  decoding=None, provenance=False):
         del decoding  # one kind (eval_nq's --decoding is RAG-Sequence's)
-        if provenance:
-            raise ValueError("reader fid: --provenance is not implemented yet (the decoder's cross-attention mass "
-                             "per passage); leave --provenance out")
-        return base.Decoded(generate(model, params, context_input_ids_BKxS, context_attention_mask_BKxS,
-                                     doc_scores_BxK, gen))
+        """With `provenance`, the Decoded posteriors are the decoder's cross-attention mass per passage
+        (cross_attention_mass), not posteriors p(z | x, y): FiD has no distribution over passages."""
+        out = generate(model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen,
+                       provenance)
+        return base.Decoded(*out) if provenance else base.Decoded(out)
 
     def score(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, q_BxD, doc_embeds_BxKxD,
               labels_BxT):
