@@ -189,6 +189,7 @@ def test_fid_is_a_registered_reader():
         contexts.passage_part("t", "x", contexts.ContextFormat(layout="fid"))
 
 
+@pytest.mark.slow  # two gradient compilations per generator: ~45-65 s under load
 def test_remat_gives_the_same_loss_and_gradients(setup):
     """model.fid.remat recomputes the encoder in the backward pass: the same values (dropout is 0 here)."""
     model, params, labels = setup["model"], setup["params"], setup["labels"]
