@@ -237,3 +237,29 @@ def test_provenance_is_the_decoders_cross_attention_mass_per_passage(setup):
         length = targets.index(cfg.eos_token_id) + 1 if cfg.eos_token_id in targets else len(targets)
         np.testing.assert_allclose(decoded.answer_posteriors_NxK[n], expected_per_token[n, :length].mean(0),
                                    atol=1e-5)
+
+
+def test_run_configs_for_fid():
+    """model.reader=fid needs host retrieval (its contexts start with the question, which on-device assembly cannot
+    glue), and its contexts are FiD's strings of model.fid.passage_length tokens; paper_fid is FiD's recipe."""
+    from experiments.configs import nq  # pylint: disable=g-import-not-at-top
+    from rag_jax.runs import config_check  # pylint: disable=g-import-not-at-top
+
+    config = nq.get_config("knowledge")
+    config.model.reader = "fid"
+    with pytest.raises(config_check.ConfigError, match="retrieval.mode=host"):
+        config_check.check_config(config)
+    config.model.fid.passage_length = 0
+    with pytest.raises(config_check.ConfigError, match="model.fid.passage_length"):
+        config_check.check_fields(config)
+    config.model.fid.passage_length = 72
+    fmt = registry.get("fid").context_format(contexts.ContextFormat(max_combined_length=80), config.model)
+    assert (fmt.layout, fmt.max_combined_length) == ("fid", 72)
+    assert registry.get("rag_sequence").context_format(fmt, config.model) == fmt
+    paper = nq.get_config("paper_fid")
+    assert (paper.model.reader, paper.model.n_docs, paper.model.fid.passage_length, paper.model.fid.remat) == (
+        "fid", 100, 250, True)
+    assert (paper.optim.learning_rate, paper.optim.warmup_steps, paper.train.steps, paper.optim.weight_decay,
+            paper.optim.max_grad_norm, paper.train.global_batch_size) == (5e-5, 1000, 15_000, 0.01, 1.0, 64)
+    assert paper.model.generator.architecture == "t5" and paper.retrieval.mode == "host"
+    config_check.check_fields(paper)
