@@ -38,7 +38,7 @@ def demo(tmp_path_factory):
     command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
                *(f"--{name}={path}" for name, path in files.items()),
                f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
-               "--config.model.reader=fid", "--config.retrieval.mode=host", "--config.model.fid.passage_length=64",
+               "--reader=fid", "--config.model.fid.passage_length=64",
                "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
                "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
                "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--n_docs_sweep=1,2,4"]
