@@ -22,7 +22,7 @@ _INDEX = flags.DEFINE_string("index", None, "Index directory (build_index output
 _N_DOCS = flags.DEFINE_integer("n_docs", None, "Passages retrieved per question; default: the model's n_docs.",
                                lower_bound=1)
 _READER = flags.DEFINE_string("reader", None, "How the model reads its passages (rag_jax/readers/): rag_sequence, "
-                              "rag_token or package.module:name of a registered reader; default: the model's.")
+                              "rag_token, fid or package.module:name of a registered reader; default: the model's.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Deprecated: --reader=rag_<model_type>.")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the model's.", lower_bound=1)
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Maximum answer length, start token included.", lower_bound=2)
@@ -92,7 +92,10 @@ def ask(questions: list[str]) -> None:
     model_loading.check_answer_length(generation.max_length, _MAX_LENGTH.value, model, _MODEL.value)
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)
-    searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context)
+    from rag_jax.readers import registry  # pylint: disable=g-import-not-at-top
+
+    fmt = registry.get(reader).context_format(model.config.context)  # FiD's passages read `question: ... title: ...`
+    searcher = retriever.Retriever(index, pair.question, pair.generator, fmt)
     settings = answering.AnswerSettings(n_docs=n_docs, reader=reader, provenance=True,
                                         batch_size=min(_BATCH, len(questions)) if questions else 1)  # fmt: skip
 

@@ -2,7 +2,7 @@
 R-Precision and KILT-* scores where the questions name their pages, answer recall@k (short-answer tasks).
 
   python -m experiments.evaluate --task=NAME --model=DIR --index=DIR --questions=FILE --output=FILE
-      [--n_docs=K] [--reader=rag_sequence|rag_token] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
+      [--n_docs=K] [--reader=rag_sequence|rag_token|fid] [--num_beams=N] [--max_length=N] [--min_length=N] [--score]
       [--provenance]
 
 --model is a Hugging Face RAG directory (RagSequenceForGeneration / RagTokenForGeneration layout, with its
@@ -36,7 +36,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 _N_DOCS = flags.DEFINE_integer("n_docs", None, "Documents retrieved per question; default: the model's n_docs.",
                                lower_bound=1)
 _READER = flags.DEFINE_string("reader", None, "How the model reads its passages (rag_jax/readers/): rag_sequence, "
-                              "rag_token or package.module:name of a registered reader; default: the model's.")
+                              "rag_token, fid or package.module:name of a registered reader; default: the model's.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["sequence", "token"], "Deprecated: --reader=rag_<model_type>.")
 _DECODING = flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"], "RAG-Sequence decoding.")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Beam size; default: the checkpoint's generation config.",
@@ -148,6 +148,7 @@ def evaluate() -> None:
 
     from rag_jax import files  # pylint: disable=g-import-not-at-top
     from rag_jax.inference import answering, metrics  # pylint: disable=g-import-not-at-top
+    from rag_jax.readers import registry  # pylint: disable=g-import-not-at-top
     from rag_jax.retrieval import retriever  # pylint: disable=g-import-not-at-top
 
     if _COMPILATION_CACHE.value:
@@ -176,8 +177,9 @@ def evaluate() -> None:
     prefix_space = defaults.answer_prefix_space if _ANSWER_PREFIX_SPACE.value is None else _ANSWER_PREFIX_SPACE.value
     pair = model_loading.tokenizers_for(_MODEL.value, model.question_encoder_config.vocab_size,
                                         model.generator_config.vocab_size)
-    table = _passage_table(index, pair.generator, model.config.context, len(examples) * n_docs)
-    searcher = retriever.Retriever(index, pair.question, pair.generator, model.config.context, _RETRIEVAL.value,
+    fmt = registry.get(reader).context_format(model.config.context)  # FiD's passages read `question: ... title: ...`
+    table = _passage_table(index, pair.generator, fmt, len(examples) * n_docs)
+    searcher = retriever.Retriever(index, pair.question, pair.generator, fmt, _RETRIEVAL.value,
                                    passage_table=table, rerank_from_codes=_RERANK_FROM_CODES.value)
     settings = answering.AnswerSettings(n_docs=n_docs, reader=reader, decoding=_DECODING.value,
                                         batch_size=_BATCH_SIZE.value, score=_SCORE.value,

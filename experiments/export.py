@@ -74,11 +74,16 @@ def export_run():
                       answer_prefix_space=defaults.answer_prefix_space, index_identity=defaults.index_identity,
                       doc_encoder=doc_encoder, ctx_index_identity=defaults.ctx_encoder_index_identity,
                       overwrite=_OVERWRITE.value)
-        if export_pieces.rag_layout_fits(trained.model):
+        from rag_jax.readers import registry as readers  # pylint: disable=g-import-not-at-top
+
+        fits = export_pieces.rag_layout_fits(trained.model)
+        rag_class = readers.get(defaults.reader).hf_architecture  # None (fid): pieces, whose spec names the reader
+        if fits and rag_class:
             export.save_hf_rag(_OUTPUT.value, trained.model, trained.params, defaults.reader, question, generator,
                                **common)
         else:
-            layout = "hf, in pieces: the question encoder is not DPR's"
+            layout = "hf, in pieces: " + ("the question encoder is not DPR's" if not fits else
+                                          f"the {defaults.reader} reader has no transformers RAG class")
             export_pieces.save_hf_pieces(_OUTPUT.value, trained.model, trained.params, defaults.reader, question,
                                          generator, question_max_length=trained.config.data.max_question_length,
                                          index_dir=defaults.index, **common)

@@ -57,6 +57,10 @@ _EXAMPLES = flags.DEFINE_integer("examples", 5, "Answers to print.")
 _KS = flags.DEFINE_list("n_docs_sweep", ["2", "4", "8"], "Held-out exact match with each of these K (passages per "
                         "question): more passages should not mean worse answers.")
 
+_READER = flags.DEFINE_string("reader", None, "The reader to train and answer with (config model.reader: rag_sequence, "
+                              "rag_token, fid); a reader whose contexts put the question first (fid) retrieves on the "
+                              "host. Default: the config's.")
+
 FILE_FLAGS = ("passages", "train_file", "dev_file", "swapped_passages", "swapped_dev_file")
 # Generator target / decoding lengths of the families whose answers are longer than the knowledge config's one word
 # (a sentence of ~12 BART tokens, a clue of ~22), applied where the config keeps the knowledge variant's values.
@@ -160,6 +164,19 @@ def _check_inputs(workdir: str, files: dict[str, str | None], config) -> None:
         training_data.check_gold_ids(files["swapped_dev_file"], files["swapped_passages"])
 
 
+def _use_reader(config, name: str) -> None:
+    """config.model.reader = name; on-device context assembly glues passage then question tokens, so a reader
+    whose contexts start with the question (FiD's) retrieves on the host."""
+    from rag_jax.readers import registry  # pylint: disable=g-import-not-at-top
+    from rag_jax.retrieval.contexts import ContextFormat  # pylint: disable=g-import-not-at-top
+
+    if not registry.known(name):
+        raise cli.UsageError(f"--reader={name}: choose one of {', '.join(registry.names())}")
+    config.model.reader = name
+    if registry.get(name).context_format(ContextFormat()).layout != "rag":
+        config.retrieval.mode = "host"
+
+
 def run_demo() -> dict:
     workdir = os.path.abspath(workdir_of(_TASK.value))
     task = tasks.get(_TASK.value)
@@ -167,6 +184,8 @@ def run_demo() -> dict:
                                            output_checks.KNOWLEDGE_DEMO_ENTRIES, "knowledge_demo run (no run/, task/)")
     files = task_files(workdir)
     config = _CONFIG.value
+    if _READER.value is not None:
+        _use_reader(config, _READER.value)
     config.data.passages, config.data.train_file, config.data.dev_file = (
         files["passages"], files["train_file"], files["dev_file"])
     config.task.name = task.name

@@ -36,6 +36,9 @@ class RagConfig:
     reduce_loss: bool = False
     do_deduplication: bool = True
     context: ContextFormat = ContextFormat()
+    # Fusion-in-Decoder's model.fid.remat (its --use_checkpoint): the generator's encoder is recomputed in the
+    # backward pass instead of keeping the activations of its B*K passages (rag_jax/readers/fid.py).
+    remat_encoder: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> "RagConfig":

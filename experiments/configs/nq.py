@@ -11,6 +11,8 @@ Variants:
              fields at NQ-open and DPR's psgs_w100.tsv.
   paper_t5   `paper` with a T5-large-sized generator (Flan-T5-large, T5 v1.1-large or T5-large; K=10): point
              model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
+  paper_fid  Fusion-in-Decoder's NQ reader (Izacard & Grave 2020) as facebookresearch/FiD's README trains it: T5-base,
+             K=100 passages of 250 tokens, the retriever frozen ("FiD" below: that README and its src/options.py).
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   end2end_local  `local` trained end to end on a laptop: q(x), d(z) (both at their fine-tuning rate) and the
@@ -124,8 +126,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.generator = _generator(64, 2, 4, 128)  # BART; trained
     c.model.n_docs = 3  # K, documents retrieved per question in training
     # How the generator reads the K passages, its loss and decoding (rag_jax/readers/): "rag_sequence" or
-    # "rag_token" (the marginal likelihoods of Lewis et al.), or 'package.module:name' of a registered reader.
+    # "rag_token" (the marginal likelihoods of Lewis et al.), "fid" (Fusion-in-Decoder, Izacard & Grave: all K
+    # passages in one decoder; needs retrieval.mode="host"), or 'package.module:name' of a registered reader.
     c.model.reader = "rag_sequence"
+    # Fusion-in-Decoder (model.reader="fid", rag_jax/readers/fid.py): tokens per `question: ... title: ... context: ...`
+    # passage (FiD's --text_maxlength); None: model.max_combined_length.
+    c.model.fid = ml_collections.ConfigDict()
+    c.model.fid.passage_length = placeholder(int)
+    # Recompute the generator's encoder in the backward pass, one passage per question at a time (FiD's
+    # --use_checkpoint): the activations of the B*K passages are not kept, at the cost of one more encoder pass.
+    c.model.fid.remat = False
     c.model.loss = placeholder(str)  # deprecated: the old model.reader ("sequence", "token"), which it overrides
     c.model.label_smoothing = 0.0  # epsilon of the reference's label smoothing
     c.model.max_combined_length = 160  # generator input tokens: title / text // question, truncated at the end

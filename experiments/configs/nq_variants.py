@@ -6,13 +6,14 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from experiments.configs import fid
 from rag_jax.models import sentence_transformers_dir
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rag_jax", "assets")
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "knowledge", "paper", "paper_t5", "end2end", "end2end_local", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "paper_t5", "paper_fid", "end2end", "end2end_local", "tiny")
 
 
 def apply(variant: str, c: ml_collections.ConfigDict) -> None:
@@ -24,6 +25,9 @@ def apply(variant: str, c: ml_collections.ConfigDict) -> None:
     elif variant == "paper_t5":
         _paper(c)
         _paper_t5(c)
+    elif variant == "paper_fid":
+        _paper(c)
+        fid.paper_fid(c)
     elif variant == "end2end":
         _paper(c)
         _end2end(c)

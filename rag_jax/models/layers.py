@@ -310,6 +310,9 @@ class MultiHeadAttention(nn.Module):
         if bias is not None:
             logits_BxHxQxK = logits_BxHxQxK + bias
         weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
+        # Kept only when a caller applies the model with mutable=["intermediates"] (Fusion-in-Decoder's provenance:
+        # the decoder's cross-attention mass per passage); otherwise a no-op.
+        self.sow("intermediates", "attention_weights", weights)
         weights = self.dropout(weights, deterministic=deterministic).astype(self.dtype)
         out_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(self.dtype))
         out_BxQxHxD = out_BxHxQxD.transpose(0, 2, 1, 3)

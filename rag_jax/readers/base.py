@@ -22,6 +22,7 @@ import numpy as np
 
 from rag_jax import rag
 from rag_jax.readers.generation import GenerationConfig
+from rag_jax.retrieval.contexts import ContextFormat
 
 # answering rounds the contexts' width up to this (few shapes to compile), see Reader.context_width
 CONTEXT_BUCKET = 64
@@ -62,6 +63,13 @@ class Reader:
         """log p(y | x, passage k) of the labels for each passage alone (B, K), without dropout: what retriever
         losses that distil the reader into the retriever (Atlas's EMDR², perplexity distillation) train against."""
         raise NotImplementedError
+
+    def context_format(self, fmt: ContextFormat, model_config: Any = None) -> ContextFormat:
+        """How this reader's passages are written for the generator, from the run's format (RAG's by default:
+        `title / text // question`, Hugging Face's RagRetriever.postprocess_docs); `model_config`: a run config's
+        model section, where the reader has settings of its own (None: a loaded model's format, already made)."""
+        del model_config
+        return fmt
 
     # ---------------------------------------------------------------------------------------------- answering
 

@@ -19,7 +19,8 @@ import sys
 from typing import Any
 
 # name -> the module that registers it
-BUILTIN = {"rag_sequence": "rag_jax.readers.rag_sequence", "rag_token": "rag_jax.readers.rag_token"}
+BUILTIN = {"rag_sequence": "rag_jax.readers.rag_sequence", "rag_token": "rag_jax.readers.rag_token",
+           "fid": "rag_jax.readers.fid"}
 # model.loss / --model_type values -> reader names
 ALIASES = {"sequence": "rag_sequence", "token": "rag_token"}
 
@@ -79,7 +80,7 @@ def for_hf_architecture(architecture: str | None) -> Any:
     """The reader a Hugging Face RAG checkpoint's `architectures` entry stands for; RAG-Sequence when it names none
     (transformers' RagModel)."""
     for name in BUILTIN:
-        if get(name).hf_architecture == architecture:
+        if architecture is not None and get(name).hf_architecture == architecture:
             return get(name)
     return get("rag_sequence")
 

@@ -69,9 +69,14 @@ class ContextFormat:
     doc_sep: str = " // "
     max_combined_length: int = 300
     prefix: str = ""
+    # "rag": the string above; "fid": Fusion-in-Decoder's `question: {question} title: {title} context: {text}`
+    # (facebookresearch/FiD src/data.py: the question and passage prefixes joined by single spaces, no cleaning).
+    layout: str = "rag"
 
 
 def combine(title: str, text: str, question: str, fmt: ContextFormat) -> str:
+    if fmt.layout == "fid":
+        return f"question: {question} title: {title} context: {text}"
     title = title.removeprefix('"').removesuffix('"')
     return (fmt.prefix + title + fmt.title_sep + text + fmt.doc_sep + question).replace("  ", " ")
 
@@ -105,6 +110,9 @@ def generator_inputs(
 
 def passage_part(title: str, text: str, fmt: ContextFormat) -> str:
     """The generator-input string of a passage without the question (and without doc_sep's final space)."""
+    if fmt.layout != "rag":
+        raise ValueError(f"context layout {fmt.layout!r} puts the question first: contexts cannot be glued from "
+                         "passage and question parts (use host retrieval with contexts from strings)")
     combined = combine(title, text, "", fmt)
     if not combined.endswith(" ") or combined.endswith("  "):
         raise ValueError(f"doc_sep={fmt.doc_sep!r} must end with exactly one space for on-device assembly")
@@ -253,7 +261,7 @@ def host_context_table(index: index_io.Index, generator_tokenizer, fmt: ContextF
         tokens across the passage/question boundary (check_split_tokenization on the first passages).
       "auto": the table, except for such a tokenizer, an index directory this job cannot write a missing table
         to, or a missing table that would tokenise more passages than the `contexts_to_form` contexts it saves."""
-    if mode == "strings":
+    if mode == "strings" or (mode == "auto" and fmt.layout != "rag"):
         return None
     if mode not in ("table", "auto"):
         raise ValueError(f"host contexts {mode!r}: choose 'auto', 'table' or 'strings'")

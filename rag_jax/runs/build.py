@@ -149,8 +149,10 @@ def build_rag(config: ml_collections.ConfigDict, *, load_weights: bool = True) -
         doc_cfg = dataclasses.replace(d_cfg, hidden_dropout=d_dropout, attention_dropout=d_dropout, dtype=dtype)
     rag_config = rag.RagConfig(
         n_docs=m.n_docs, label_smoothing=m.label_smoothing,
-        context=ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length,
-                              prefix=prefix))
+        remat_encoder=bool(m.get("fid", {}).get("remat", False)),  # (absent from configs saved before it)
+        context=readers.from_config(config).context_format(
+            ContextFormat(title_sep=m.title_sep, doc_sep=m.doc_sep, max_combined_length=m.max_combined_length,
+                          prefix=prefix), m))
     if not load_weights:
         pretrained = {}
     return Models(rag.Rag(q_cfg, g_cfg, rag_config, doc_encoder_config=doc_cfg), pretrained)

@@ -117,6 +117,16 @@ _COUNT = _Number(integer=True, low=0)
 _RATE = _Number(integer=False, low=0.0, high=1.0, high_open=True)  # dropout, label smoothing, Adam betas
 _SCALE = _Number(integer=False, low=0.0, low_open=True)
 _BOOL = _Type((bool,), "true or false")
+
+
+class _OptionalPositive:
+    """An integer >= 1, or None (a default taken from another field)."""
+
+    def problem(self, value) -> str | None:
+        return None if value is None else _POSITIVE.problem(value)
+
+
+_OPTIONAL_POSITIVE = _OptionalPositive()
 _TEXT = _Type((str,), "a string")
 _PATH = _Type((str, type(None)), "a path (or None)")
 _OPTIONAL_BOOL = _Type((bool, type(None)), "true, false or None (as the checkpoint says)")
@@ -151,6 +161,7 @@ RULES: dict[str, Any] = {
     "task.name": _Registered(tasks.known, tasks.names),
     "model.label_smoothing": _RATE,
     "model.max_combined_length": _POSITIVE,
+    "model.fid.passage_length": _OPTIONAL_POSITIVE, "model.fid.remat": _BOOL,
     "model.title_sep": _TEXT, "model.doc_sep": _TEXT,
     "model.compute_dtype": _Choice(COMPUTE_DTYPES),
     "index.dir": _PATH,
@@ -279,6 +290,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"config train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}")
+    if config.retrieval.mode == "device" and readers.configured_name(m) == "fid":
+        raise ConfigError("config model.reader='fid' with retrieval.mode='device': FiD's passages start with the "
+                          "question, which on-device assembly (passage tokens, then question tokens) cannot glue; "
+                          "set --config.retrieval.mode=host")
     if config.retrieval.mode == "device" and not m.doc_sep.endswith(" "):
         raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
                           "tokens separately, which matches the tokenizer only when doc_sep ends with a space")

@@ -268,8 +268,8 @@ def abstract_batch(config: ml_collections.ConfigDict, model, mesh) -> dict[str, 
         "question_attention_mask": (b, config.data.max_question_length),
         "labels": (b, config.data.max_target_length),
         "gold_row": (b,),
-        "context_input_ids": (b, k, config.model.max_combined_length),
-        "context_attention_mask": (b, k, config.model.max_combined_length),
+        "context_input_ids": (b, k, model.config.context.max_combined_length),  # the reader's (FiD's passage_length)
+        "context_attention_mask": (b, k, model.config.context.max_combined_length),
         "doc_embeds": (b, k, model.question_encoder_config.output_dim),
         "doc_rows": (b, k),
     }

@@ -61,7 +61,10 @@ def infill(ids_L: np.ndarray, rng: np.random.Generator, *, mask_id: int, mask_ra
 
 
 def passage_texts(path: str, fmt: contexts.ContextFormat) -> list[str]:
-    """Each passage as the generator sees it in its inputs, without a question: `title / text`."""
+    """Each passage as the generator sees it in its inputs, without a question: `title / text` (FiD's layout:
+    `title: {title} context: {text}`)."""
+    if fmt.layout == "fid":
+        return [f"title: {p.title} context: {p.text}" for p in corpus.read_passages(path)]
     return [contexts.combine(p.title, p.text, "", fmt).rstrip().removesuffix(fmt.doc_sep.strip()).rstrip()
             for p in corpus.read_passages(path)]
 

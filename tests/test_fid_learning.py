@@ -1,0 +1,78 @@
+"""The fid reader learns to read: `experiments.knowledge_demo --config.model.reader=fid` end to end on a small version
+of the bundled knowledge task (tests/test_knowledge_learning.py is RAG-Sequence's). Held-out questions ask about
+entities the training never mentioned, so exact match far above the closed-book control (random passages) and the
+index hot-swap followed show that the decoder reads the retrieved passages through the fused encoder outputs; reading
+the exact match at K=1, 2 and 4 is printed (see test_fid_reports_exact_match_by_k). A small BPE vocabulary trained on the task's
+text keeps the output layer cheap (tests/train_task.small_bart_tokenizer)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rag_jax.data import knowledge_task
+from rag_jax.models import sentence_transformers_dir
+from tests import train_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    try:
+        sentence_transformers_dir.pretrained_retriever_dir()
+    except sentence_transformers_dir.CheckpointError as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("fid_knowledge")
+    task = knowledge_task.make_task(240, 30, seed=11)
+    knowledge_task.write_task(task, str(root / "task"))
+    texts = [f"title: {p['title']} context: {p['text']}" for p in task.passages + task.swapped_passages]
+    texts += [f"question: {e['question']}" for e in task.train + task.dev]
+    tokenizer = train_task.small_bart_tokenizer(texts, str(root / "tokenizer"))
+    files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
+    files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
+                  "swapped_dev_file": str(root / "task" / "swapped_dev.jsonl")})
+    workdir = root / "demo"
+    command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
+               *(f"--{name}={path}" for name, path in files.items()),
+               f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
+               "--reader=fid", "--config.model.fid.passage_length=64",
+               "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
+               "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
+               "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--n_docs_sweep=1,2,4"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(workdir / "knowledge_demo.json") as f:
+        return json.load(f), done.stdout, root
+
+
+@pytest.mark.slow
+def test_fid_answers_held_out_questions_by_reading_the_retrieved_passages(demo):
+    results, stdout, _ = demo
+    print(stdout[-1500:])
+    assert results["num_heldout_questions"] == 30 * 4
+    assert results["heldout_gold_recall"] >= 90
+    assert results["closed_book_exact_match"] <= 15
+    assert results["heldout_exact_match"] >= results["closed_book_exact_match"] + 40
+
+
+@pytest.mark.slow
+def test_fid_reports_exact_match_by_k(demo):
+    """Trained with one passage a question, the decoder has not learnt to pick the entity's passage among several
+    (measured: K=2 and 4 below K=1, also when trained at K=2 for 300 and 700 steps: 23 and 28% at K=2, the
+    training loss near 0; a 2-layer BART from scratch learns the training entities' facts before it learns to
+    match the question's entity to a passage title). The figures are printed for the record, and K=1's checked."""
+    results, stdout, _ = demo
+    by_k = results["heldout_by_n_docs"]
+    assert by_k["1"]["exact_match"] == results["heldout_exact_match"]
+    assert set(by_k) == {"1", "2", "4"} and "held-out exact match by K" in stdout
+    print({k: row["exact_match"] for k, row in by_k.items()})
+
+
+@pytest.mark.slow
+def test_fid_answers_follow_the_index_hot_swap(demo):
+    results, _, _ = demo
+    assert results["swapped_exact_match"] >= results["closed_book_exact_match"] + 40
