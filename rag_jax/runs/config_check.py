@@ -23,6 +23,8 @@ from rag_jax.retrieval import code_spec as codes_lib
 
 LOSSES = tuple(readers.ALIASES)  # model.loss: the old name of model.reader ("sequence", "token")
 RETRIEVAL_MODES = ("host", "device")
+# train.retriever_loss: how the retriever learns from the reader (rag_jax/training/retriever_losses.py)
+RETRIEVER_LOSSES = ("none", "marginal", "pdist", "emdr2", "loop", "adist")
 HOST_SEARCHERS = ("exact", "scann", "codes")
 HOST_CONTEXTS = ("auto", "table", "strings")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -171,6 +173,8 @@ RULES: dict[str, Any] = {
     "optim.question_encoder_lr_scale": _Number(integer=False, low=0.0),
     "train.steps": _POSITIVE, "train.global_batch_size": _POSITIVE, "train.grad_accum_steps": _POSITIVE,
     "train.retrieval_loss_weight": _Number(integer=False, low=0.0),
+    "train.retriever_loss": _Choice(RETRIEVER_LOSSES),
+    "train.retriever_temperature": _Number(integer=False, low=0.0, low_open=True),
     "train.log_every": _POSITIVE, "train.checkpoint_every": _POSITIVE,
     "train.keep_checkpoints": _Number(integer=True, low=1, allow=(None,)),  # None: keep all
     "train.async_checkpoints": _BOOL,
@@ -248,6 +252,19 @@ def _check_end_to_end(config: ml_collections.ConfigDict) -> None:
                           f"{config.model.n_docs}: rerank L >= K candidates (or 0 for none)")
 
 
+def _check_retriever_loss(config: ml_collections.ConfigDict) -> None:
+    """The retriever losses' needs: ADist a FiD reader's cross-attention, LOOP two passages to leave one out."""
+    loss = _get(config, "train.retriever_loss", "marginal")
+    reader = readers.configured_name(config.model)
+    if loss == "adist" and reader != "fid":
+        raise ConfigError(f"config train.retriever_loss='adist' distils the FiD decoder's cross-attention over the "
+                          f"passages, which model.reader={reader!r} does not have: set --config.model.reader=fid or "
+                          "another --config.train.retriever_loss (pdist, emdr2, loop, marginal)")
+    if loss == "loop" and config.model.n_docs < 2:
+        raise ConfigError(f"config train.retriever_loss='loop' leaves one passage out, which needs model.n_docs >= "
+                          f"2 (got {config.model.n_docs}); raise --config.model.n_docs or use pdist")
+
+
 def require_path(value, field: str, what: str, *, directory: bool) -> str:
     """`value`, which config `field` names, if it is an existing file (or directory)."""
     if value is None:
@@ -292,6 +309,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config model.doc_sep={m.doc_sep!r}: device retrieval assembles passage and question "
                           "tokens separately, which matches the tokenizer only when doc_sep ends with a space")
     _check_end_to_end(config)
+    _check_retriever_loss(config)
     _check_sizes(config)
     refresh_schedule(_get(config, "index.refresh_every", "0"))
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",

@@ -184,9 +184,13 @@ class RagJob(trainer.Job):
         known = sum(m["gold_known"] for m in interval)
         if known:
             logged["gold_recall"] = sum(m["gold_hits"] for m in interval) / known
+        supported = sum(m.get("support_count", 0.0) for m in interval)
+        if supported:  # the mean prior p(z|x) of the passage that supported the answer most (Atlas's losses)
+            logged["support_prior"] = sum(m["support_prior"] for m in interval) / supported
         index_logged, index_perf = self.refresher.metrics(done, wall_seconds)
         logged.update(index_logged)
         gold = f" | gold@K {logged['gold_recall']:.2f}" if "gold_recall" in logged else ""
+        gold += f" | support prior {logged['support_prior']:.2f}" if "support_prior" in logged else ""
         return trainer.Summary(logged, f"loss {logged['loss']:.4f}{gold} | lr {logged['learning_rate']:.2e}",
                                perf=index_perf, tail=self.refresher.progress(done, wall_seconds))
 
