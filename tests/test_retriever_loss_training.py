@@ -2,6 +2,8 @@
 gives the retriever no gradient), "none" leaves the question encoder untouched, the support prior is logged, and
 the config refuses what cannot work (ADist without a FiD reader, LOOP with one passage)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -91,3 +93,17 @@ def test_impossible_retriever_losses_are_refused_naming_the_field(task, override
     config = train_task.tiny_config(task, **overrides)
     with pytest.raises(config_check.ConfigError, match=expected.replace(".", r"\.")):
         config_check.check_config(config)
+
+
+def test_training_without_gold_passages_is_refused_only_where_a_loss_needs_them(task, tmp_path):
+    """retrieval_loss_weight's contrastive term needs gold passages and says so; the question file without them is
+    otherwise fine (RAG's marginal and Atlas's losses learn from answers alone: the learning test trains on one)."""
+    with open(task["questions"]) as f:
+        records = [json.loads(line) for line in f]
+    no_gold = tmp_path / "no_gold.jsonl"
+    no_gold.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold_passage_id"}) + "\n"
+                               for r in records))
+    config = train_task.tiny_config(task, **{"train.retrieval_loss_weight": 0.5})
+    config.data.train_file = str(no_gold)
+    with pytest.raises(config_check.ConfigError, match=r"train\.retrieval_loss_weight=0\.5 .* no gold_passage_id"):
+        loop.setup(config, str(tmp_path / "run"), sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
