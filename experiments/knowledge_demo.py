@@ -12,8 +12,7 @@
 4. index hot-swap (the paper's): the changed corpus is indexed with the same document encoder (W/swapped_index) and
    the same model, not retrained, answers the questions again: how many answers follow the changed facts.
 It prints a few answers with the passage each came from and a summary, and writes W/knowledge_demo.json (percents).
-Questions are NQ-open JSONL, the held-out ones with "gold_passage_id" (gold recall; training needs none unless
-train.retrieval_loss_weight > 0); passages DPR's TSV layout or JSONL {"id", "title", "text"}.
+Questions are NQ-open JSONL with "gold_passage_id"; passages DPR's TSV layout or JSONL {"id", "title", "text"}.
 """
 
 import json
@@ -38,8 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training config (default: the knowledge variant of experiments/configs/nq.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("workdir", "knowledge"), "Where everything is written.")
 _PASSAGES = flags.DEFINE_string("passages", None, "Passages file; default: the bundled task's.")
-_TRAIN = flags.DEFINE_string("train_file", None, "Training questions (JSONL; gold_passage_id optional: only "
-                             "train.retrieval_loss_weight needs it).")
+_TRAIN = flags.DEFINE_string("train_file", None, "Training questions (JSONL with gold_passage_id).")
 _DEV = flags.DEFINE_string("dev_file", None, "Held-out questions (JSONL with gold_passage_id).")
 _SWAPPED_PASSAGES = flags.DEFINE_string("swapped_passages", None, "The changed corpus, for the index hot-swap.")
 _SWAPPED_DEV = flags.DEFINE_string("swapped_dev_file", None, "The held-out questions with the changed answers.")
