@@ -20,7 +20,7 @@ import pytest
 
 from rag_jax import rag
 from rag_jax.models import bart, bert
-from rag_jax.readers import base, rag_sequence, rag_token, registry
+from rag_jax.readers import base, marginal, rag_sequence, rag_token, registry
 from tests import train_task
 
 NAME = f"{__name__}:rag_sequence_per_token"
@@ -188,3 +188,24 @@ def test_a_reader_registered_in_a_test_trains_and_evaluates(tmp_path):
     for record in records:
         assert 0 < record["nll_per_token"] < record["nll_sequence"]
         assert np.isclose(sum(d["posterior"] for d in record["provenance"]["documents"]), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rag_sequence", "rag_token"])
+def test_leaving_a_passage_out_is_the_readers_loss_over_the_others(tiny, name):
+    """reader.leave_one_out_losses (Atlas's LOOP target) for passage k is the reader's own NLL of the answer from
+    the other K-1 passages, per answer token (RAG-Sequence at the paper's prior position)."""
+    model, params, batch, scores = tiny
+    reader = registry.get(name)
+    token_ll = reader.passage_token_log_likelihoods(model, params, batch)
+    targets = marginal.shift_left(batch["labels"], 1)
+    left_out = reader.leave_one_out_losses(token_ll, scores, targets != 1)
+    logits = model.generator_logits(params, batch["context_input_ids"].reshape(B * K, S),
+                                    batch["context_attention_mask"].reshape(B * K, S), batch["labels"])  # (B,K,T,V)
+    for k in range(K):
+        kept = np.array([j for j in range(K) if j != k])
+        if name == "rag_sequence":
+            nll = rag_sequence.nll(logits[:, kept], scores[:, kept], batch["labels"], pad_token_id=1,
+                                   doc_prior_position=0)
+        else:
+            nll = rag_token.nll(logits[:, kept], scores[:, kept], batch["labels"], pad_token_id=1)
+        np.testing.assert_allclose(left_out[:, k], nll / (targets != 1).sum(-1), rtol=1e-5)

@@ -212,6 +212,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # retrieved; rag_jax/training/contrastive.py retrieved_nll) added to the RAG NLL: the retrieval + generation
     # multi-task loss. 0: RAG's marginal likelihood alone (the paper's).
     c.train.retrieval_loss_weight = 0.0
+    # How the retriever learns from the reader, without gold passages (rag_jax/training/retriever_losses.py, after
+    # Atlas): "marginal" (RAG's: through the marginal likelihood), "none", "pdist", "emdr2", "loop", "adist" (FiD).
+    c.train.retriever_loss = "marginal"
+    # pdist/loop: the target is softmax(reader score / this); emdr2: the reader's logits are divided by it (Atlas's
+    # temperature_gold, 0.01 in its scripts, where its retriever scores are also divided by sqrt(d) x 0.01; here
+    # the retriever's side is the doc scores on retrieval.score_scale).
+    c.train.retriever_temperature = 1.0
     c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
     c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps
     c.train.checkpoint_every = 200  # orbax save every this many steps (and at the end, and on SIGTERM)

@@ -71,6 +71,28 @@ class Reader:
         del model_config
         return fmt
 
+    def passage_token_log_likelihoods(self, model: rag.Rag, params, batch: dict[str, jax.Array],
+                                      temperature: float = 1.0) -> jax.Array:
+        """log p(y_t | x, passage k, y_<t) of each target token for each passage alone (B, K, T), 0 at pad
+        targets, without dropout, from the generator's logits / `temperature` (Atlas's EMDR² temperature_gold):
+        the per-token terms of the retriever losses (training/retriever_losses.py)."""
+        raise NotImplementedError(f"reader {self.name!r} gives no per-passage answer log-likelihoods: "
+                                  "train.retriever_loss pdist/emdr2/loop need them")
+
+    def leave_one_out_losses(self, token_ll_BxKxT: jax.Array, doc_scores_BxK: jax.Array,
+                             target_mask_BxT: jax.Array) -> jax.Array:
+        """The reader's mean per-token loss of the answer with passage k left out (B, K), from the per-passage
+        terms of passage_token_log_likelihoods: the target of Atlas's LOOP retriever loss."""
+        raise NotImplementedError(f"reader {self.name!r} has no leave-one-out loss: train.retriever_loss=loop "
+                                  "needs one")
+
+    def passage_attention_scores(self, model: rag.Rag, params, batch: dict[str, jax.Array]) -> jax.Array:
+        """How much the reader attended to each passage while reading the answer (B, K): Atlas's ADist target (the
+        FiD decoder's cross-attention scores times value norms, averaged over layers, heads and answer tokens).
+        Only a reader that fuses the passages in one decoder has it (model.reader=fid)."""
+        raise NotImplementedError(f"reader {self.name!r} has no cross-attention over the passages: "
+                                  "train.retriever_loss=adist needs model.reader=fid")
+
     # ---------------------------------------------------------------------------------------------- answering
 
     def context_width(self, context_attention_mask_BKxS: np.ndarray) -> int:

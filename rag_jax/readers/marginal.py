@@ -109,10 +109,32 @@ def _posteriors(doc_scores_BxK, token_ll_BxKxL):
     return doc_posteriors(doc_scores_BxK, token_ll_BxKxL)
 
 
+def leave_one_out_losses(token_ll_BxKxT: jax.Array, doc_scores_BxK: jax.Array, target_mask_BxT: jax.Array, *,
+                         per_token: bool) -> jax.Array:
+    """The marginal NLL of the answer with passage k left out, per answer token (B, K): the prior renormalised over
+    the other K-1 passages, marginalised per answer (RAG-Sequence) or per token (`per_token`, RAG-Token), with the
+    paper's prior (not RAG-Sequence's position-1 quirk). Each passage's terms are computed alone, so leaving one out
+    needs no new generator pass (a FiD reader masks the passage and decodes again)."""
+    n_docs = doc_scores_BxK.shape[-1]
+    kept_KxJ = ~jnp.eye(n_docs, dtype=bool)  # row k: the passages kept when k is left out
+    log_prior_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
+    log_prior_BxKxJ = jnp.where(kept_KxJ, log_prior_BxK[:, None, :], -jnp.inf)
+    log_prior_BxKxJ = log_prior_BxKxJ - jax.nn.logsumexp(log_prior_BxKxJ, axis=-1, keepdims=True)
+    mask_BxT = target_mask_BxT.astype(log_prior_BxK.dtype)
+    if per_token:
+        terms_BxKxJxT = log_prior_BxKxJ[..., None] + token_ll_BxKxT[:, None]
+        ll_BxK = jnp.sum(jax.nn.logsumexp(terms_BxKxJxT, axis=2) * mask_BxT[:, None], axis=-1)
+    else:
+        ll_BxK = jax.nn.logsumexp(log_prior_BxKxJ + token_ll_BxKxT.sum(-1)[:, None, :], axis=-1)
+    return -ll_BxK / jnp.maximum(mask_BxT.sum(-1), 1.0)[:, None]
+
+
 class MarginalReader(base.Reader):
     """A reader whose answer probability is a marginal over the passages of per-passage generator passes: its loss
     and scores come from the (B, K, T, V) logits of the generator over each (question, passage) pair; a subclass
     gives `marginal_nll` and `decode`."""
+
+    marginalises_per_token = False  # RAG-Token's marginal is per target token, RAG-Sequence's per answer
 
     def marginal_nll(self, logits_BxKxTxV: jax.Array, doc_scores_BxK: jax.Array, labels_BxT: jax.Array,
                      generator_config: Any, epsilon: float) -> jax.Array:
@@ -132,11 +154,20 @@ class MarginalReader(base.Reader):
         return self.marginal_nll(logits, doc_scores_BxK, batch["labels"], model.generator_config, epsilon)
 
     def passage_log_likelihoods(self, model, params, batch):
+        return self.passage_token_log_likelihoods(model, params, batch).sum(-1)
+
+    def passage_token_log_likelihoods(self, model, params, batch, temperature=1.0):
         b, k, s = batch["context_input_ids"].shape
         logits = model.generator_logits(params, batch["context_input_ids"].reshape(b * k, s),
                                         batch["context_attention_mask"].reshape(b * k, s), batch["labels"])
+        if temperature != 1.0:
+            logits = layers.at_least_float32(logits) / temperature
         pad = model.generator_config.pad_token_id
-        return target_log_likelihoods(logits, batch["labels"], pad_token_id=pad).sum(-1)
+        return target_log_likelihoods(logits, batch["labels"], pad_token_id=pad)
+
+    def leave_one_out_losses(self, token_ll_BxKxT, doc_scores_BxK, target_mask_BxT):
+        return leave_one_out_losses(token_ll_BxKxT, doc_scores_BxK, target_mask_BxT,
+                                    per_token=self.marginalises_per_token)
 
     def generate(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, *,
                  decoding=None, provenance=False):

@@ -99,6 +99,7 @@ def generate(
 class RagToken(marginal.MarginalReader):
     name = "rag_token"
     hf_architecture = "RagTokenForGeneration"
+    marginalises_per_token = True
 
     def marginal_nll(self, logits_BxKxTxV, doc_scores_BxK, labels_BxT, generator_config, epsilon):
         return nll(logits_BxKxTxV, doc_scores_BxK, labels_BxT, pad_token_id=generator_config.pad_token_id,

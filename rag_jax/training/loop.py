@@ -63,6 +63,26 @@ class Run:
         return state.replace(params={**state.params, "generator": generator})
 
 
+# questions read to find a gold_passage_id where a loss needs them (a file with none has none in its first ones)
+_GOLD_SAMPLE = 1000
+
+
+def _check_gold_passages(config: ml_collections.ConfigDict, train_source) -> None:
+    """The one training loss that needs gold passages (train.retrieval_loss_weight's contrastive term) refuses data
+    without them, instead of adding nothing; RAG's marginal and Atlas's retriever losses learn from answers alone."""
+    weight = float(config.train.get("retrieval_loss_weight", 0.0))
+    if not weight:
+        return
+    sample = range(min(len(train_source), _GOLD_SAMPLE))
+    if not any(int(train_source[i].get("gold_passage_id", -1)) >= 0 for i in sample):
+        where = config.data.train_file or f"the {config.data.source} training split"
+        raise build.ConfigError(
+            f"config train.retrieval_loss_weight={weight} trains the retriever towards each question's gold passage, "
+            f"but {where} has no gold_passage_id (none in its first {len(sample)} questions): add them, set "
+            "--config.train.retrieval_loss_weight=0, or learn from answers alone with --config.train.retriever_loss="
+            "pdist (or emdr2, loop)")
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     """Checks the config and builds the run's pieces: tokenizers, models, data, WORKDIR/index, the jitted step.
 
@@ -79,6 +99,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Run:
     doc_config, doc_params = build.doc_encoder(config)
     build.check_vocab(models, doc_config, tokenizers, config)
     train_source = inputs.on_main_first(lambda: build.data_source(config, "train"), "train_data")
+    _check_gold_passages(config, train_source)
     dev_examples = []
     if config.train.eval_every:
         dev_source = inputs.on_main_first(lambda: build.data_source(config, "dev"), "dev_data")
@@ -192,9 +213,13 @@ class RagJob(trainer.Job):
         for drop in self.recall_watch.judge(done, final=done == int(self.config.train.steps)):
             _log(drop.message())
             logged["gold_recall_drop_after_refresh"] = drop.before - drop.after
+        supported = sum(m.get("support_count", 0.0) for m in interval)
+        if supported:  # the mean prior p(z|x) of the passage that supported the answer most (Atlas's losses)
+            logged["support_prior"] = sum(m["support_prior"] for m in interval) / supported
         index_logged, index_perf = self.refresher.metrics(done, wall_seconds)
         logged.update(index_logged)
         gold = f" | gold@K {logged['gold_recall']:.2f}" if "gold_recall" in logged else ""
+        gold += f" | support prior {logged['support_prior']:.2f}" if "support_prior" in logged else ""
         return trainer.Summary(logged, f"loss {logged['loss']:.4f}{gold} | lr {logged['learning_rate']:.2e}",
                                perf=index_perf, tail=self.refresher.progress(done, wall_seconds))
 

@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 from rag_jax import rag, sharding
-from rag_jax.readers import registry as readers
+from rag_jax.readers import marginal, registry as readers
 from rag_jax.retrieval import code_search, codes as codes_lib, contexts, embed, exact
 from rag_jax.runs import build
-from rag_jax.training import contrastive, optim
+from rag_jax.training import contrastive, optim, retriever_losses
 from rag_jax.training.inputs import BATCH_AXES, DOC_TOKEN_KEYS, candidates, device_codes_kind
 
 
@@ -121,7 +121,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
 
     batch: global arrays with `batch_keys` (BATCH_AXES layout). rng: the run's base key; the step uses
     fold_in(rng, step). corpus: {} for host retrieval, else inputs.device_corpus's arrays.
-    metrics: replicated float32 scalars loss, grad_norm, update_norm, learning_rate, gold_hits, gold_known.
+    metrics: replicated float32 scalars loss, grad_norm, update_norm, learning_rate, gold_hits, gold_known (and
+    support_prior, support_count with train.retriever_loss pdist/emdr2/loop).
     """
     gcfg = model.generator_config
     pad, bos, eos = gcfg.pad_token_id, gcfg.bos_token_id, gcfg.eos_token_id
@@ -143,6 +144,8 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     frozen_question_encoder = optim.freezes_question_encoder(config)
     retrieval_weight = float(config.train.get("retrieval_loss_weight", 0.0))  # (absent from configs saved before it)
     reranks = int(config.retrieval.get("rerank_candidates", 0)) > 0  # (absent from configs saved before it)
+    retriever_loss = config.train.get("retriever_loss", "marginal")  # (absent from configs saved before it)
+    retriever_temperature = float(config.train.get("retriever_temperature", 1.0))
 
     def constrain(key, x):
         return jax.lax.with_sharding_constraint(x, sharding.named_sharding(mesh, BATCH_AXES[key]))
@@ -176,15 +179,44 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
             scores_BxK = model.trained_doc_scores(params, q_BxD, batch, dropout_rng=jax.random.fold_in(rng, 2))
         else:
             scores_BxK = rag.doc_scores(q_BxD, batch["doc_embeds"])
-        nll_B = reader.loss(model, params, batch, scores_BxK, epsilon=epsilon, dropout_rng=g_rng)
-        if not retrieval_weight:
-            return nll_B.mean()
-        # Mean over this (micro)batch's questions with a retrieved gold passage (a microbatch-weighted mean under
-        # gradient accumulation).
-        return nll_B.mean() + retrieval_weight * contrastive.retrieved_nll(scores_BxK, batch["doc_rows"],
-                                                                           batch["gold_row"])
+        # Only RAG's own loss trains the retriever through the reader's marginal; Atlas's losses train it alone.
+        reader_scores_BxK = scores_BxK if retriever_loss == "marginal" else jax.lax.stop_gradient(scores_BxK)
+        nll_B = reader.loss(model, params, batch, reader_scores_BxK, epsilon=epsilon, dropout_rng=g_rng)
+        loss, aux = nll_B.mean(), {}
+        if retriever_loss not in ("marginal", "none"):
+            retriever_B, aux = distilled_loss(params, batch, scores_BxK)
+            loss = loss + retriever_B.mean()
+        if retrieval_weight:
+            # Mean over this (micro)batch's questions with a retrieved gold passage (a microbatch-weighted mean
+            # under gradient accumulation).
+            loss = loss + retrieval_weight * contrastive.retrieved_nll(scores_BxK, batch["doc_rows"],
+                                                                       batch["gold_row"])
+        return loss, aux
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    def distilled_loss(params, batch, scores_BxK):
+        """Atlas's retriever loss per question (B,) from the reader's terms (a pass without dropout, held fixed),
+        and the sum of the supported passages' priors (support_prior metric)."""
+        target_mask_BxT = marginal.shift_left(batch["labels"], pad) != pad
+        if retriever_loss == "adist":
+            attention_BxK = jax.lax.stop_gradient(reader.passage_attention_scores(model, params, batch))
+            target_BxK = jax.nn.softmax(attention_BxK / retriever_temperature, axis=-1)
+            return retriever_losses.kl_to_target(scores_BxK, target_BxK), {}
+        token_ll_BxKxT = jax.lax.stop_gradient(reader.passage_token_log_likelihoods(model, params, batch))
+        if retriever_loss == "pdist":
+            loss_B = retriever_losses.pdist(scores_BxK, token_ll_BxKxT, target_mask_BxT,
+                                            temperature=retriever_temperature)
+        elif retriever_loss == "emdr2":
+            tempered_BxKxT = token_ll_BxKxT if retriever_temperature == 1.0 else jax.lax.stop_gradient(
+                reader.passage_token_log_likelihoods(model, params, batch, temperature=retriever_temperature))
+            loss_B = retriever_losses.emdr2(scores_BxK, tempered_BxKxT, target_mask_BxT)
+        else:  # loop
+            left_out_BxK = reader.leave_one_out_losses(token_ll_BxKxT, jax.lax.stop_gradient(scores_BxK),
+                                                       target_mask_BxT)
+            loss_B = retriever_losses.loop(scores_BxK, left_out_BxK, temperature=retriever_temperature)
+        prior_B = retriever_losses.support_prior(jax.lax.stop_gradient(scores_BxK), token_ll_BxKxT)
+        return loss_B, {"support_prior": prior_B.sum(), "support_count": jnp.float32(prior_B.shape[0])}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch, rng, corpus):
         rng = jax.random.fold_in(rng, state.step)
@@ -198,17 +230,21 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
                        + (("doc_rows", "gold_row") if retrieval_weight else ())
                        + (DOC_TOKEN_KEYS if model.trains_doc_encoder else ())}
         if accum == 1:
-            loss, grads = grad_fn(state.params, model_batch, rng)
+            (loss, aux), grads = grad_fn(state.params, model_batch, rng)
         else:
             micro = _split_microbatches(model_batch, accum, mesh)
 
             def body(carry, xs):
                 mb, i = xs
-                loss_i, grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+                (loss_i, aux_i), grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+            aux_shapes = jax.eval_shape(lambda: grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro),
+                                                        rng)[0][1])
+            zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                                        aux_shapes),
+                     jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -221,6 +257,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
             "learning_rate": schedule(state.step),
             "gold_hits": hits.sum().astype(jnp.float32),
             "gold_known": (gold >= 0).sum().astype(jnp.float32),
+            **aux,  # with an Atlas retriever loss: support_prior (summed over questions), support_count
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 

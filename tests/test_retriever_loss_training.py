@@ -1,0 +1,109 @@
+"""train.retriever_loss in the training step: Atlas's losses are added to the reader's loss (whose marginal then
+gives the retriever no gradient), "none" leaves the question encoder untouched, the support prior is logged, and
+the config refuses what cannot work (ADist without a FiD reader, LOOP with one passage)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rag_jax import rag, sharding
+from rag_jax.readers import marginal, registry as readers
+from rag_jax.runs import config_check
+from rag_jax.training import loop, retriever_losses, step
+from tests import train_task
+
+# No dropout: the step's reader pass and the expected value below then see the same generator.
+EXACT = {"optim.warmup_steps": 0, "model.question_encoder.dropout": 0.0, "model.generator.dropout": 0.0,
+         "model.generator.attention_dropout": 0.0, "model.n_docs": 4}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return train_task.write_bundled_task(str(tmp_path_factory.mktemp("task")), num_questions=16, num_distractors=16)
+
+
+@pytest.fixture(scope="module")
+def run(task, tmp_path_factory):
+    """One run's pieces (model, index, batches); each case below compiles its own step from them."""
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    return loop.setup(train_task.tiny_config(task, **EXACT), str(tmp_path_factory.mktemp("run")), mesh)
+
+
+def _one_step(run, task, **overrides):
+    """(metrics of one step from the run's initial state, the expected retriever-loss terms, initial params,
+    params after the step) with the config changed by `overrides`."""
+    config = train_task.tiny_config(task, **EXACT, **overrides)
+    train_step = step.make_train_step(run.model, run.tx, config, run.mesh, run.state_shardings, run.batches.keys,
+                                      {}, run.index.num_passages)
+    state = run.initial_state()
+    initial = jax.device_get(state.params)
+    batch = run.batches(state.params, loop.make_pipeline(run).batch_at(0))
+    model, reader = run.model, readers.from_config(config)
+    q = model.encode_questions(state.params, batch["question_input_ids"], batch["question_attention_mask"])
+    scores = rag.doc_scores(q, batch["doc_embeds"])
+    reader_batch = {key: batch[key] for key in ("context_input_ids", "context_attention_mask", "labels")}
+    token_ll = reader.passage_token_log_likelihoods(model, state.params, reader_batch)
+    pad = model.generator_config.pad_token_id
+    mask = marginal.shift_left(batch["labels"], pad) != pad
+    expected = {"pdist": float(retriever_losses.pdist(scores, token_ll, mask).mean()),
+                "emdr2": float(retriever_losses.emdr2(scores, token_ll, mask).mean()),
+                "loop": float(retriever_losses.loop(scores, reader.leave_one_out_losses(token_ll, scores, mask)).mean()),
+                "support_prior": float(retriever_losses.support_prior(scores, token_ll).sum())}
+    rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(run.mesh))
+    with sharding.use(run.mesh):
+        state, metrics = train_step(state, batch, rng, run.corpus)
+    return jax.device_get(metrics), expected, initial, jax.device_get(state.params)
+
+
+def _frozen(before, after) -> bool:
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, before, after)))
+
+
+# Each case compiles a step per loss (~30 s each on 2 loaded cores). "none" is the baseline: the reader's loss has
+# the marginal's value, without its gradient to the retriever. RAG-Token: pdist (under gradient accumulation: two
+# microbatches' means average to the batch's) and emdr2; RAG-Sequence: loop, the one loss whose target depends on
+# how the reader marginalises (marginal.leave_one_out_losses for RAG-Token: tests/test_reader_seam.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("reader,losses", [("rag_token", ("pdist", "emdr2")), ("rag_sequence", ("loop",))])
+def test_the_step_adds_atlas_retriever_losses_to_the_readers_loss(run, task, reader, losses):
+    baseline, expected, initial, after = _one_step(run, task, **{"model.reader": reader,
+                                                                 "train.retriever_loss": "none"})
+    assert "support_prior" not in baseline
+    assert _frozen(initial["question_encoder"], after["question_encoder"])  # none: no gradient to q(x)
+    assert not _frozen(initial["generator"], after["generator"])
+    for loss in losses:
+        accum = 2 if loss == "pdist" else 1
+        metrics, _, initial, after = _one_step(run, task, **{"model.reader": reader, "train.retriever_loss": loss,
+                                                             "train.grad_accum_steps": accum})
+        np.testing.assert_allclose(metrics["loss"], baseline["loss"] + expected[loss], rtol=1e-5)
+        np.testing.assert_allclose(metrics["support_prior"], expected["support_prior"], rtol=1e-5)
+        assert metrics["support_count"] == 8  # the batch's questions
+        assert not _frozen(initial["question_encoder"], after["question_encoder"])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"train.retriever_loss": "adist"}, "set --config.model.reader=fid"),
+    ({"train.retriever_loss": "loop", "model.n_docs": 1}, "model.n_docs >= 2"),
+    ({"train.retriever_loss": "attention"}, "train.retriever_loss"),
+    ({"train.retriever_temperature": 0.0}, "train.retriever_temperature"),
+])
+def test_impossible_retriever_losses_are_refused_naming_the_field(task, overrides, expected):
+    config = train_task.tiny_config(task, **overrides)
+    with pytest.raises(config_check.ConfigError, match=expected.replace(".", r"\.")):
+        config_check.check_config(config)
+
+
+def test_training_without_gold_passages_is_refused_only_where_a_loss_needs_them(task, tmp_path):
+    """retrieval_loss_weight's contrastive term needs gold passages and says so; the question file without them is
+    otherwise fine (RAG's marginal and Atlas's losses learn from answers alone: the learning test trains on one)."""
+    with open(task["questions"]) as f:
+        records = [json.loads(line) for line in f]
+    no_gold = tmp_path / "no_gold.jsonl"
+    no_gold.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold_passage_id"}) + "\n"
+                               for r in records))
+    config = train_task.tiny_config(task, **{"train.retrieval_loss_weight": 0.5})
+    config.data.train_file = str(no_gold)
+    with pytest.raises(config_check.ConfigError, match=r"train\.retrieval_loss_weight=0\.5 .* no gold_passage_id"):
+        loop.setup(config, str(tmp_path / "run"), sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
