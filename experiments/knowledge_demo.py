@@ -217,9 +217,11 @@ def run_demo() -> dict:
         results["heldout_exact_match"], results["heldout_gold_recall"] = _summary(metrics, k)
     _show("held-out questions (retrieved passages):", records, index, _EXAMPLES.value)
     results["heldout_by_n_docs"] = _sweep_k(model, params, retriever, dev, config, task)
-    print(f"\nheld-out {_headline(task)[5:]} by K (passages per question; median prior p(z|x) of the gold passage):")
+    metric = _headline(task)[5:]
+    print(f"\nheld-out {metric.replace('_', ' ')} by K (passages per question; median prior p(z|x) of the gold "
+          "passage):")
     for swept, row in results["heldout_by_n_docs"].items():
-        print(f"  K={swept}: {_headline(task)[5:]} {row[_headline(task)[5:]]:.1f} | gold prior "
+        print(f"  K={swept}: {metric.replace('_', ' ')} {row[metric]:.1f} | gold prior "
               f"{row['gold_prior_median'] or 0:.1f}")
 
     closed: list[dict] = []
