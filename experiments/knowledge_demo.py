@@ -182,10 +182,10 @@ def run_demo() -> dict:
     task = tasks.get(_TASK.value)
     output_checks.refuse_foreign_directory(workdir, "--workdir",
                                            output_checks.KNOWLEDGE_DEMO_ENTRIES, "knowledge_demo run (no run/, task/)")
-    files = task_files(workdir)
     config = _CONFIG.value
-    if _READER.value is not None:
+    if _READER.value is not None:  # before the task is written: a refused flag leaves nothing behind
         _use_reader(config, _READER.value)
+    files = task_files(workdir)
     config.data.passages, config.data.train_file, config.data.dev_file = (
         files["passages"], files["train_file"], files["dev_file"])
     config.task.name = task.name

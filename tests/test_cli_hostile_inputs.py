@@ -44,6 +44,11 @@ def files(tmp_path_factory):
     (tmp / "fakerun" / "checkpoints").mkdir(parents=True)
     (tmp / "afile").write_text("a file")
     os.symlink(tmp / "questions.jsonl", tmp / "link.jsonl")
+    # task files (rag_jax/data/task_files.py): a KILT line without `input`, a label outside the task's label set, a
+    # CuratedTrec answer pattern that does not compile
+    write_jsonl(tmp / "no_input.kilt.jsonl", [{"id": "1", "output": [{"answer": "x"}]}])
+    write_jsonl(tmp / "bad_label.kilt.jsonl", [{"id": "1", "input": "a claim", "output": [{"answer": "MAYBE"}]}])
+    (tmp / "curatedtrec-test.csv").write_text('who\t["(unclosed"]\n')
     return tmp
 
 
@@ -51,6 +56,8 @@ EVAL = ("experiments.eval_nq", "--model={tmp}/no_model", "--questions={tmp}/ques
         "--output={tmp}/new.jsonl")
 TRAIN = ("experiments.train_nq", TINY, "--workdir={tmp}/never", f"--config.data.passages={PASSAGES}",
          "--config.data.dev_file={tmp}/questions.jsonl")
+EVALUATE = ("experiments.evaluate", "--model={tmp}/no_model", "--questions={tmp}/questions.jsonl",
+            "--output={tmp}/new.jsonl")
 MINE = ("experiments.mine_negatives", "--index={tmp}/an_index", "--question_encoder={tmp}/no_encoder",
         "--questions={tmp}/questions.jsonl", "--output={tmp}/negatives.jsonl")
 DEMO = ("experiments.knowledge_demo", "--workdir={tmp}/demo", f"--passages={PASSAGES}",
@@ -95,6 +102,21 @@ START_UP_CASES = [
                                "--workdir={tmp}/never"), ["unknown variant 'bogus'", "choose one of"]),
     ("demo_unknown_variant", ("experiments.knowledge_demo", "--config=experiments/configs/nq.py:bogus",
                               "--workdir={tmp}/demo"), ["unknown variant 'bogus'"]),
+    # this round's entry points and flags: tasks, readers, retriever losses
+    ("evaluate_unknown_task", EVALUATE + ("--task=bogus",), ["--task=bogus", "no such task"]),
+    ("evaluate_kilt_line_without_input", EVALUATE + ("--questions={tmp}/no_input.kilt.jsonl",),
+     ["no_input.kilt.jsonl:1", "none of the known formats"]),
+    ("evaluate_label_outside_the_task", EVALUATE + ("--task=fact_verification",
+                                                     "--questions={tmp}/bad_label.kilt.jsonl"),
+     ["bad_label.kilt.jsonl:1", "label 'MAYBE'"]),
+    ("evaluate_regex_answer_does_not_compile", EVALUATE + ("--questions={tmp}/curatedtrec-test.csv",),
+     ["curatedtrec-test.csv:1", "not a regular expression"]),
+    ("evaluate_unknown_reader", EVALUATE + ("--reader=bogus",), ["--reader=bogus", "choose one of"]),
+    ("train_unknown_reader", TRAIN + ("--config.model.reader=bogus",), ["model.reader='bogus'", "choose one of"]),
+    ("train_unknown_task", TRAIN + ("--config.task.name=bogus",), ["task.name='bogus'", "choose one of"]),
+    ("train_adist_without_fid", TRAIN + ("--config.train.retriever_loss=adist",),
+     ["train.retriever_loss='adist'", "model.reader=fid"]),
+    ("demo_unknown_reader", DEMO + ("--reader=bogus",), ["--reader=bogus", "choose one of"]),
 ]
 
 
