@@ -81,7 +81,9 @@ def describe(name: str) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
     f = flags.FLAGS
     known = {n: f[n].flag_type() == "bool" for n in f}
-    own_config = "config" in f and f.find_module_defining_flag("config") == name
+    # _import removed every experiments flag first, so a --config here was defined by this import: by `name` or by
+    # the module an alias imports (train_nq's is experiments.train's)
+    own_config = "config" in f and (f.find_module_defining_flag("config") or "").startswith("experiments")
     parser = _argparse_parser(module)
     if parser is not None:
         known.update({o[2:]: isinstance(a, argparse._StoreTrueAction)  # pylint: disable=protected-access

@@ -11,6 +11,8 @@ import pytest
 from rag_jax.retrieval import corpus
 from tests import train_task
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
@@ -82,3 +84,18 @@ def test_evaluate_refuses_a_bad_label_in_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {path}:1: label 'PERHAPS'"), done.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_old_entry_point_names_are_aliases_with_the_same_flags():
+    """eval_nq is experiments.evaluate and train_nq is experiments.train under their old names: the same flags (and
+    config fields), read by tests/entry_point_flags.py as test_docs reads them."""
+    modules = ["experiments.evaluate", "experiments.eval_nq", "experiments.train", "experiments.train_nq"]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "entry_point_flags.py")],
+                          input=json.dumps({"modules": modules, "commands": []}), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-4000:]
+    flags = json.loads(done.stdout.strip().splitlines()[-1])["flags"]
+    for new, old in (("experiments.evaluate", "experiments.eval_nq"), ("experiments.train", "experiments.train_nq")):
+        assert "error" not in flags[new] and flags[new]["flags"], flags[new]
+        assert flags[old] == flags[new], (old, new)
+    assert "task" in flags["experiments.evaluate"]["flags"] and "workdir" in flags["experiments.train"]["flags"]
