@@ -226,7 +226,7 @@ def _end2end(c: ml_collections.ConfigDict) -> None:
 
 def _end2end_local(c: ml_collections.ConfigDict) -> None:
     """`local` end to end: q(x), d(z) and the generator trained, the index refreshed; sized for 15 minutes on 2
-    idle cores (19m35s measured under load, ~6-9 minutes idle estimated: docs/end_to_end_local.md). `local`'s
+    idle cores (19m35s measured under load, ~6-8 minutes idle estimated: docs/end_to_end_local.md). `local`'s
     learning rates, warm-up over 50 steps and 200 denoising steps are kept: without the generator's warm-up its
     noisy likelihoods move d(z) (that page)."""
     c.model.doc_encoder.trainable = True
