@@ -1,7 +1,8 @@
 """Learning to retrieve from answers alone: Atlas's retriever losses side by side on the bundled knowledge task.
 
   python -m experiments.retriever_loss_table --workdir=W [--losses=marginal,pdist,emdr2,loop] [--steps=300] \\
-      [--entities=200 --heldout=25] [--weaken=1.0] [--config.optim.question_encoder_lr_scale=...]
+      [--entities=200 --heldout=25] [--weaken=1.0] [--reader_weaken=0 --reader_n_docs=1] \\
+      [--config.optim.question_encoder_lr_scale=...]
 
 1. writes a knowledge task (rag_jax/data/knowledge_task.py) and a copy of its training questions with the gold
    passage ids removed (W/task/train_no_gold.jsonl): the training sees question/answer pairs only;
@@ -41,6 +42,12 @@ _ENTITIES = flags.DEFINE_integer("entities", 200, "Task entities (one passage ea
 _HELDOUT = flags.DEFINE_integer("heldout", 25, "Held-out entities (4 dev questions each).")
 _READER_STEPS = flags.DEFINE_integer("reader_steps", 200, "Shared first steps that train the reader alone.")
 _WEAKEN = flags.DEFINE_float("weaken", 1.0, "Noise added to q(x)'s weights, in units of each matrix's std.")
+_READER_WEAKEN = flags.DEFINE_float(
+    "reader_weaken", None, "The noise on q(x) while the reader trains (default: --weaken). A stronger q(x) there "
+    "(e.g. 0) puts the gold passage among those the reader sees, so it learns to read; --weaken then applies only "
+    "to the comparison.")
+_READER_N_DOCS = flags.DEFINE_integer(
+    "reader_n_docs", None, "K while the reader trains (default: model.n_docs); 1 is the cheapest reader phase.")
 
 
 def write_task(directory: str, entities: int, heldout: int, seed: int) -> dict[str, str]:
@@ -104,20 +111,27 @@ def train_one(config, workdir: str, params, steps: int, first_batch: int, dev: l
             "support_prior_last": float(np.mean(priors[-10:])) if priors else None}
 
 
-def start_params(config, workdir: str, scale: float, reader_steps: int) -> dict:
-    """The shared start (numpy trees): the weakened q(x), and a generator warmed up by denoising and then trained
-    `reader_steps` to read with that q(x) frozen (train.retriever_loss none). Distillation needs a reader whose
-    likelihoods say which passage is right: from a reader that cannot read yet, pdist's targets are near uniform
-    and flatten the retriever (Atlas starts from a pretrained reader)."""
+def start_params(config, workdir: str, scale: float, reader_steps: int, reader_scale: float | None = None,
+                 reader_n_docs: int | None = None) -> dict:
+    """The shared start (numpy trees): q(x) weakened by `scale`, and a generator warmed up by denoising and then
+    trained `reader_steps` to read with q(x) frozen (train.retriever_loss none), weakened by `reader_scale` (default
+    `scale`) and retrieving `reader_n_docs` (default model.n_docs). Distillation needs a reader whose likelihoods say
+    which passage is right: from a reader that cannot read yet, pdist's targets are near uniform and flatten the
+    retriever (Atlas starts from a pretrained reader), and a reader trained on a weak q(x) rarely sees the passage
+    that holds the answer, so it never learns to read (docs/retriever_losses.md, table w4)."""
     config = copy.deepcopy(config)
     config.train.retriever_loss = "none"
+    if reader_n_docs:
+        config.model.n_docs = reader_n_docs
     run = loop.setup(config, workdir, sharding.mesh_from_config(config.mesh))
     params = jax.device_get(run.initial_state().params)
-    params["question_encoder"] = weaken(params["question_encoder"], scale, config.seed)
+    pretrained = params["question_encoder"]
+    params["question_encoder"] = weaken(pretrained, scale if reader_scale is None else reader_scale, config.seed)
     if reader_steps:
         print(f"reader warm-up: {reader_steps} steps, q(x) frozen", flush=True)
         state = create_train_state(run.model, run.tx, run.mesh, jax.random.PRNGKey(config.seed), params)
         params = jax.device_get(train(run, state, reader_steps)[0].params)
+    params["question_encoder"] = weaken(pretrained, scale, config.seed)
     return params
 
 
@@ -130,7 +144,8 @@ def run_table():
     config.train.steps = _STEPS.value
     config.eval.num_examples = 0  # every held-out question
     dev = [example for _, example in nq_open.read_nq_jsonl(paths["dev"])]
-    start = start_params(config, os.path.join(workdir, "run"), _WEAKEN.value, _READER_STEPS.value)
+    start = start_params(config, os.path.join(workdir, "run"), _WEAKEN.value, _READER_STEPS.value,
+                         _READER_WEAKEN.value, _READER_N_DOCS.value)
     table = {}
     for loss in _LOSSES.value:
         c = copy.deepcopy(config)
@@ -148,7 +163,8 @@ def run_table():
               f"{r['em_start']:7.1f} -> {r['em_end']:5.1f}  {prior:>14}")
     whole_files.write_json(os.path.join(workdir, "retriever_loss_table.json"),
                            {"steps": _STEPS.value, "reader_steps": _READER_STEPS.value, "k": k,
-                            "weaken": _WEAKEN.value, "table": table})
+                            "weaken": _WEAKEN.value, "reader_weaken": _READER_WEAKEN.value,
+                            "reader_n_docs": _READER_N_DOCS.value, "table": table})
 
 
 if __name__ == "__main__":
