@@ -93,6 +93,7 @@ def test_a_reader_that_cannot_read_teaches_nothing(world):
     reader's signal, not from the optimiser moving q(x) anywhere)."""
     docs, questions, weak = world
     start = recall_at_k(weak, docs, questions, TRAIN)
+
     def ignores_the_passage(retrieved, asked):
         return np.full(retrieved.shape + (ANSWER_TOKENS,), -2.0)
     end = recall_at_k(train("pdist", jnp.asarray(weak), docs, questions, ignores_the_passage), docs, questions, TRAIN)
