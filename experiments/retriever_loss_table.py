@@ -1,14 +1,16 @@
 """Learning to retrieve from answers alone: Atlas's retriever losses side by side on the bundled knowledge task.
 
-  python -m experiments.retriever_loss_table --workdir=W [--losses=marginal,pdist,emdr2,loop] [--steps=300] \\
-      [--entities=200 --heldout=25] [--weaken=1.0] [--config.optim.question_encoder_lr_scale=...]
+  python -m experiments.retriever_loss_table --workdir=W [--losses=marginal,pdist,emdr2,loop] [--steps=100] \\
+      [--entities=100 --heldout=25] [--weaken=0.5] [--reader_weaken=0 --reader_n_docs=1] \\
+      [--config.optim.question_encoder_lr_scale=...]
 
 1. writes a knowledge task (rag_jax/data/knowledge_task.py) and a copy of its training questions with the gold
    passage ids removed (W/task/train_no_gold.jsonl): the training sees question/answer pairs only;
-2. builds the index with the frozen pretrained document encoder (all-MiniLM-L6-v2), makes the retriever weak (q(x)
-   starts from all-MiniLM-L6-v2 with Gaussian noise of `--weaken` x each weight matrix's standard deviation added)
-   and trains the reader once, q(x) frozen (denoising warm-up, then --reader_steps on the questions): the same start
-   for every loss;
+2. builds the index with the frozen pretrained document encoder (all-MiniLM-L6-v2) and trains the reader once,
+   q(x) frozen (denoising warm-up, then --reader_steps on the questions at K=--reader_n_docs, q(x) all-MiniLM-L6-v2
+   with Gaussian noise of `--reader_weaken` x each weight matrix's standard deviation added: by default none, so
+   the reader sees the passage that holds the answer and learns to read); then makes the retriever weak (noise of
+   `--weaken`): the same start for every loss;
 3. for each loss in --losses trains the same steps from the same start and seed (config train.retriever_loss), and
    measures dev gold recall@K and exact match (held-out entities, their gold ids known) before and after.
 It prints the start -> end table and writes W/retriever_loss_table.json.
@@ -36,11 +38,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training config (default: the knowledge variant of experiments/configs/nq.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("workdir", "retriever_losses"), "Where everything is written.")
 _LOSSES = flags.DEFINE_list("losses", ["marginal", "pdist", "emdr2", "loop"], "train.retriever_loss values to compare.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per loss.")
-_ENTITIES = flags.DEFINE_integer("entities", 200, "Task entities (one passage each).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Training steps per loss.")
+_ENTITIES = flags.DEFINE_integer("entities", 100, "Task entities (one passage each).")
 _HELDOUT = flags.DEFINE_integer("heldout", 25, "Held-out entities (4 dev questions each).")
 _READER_STEPS = flags.DEFINE_integer("reader_steps", 200, "Shared first steps that train the reader alone.")
-_WEAKEN = flags.DEFINE_float("weaken", 1.0, "Noise added to q(x)'s weights, in units of each matrix's std.")
+_WEAKEN = flags.DEFINE_float("weaken", 0.5, "Noise added to q(x)'s weights, in units of each matrix's std.")
+_READER_WEAKEN = flags.DEFINE_float(
+    "reader_weaken", 0.0, "The noise on q(x) while the reader trains (negative: --weaken's). A strong q(x) there puts "
+    "the gold passage among those the reader sees, so it learns to read; --weaken then applies to the comparison.")
+_READER_N_DOCS = flags.DEFINE_integer(
+    "reader_n_docs", 1, "K while the reader trains (0: model.n_docs); 1 is the cheapest reader phase.")
 
 
 def write_task(directory: str, entities: int, heldout: int, seed: int) -> dict[str, str]:
@@ -104,20 +111,29 @@ def train_one(config, workdir: str, params, steps: int, first_batch: int, dev: l
             "support_prior_last": float(np.mean(priors[-10:])) if priors else None}
 
 
-def start_params(config, workdir: str, scale: float, reader_steps: int) -> dict:
-    """The shared start (numpy trees): the weakened q(x), and a generator warmed up by denoising and then trained
-    `reader_steps` to read with that q(x) frozen (train.retriever_loss none). Distillation needs a reader whose
-    likelihoods say which passage is right: from a reader that cannot read yet, pdist's targets are near uniform
-    and flatten the retriever (Atlas starts from a pretrained reader)."""
+def start_params(config, workdir: str, scale: float, reader_steps: int, reader_scale: float | None = None,
+                 reader_n_docs: int | None = None) -> dict:
+    """The shared start (numpy trees): q(x) weakened by `scale`, and a generator warmed up by denoising and then
+    trained `reader_steps` to read with q(x) frozen (train.retriever_loss none), weakened by `reader_scale` (None or
+    negative: `scale`) and retrieving `reader_n_docs` (None or 0: model.n_docs). Distillation needs a reader whose
+    likelihoods say which passage is right: from a reader that cannot read yet, pdist's targets are near uniform and
+    flatten the retriever (Atlas starts from a pretrained reader), and a reader trained on a weak q(x) rarely sees
+    the passage that holds the answer, so it never learns to read (docs/retriever_losses.md, table w4)."""
     config = copy.deepcopy(config)
     config.train.retriever_loss = "none"
+    config.train.steps = reader_steps or config.train.steps  # the reader phase decays its rate over its own steps
+    if reader_n_docs:
+        config.model.n_docs = reader_n_docs
     run = loop.setup(config, workdir, sharding.mesh_from_config(config.mesh))
     params = jax.device_get(run.initial_state().params)
-    params["question_encoder"] = weaken(params["question_encoder"], scale, config.seed)
+    pretrained = params["question_encoder"]
+    reader_scale = scale if reader_scale is None or reader_scale < 0 else reader_scale
+    params["question_encoder"] = weaken(pretrained, reader_scale, config.seed)
     if reader_steps:
         print(f"reader warm-up: {reader_steps} steps, q(x) frozen", flush=True)
         state = create_train_state(run.model, run.tx, run.mesh, jax.random.PRNGKey(config.seed), params)
         params = jax.device_get(train(run, state, reader_steps)[0].params)
+    params["question_encoder"] = weaken(pretrained, scale, config.seed)
     return params
 
 
@@ -130,7 +146,8 @@ def run_table():
     config.train.steps = _STEPS.value
     config.eval.num_examples = 0  # every held-out question
     dev = [example for _, example in nq_open.read_nq_jsonl(paths["dev"])]
-    start = start_params(config, os.path.join(workdir, "run"), _WEAKEN.value, _READER_STEPS.value)
+    start = start_params(config, os.path.join(workdir, "run"), _WEAKEN.value, _READER_STEPS.value,
+                         _READER_WEAKEN.value, _READER_N_DOCS.value)
     table = {}
     for loss in _LOSSES.value:
         c = copy.deepcopy(config)
@@ -148,7 +165,8 @@ def run_table():
               f"{r['em_start']:7.1f} -> {r['em_end']:5.1f}  {prior:>14}")
     whole_files.write_json(os.path.join(workdir, "retriever_loss_table.json"),
                            {"steps": _STEPS.value, "reader_steps": _READER_STEPS.value, "k": k,
-                            "weaken": _WEAKEN.value, "table": table})
+                            "weaken": _WEAKEN.value, "reader_weaken": _READER_WEAKEN.value,
+                            "reader_n_docs": _READER_N_DOCS.value, "table": table})
 
 
 if __name__ == "__main__":
