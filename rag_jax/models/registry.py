@@ -12,14 +12,13 @@ registered elsewhere (a test, a user's package) is named `package.module:name`: 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 from typing import Any, Callable
+
+from rag_jax import named
 
 # name -> the module that registers it
 BUILTIN = {"bart": "rag_jax.models.bart_generator", "t5": "rag_jax.models.t5_generator"}
 
-_ENTRIES: dict[str, "Generator"] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,59 +60,15 @@ class Generator:
     tokenizer: TokenizerKind
 
 
-def register(entry: Generator) -> Generator:
-    """Adds (or replaces) `entry` under its name."""
-    _ENTRIES[entry.name] = entry
-    return entry
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    """("package.module", "entry") of "package.module:entry", (BUILTIN module or None, name) of a plain name."""
-    if ":" in name:
-        module, _, entry = name.partition(":")
-        return module, entry
-    return BUILTIN.get(name), name
-
-
-def known(name: Any) -> bool:
-    """Whether `name` can name an architecture, without importing anything heavy (for the config checks)."""
-    if not isinstance(name, str) or not name:
-        return False
-    if name in _ENTRIES:
-        return True
-    module, entry = _split(name)
-    if module is None or not entry:
-        return False
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def names() -> list[str]:
-    """The built-in names and those registered so far."""
-    return sorted(set(BUILTIN) | set(_ENTRIES))
-
-
-def get(name: str) -> Generator:
-    """The entry `name` names (a built-in, a registered name, or `package.module:name`). Raises ValueError naming
-    the known ones."""
-    if name not in _ENTRIES:
-        module, entry = _split(name)
-        if module is not None:
-            importlib.import_module(module)
-        name = entry
-    if name not in _ENTRIES:
-        raise ValueError(f"no generator architecture {name!r}; known: {', '.join(names())} (or 'package.module:name' "
-                       "of a module that registers one with rag_jax.models.registry.register)")
-    return _ENTRIES[name]
+_REGISTRY = named.Registry(BUILTIN, "generator architecture", "rag_jax.models.registry")
+register, known, names, get = _REGISTRY.register, _REGISTRY.known, _REGISTRY.names, _REGISTRY.get
 
 
 def for_config(config: Any) -> Generator:
     """The entry whose config class `config` is an instance of (exactly that class)."""
     for name in BUILTIN:
         get(name)
-    for entry in _ENTRIES.values():
+    for entry in _REGISTRY.entries():
         if type(config) is entry.config_class:
             return entry
     raise ValueError(f"no generator architecture is registered for {type(config).__name__}")
@@ -124,14 +79,14 @@ def for_hf(model_type: str | None) -> Generator | None:
     imports it; None for none."""
     if model_type in BUILTIN:
         return get(model_type)
-    return next((e for e in _ENTRIES.values() if e.hf_model_type == model_type), None)
+    return next((e for e in _REGISTRY.entries() if e.hf_model_type == model_type), None)
 
 
 def hf_model_types() -> list[str]:
     """The model_types the registered (and built-in) architectures import."""
     for name in BUILTIN:
         get(name)
-    return sorted({e.hf_model_type for e in _ENTRIES.values()})
+    return sorted({e.hf_model_type for e in _REGISTRY.entries()})
 
 
 def tokenizer_kind(path: str) -> TokenizerKind:
@@ -139,7 +94,7 @@ def tokenizer_kind(path: str) -> TokenizerKind:
     says so, else the default family (the one with no `matches`: BART's byte-level BPE)."""
     for name in BUILTIN:
         get(name)
-    kinds = list({id(e.tokenizer): e.tokenizer for e in _ENTRIES.values()}.values())
+    kinds = list({id(e.tokenizer): e.tokenizer for e in _REGISTRY.entries()}.values())
     for kind in kinds:
         if kind.matches is not None and kind.matches(path):
             return kind

@@ -13,10 +13,10 @@ ALIASES maps their values, and `note_deprecated` says so once.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 from typing import Any
+
+from rag_jax import named
 
 # name -> the module that registers it
 BUILTIN = {"rag_sequence": "rag_jax.readers.rag_sequence", "rag_token": "rag_jax.readers.rag_token",
@@ -24,56 +24,11 @@ BUILTIN = {"rag_sequence": "rag_jax.readers.rag_sequence", "rag_token": "rag_jax
 # model.loss / --model_type values -> reader names
 ALIASES = {"sequence": "rag_sequence", "token": "rag_token"}
 
-_READERS: dict[str, Any] = {}
 _NOTED: set[str] = set()
 
 
-def register(reader: Any) -> Any:
-    """Adds (or replaces) `reader` (a base.Reader) under its `name`."""
-    _READERS[reader.name] = reader
-    return reader
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    """("package.module", "reader") of "package.module:reader"; (BUILTIN module or None, name) of a plain name."""
-    if ":" in name:
-        module, _, reader = name.partition(":")
-        return module, reader
-    name = ALIASES.get(name, name)
-    return BUILTIN.get(name), name
-
-
-def known(name: Any) -> bool:
-    """Whether `name` can name a reader, without importing anything heavy (for the config and flag checks)."""
-    if not isinstance(name, str) or not name:
-        return False
-    if name in _READERS:
-        return True
-    module, reader = _split(name)
-    if module is None or not reader:
-        return False
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def names() -> list[str]:
-    """The built-in names and those registered so far."""
-    return sorted(set(BUILTIN) | set(_READERS))
-
-
-def get(name: str) -> Any:
-    """The reader `name` names: a built-in or registered name, an alias ("sequence", "token") or
-    `package.module:name`. Raises ValueError naming the known ones."""
-    if name not in _READERS:
-        module, name = _split(name)
-        if module is not None:
-            importlib.import_module(module)
-    if name not in _READERS:
-        raise ValueError(f"no reader named {name!r}; known: {', '.join(names())} (or 'package.module:name' of a "
-                         "module that registers one with rag_jax.readers.registry.register)")
-    return _READERS[name]
+_REGISTRY = named.Registry(BUILTIN, "reader named", "rag_jax.readers.registry", ALIASES)
+register, known, names, get = _REGISTRY.register, _REGISTRY.known, _REGISTRY.names, _REGISTRY.get
 
 
 def for_hf_architecture(architecture: str | None) -> Any:

@@ -10,9 +10,9 @@ registered elsewhere (a test, a user's package) is named `package.module:name`: 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
+
+from rag_jax import named
 
 # name -> the module that registers it
 BUILTIN = {
@@ -22,54 +22,10 @@ BUILTIN = {
     "fact_verification": "rag_jax.tasks.fact_verification",
 }
 
-_TASKS: dict[str, Any] = {}
 
 
-def register(task: Any) -> Any:
-    """Adds (or replaces) `task` (a base.Task) under its `name`."""
-    _TASKS[task.name] = task
-    return task
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    """("package.module", "task") of "package.module:task"; (BUILTIN module or None, name) of a plain name."""
-    if ":" in name:
-        module, _, task = name.partition(":")
-        return module, task
-    return BUILTIN.get(name), name
-
-
-def known(name: Any) -> bool:
-    """Whether `name` can name a task, without importing it (for the config and flag checks)."""
-    if not isinstance(name, str) or not name:
-        return False
-    if name in _TASKS:
-        return True
-    module, task = _split(name)
-    if module is None or not task:
-        return False
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def names() -> list[str]:
-    """The built-in names and those registered so far."""
-    return sorted(set(BUILTIN) | set(_TASKS))
-
-
-def get(name: str) -> Any:
-    """The task `name` names: a built-in or registered name or `package.module:name`. Raises ValueError naming the
-    known ones."""
-    if name not in _TASKS:
-        module, name = _split(name)
-        if module is not None:
-            importlib.import_module(module)
-    if name not in _TASKS:
-        raise ValueError(f"no task named {name!r}; known: {', '.join(names())} (or 'package.module:name' of a module "
-                         "that registers one with rag_jax.tasks.registry.register)")
-    return _TASKS[name]
+_REGISTRY = named.Registry(BUILTIN, "task named", "rag_jax.tasks.registry")
+register, known, names, get = _REGISTRY.register, _REGISTRY.known, _REGISTRY.names, _REGISTRY.get
 
 
 def from_config(config: Any) -> Any:
