@@ -5,18 +5,11 @@ index hot-swap followed show that the decoder reads the retrieved passages throu
 the exact match at K=1, 2 and 4 is printed (see test_fid_reports_exact_match_by_k). A small BPE vocabulary trained on the task's
 text keeps the output layer cheap (tests/train_task.small_bart_tokenizer)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from rag_jax.data import knowledge_task
 from rag_jax.models import sentence_transformers_dir
 from tests import train_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +19,10 @@ def demo(tmp_path_factory):
     except sentence_transformers_dir.CheckpointError as e:
         pytest.skip(str(e))
     root = tmp_path_factory.mktemp("fid_knowledge")
-    task = knowledge_task.make_task(240, 30, seed=11)
-    knowledge_task.write_task(task, str(root / "task"))
-    texts = [f"title: {p['title']} context: {p['text']}" for p in task.passages + task.swapped_passages]
-    texts += [f"question: {e['question']}" for e in task.train + task.dev]
-    tokenizer = train_task.small_bart_tokenizer(texts, str(root / "tokenizer"))
-    files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
-    files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
-                  "swapped_dev_file": str(root / "task" / "swapped_dev.jsonl")})
-    workdir = root / "demo"
-    command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
-               *(f"--{name}={path}" for name, path in files.items()),
-               f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
-               "--reader=fid", "--config.model.fid.passage_length=64",
-               "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
-               "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
-               "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--n_docs_sweep=1,2,4"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(workdir / "knowledge_demo.json") as f:
-        return json.load(f), done.stdout, root
+    results, stdout = train_task.run_small_knowledge_demo(
+        root, lambda p: f"title: {p['title']} context: {p['text']}", lambda e: f"question: {e['question']}",
+        ["--reader=fid", "--config.model.fid.passage_length=64"], timeout=900)
+    return results, stdout, root
 
 
 @pytest.mark.slow

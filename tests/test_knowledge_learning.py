@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from rag_jax.data import knowledge_task
 from rag_jax.models import sentence_transformers_dir
 from tests import train_task
 
@@ -30,27 +29,10 @@ def demo(tmp_path_factory):
     except sentence_transformers_dir.CheckpointError as e:
         pytest.skip(str(e))
     root = tmp_path_factory.mktemp("knowledge")
-    task = knowledge_task.make_task(240, 30, seed=11)
-    knowledge_task.write_task(task, str(root / "task"))
-    texts = [f"{p['title']} / {p['text']}" for p in task.passages + task.swapped_passages]
-    texts += [e["question"] for e in task.train + task.dev]
-    tokenizer = train_task.small_bart_tokenizer(texts, str(root / "tokenizer"))
-    files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
-    files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
-                  "swapped_dev_file": str(root / "task" / "swapped_dev.jsonl")})
-    workdir = root / "demo"
-    command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
-               *(f"--{name}={path}" for name, path in files.items()),
-               f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
-               "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
-               "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
-               "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--config.model.max_combined_length=64",
-               "--n_docs_sweep=1,2,4"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(workdir / "knowledge_demo.json") as f:
-        return json.load(f), done.stdout, root
+    results, stdout = train_task.run_small_knowledge_demo(
+        root, lambda p: f"{p['title']} / {p['text']}", lambda e: e["question"],
+        ["--config.model.max_combined_length=64"], timeout=600)
+    return results, stdout, root
 
 
 def test_it_answers_held_out_questions_by_reading_the_retrieved_passage(demo):
