@@ -16,7 +16,7 @@ Variants:
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   end2end_local  `local` trained end to end on a laptop: q(x), d(z) (both at their fine-tuning rate) and the
-             generator, the index refreshed during training; 60 steps, passages at 128 tokens
+             generator, the index refreshed during training; 60 steps, ~10 minutes on 2 idle cores
              (docs/end_to_end_local.md).
   tiny       the smallest working model (random encoders), for tests.
 

@@ -226,25 +226,22 @@ def _end2end(c: ml_collections.ConfigDict) -> None:
 
 def _end2end_local(c: ml_collections.ConfigDict) -> None:
     """`local` end to end: q(x), d(z) and the generator trained, the index refreshed; sized for 15 minutes on 2
-    idle cores (19m35s measured under load, ~6-8 minutes idle estimated: docs/end_to_end_local.md). `local`'s
-    learning rates, warm-up over 50 steps and 200 denoising steps are kept: without the generator's warm-up its
-    noisy likelihoods move d(z) (that page)."""
+    idle cores (9m31s measured idle: docs/end_to_end_local.md). `local`'s learning rates, warm-up over 50 steps and
+    200 denoising steps are kept: without the generator's warm-up its noisy likelihoods move d(z) (that page)."""
     c.model.doc_encoder.trainable = True
     c.optim.question_encoder_lr_scale = None  # fine-tuning rate (3e-5)
     c.model.doc_encoder.lr_scale = None  # fine-tuning rate (3e-5)
     c.retrieval.learn_score_scale = True
-    # The step embeds the B x K retrieved passages again, forward and backward, at this length: 128 halves the step
-    # against 256 (9.7 s against 17.2 s, 248 against 476 GFLOP) and each refresh. all-MiniLM-L6-v2 was fine-tuned at
-    # 128; the 35% of NQ-mini's passages that are longer are cut, which costs dev gold recall@1 at step 0 1.5 points
-    # (86.5 against local's 88.0 at 256; gold recall@3 97.0 against 98.0).
-    c.index.max_length = 128
-    # 60 steps, not local's 600: at ~7 s a step under load (~2-3 s idle), 600 would take over an hour.
+    # Passages stay at local's 256 tokens, although the step embeds the B x K retrieved passages again forward and
+    # backward at that length (17.2 s a step under load against 9.7 s at 128): at 128, the 35% of NQ-mini's passages
+    # that are longer are cut, and dev gold recall@1 starts at 86.5 instead of 88.0. Idle, 256 still fits 15 minutes.
+    # 60 steps, not local's 600: at ~4 s a step idle (~17 s under load), 600 would take 40 minutes or more.
     c.train.steps = 60
-    # Two refreshes, after steps 20 and 40 (none follows the last step): each re-embeds the 2,600 passages (7.5
-    # TFLOP), 132-149 s under load, the time of ~20 steps, so that refreshing already takes 40% of the training
-    # loop; 20 steps follow each, and the final evaluation searches the step-40 index.
+    # Two refreshes, after steps 20 and 40 (none follows the last step): each re-embeds the 2,600 passages, ~60 s
+    # idle, so that refreshing takes ~30% of the training loop; 20 steps follow each, and the final evaluation
+    # searches the step-40 index.
     c.index.refresh_every = "20"
-    c.train.eval_every = 60  # at step 0 and at the end (200 dev questions, ~17 s each under load)
+    c.train.eval_every = 60  # at step 0 and at the end (200 dev questions, ~5 s each idle)
     # The post-refresh recall watch compares one log interval each side of a refresh and needs 64 questions in each:
     # 10 steps of 8 give 80.
     c.train.log_every = 10
