@@ -72,7 +72,12 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 # defaults are those of the authors' released scorer's example command (ner 0.6, question type 0.2, relevant
 # content 0.1, function words 0.1 by difference, delta 0.7). Named entities are found without an NER model: words
 # written with a capital letter that do not start the sentence, and numbers (an approximation of the paper's
-# NER tagger, stated so).
+# NER tagger, stated so). Checked against the authors' released scorer (github.com/PrekshaNema25/Answerability-Metric,
+# answerability_score.py): its README command is where the defaults come from; it scores each category separately
+# (the F of BLEU-1 between the category's words of both sentences, BLEU-1's brevity penalty included) and weights
+# those Fs, where the paper's formula above weights precision and recall first; it also counts the word after
+# "what"/"which" as part of the question type. The paper's formula is kept. The RAG paper states neither weights nor
+# scorer for its Jeopardy Q-BLEU-1 (22.2), so figures here compare with each other, not with that number.
 
 QUESTION_WORDS = frozenset("what which who whom whose when where why how".split())
 FUNCTION_WORDS = frozenset(
