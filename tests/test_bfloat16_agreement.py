@@ -196,3 +196,16 @@ def test_greedy_answers_agree_with_float32_but_for_near_ties(decode_models, read
         margin, error = lp["f32"][ours] - lp["f32"][theirs], np.abs(lp["bf16"] - lp["f32"]).max()
         print(f"  question {q} token {t}: float32 margin {margin:.3f}, bfloat16 error {error:.3f}")
         assert 0 <= margin <= 2 * error
+
+
+def test_evaluation_flag_sets_every_network_dtype(decode_models):
+    """experiments.evaluate --compute_dtype: bfloat16 for the question encoder and the generator (and a trained
+    document encoder), the parameters untouched; no flag keeps the model as loaded."""
+    from experiments import model_loading  # pylint: disable=g-import-not-at-top
+
+    model = decode_models["f32"]
+    assert model_loading.with_compute_dtype(model, None) is model
+    bf16 = model_loading.with_compute_dtype(model, "bfloat16")
+    assert bf16 == decode_models["bf16"]
+    assert bf16.question_encoder_config.dtype == bf16.generator_config.dtype == BF16
+    assert bf16.doc_encoder_config is None and model_loading.with_compute_dtype(bf16, "float32") == model
