@@ -49,6 +49,10 @@ _SCORE = flags.DEFINE_bool("score", False, "Also write the reader's scores of th
 _PROVENANCE = flags.DEFINE_bool(
     "provenance", False, "Also write which passage supported each answer: per document its id, title, prior and "
     "posterior, and the document posteriors of every generated token (rag_jax/inference/provenance.py).")
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", None, ["float32", "bfloat16"], "Activations and matmuls while answering (parameters stay "
+    "float32; softmaxes and log-likelihoods float32; docs/bfloat16_agreement.md); default: the model's own (a "
+    "workdir's model.compute_dtype, float32 for a Hugging Face directory).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.", lower_bound=1)
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rag_jax", "xla"),
@@ -165,6 +169,7 @@ def evaluate() -> None:
     examples, lines = _read_questions(_QUESTIONS.value, _LIMIT.value, task)
     with_pages = any(example.get("pages") for example in examples)
     model, params, defaults = model_loading.load_model(_MODEL.value)
+    model = model_loading.with_compute_dtype(model, _COMPUTE_DTYPE.value)
     reader = model_loading.reader_from_flags(_READER, _MODEL_TYPE) or defaults.reader
     overrides = {k: v for k, v in (("num_beams", _NUM_BEAMS.value), ("max_length", _MAX_LENGTH.value),
                                    ("min_length", _MIN_LENGTH.value)) if v is not None}  # fmt: skip

@@ -34,7 +34,7 @@ from rag_jax import files as whole_files  # `files` is the task files here
 from rag_jax.data import knowledge_families, knowledge_task, nq_open, task_files as task_formats, tokenizers
 from rag_jax.retrieval import embed, index_codes, index_io
 from rag_jax.retrieval.retriever import RandomPassages, Retriever
-from rag_jax.runs import build, trained_model, workdir as workdir_lib
+from rag_jax.runs import build, config_fields, trained_model, workdir as workdir_lib
 from rag_jax.tasks import base as task_base, registry as tasks
 from rag_jax.training import dev_eval, loop
 
@@ -183,6 +183,7 @@ def run_demo() -> dict:
     output_checks.refuse_foreign_directory(workdir, "--workdir",
                                            output_checks.KNOWLEDGE_DEMO_ENTRIES, "knowledge_demo run (no run/, task/)")
     config = _CONFIG.value
+    config_fields.check_fields(config)  # each field's type and range (model.compute_dtype, ...) before anything is written
     if _READER.value is not None:  # before the task is written: a refused flag leaves nothing behind
         _use_reader(config, _READER.value)
     files = task_files(workdir)

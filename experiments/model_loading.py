@@ -26,6 +26,17 @@ def load_model(path: str):
     return model_dir.load(path)
 
 
+def with_compute_dtype(model, name: str | None):
+    """`model` computing in `name` ("float32" or "bfloat16", model.compute_dtype's values; None keeps the model's
+    own: a workdir's model.compute_dtype, float32 for a Hugging Face directory). Parameters are not converted."""
+    if name is None:
+        return model
+    from rag_jax import rag  # pylint: disable=g-import-not-at-top (after the flag checks)
+    from rag_jax.runs import build  # pylint: disable=g-import-not-at-top
+
+    return rag.with_compute_dtype(model, build.DTYPES[name])
+
+
 def check_answer_length(max_length: int, flag_value: int | None, model, model_flag: str) -> None:
     """The answers' length (start token included: the decoder reads positions 0 .. max_length-1) within the
     generator's positions (experiments/input_checks.py says why, and why T5 has no limit)."""

@@ -148,6 +148,19 @@ class Rag:
         return constrain(logits, ("batch", "docs", "length", "vocab"))
 
 
+def with_compute_dtype(model: Rag, dtype: Any) -> Rag:
+    """The same model computing in `dtype` (jnp.float32 or jnp.bfloat16): activations and matmuls of every network in
+    it, the question and trained document encoders as well as the generator; its parameters are unchanged (float32),
+    and softmaxes, norms, logits and the readers' sums stay in float32 (models/layers.accumulation_dtype)."""
+
+    def replace(config):
+        return None if config is None else dataclasses.replace(config, dtype=dtype)
+
+    return dataclasses.replace(model, question_encoder_config=replace(model.question_encoder_config),
+                               generator_config=replace(model.generator_config),
+                               doc_encoder_config=replace(model.doc_encoder_config))
+
+
 def init_params(model: Rag, rng: jax.Array) -> dict[str, Any]:
     """Random parameters, still boxed with their logical axis names (nn.LogicallyPartitioned)."""
     q_rng, g_rng = jax.random.split(rng)

@@ -117,6 +117,11 @@ START_UP_CASES = [
     ("train_adist_without_fid", TRAIN + ("--config.train.retriever_loss=adist",),
      ["train.retriever_loss='adist'", "model.reader=fid"]),
     ("demo_unknown_reader", DEMO + ("--reader=bogus",), ["--reader=bogus", "choose one of"]),
+    # compute dtypes (issue 30): evaluation's flag and the demo's config field take float32 or bfloat16
+    ("evaluate_unknown_compute_dtype", EVALUATE + ("--compute_dtype=float16",),
+     ["--compute_dtype=float16", "float32|bfloat16"]),
+    ("demo_unknown_compute_dtype", DEMO + ("--config.model.compute_dtype=float16",),
+     ["model.compute_dtype='float16'", "choose one of"]),
 ]
 
 

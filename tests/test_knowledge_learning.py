@@ -92,3 +92,25 @@ def test_the_gold_passage_gets_the_highest_posterior_for_the_answer(demo, tmp_pa
     assert np.mean(top) > 0.55, np.mean(top)
     assert len(top_when_right) >= 30 and np.mean(top_when_right) >= 0.9, (len(top_when_right), np.mean(top_when_right))
     assert np.mean(gain_when_right) > 0.5, np.mean(gain_when_right)
+
+
+@pytest.mark.slow  # two evaluations of 120 questions in their own processes: ~40 s each, loaded
+def test_bfloat16_greedy_answers_agree_with_float32_on_the_trained_model(demo, tmp_path):
+    """Issue 30's agreement on a trained model, where margins are real (on random weights near-ties flip:
+    tests/test_bfloat16_agreement.py): RAG-Token greedy at K=4 gives the same answer in bfloat16 as in float32 for
+    >= 98% of the held-out questions (measured 119 of 120; docs/bfloat16_agreement.md)."""
+    _, _, root = demo
+    predictions = {}
+    for dtype in ("float32", "bfloat16"):
+        output = tmp_path / f"{dtype}.jsonl"
+        command = [sys.executable, "-m", "experiments.eval_nq", f"--model={root / 'demo' / 'run'}", "--n_docs=4",
+                   "--reader=rag_token", "--num_beams=1", f"--compute_dtype={dtype}",
+                   f"--questions={root / 'task' / 'dev.jsonl'}", f"--output={output}"]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        assert done.returncode == 0, done.stderr[-3000:]
+        predictions[dtype] = [json.loads(line)["prediction"] for line in output.read_text().splitlines()]
+    pairs = list(zip(predictions["float32"], predictions["bfloat16"]))
+    differing = [(i, a, b) for i, (a, b) in enumerate(pairs) if a != b]
+    print("differing (question, float32, bfloat16):", differing)
+    assert len(pairs) == 120 and len(differing) <= 0.02 * len(pairs), differing
