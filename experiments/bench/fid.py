@@ -69,9 +69,10 @@ class TorchFiDTrainer(TorchTrainer):
         labels = batch["labels"]
         targets = np.concatenate([labels[:, 1:], np.full((b, 1), pad)], axis=1)
         as_long = lambda x: torch.as_tensor(x, dtype=torch.long)  # noqa: E731
+        ignored = np.where(targets == pad, -100, targets)  # CrossEntropyLoss's ignore_index
         self.fid_inputs = dict(ids=as_long(batch["context_input_ids"].reshape(b * k, s)),
                                mask=as_long(batch["context_attention_mask"].reshape(b * k, s)),
-                               decoder_input_ids=as_long(labels), labels=as_long(np.where(targets == pad, -100, targets)))
+                               decoder_input_ids=as_long(labels), labels=as_long(ignored))
         self.batch = b
 
     def step(self) -> float:
@@ -121,7 +122,8 @@ def _decode_rows(pair: Twins, size: str, generator: str, repeats: int, quick: bo
     for beams in (1, 4):
         length = dict(max_length=new_tokens + 1, min_length=new_tokens + 1, num_beams=beams)
         gen = GenerationConfig(**length, **special)
-        run_ours = lambda: fid.generate(pair.model, pair.state.params, *jax_inputs, gen).block_until_ready()  # noqa: E731
+        params = pair.state.params
+        run_ours = lambda: fid.generate(pair.model, params, *jax_inputs, gen).block_until_ready()  # noqa: E731
 
         def run_reference():
             with torch.no_grad():
