@@ -1,6 +1,6 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
-  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu,compressed
+  python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu,compressed,fid
       [--quick] [--sizes=tiny,small] [--generators=bart,t5] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
@@ -24,6 +24,9 @@ Sub-benchmarks:
   compressed  float32 / bfloat16 exact search vs int8 and pq:M codes with and without an exact re-rank: bytes per
               passage, build seconds, questions/s, recall@10 and identical top-10 share against exact float32 (NQ-mini
               passages; `python -m experiments.bench.compressed --corpus=knowledge200k` for 200k); memory for 21M x 768
+  fid         Fusion-in-Decoder's train step (model.reader=fid) and greedy / beam 4 decoding vs a PyTorch FiD built as
+              facebookresearch/FiD builds it (transformers' T5 / BART, the encoder over the B*K passages, outputs
+              concatenated per question; AdamW; generate with that encoder output)
 
 Every sub-benchmark prints a table and appends one JSON line per row to --results. Figures are steady-state
 (after warm-up, so compilation is excluded) medians of repeats; ratios are reference time / rag_jax time, so > 1
@@ -40,12 +43,13 @@ from absl import app, flags
 
 from experiments.bench import BENCHMARKS
 from experiments.bench import compressed, decode, embed, eval as eval_bench, host, host_train, mfu, mips, retriever_step
-from experiments.bench import train_step
+from experiments.bench import fid, train_step
 from experiments.bench.common import GENERATORS, Options, reference_floats_like_xla, report
 
 # Plain imports, not importlib, so that the import contracts (.importlinter) see what the benchmarks import.
 _MODULES = {"train_step": train_step, "decode": decode, "embed": embed, "mips": mips, "eval": eval_bench, "host": host,
-            "host_train": host_train, "retriever_step": retriever_step, "mfu": mfu, "compressed": compressed}
+            "host_train": host_train, "retriever_step": retriever_step, "mfu": mfu, "compressed": compressed,
+            "fid": fid}
 assert tuple(_MODULES) == BENCHMARKS, "experiments/bench/__init__.py BENCHMARKS and _MODULES list the same modules"
 
 _BENCHMARKS = flags.DEFINE_list("benchmarks", list(BENCHMARKS), f"Which sub-benchmarks to run, of {list(BENCHMARKS)}.")

@@ -179,13 +179,14 @@ def jax_model(config: ml_collections.ConfigDict) -> Twins:
     return Twins(config, model, mesh, tx, state, hf_dir="", hf_config={})
 
 
-def make_twins(size: str, directory: str, generator: str = "bart") -> Twins:
-    """Builds the model of `size` with rag_jax's own initialisation and exports it (with its tokenizers) to
-    `directory`/hf-`size`-`generator`."""
+def make_twins(size: str, directory: str, generator: str = "bart",
+               config: ml_collections.ConfigDict | None = None) -> Twins:  # fmt: skip
+    """Builds the model of `size` (or of `config`, a variant of model_config(size, generator)) with rag_jax's own
+    initialisation and exports it (with its tokenizers) to `directory`/hf-`size`-`generator`."""
     from rag_jax.inference import export
     from rag_jax.runs import build
 
-    pair = jax_model(model_config(size, generator))
+    pair = jax_model(config or model_config(size, generator))
     tokenizers = build.load_tokenizers(pair.config)
     pair.hf_dir = os.path.join(directory, f"hf-{size}-{generator}")
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(pair.state.params))
