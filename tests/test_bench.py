@@ -55,20 +55,32 @@ def test_quick_run_writes_every_benchmark(quick_rows):
 @pytest.mark.slow
 def test_quick_train_step_compares_the_same_computation(quick_rows):
     """One rag row per generator (BART, T5), each against transformers' RAG with that generator on the same weights,
-    and the end-to-end row (trained document encoder, transformers' context-encoder training mode)."""
+    and the end-to-end row (trained document encoder, transformers' context-encoder training mode); and one
+    bfloat16 row (tiny BART) against the reference in float32 and under torch.autocast(bfloat16)."""
     rows = quick_rows[0]["train_step"]
-    assert [(r["size"], r["mode"], r["generator"]) for r in rows] == [
-        ("tiny", "rag", "bart"), ("tiny", "rag", "t5"), ("tiny", "end2end", "bart")]
-    for row in rows:
+    assert [(r["size"], r["mode"], r["generator"], r["dtype"]) for r in rows] == [
+        ("tiny", "rag", "bart", "float32"), ("tiny", "rag", "bart", "bfloat16"), ("tiny", "rag", "t5", "float32"),
+        ("tiny", "end2end", "bart", "float32")]  # fmt: skip
+    float32 = [r for r in rows if r["dtype"] == "float32"]
+    for row in float32:
         assert row["ours_s"] > 0 and row["reference_s"] > 0
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
         # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
         assert row["first_loss_rel_diff"] < 1e-4
     assert all(row["model_gflop"] > 0 and row["ours_gflop_per_s"] > 0 for row in rows)  # T5 rows too
-    assert rows[2]["model_gflop"] > rows[0]["model_gflop"]  # + the document encoder's forward and backward
+    assert float32[2]["model_gflop"] > float32[0]["model_gflop"]  # + the document encoder's forward and backward
     # The end-to-end row's cost over the frozen step of its size (the BART rag row), measured and in FLOPs.
-    assert rows[2]["measured_over_frozen"] == pytest.approx(rows[2]["ours_s"] / rows[0]["ours_s"])
-    assert rows[2]["flops_over_frozen"] == pytest.approx(rows[2]["model_gflop"] / rows[0]["model_gflop"])
+    assert float32[2]["measured_over_frozen"] == pytest.approx(float32[2]["ours_s"] / float32[0]["ours_s"])
+    assert float32[2]["flops_over_frozen"] == pytest.approx(float32[2]["model_gflop"] / float32[0]["model_gflop"])
+    bf16 = rows[1]
+    assert bf16["model_gflop"] == float32[0]["model_gflop"]  # the same step, in another precision
+    assert bf16["ours_s"] > 0 and bf16["reference_s"] > 0 and bf16["reference_autocast_s"] > 0
+    assert bf16["speedup_vs_reference_float32"] == pytest.approx(bf16["reference_s"] / bf16["ours_s"])
+    assert bf16["speedup_vs_reference_autocast"] == pytest.approx(bf16["reference_autocast_s"] / bf16["ours_s"])
+    # bfloat16 changes the first loss (it computes in bfloat16) but only by bfloat16 rounding (8 bits of mantissa),
+    # and the reference's autocast loss likewise.
+    assert 0 < bf16["first_loss_rel_diff"] < 2e-2
+    assert 0 < bf16["reference_autocast_loss_rel_diff"] < 2e-2
 
 
 @pytest.mark.slow
