@@ -30,8 +30,9 @@ def test_matmul_and_its_gradients_match_float32(w_transposed, batch_dims):
     def ours(x, w):
         return (low_precision.matmul_f32_accumulate(x, w, w_transposed, jnp.float32) * g).sum()
 
-    np.testing.assert_allclose(ours(x, w), exact(x, w), rtol=1e-5)  # bfloat16 inputs, float32 accumulation
-    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(exact, (0, 1))(x, w)):
+    (value, grads), (want_value, want_grads) = (jax.jit(jax.value_and_grad(f, (0, 1)))(x, w) for f in (ours, exact))
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)  # bfloat16 inputs, float32 accumulation
+    for got, want in zip(grads, want_grads):
         assert got.dtype == jnp.bfloat16  # the gradients of bfloat16 inputs
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2 * float(jnp.abs(want).max()))
 
@@ -46,7 +47,7 @@ def test_dense_dot_general_contracts_like_lax():
         x, w = _bf16(kx, x_shape), _bf16(kw, w_shape)
         dims = (contract, ((), ()))
         want = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), dims)
-        got = low_precision.dot_general(x, w, dims)
+        got = jax.jit(low_precision.dot_general, static_argnums=2)(x, w, dims)
         assert got.shape == want.shape and got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2 * float(jnp.abs(want).max()))
 
