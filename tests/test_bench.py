@@ -77,6 +77,7 @@ def test_quick_train_step_compares_the_same_computation(quick_rows):
     assert bf16["ours_s"] > 0 and bf16["reference_s"] > 0 and bf16["reference_autocast_s"] > 0
     assert bf16["speedup_vs_reference_float32"] == pytest.approx(bf16["reference_s"] / bf16["ours_s"])
     assert bf16["speedup_vs_reference_autocast"] == pytest.approx(bf16["reference_autocast_s"] / bf16["ours_s"])
+    assert bf16["speedup_vs_ours_float32"] == pytest.approx(bf16["ours_float32_s"] / bf16["ours_s"])
     # bfloat16 changes the first loss (it computes in bfloat16) but only by bfloat16 rounding (8 bits of mantissa),
     # and the reference's autocast loss likewise.
     assert 0 < bf16["first_loss_rel_diff"] < 2e-2

@@ -201,7 +201,8 @@ def run(opts: Options) -> list[dict]:
         if opts.quick and (size, mode, generator) == ("tiny", "rag", "bart"):
             low = low or ["bfloat16"]  # one cheap row, so that the tests cover the path
         for dtype in low:
-            rows.append(_low_precision_row(pair, size, mode, generator, dtype, trainers, loss_ours, theirs, opts))
+            rows.append(_low_precision_row(pair, size, mode, generator, dtype, trainers, (loss_ours, ours, theirs),
+                                           opts))  # fmt: skip
     return [_with_cost_over_frozen(row, rows) for row in rows]
 
 
@@ -216,20 +217,23 @@ def _case(size: str, mode: str, generator: str, scratch: str):
     return pair, batch, lambda p, dtype: (JaxTrainer(p, batch), TorchEnd2EndTrainer(p, batch, dtype=dtype))
 
 
-def _low_precision_row(pair: Twins, size: str, mode: str, generator: str, dtype: str, trainers, loss_float32: float,
-                       reference_float32: TorchTrainer, opts: Options) -> dict:  # fmt: skip
+def _low_precision_row(pair: Twins, size: str, mode: str, generator: str, dtype: str, trainers, float32: tuple,
+                       opts: Options) -> dict:  # fmt: skip
     """rag_jax's step with model.compute_dtype=`dtype` (parameters and optimizer state float32) timed in turn
-    with the reference's float32 step and its step under torch.autocast(`dtype`), from the same weights and batch.
+    with the reference's float32 step, its step under torch.autocast(`dtype`) and rag_jax's float32 step
+    (`float32`: its first loss, rag_jax's and the reference's float32 trainers), from the same weights and batch.
     first_loss_rel_diff is against rag_jax's float32 first loss (what the lower precision costs);
     reference_autocast_loss_rel_diff the reference's autocast loss against the same."""
+    loss_float32, ours_float32, reference_float32 = float32
     low_pair = with_compute_dtype(pair, dtype)
     ours, autocast = trainers(low_pair, dtype)
     loss_ours, loss_autocast = ours.step(), autocast.step()
-    t_ours, t_ref, t_autocast = interleaved_median_seconds((ours.step, reference_float32.step, autocast.step),
-                                                           opts.repeats, warmup=0 if opts.quick else 1)
+    t_ours, t_ref, t_autocast, t_float32 = interleaved_median_seconds(
+        (ours.step, reference_float32.step, autocast.step, ours_float32.step), opts.repeats,
+        warmup=0 if opts.quick else 1)  # fmt: skip
     row = dict(_shape_fields(pair, size, mode, generator), dtype=dtype, ours_s=t_ours, reference_s=t_ref,
-               reference_autocast_s=t_autocast, speedup_vs_reference_float32=t_ref / t_ours,
-               speedup_vs_reference_autocast=t_autocast / t_ours)  # fmt: skip
+               reference_autocast_s=t_autocast, ours_float32_s=t_float32, speedup_vs_reference_float32=t_ref / t_ours,
+               speedup_vs_reference_autocast=t_autocast / t_ours, speedup_vs_ours_float32=t_float32 / t_ours)
     return dict(_with_flops(row, pair, mode), first_loss_rel_diff=relative(loss_ours, loss_float32),
                 reference_autocast_loss_rel_diff=relative(loss_autocast, loss_float32))
 
