@@ -55,31 +55,50 @@ def test_quick_run_writes_every_benchmark(quick_rows):
 @pytest.mark.slow
 def test_quick_train_step_compares_the_same_computation(quick_rows):
     """One rag row per generator (BART, T5), each against transformers' RAG with that generator on the same weights,
-    and the end-to-end row (trained document encoder, transformers' context-encoder training mode)."""
+    and the end-to-end row (trained document encoder, transformers' context-encoder training mode); and one
+    bfloat16 row (tiny BART) against the reference in float32 and under torch.autocast(bfloat16)."""
     rows = quick_rows[0]["train_step"]
-    assert [(r["size"], r["mode"], r["generator"]) for r in rows] == [
-        ("tiny", "rag", "bart"), ("tiny", "rag", "t5"), ("tiny", "end2end", "bart")]
-    for row in rows:
+    assert [(r["size"], r["mode"], r["generator"], r["dtype"]) for r in rows] == [
+        ("tiny", "rag", "bart", "float32"), ("tiny", "rag", "bart", "bfloat16"), ("tiny", "rag", "t5", "float32"),
+        ("tiny", "end2end", "bart", "float32")]  # fmt: skip
+    float32 = [r for r in rows if r["dtype"] == "float32"]
+    for row in float32:
         assert row["ours_s"] > 0 and row["reference_s"] > 0
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["ours_s"])
         # Same weights, batch and dropout setting: the first step's losses agree, so the two steps do the same work.
         assert row["first_loss_rel_diff"] < 1e-4
     assert all(row["model_gflop"] > 0 and row["ours_gflop_per_s"] > 0 for row in rows)  # T5 rows too
-    assert rows[2]["model_gflop"] > rows[0]["model_gflop"]  # + the document encoder's forward and backward
+    assert float32[2]["model_gflop"] > float32[0]["model_gflop"]  # + the document encoder's forward and backward
     # The end-to-end row's cost over the frozen step of its size (the BART rag row), measured and in FLOPs.
-    assert rows[2]["measured_over_frozen"] == pytest.approx(rows[2]["ours_s"] / rows[0]["ours_s"])
-    assert rows[2]["flops_over_frozen"] == pytest.approx(rows[2]["model_gflop"] / rows[0]["model_gflop"])
+    assert float32[2]["measured_over_frozen"] == pytest.approx(float32[2]["ours_s"] / float32[0]["ours_s"])
+    assert float32[2]["flops_over_frozen"] == pytest.approx(float32[2]["model_gflop"] / float32[0]["model_gflop"])
+    bf16 = rows[1]
+    assert bf16["model_gflop"] == float32[0]["model_gflop"]  # the same step, in another precision
+    assert bf16["ours_s"] > 0 and bf16["reference_s"] > 0 and bf16["reference_autocast_s"] > 0
+    assert bf16["speedup_vs_reference_float32"] == pytest.approx(bf16["reference_s"] / bf16["ours_s"])
+    assert bf16["speedup_vs_reference_autocast"] == pytest.approx(bf16["reference_autocast_s"] / bf16["ours_s"])
+    assert bf16["speedup_vs_ours_float32"] == pytest.approx(bf16["ours_float32_s"] / bf16["ours_s"])
+    # bfloat16 changes the first loss (it computes in bfloat16) but only by bfloat16 rounding (8 bits of mantissa),
+    # and the reference's autocast loss likewise.
+    assert 0 < bf16["first_loss_rel_diff"] < 2e-2
+    assert 0 < bf16["reference_autocast_loss_rel_diff"] < 2e-2
 
 
 @pytest.mark.slow
 def test_quick_decode_covers_the_three_decodings(quick_rows):
     rows = quick_rows[0]["decode"]
     decodings = ["rag_token greedy", "rag_token beam 4", "rag_sequence thorough beam 4"]
-    assert [(r["generator"], r["decoding"]) for r in rows] == [(g, d) for g in ("bart", "t5") for d in decodings]
-    for row in rows:
+    float32 = [r for r in rows if r["dtype"] == "float32"]
+    assert [(r["generator"], r["decoding"]) for r in float32] == [(g, d) for g in ("bart", "t5") for d in decodings]
+    for row in float32:
         assert row["ours_s"] > 0 and row["reference_s"] > 0, row.get("reference")
         # Same weights and inputs: the outputs are the reference's (a row may flip on a float32 near-tie).
         assert row["same_output"] >= 0.75
+    # One bfloat16 row (tiny BART greedy, after its float32 row), against the reference in float32 and autocast.
+    (bf16,) = [r for r in rows if r["dtype"] == "bfloat16"]
+    assert rows.index(bf16) == 1 and (bf16["generator"], bf16["decoding"]) == ("bart", "rag_token greedy")
+    assert bf16["speedup_vs_reference_autocast"] == pytest.approx(bf16["reference_autocast_s"] / bf16["ours_s"])
+    assert 0.0 <= bf16["same_output_as_ours_float32"] <= 1.0
 
 
 EVAL_CASES = ["rag_token greedy", "rag_sequence thorough beam 2"]
@@ -121,10 +140,19 @@ def test_quick_mips_embed_and_mfu_rows(quick_rows):
     ours = [r for r in rows["mips"] if r["method"].startswith("rag_jax")]
     assert len(ours) == 2 and all(r["recall_vs_exact"] >= 0.999 for r in ours)  # plain, pre-selected (f32 near-ties)
     assert ours[1]["certified"] > 0.9  # the pre-selection proves most queries itself
-    assert [r["batching"] for r in rows["embed"]] == ["same batches", "own pipeline"]
+    assert [(r["batching"], r["dtype"]) for r in rows["embed"]] == [
+        ("same batches", "float32"), ("own pipeline", "float32"), ("same batches", "bfloat16")]
     assert all(r["ours_psg_per_s"] > 0 and r["reference_psg_per_s"] > 0 for r in rows["embed"])
-    (mfu,) = rows["mfu"]  # this is a CPU-only run: a clear skip line, not figures
-    assert mfu["status"] == "skipped" and "accelerator" in mfu["reason"]
+    bf16 = rows["embed"][2]
+    assert bf16["speedup_vs_reference_autocast"] == pytest.approx(
+        bf16["ours_psg_per_s"] / bf16["reference_autocast_psg_per_s"])
+    assert 0.99 < bf16["min_cosine_to_ours_float32"] <= 1.0 + 1e-6  # bfloat16 rounding, not another function
+    # A CPU run: the measured GEMM peaks in float32 and bfloat16, and the step's share of each.
+    gemm_f32, gemm_bf16, step = rows["mfu"]
+    assert "float32" in gemm_f32["measure"] and "bfloat16" in gemm_bf16["measure"]
+    assert step["dtype"] == "bfloat16" and step["achieved_gflop_per_s"] > 0
+    for key, gemm in (("share_of_float32_peak", gemm_f32), ("share_of_bfloat16_peak", gemm_bf16)):
+        assert step[key] == pytest.approx(step["achieved_gflop_per_s"] / gemm["achieved_gflop_per_s"])
 
 
 # ----------------------------------------------------------------------------------------------- FLOP counter

@@ -1,7 +1,7 @@
 """Benchmarks against the references, each measured in the same process on the same machine.
 
   python -m experiments.bench --benchmarks=train_step,decode,embed,mips,eval,host,host_train,retriever_step,mfu,compressed,fid
-      [--quick] [--sizes=tiny,small] [--generators=bart,t5] [--results=bench_results.jsonl]
+      [--quick] [--sizes=tiny,small] [--generators=bart,t5] [--dtypes=float32,bfloat16] [--results=bench_results.jsonl]
 
 Sub-benchmarks:
   train_step  one RAG-Sequence training step (forward, backward, clipped AdamW), rag_jax's real jitted step vs
@@ -45,6 +45,7 @@ from experiments.bench import BENCHMARKS
 from experiments.bench import compressed, decode, embed, eval as eval_bench, host, host_train, mfu, mips, retriever_step
 from experiments.bench import fid, train_step
 from experiments.bench.common import GENERATORS, Options, reference_floats_like_xla, report
+from rag_jax.runs.config_fields import COMPUTE_DTYPES
 
 # Plain imports, not importlib, so that the import contracts (.importlinter) see what the benchmarks import.
 _MODULES = {"train_step": train_step, "decode": decode, "embed": embed, "mips": mips, "eval": eval_bench, "host": host,
@@ -59,6 +60,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (me
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Model sizes for train_step and decode (tiny, small).")
 _GENERATORS = flags.DEFINE_list("generators", list(GENERATORS),
                                 "Generator architectures for train_step, decode, eval, host and mfu (bart, t5).")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "model.compute_dtype rows of train_step, decode and embed "
+                            "(float32, bfloat16): bfloat16 rows time rag_jax in bfloat16 against the reference in "
+                            "float32 and under torch.autocast(bfloat16). --quick adds one tiny bfloat16 row.")
 _MFU_BATCH = flags.DEFINE_integer("mfu_batch_per_device", 8, "mfu: questions per device in the paper-config step.")
 _EVAL_SCALE = flags.DEFINE_float("eval_questions_scale", 1.0, "eval: fraction of the 2,620 / 655 questions to answer.")
 _MFU_MIPS_ROWS = flags.DEFINE_integer("mfu_mips_rows", 4_000_000, "mfu: corpus rows (x 768 float32) on the device.")
@@ -69,11 +73,12 @@ def main(argv):
     unknown = [b for b in _BENCHMARKS.value if b not in BENCHMARKS]
     unknown += [f"size {s}" for s in _SIZES.value if s not in ("tiny", "small")]
     unknown += [f"generator {g}" for g in _GENERATORS.value if g not in GENERATORS]
+    unknown += [f"dtype {d}" for d in _DTYPES.value if d not in COMPUTE_DTYPES]
     if unknown:
         raise app.UsageError(f"unknown {unknown}; benchmarks are {list(BENCHMARKS)}, sizes tiny and small, "
-                             f"generators {list(GENERATORS)}")
+                             f"generators {list(GENERATORS)}, dtypes {list(COMPUTE_DTYPES)}")
     opts = Options(quick=_QUICK.value, repeats=1 if _QUICK.value else _REPEATS.value, sizes=tuple(_SIZES.value),
-                   generators=tuple(_GENERATORS.value),
+                   generators=tuple(_GENERATORS.value), dtypes=tuple(_DTYPES.value),
                    mfu_batch_per_device=_MFU_BATCH.value, mfu_mips_rows=_MFU_MIPS_ROWS.value,
                    eval_questions_scale=_EVAL_SCALE.value)
     reference_floats_like_xla()

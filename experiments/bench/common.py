@@ -28,6 +28,7 @@ class Options:
     mfu_batch_per_device: int = 8
     mfu_mips_rows: int = 4_000_000
     eval_questions_scale: float = 1.0  # eval: fraction of the issue's 2,620 / 655 questions
+    dtypes: tuple[str, ...] = ("float32",)  # model.compute_dtype rows of train_step, decode and embed
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -46,16 +47,47 @@ def paired_median_seconds(ours: Callable[[], object], reference: Callable[[], ob
                           warmup: int = 1) -> tuple[float, float]:  # fmt: skip
     """Median wall times of two blocking functions, timed alternately (ours, reference, ours, ...) after `warmup`
     untimed calls of each, so that both see the same background load (other jobs on a shared machine)."""
+    ours_s, reference_s = interleaved_median_seconds((ours, reference), repeats, warmup)
+    return ours_s, reference_s
+
+
+def interleaved_median_seconds(fns: tuple[Callable[[], object], ...], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall times of blocking functions, timed in turn (a, b, c, a, b, c, ...) after `warmup` untimed calls
+    of each, so that all see the same background load."""
     for _ in range(warmup):
-        ours()
-        reference()
-    times: tuple[list[float], list[float]] = ([], [])
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in ((ours, times[0]), (reference, times[1])):
+        for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
+
+
+def with_compute_dtype(pair: "Twins", dtype: str) -> "Twins":
+    """The same model and initial state (float32 parameters) computing in `dtype` (model.compute_dtype): the
+    parameter tree does not depend on the compute dtype, so the state and the exported reference are shared."""
+    from rag_jax.runs import build
+
+    if dtype == pair.config.model.compute_dtype:
+        return pair
+    config = ml_collections.ConfigDict(pair.config.to_dict())
+    config.model.compute_dtype = dtype
+    return dataclasses.replace(pair, config=config, model=build.build_rag(config, load_weights=False).rag)
+
+
+def reference_autocast(dtype: str):
+    """The context the reference computes a `dtype` row in: torch.autocast(cpu, bfloat16) for "bfloat16" (weights
+    and optimizer state stay float32, as ours), nothing for "float32"."""
+    import contextlib
+
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cpu", dtype=getattr(torch, dtype))
 
 
 def reference_floats_like_xla() -> None:

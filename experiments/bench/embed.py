@@ -3,11 +3,14 @@ embedding pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from experiments.bench.common import Options, paired_median_seconds
+from experiments.bench.common import Options, interleaved_median_seconds, paired_median_seconds, reference_autocast
 
 
 def run(opts: Options) -> list[dict]:
@@ -16,7 +19,9 @@ def run(opts: Options) -> list[dict]:
     Two rows: `same batches` runs both encoders on identical padded batches (the model alone); `own pipeline`
     runs each side's embedding job from passages to vectors, tokenisation included: rag_jax's embed_passages
     (batches of similar length, as build_index runs it) against the reference as Hugging Face's RAG example
-    (use_own_knowledge_dataset.py) embeds, batches in corpus order padded to their longest passage."""
+    (use_own_knowledge_dataset.py) embeds, batches in corpus order padded to their longest passage. `--dtypes`
+    with bfloat16 adds `same batches` rows of rag_jax's encoder in bfloat16 against the reference in float32 and
+    under torch.autocast(bfloat16), with the embeddings' cosine to rag_jax's float32 ones (--quick: one row)."""
     import itertools
 
     import torch
@@ -68,6 +73,33 @@ def run(opts: Options) -> list[dict]:
         t_ours, t_ref = paired_median_seconds(ours, theirs, opts.repeats)
         n = len(passages)
         rows.append(dict(model=f"{sizes['num_hidden_layers']}L-{sizes['hidden_size']}", batching=name, passages=n,
-                         batch=batch, ours_psg_per_s=n / t_ours, reference_psg_per_s=n / t_ref,
+                         batch=batch, dtype="float32", ours_psg_per_s=n / t_ours, reference_psg_per_s=n / t_ref,
                          speedup=t_ref / t_ours))  # fmt: skip
+    low = [d for d in opts.dtypes if d != "float32"] or (["bfloat16"] if opts.quick else [])
+    for dtype in low:
+        low_encode = embed.make_encode_fn(dataclasses.replace(loaded.config, dtype=getattr(jnp, dtype)))
+        vectors = [np.asarray(low_encode(params, b), np.float32) for b in same]  # also compiles
+        exact = [np.asarray(encode(params, b), np.float32) for b in same]
+        cosine = min(_min_cosine(a, b) for a, b in zip(vectors, exact))
+
+        def theirs_low():
+            with torch.no_grad(), reference_autocast(dtype):
+                for b in same_torch:
+                    reference(**b)
+
+        t_ours, t_ref, t_autocast = interleaved_median_seconds(
+            (lambda: jax.block_until_ready([low_encode(params, b) for b in same]), theirs_same, theirs_low),
+            opts.repeats)  # fmt: skip
+        n = len(passages)
+        same_fields = {key: rows[0][key] for key in ("model", "batching", "passages", "batch")}
+        rows.append(dict(same_fields, dtype=dtype, ours_psg_per_s=n / t_ours, reference_psg_per_s=n / t_ref,
+                         reference_autocast_psg_per_s=n / t_autocast, speedup_vs_reference_float32=t_ref / t_ours,
+                         speedup_vs_reference_autocast=t_autocast / t_ours,
+                         min_cosine_to_ours_float32=cosine))  # fmt: skip
     return rows
+
+
+def _min_cosine(a_NxD: np.ndarray, b_NxD: np.ndarray) -> float:
+    """The smallest cosine similarity between matching rows of two (N, D) arrays."""
+    dots = (a_NxD * b_NxD).sum(-1)
+    return float((dots / (np.linalg.norm(a_NxD, axis=-1) * np.linalg.norm(b_NxD, axis=-1))).min())

@@ -1,6 +1,8 @@
-"""mfu, accelerators only: the `paper` config's step in bf16 as a fraction of the device's peak FLOP/s (model FLOPs
+"""mfu: on an accelerator, the `paper` config's step in bf16 as a fraction of the device's peak FLOP/s (model FLOPs
 from rag_jax/training/flops.py), and `paper_t5`'s (a T5-large-sized generator) with `--generators` holding t5;
-and exact MIPS bytes/second as a fraction of HBM bandwidth."""
+and exact MIPS bytes/second as a fraction of HBM bandwidth. On CPU (no datasheet peak), the peaks are measured
+(a large jitted GEMM in float32 and in bfloat16) and the `small` BART training step's achieved FLOP/s in each
+compute dtype is given as a share of both."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments.bench.common import GENERATORS, Options, jax_model, median_seconds, model_config, train_batch
+from experiments.bench.common import (GENERATORS, Options, jax_model, median_seconds, model_config, train_batch,
+                                      twins, with_compute_dtype)  # fmt: skip
 from experiments.bench.train_step import JaxTrainer
 
 
@@ -101,13 +104,51 @@ def mfu_rows(configs: list[ml_collections.ConfigDict], peak: DevicePeak, repeats
     return rows
 
 
+CPU_GEMM_SIZE = 2048  # the square GEMM whose rate is this CPU's peak (4096 measured within a few % of it)
+
+
+def gemm_flops_per_s(dtype: str, n: int, repeats: int) -> float:
+    """FLOP/s of a jitted (n, n) @ (n, n) in `dtype` on the default device, accumulated in float32 (bfloat16 x
+    bfloat16 -> float32 is XLA:CPU's bfloat16 GEMM kernel; a bfloat16 result would run as a float32 GEMM)."""
+    a_NxN = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    gemm = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+    seconds = median_seconds(lambda: gemm(a_NxN, a_NxN).block_until_ready(), repeats, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def cpu_rows(opts: Options) -> list[dict]:
+    """This CPU's measured float32 and bfloat16 GEMM peaks, and the BART training step (`small`; --quick: `tiny`,
+    bfloat16 alone) in each compute dtype as a share of both."""
+    from rag_jax.training import flops
+
+    n = 256 if opts.quick else CPU_GEMM_SIZE
+    peaks = {dtype: gemm_flops_per_s(dtype, n, opts.repeats) for dtype in ("float32", "bfloat16")}
+    rows = [dict(measure=f"GEMM {n}x{n}x{n} {dtype} (float32 accumulation)", device="cpu", devices=1,
+                 achieved_gflop_per_s=peak / 1e9) for dtype, peak in peaks.items()]  # fmt: skip
+    size = "tiny" if opts.quick else "small"
+    base = twins(size, "bart")
+    for dtype in ("bfloat16",) if opts.quick else ("float32", "bfloat16"):
+        pair = with_compute_dtype(base, dtype)
+        trainer = JaxTrainer(pair, train_batch(pair.config, pair.model))
+        seconds = median_seconds(trainer.step, opts.repeats, warmup=1)
+        c = pair.config
+        model_flops = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
+                                                 c.data.max_question_length, c.model.max_combined_length,
+                                                 c.data.max_target_length)  # fmt: skip
+        achieved = model_flops / seconds  # the whole step on this CPU, whatever jax device count splits it
+        rows.append(dict(measure=f"train_step {size} bart", device="cpu", devices=pair.mesh.size, dtype=dtype,
+                         seconds=seconds, achieved_gflop_per_s=achieved / 1e9,
+                         share_of_float32_peak=achieved / peaks["float32"],
+                         share_of_bfloat16_peak=achieved / peaks["bfloat16"]))  # fmt: skip
+    return rows
+
+
 def run(opts: Options) -> list[dict]:
-    """The paper config's training-step MFU in bf16 and exact MIPS bandwidth, on an accelerator only."""
+    """The paper config's training-step MFU in bf16 and exact MIPS bandwidth on an accelerator; on CPU, measured
+    GEMM peaks and the small step's share of them."""
     device = jax.devices()[0]
     if device.platform == "cpu":
-        reason = "no accelerator (jax.devices() is CPU): MFU is measured on TPU/GPU only"
-        print(f"mfu: skipped: {reason}")
-        return [dict(status="skipped", reason=reason)]
+        return cpu_rows(opts)
     peak = device_peak(device.device_kind)
     if peak is None:
         reason = f"device kind {device.device_kind!r} is not in experiments/bench/mfu.py PEAKS; add its peak figures"

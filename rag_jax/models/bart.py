@@ -203,7 +203,7 @@ class Bart(layers.EncoderDecoder):
         return x
 
     def _logits(self, x_BxTxE: jax.Array) -> jax.Array:
-        logits = layers.at_least_float32(self.shared.attend(x_BxTxE.astype(self.config.dtype)))
+        logits = layers.tied_logits(x_BxTxE.astype(self.config.dtype), self.shared)
         # A registered buffer in the reference's BartForConditionalGeneration, not a parameter: it never trains.
         logits = logits + jax.lax.stop_gradient(self.final_logits_bias).astype(logits.dtype)
         return layers.constrain(logits, ("batch", "length", "vocab"))

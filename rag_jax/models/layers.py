@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rag_jax.models import low_precision
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -107,6 +109,8 @@ def dense(
         axis=axis,
         use_bias=use_bias,
         dtype=dtype,
+        # float32 keeps lax.dot_general itself (None), so float32 runs are unchanged bit for bit
+        dot_general=low_precision.dot_general if low_precision.is_low_precision(dtype) else None,
         param_dtype=param_dtype,
         kernel_init=_partitioned(nn.initializers.normal(init_std), kernel_axes),
         bias_init=_partitioned(nn.initializers.zeros_init(), kernel_axes[-n_out:]),
@@ -306,7 +310,7 @@ class MultiHeadAttention(nn.Module):
         if self.scale_query:
             q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
         q = constrain(q, ("batch", "length", "heads", "kv")).transpose(0, 2, 1, 3)
-        logits_BxHxQxK = at_least_float32(jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(self.dtype)))
+        logits_BxHxQxK = _scores(q, k.astype(self.dtype))
         if bias is not None:
             logits_BxHxQxK = logits_BxHxQxK + bias
         weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
@@ -314,9 +318,33 @@ class MultiHeadAttention(nn.Module):
         # the decoder's cross-attention mass per passage); otherwise a no-op.
         self.sow("intermediates", "attention_weights", weights)
         weights = self.dropout(weights, deterministic=deterministic).astype(self.dtype)
-        out_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(self.dtype))
+        out_BxHxQxD = _weighted_values(weights, v.astype(self.dtype))
         out_BxQxHxD = out_BxHxQxD.transpose(0, 2, 1, 3)
         return self.out(out_BxQxHxD)
+
+
+def tied_logits(x_BxTxE: jax.Array, embedding: nn.Embed) -> jax.Array:
+    """x @ embedding.T (a tied LM head), at least float32. bfloat16 x: bfloat16 products accumulated in float32
+    (nn.Embed.attend would promote both to float32); otherwise Embed.attend itself."""
+    if not low_precision.is_low_precision(x_BxTxE.dtype):
+        return at_least_float32(embedding.attend(x_BxTxE))
+    table_VxE = embedding.embedding.astype(x_BxTxE.dtype)
+    rows_NxE = x_BxTxE.reshape(-1, x_BxTxE.shape[-1])
+    logits_NxV = low_precision.matmul_f32_accumulate(rows_NxE, table_VxE, True, jnp.float32)
+    return logits_NxV.reshape(x_BxTxE.shape[:-1] + table_VxE.shape[:1])
+
+
+def _scores(q_BxHxQxD: jax.Array, k_BxHxKxD: jax.Array) -> jax.Array:
+    """Attention logits (B, H, Q, K) in float32 (bfloat16 products accumulated in float32, low_precision)."""
+    if low_precision.is_low_precision(q_BxHxQxD.dtype):
+        return low_precision.matmul_f32_accumulate(q_BxHxQxD, k_BxHxKxD, True, jnp.float32)
+    return at_least_float32(jnp.einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD))
+
+
+def _weighted_values(weights_BxHxQxK: jax.Array, v_BxHxKxD: jax.Array) -> jax.Array:
+    if low_precision.is_low_precision(v_BxHxKxD.dtype):
+        return low_precision.matmul_f32_accumulate(weights_BxHxQxK, v_BxHxKxD, False, v_BxHxKxD.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights_BxHxQxK, v_BxHxKxD)
 
 
 def vocab_slice_width(vocab: int, target: int, smallest: int, largest: int) -> int:
@@ -324,6 +352,12 @@ def vocab_slice_width(vocab: int, target: int, smallest: int, largest: int) -> i
     `target`: for passes over a vocabulary a slice at a time, which then need no padded copy of it."""
     fits = [d for d in range(smallest, largest + 1) if vocab % d == 0]
     return min(fits, key=lambda d: abs(d - target)) if fits else target
+
+
+def _logits(features_NxE: jax.Array, head_CxE: jax.Array, float_dtype: Dtype) -> jax.Array:
+    if low_precision.is_low_precision(features_NxE.dtype):
+        return low_precision.matmul_f32_accumulate(features_NxE, head_CxE, True, float_dtype)
+    return jnp.einsum("ne,ce->nc", features_NxE, head_CxE).astype(float_dtype)
 
 
 def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Array | None, targets_N: jax.Array,
@@ -347,7 +381,7 @@ def log_softmax_at(features_NxE: jax.Array, head_VxE: jax.Array, bias_V: jax.Arr
     def fold(carry, slice_):
         max_N, sum_N, total_N = carry
         head_CxE, bias_C = slice_
-        logits_NxC = jnp.einsum("ne,ce->nc", features_NxE, head_CxE).astype(float_dtype) + bias_C
+        logits_NxC = _logits(features_NxE, head_CxE, float_dtype) + bias_C
         new_max_N = jnp.maximum(max_N, logits_NxC.max(-1))
         sum_N = sum_N * jnp.exp(max_N - new_max_N) + jnp.exp(logits_NxC - new_max_N[:, None]).sum(-1)
         if with_vocab_sum:

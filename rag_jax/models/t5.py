@@ -235,7 +235,7 @@ class T5(layers.EncoderDecoder):
 
     def _logits(self, x_BxTxE: jax.Array, deterministic: bool) -> jax.Array:
         x = self._head_features(x_BxTxE, deterministic)
-        logits = self.shared.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        logits = layers.tied_logits(x, self.shared) if self.config.tie_word_embeddings else self.lm_head(x)
         return layers.constrain(layers.at_least_float32(logits), ("batch", "length", "vocab"))
 
     def lm_head_arrays(self) -> tuple[jax.Array, None]:
