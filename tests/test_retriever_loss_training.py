@@ -85,6 +85,7 @@ def test_the_step_adds_atlas_retriever_losses_to_the_readers_loss(run, task, rea
 
 @pytest.mark.parametrize("overrides,expected", [
     ({"train.retriever_loss": "adist"}, "set --config.model.reader=fid"),
+    ({"train.retriever_loss": "adist", "model.reader": "fid"}, "'adist' is not built yet"),
     ({"train.retriever_loss": "loop", "model.n_docs": 1}, "model.n_docs >= 2"),
     ({"train.retriever_loss": "attention"}, "train.retriever_loss"),
     ({"train.retriever_temperature": 0.0}, "train.retriever_temperature"),

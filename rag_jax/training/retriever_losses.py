@@ -11,7 +11,8 @@ facebookresearch/atlas src/atlas.py), without gold passages.
   loop      leave-one-out perplexity distillation: KL(target || p_retr) with target = softmax_k(l_k / temperature),
             l_k the reader's mean per-token loss with passage k left out (a passage whose absence hurts most is the
             one to retrieve).
-  adist     attention distillation: needs the FiD reader's cross-attention (model.reader=fid); refused until then.
+  adist     attention distillation: needs the FiD reader's cross-attention scores (Reader.passage_attention_scores),
+            not built yet: refused at start-up (runs/config_check.py).
 
 In pdist, emdr2 and loop the reader's terms carry no gradient into the retriever loss (Atlas computes them under
 torch.no_grad with the reader in eval mode: here a separate pass without dropout, under stop_gradient), and the
