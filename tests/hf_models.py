@@ -97,6 +97,35 @@ def t5_model(version: str = "v1.0", seed=0, **overrides) -> transformers.T5ForCo
     return randomize(model, seed)
 
 
+# tests/test_decode.py's generation-friendly RAG: the special tokens' final_logits_bias boosts.
+DECODE_EOS_BIAS = 5.0  # EOS likely enough that some beams finish early, not so likely that all do
+DECODE_BOS_BIAS = 3.5  # BOS likely enough to repeat, so that banning [0, 0] matters
+
+
+def decode_rag(n_docs: int) -> transformers.RagTokenForGeneration:
+    """A random RAG (BART generator) whose greedy and beam answers vary with the context: weights with std 0.5 (at
+    std 1.0 one token wins every step whatever the context), LayerNorms near the identity (a random LayerNorm bias
+    alone picks the argmax token otherwise), and final_logits_bias small except for EOS, raised so that some
+    hypotheses end early, and BOS."""
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        dpr_config(num_hidden_layers=1),
+        bart_config(forced_eos_token_id=None, encoder_layers=1, decoder_layers=2),
+        n_docs=n_docs,
+    )
+    reference = randomize(transformers.RagTokenForGeneration(config), seed=5, std=0.5)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in reference.rag.generator.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                centre = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(centre + 0.1 * torch.randn(p.shape, generator=generator))
+        bias = reference.rag.generator.final_logits_bias
+        bias.mul_(0.1)
+        bias[0, config.generator.eos_token_id] += DECODE_EOS_BIAS
+        bias[0, config.generator.bos_token_id] += DECODE_BOS_BIAS
+    return reference
+
+
 def padded_ids(rng: np.random.Generator, batch: int, length: int, vocab: int, pad: int, first: int | None = None):
     """Random ids (B, L) with right padding of varied lengths (the first row unpadded) and their 0/1 mask."""
     ids = rng.integers(3, vocab, size=(batch, length))

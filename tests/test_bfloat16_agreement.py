@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from rag_jax import rag
@@ -36,21 +35,9 @@ def _bart_loss_fixture(directory):
 
 
 def _bart_decode_fixture(directory):
-    """tests/test_decode.py's model: std 0.5, layer norms near the identity, EOS and BOS raised."""
-    config = transformers.RagConfig.from_question_encoder_generator_configs(
-        hf_models.dpr_config(num_hidden_layers=1),
-        hf_models.bart_config(forced_eos_token_id=None, encoder_layers=1, decoder_layers=2), n_docs=N_DOCS)
-    reference = hf_models.randomize(transformers.RagTokenForGeneration(config), seed=5, std=0.5)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in reference.rag.generator.named_parameters():
-            if "layer_norm" in name or "layernorm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=generator))
-        bias = reference.rag.generator.final_logits_bias
-        bias.mul_(0.1)
-        bias[0, 2] += 5.0  # EOS
-        bias[0, 0] += 3.5  # BOS
-    return reference
+    """tests/test_decode.py's model (hf_models.decode_rag): std 0.5, layer norms near the identity, EOS and BOS
+    raised."""
+    return hf_models.decode_rag(N_DOCS)
 
 
 def _t5_fixture(directory):

@@ -16,34 +16,14 @@ from rag_jax.models import hf
 from tests import hf_models
 
 BATCH, N_DOCS, PAD, BOS, EOS = 3, 3, 1, 0, 2
-EOS_BIAS = 5.0  # EOS likely enough that some beams finish early, not so likely that all do
-BOS_BIAS = 3.5  # BOS likely enough to repeat, so that banning [0, 0] matters
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A random RAG checkpoint (save_pretrained) with generation-friendly weights, its PyTorch twins and ours.
-
-    Weights are random with std 0.5 (at std 1.0 one token wins every step whatever the context), LayerNorms near
-    the identity (a random LayerNorm bias alone picks the argmax token otherwise), and final_logits_bias small
-    except for EOS, which is raised so that some hypotheses end early."""
+    """A random RAG checkpoint (save_pretrained) with generation-friendly weights (hf_models.decode_rag), its
+    PyTorch twins and ours."""
     directory = str(tmp_path_factory.mktemp("rag_decode"))
-    config = transformers.RagConfig.from_question_encoder_generator_configs(
-        hf_models.dpr_config(num_hidden_layers=1),
-        hf_models.bart_config(forced_eos_token_id=None, encoder_layers=1, decoder_layers=2),
-        n_docs=N_DOCS,
-    )
-    reference = hf_models.randomize(transformers.RagTokenForGeneration(config), seed=5, std=0.5)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in reference.rag.generator.named_parameters():
-            if "layer_norm" in name or "layernorm" in name:
-                centre = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(centre + 0.1 * torch.randn(p.shape, generator=generator))
-        bias = reference.rag.generator.final_logits_bias
-        bias.mul_(0.1)
-        bias[0, EOS] += EOS_BIAS
-        bias[0, BOS] += BOS_BIAS
+    reference = hf_models.decode_rag(N_DOCS)
     reference.save_pretrained(directory)
     loaded = hf.load_rag(directory)
     model = rag.Rag(loaded.question_encoder.config, loaded.generator.config, rag.RagConfig.from_hf(loaded.hf_config))

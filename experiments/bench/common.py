@@ -69,13 +69,14 @@ def interleaved_median_seconds(fns: tuple[Callable[[], object], ...], repeats: i
 def with_compute_dtype(pair: "Twins", dtype: str) -> "Twins":
     """The same model and initial state (float32 parameters) computing in `dtype` (model.compute_dtype): the
     parameter tree does not depend on the compute dtype, so the state and the exported reference are shared."""
+    from rag_jax import rag
     from rag_jax.runs import build
 
     if dtype == pair.config.model.compute_dtype:
         return pair
     config = ml_collections.ConfigDict(pair.config.to_dict())
     config.model.compute_dtype = dtype
-    return dataclasses.replace(pair, config=config, model=build.build_rag(config, load_weights=False).rag)
+    return dataclasses.replace(pair, config=config, model=rag.with_compute_dtype(pair.model, build.DTYPES[dtype]))
 
 
 def reference_autocast(dtype: str):
@@ -88,6 +89,12 @@ def reference_autocast(dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cpu", dtype=getattr(torch, dtype))
+
+
+def same_answers(a_BxT: np.ndarray, b_BxT: np.ndarray) -> float:
+    """The share of rows whose token ids agree up to the shorter of the two (both padded after EOS)."""
+    t = min(a_BxT.shape[1], b_BxT.shape[1])
+    return float(np.mean(np.all(a_BxT[:, :t] == b_BxT[:, :t], axis=1)))
 
 
 def reference_floats_like_xla() -> None:

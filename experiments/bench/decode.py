@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench.common import (Options, Twins, contexts, interleaved_median_seconds, median_seconds,
-                                      paired_median_seconds, reference_autocast, twins, with_compute_dtype)  # fmt: skip
+                                      paired_median_seconds, reference_autocast, same_answers, twins,
+                                      with_compute_dtype)  # fmt: skip
 
 
 def _decode_cases(pair: Twins, max_length: int) -> list[tuple[str, Any, dict[str, Any]]]:
@@ -70,14 +71,14 @@ def run(opts: Options) -> list[dict]:
                 rows.append(dict(row, dtype="float32", ours_s=t_ours,
                                  reference=f"fails: {type(e).__name__}: {str(e)[:80]}"))  # fmt: skip
                 continue
-            agree = float(np.mean(np.all(out_ours[:, : out_ref.shape[1]] == out_ref, axis=1)))
+            agree = same_answers(out_ours, out_ref)
             t_ours, t_ref = paired_median_seconds(lambda: run_ours().block_until_ready(), run_reference, opts.repeats,
                                                   warmup=0)  # fmt: skip
             rows.append(dict(row, dtype="float32", ours_s=t_ours, reference_s=t_ref, speedup=t_ref / t_ours,
                              same_output=agree))  # fmt: skip
             for dtype in _low_dtypes(opts, size, generator, name):
                 low = _ours(with_compute_dtype(pair, dtype).model, params, jax_inputs, name, gen)
-                same = _same_answers(np.asarray(low()), out_ours)  # also the warm-up (compilation)
+                same = same_answers(np.asarray(low()), out_ours)  # also the warm-up (compilation)
                 times = interleaved_median_seconds((lambda: low().block_until_ready(), run_reference,
                                                     lambda: run_reference(dtype)), opts.repeats, warmup=0)
                 rows.append(dict(row, dtype=dtype, ours_s=times[0], reference_s=times[1],
@@ -103,8 +104,3 @@ def _low_dtypes(opts: Options, size: str, generator: str, name: str) -> list[str
         return ["bfloat16"] if (size, generator, name) == ("tiny", "bart", "rag_token greedy") else []
     return low
 
-
-def _same_answers(a_BxT: np.ndarray, b_BxT: np.ndarray) -> float:
-    """The share of rows whose token ids agree up to the shorter of the two (both padded after EOS)."""
-    t = min(a_BxT.shape[1], b_BxT.shape[1])
-    return float(np.mean(np.all(a_BxT[:, :t] == b_BxT[:, :t], axis=1)))

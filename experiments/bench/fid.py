@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench.common import (Options, Twins, contexts, make_twins, model_config, paired_median_seconds,
-                                      relative, scratch_dir, train_batch)
+                                      relative, same_answers, scratch_dir, train_batch)
 from experiments.bench.train_step import JaxTrainer, TorchTrainer
 
 _FID_TWINS: dict[tuple[str, str], Twins] = {}
@@ -133,7 +133,7 @@ def _decode_rows(pair: Twins, size: str, generator: str, repeats: int, quick: bo
                                           forced_bos_token_id=None, forced_eos_token_id=None, **length).numpy()
 
         out_ours, out_ref = np.asarray(run_ours()), run_reference()  # also the warm-up (compilation)
-        agree = float(np.mean(np.all(out_ours[:, : out_ref.shape[1]] == out_ref, axis=1)))
+        agree = same_answers(out_ours, out_ref)
         t_ours, t_ref = paired_median_seconds(run_ours, run_reference, repeats, warmup=0)
         rows.append(dict(size=size, generator=generator, case="greedy" if beams == 1 else f"beam {beams}", batch=batch,
                          n_docs=k, passage_len=s, new_tokens=new_tokens, ours_s=t_ours, reference_s=t_ref,

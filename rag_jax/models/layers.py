@@ -329,8 +329,7 @@ def tied_logits(x_BxTxE: jax.Array, embedding: nn.Embed) -> jax.Array:
     if not low_precision.is_low_precision(x_BxTxE.dtype):
         return at_least_float32(embedding.attend(x_BxTxE))
     table_VxE = embedding.embedding.astype(x_BxTxE.dtype)
-    rows_NxE = x_BxTxE.reshape(-1, x_BxTxE.shape[-1])
-    logits_NxV = low_precision.matmul_f32_accumulate(rows_NxE, table_VxE, True, jnp.float32)
+    logits_NxV = _logits(x_BxTxE.reshape(-1, x_BxTxE.shape[-1]), table_VxE, jnp.float32)
     return logits_NxV.reshape(x_BxTxE.shape[:-1] + table_VxE.shape[:1])
 
 
