@@ -14,7 +14,7 @@ import ml_collections
 
 from experiments.bench.common import (GENERATORS, Options, jax_model, median_seconds, model_config, train_batch,
                                       twins, with_compute_dtype)  # fmt: skip
-from experiments.bench.train_step import JaxTrainer
+from experiments.bench.train_step import JaxTrainer, step_gflop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,6 @@ def gemm_flops_per_s(dtype: str, n: int, repeats: int) -> float:
 def cpu_rows(opts: Options) -> list[dict]:
     """This CPU's measured float32 and bfloat16 GEMM peaks, and the BART training step (`small`; --quick: `tiny`,
     bfloat16 alone) in each compute dtype as a share of both."""
-    from rag_jax.training import flops
-
     n = 256 if opts.quick else CPU_GEMM_SIZE
     peaks = {dtype: gemm_flops_per_s(dtype, n, opts.repeats) for dtype in ("float32", "bfloat16")}
     rows = [dict(measure=f"GEMM {n}x{n}x{n} {dtype} (float32 accumulation)", device="cpu", devices=1,
@@ -131,11 +129,7 @@ def cpu_rows(opts: Options) -> list[dict]:
         pair = with_compute_dtype(base, dtype)
         trainer = JaxTrainer(pair, train_batch(pair.config, pair.model))
         seconds = median_seconds(trainer.step, opts.repeats, warmup=1)
-        c = pair.config
-        model_flops = flops.rag_train_step_flops(pair.model, c.train.global_batch_size, c.model.n_docs,
-                                                 c.data.max_question_length, c.model.max_combined_length,
-                                                 c.data.max_target_length)  # fmt: skip
-        achieved = model_flops / seconds  # the whole step on this CPU, whatever jax device count splits it
+        achieved = step_gflop(pair) * 1e9 / seconds  # the whole step on this CPU, whatever jax device count splits it
         rows.append(dict(measure=f"train_step {size} bart", device="cpu", devices=pair.mesh.size, dtype=dtype,
                          seconds=seconds, achieved_gflop_per_s=achieved / 1e9,
                          share_of_float32_peak=achieved / peaks["float32"],

@@ -244,8 +244,9 @@ def _shape_fields(pair: Twins, size: str, mode: str, generator: str) -> dict:
                 source_len=c.model.max_combined_length, target_len=c.data.max_target_length, devices=pair.mesh.size)
 
 
-def _with_flops(row: dict, pair: Twins, mode: str) -> dict:
-    """The row with the step's analytic model FLOPs and the rate each side achieves."""
+def step_gflop(pair: Twins, mode: str = "rag") -> float:
+    """The analytic model GFLOP of one training step of `pair` (mode "end2end": the trained document encoder's
+    forward and backward over the K passages included)."""
     from rag_jax.training import flops
 
     c = pair.config
@@ -255,6 +256,12 @@ def _with_flops(row: dict, pair: Twins, mode: str) -> dict:
     if mode == "end2end":  # + the K passages through the document encoder, forward and backward
         gflop += flops.trained_doc_encoder_flops(pair.model.doc_encoder_config, c.train.global_batch_size,
                                                  c.model.n_docs, c.index.max_length) / 1e9
+    return gflop
+
+
+def _with_flops(row: dict, pair: Twins, mode: str) -> dict:
+    """The row with the step's analytic model FLOPs and the rate each side achieves."""
+    gflop = step_gflop(pair, mode)
     return dict(row, model_gflop=gflop, ours_gflop_per_s=gflop / row["ours_s"],
                 reference_gflop_per_s=gflop / row["reference_s"])
 
