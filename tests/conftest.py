@@ -12,13 +12,15 @@ import os
 
 import pytest
 
+from tests import process_env
+
 # The hostile tables' shared helpers (tests/hostile.py, a plugin of theirs) use plain asserts: rewrite them, however
 # the test files that import them are ordered.
 pytest.register_assert_rewrite("tests.hostile")
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + process_env.xla_flags(devices=8)).strip()
 
 
 def pytest_configure(config):

@@ -16,6 +16,8 @@ import pytest
 
 from rag_jax.retrieval import corpus
 
+from tests import process_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSAGES = os.path.join(ROOT, "rag_jax/assets/nq_open_mini/passages.tsv")
 QUESTIONS = os.path.join(ROOT, "rag_jax/assets/nq_open_mini/questions.jsonl")
@@ -24,7 +26,7 @@ REAL_VOCAB = dict(vocab_size=30522, max_position_embeddings=512)
 
 def run(*args, timeout=300, env=None):
     """`python -m args...` from the repository root on one CPU device, as a user runs it."""
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
+    full_env = process_env.command_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=full_env,
                           timeout=timeout)
 

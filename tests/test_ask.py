@@ -5,7 +5,6 @@ fixture of tests/test_cli_hostile.py); what the answers say does not matter here
 
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from rag_jax.inference import provenance_plot
+from tests import process_env
 from tests.hostile import ROOT, run
 
 pytest_plugins = ["tests.hostile"]  # the session fixture hf_space, shared with the hostile tables
@@ -77,7 +77,7 @@ def test_a_bad_line_at_the_prompt_does_not_end_the_session(hf_space, tmp_path): 
     done = subprocess.run([sys.executable, "-m", "experiments.ask", f"--model={hf_space}/rag",
                            f"--index={hf_space}/index", "--max_length=6"], input="\nwho wrote the song\n",
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # fmt: skip
+                          env=process_env.command_env())  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert done.stdout.count("question: who wrote the song") == 1 and "answer:" in done.stdout

@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from rag_jax.retrieval import corpus
-from tests import hf_models
+from tests import hf_models, process_env
 
 REAL_VOCAB = dict(vocab_size=30522, max_position_embeddings=512)
 PASSAGES = "rag_jax/assets/nq_open_mini/passages.tsv"
@@ -18,7 +18,7 @@ QUESTIONS = "rag_jax/assets/nq_open_mini/questions.jsonl"
 
 
 def run(*args, expect_ok=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
     if expect_ok:
         assert done.returncode == 0, done.stderr[-3000:]

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests import process_env
 from tests.hostile import QUESTIONS, ROOT, refused, run, snapshot
 
 pytest_plugins = ["tests.hostile"]  # its session fixtures hf_space and run_dir: one copy for all the tables
@@ -116,7 +117,7 @@ def test_the_workdir_rule_knows_every_entry_of_a_workdir():
 
 
 def _start(*args, env=None):
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
+    full_env = process_env.command_env(**(env or {}))
     return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=full_env)
 

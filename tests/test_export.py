@@ -17,7 +17,7 @@ from rag_jax.data import tokenizers
 from rag_jax.inference import export
 from rag_jax.models import hf
 from rag_jax.readers import rag_sequence, rag_token, registry
-from tests import hf_models
+from tests import hf_models, process_env
 
 
 @pytest.mark.parametrize("model_type,projection_dim", [("sequence", 0), ("token", 7)])
@@ -99,7 +99,7 @@ def test_only_dpr_pooling_exports():
 
 
 def _run(*args, expect=0):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == expect, done.stderr[-3000:]
     return done

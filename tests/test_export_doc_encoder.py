@@ -21,13 +21,13 @@ from rag_jax.inference import export, model_dir
 from rag_jax.models import bert, hf
 from rag_jax.retrieval import corpus, embed, index_io
 from rag_jax.runs import trained_model, workdir as workdir_lib
-from tests import hf_models, train_task
+from tests import hf_models, process_env, train_task
 
 REFRESH_STEP = 2  # the run refreshes its index after step 2 and ends at step 3: its last version is older than d(z)
 
 
 def _export(workdir: str, output: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--output={output}"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -16,11 +16,11 @@ import transformers
 
 from rag_jax.inference import export, export_pieces, model_dir
 from rag_jax.retrieval import corpus, index_io
-from tests import hf_models
+from tests import hf_models, process_env
 
 
 def _run(*args, expect=0):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == expect, done.stderr[-3000:]
     return done

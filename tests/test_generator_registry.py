@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rag_jax.models import bart, bart_generator, hf, registry
-from tests import hf_models, train_task
+from tests import hf_models, process_env, train_task
 
 NAME = f"{__name__}:bart_silu"
 
@@ -45,7 +45,7 @@ BART_SILU = registry.register(dataclasses.replace(
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

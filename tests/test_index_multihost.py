@@ -20,7 +20,7 @@ import pytest
 from rag_jax.retrieval import corpus, exact, index_io, merge
 from rag_jax.retrieval.index_io import IndexFormatError, load_index
 from rag_jax.retrieval.index_writer import IndexWriter
-from tests import local_processes, multihost_worker
+from tests import local_processes, multihost_worker, process_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 120  # Far above the few seconds a job takes: only a hang gets there.
@@ -262,7 +262,7 @@ def test_hot_swap_replaces_the_index_without_recompiling(tmp_path):
 def _run_job(mode: str, workdir) -> list[tuple[int, str]]:
     """Runs the 2-process job; returns each process's (exit code, output). Fails the test if it hangs."""
     port = local_processes.free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = process_env.command_env(devices=2)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", mode, str(workdir), str(port), str(i)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

@@ -18,7 +18,7 @@ from rag_jax import sharding
 from rag_jax.retrieval import embed, index_io
 from rag_jax.runs import build, checkpoint, config_check, trained_model, workdir as workdir_lib
 from rag_jax.training import index_refresh, loop
-from tests import local_processes, train_task
+from tests import local_processes, process_env, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,9 +135,8 @@ def test_run_records_prunes_and_evaluates_its_index_versions(task, tmp_path, mon
 
 
 def _train(task, workdir, overrides, env_extra=None):
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"), **(env_extra or {}))
+    env = process_env.command_env(
+        devices=1, JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"), **(env_extra or {}))
     command = [sys.executable, "-m", "tests.refresh_worker", f"--workdir={workdir}",
                *train_task.cli_overrides(task, **overrides)]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -201,7 +200,7 @@ def test_two_processes_refresh_their_own_rows_into_build_index_s_index(task, tmp
                  "index.refresh_every": "2", "index.shard_size": 8, "train.eval_every": 0}
     workdir = str(tmp_path / "two")
     port = local_processes.free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = process_env.command_env(devices=2)
     processes = [subprocess.Popen(
         [sys.executable, "-m", "tests.refresh_worker", f"--workdir={workdir}",
          *train_task.cli_overrides(task, **overrides), f"--coordinator_address=127.0.0.1:{port}",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rag_jax.models import sentence_transformers_dir
-from tests import train_task
+from tests import process_env, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def test_the_gold_passage_gets_the_highest_posterior_for_the_answer(demo, tmp_pa
     command = [sys.executable, "-m", "experiments.eval_nq", f"--model={root / 'demo' / 'run'}", "--n_docs=2",
                f"--questions={root / 'task' / 'dev.jsonl'}", f"--output={output}", "--provenance"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                          env=process_env.command_env())
     assert done.returncode == 0, done.stderr[-3000:]
     with open(root / "task" / "dev.jsonl") as f:
         gold = [str(json.loads(line)["gold_passage_id"]) for line in f]
@@ -107,7 +107,7 @@ def test_bfloat16_greedy_answers_agree_with_float32_on_the_trained_model(demo, t
                    "--reader=rag_token", "--num_beams=1", f"--compute_dtype={dtype}",
                    f"--questions={root / 'task' / 'dev.jsonl'}", f"--output={output}"]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                              env=process_env.command_env())
         assert done.returncode == 0, done.stderr[-3000:]
         predictions[dtype] = [json.loads(line)["prediction"] for line in output.read_text().splitlines()]
     pairs = list(zip(predictions["float32"], predictions["bfloat16"]))

@@ -21,7 +21,7 @@ import pytest
 from rag_jax import rag
 from rag_jax.models import bart, bert
 from rag_jax.readers import base, marginal, rag_sequence, rag_token, registry
-from tests import train_task
+from tests import process_env, train_task
 
 NAME = f"{__name__}:rag_sequence_per_token"
 
@@ -156,7 +156,7 @@ def test_the_old_names_select_the_reader_with_one_note(monkeypatch, capsys):
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

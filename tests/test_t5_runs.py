@@ -18,7 +18,7 @@ from rag_jax.inference import export
 from rag_jax.models import hf, t5
 from rag_jax.readers import registry
 from rag_jax.retrieval import corpus
-from tests import hf_models, train_task
+from tests import hf_models, process_env, train_task
 
 PREFIX = "answer: "
 
@@ -61,7 +61,7 @@ def test_hf_round_trip_of_rag_with_t5_is_exact(tmp_path, t5_tokenizer_dir, versi
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -130,7 +130,7 @@ def test_tiny_t5_device_retrieval_run_from_the_command_line_learns(tmp_path, t5_
         "model.generator.d_kv": 16, "tokenizers.generator": t5_tokenizer_dir, "data.answer_prefix_space": False,
         "retrieval.mode": "device",
     })  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = process_env.command_env(devices=2)
     done = subprocess.run([sys.executable, "-m", "experiments.train_nq", f"--workdir={workdir}", *overrides],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rag_jax.retrieval import corpus
-from tests import train_task
+from tests import process_env, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = process_env.command_env()
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -16,17 +16,14 @@ from rag_jax import sharding
 from rag_jax.runs import trained_model
 from rag_jax.training import dev_eval, loop
 from rag_jax.retrieval import corpus
-from tests import local_processes, train_task
+from tests import local_processes, process_env, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices: int, cache_dir: str) -> dict[str, str]:
-    env = dict(os.environ)
     # The restarted runs load the step compiled by the first one (the same program, so the same numbers).
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=cache_dir)
-    return env
+    return process_env.command_env(devices=devices, JAX_COMPILATION_CACHE_DIR=cache_dir)
 
 
 def _train_cli(task, workdir, overrides, *, devices, extra=()):

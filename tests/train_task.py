@@ -12,6 +12,8 @@ from experiments.configs import nq
 from rag_jax.data import nq_open
 from rag_jax.retrieval import corpus
 
+from tests import process_env
+
 MINI_PASSAGES = nq.BUNDLED_PASSAGES
 
 
@@ -110,7 +112,7 @@ def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[
                "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--n_docs_sweep=1,2,4", *flags]
     root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(command, cwd=root_dir, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                          env=process_env.command_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(workdir / "knowledge_demo.json") as f:
         return json.load(f), done.stdout
