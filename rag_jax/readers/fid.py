@@ -100,7 +100,7 @@ def nll_sums(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> jax.Arr
 
 
 # Atlas's ADist score ("evalnormsum": src/fid.py, aggregate_value's "sum") divides each passage's summed score by
-# 256 (a constant there, its default text_maxlength) x decoder layers x answer tokens. Kept: it sets the scale that
+# 256 (a literal there, whatever the passage length) x decoder layers x answer tokens. Kept: it sets the scale that
 # train.retriever_temperature (Atlas's temperature_gold, 0.01 in its scripts) divides.
 ATLAS_SCORE_DIVISOR = 256
 
