@@ -106,10 +106,10 @@ ATLAS_SCORE_DIVISOR = 256
 
 
 def decoder_cross_attention(model: rag.Rag, params, tokens_NxL, states_NxKSxE, mask_NxKS) -> list:
-    """One decoder pass over `tokens_NxL` (no dropout): per layer, its cross-attention weights (N, H, L, K*S) and
-    the norms of its values (N, H, K*S)."""
+    """One decoder pass over `tokens_NxL` (no dropout, no LM head): per layer, its cross-attention weights
+    (N, H, L, K*S) and the norms of its values (N, H, K*S)."""
     _, kept = model.generator.apply({"params": params["generator"]}, tokens_NxL, states_NxKSxE, mask_NxKS,
-                                    method="decode", mutable=["intermediates"])
+                                    head=False, method="decode", mutable=["intermediates"])
     flat = traverse_util.flatten_dict(kept["intermediates"])
     layers_ = [path[:-1] for path in flat if "cross_attn" in path and path[-1] == "attention_weights"]
     return [(flat[path + ("attention_weights",)][0], flat[path + ("value_norms",)][0]) for path in layers_]
