@@ -94,7 +94,7 @@ def fid_run(task, tmp_path_factory):
     return loop.setup(train_task.tiny_config(task, **EXACT, **FID_ADIST), str(tmp_path_factory.mktemp("fid")), mesh)
 
 
-@pytest.mark.slow  # the fid step's compilation: ~55-65 s under load (the reader calls around it take ~2 s)
+@pytest.mark.slow  # the fid step's compilation: ~40-65 s under load (the reader calls around it take ~2 s)
 def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder(fid_run, task):
     """One step: the loss is the fid reader's plus ADist's KL (computed here from the reader's
     passage_attention_scores on the same batch), and q(x), which only ADist trains, moves."""
