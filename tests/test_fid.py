@@ -22,6 +22,7 @@ from rag_jax.data import tokenizers
 from rag_jax.models import bert, hf
 from rag_jax.readers import fid, generation, registry
 from rag_jax.retrieval import contexts, corpus
+from rag_jax.training import retriever_losses
 from tests import hf_models
 
 ASSETS = "rag_jax/assets/nq_open_mini"
@@ -263,3 +264,103 @@ def test_run_configs_for_fid():
             paper.optim.max_grad_norm, paper.train.global_batch_size) == (5e-5, 1000, 15_000, 0.01, 1.0, 64)
     assert paper.model.generator.architecture == "t5" and paper.retrieval.mode == "host"
     config_check.check_fields(paper)
+
+
+# ------------------------------------------------------------------------------------- ADist (train.retriever_loss)
+
+
+def _torch_cross_attention_values(reference, arch: str, states):
+    """Each decoder layer's cross-attention values, split into heads (B, H, K*S, D), as the layer projects them."""
+    if arch == "t5":
+        modules = [block.layer[1].EncDecAttention for block in reference.decoder.block]
+        projections = [(m.v, m.n_heads, m.key_value_proj_dim) for m in modules]
+    else:
+        modules = [layer.encoder_attn for layer in reference.model.decoder.layers]
+        projections = [(m.v_proj, reference.config.decoder_attention_heads, m.head_dim) for m in modules]
+    return [v(states).view(states.shape[0], -1, heads, dim).transpose(1, 2) for v, heads, dim in projections]
+
+
+def _torch_atlas_adist_scores(reference, arch, states, mask_BxKS, decoder_input_ids, atlas_labels):
+    """facebookresearch/atlas src/fid.py, rewritten: cross_attention_forward's normalized_score_storage (the value
+    norms times the attention weights, mean over heads) per layer, then get_crossattention_scores' aggregate_value
+    and its "sum" (gold_score_mode "evalnormsum", the paper's ADist), from one decoder pass (eval_score)."""
+    out = reference(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask_BxKS,
+                    decoder_input_ids=decoder_input_ids, output_attentions=True, use_cache=False)
+    values = _torch_cross_attention_values(reference, arch, states)
+    # Atlas takes the norm of value_states.float(): an upcast from its float16 (float64 here stays float64)
+    norms = torch.stack([(torch.norm(v, dim=-1)[:, :, None] * a).mean(dim=1)
+                         for v, a in zip(values, out.cross_attentions)])
+    n_layers, bsz, n_tokens, _ = norms.size()
+    scores = norms.view(n_layers, bsz, n_tokens, K, -1)
+    mask = mask_BxKS.bool().view(bsz, K, -1)
+    scores = scores.masked_fill(~mask[None, :, None], 0.0)
+    ntokens_sum = 256 * n_layers * (~(atlas_labels == -100)).sum(dim=[1])[:, None]
+    scores = scores.sum(dim=[0])
+    scores = scores.masked_fill((atlas_labels == -100)[:, :, None, None], 0.0)
+    return scores.sum(dim=[1, 3]) / ntokens_sum
+
+
+def _torch_atlas_kldivloss(score, gold_score, temperature_gold, temperature_score):
+    """src/atlas.py's kldivloss."""
+    gold_score = torch.softmax(gold_score / temperature_gold, dim=-1)
+    score = torch.nn.functional.log_softmax(score / temperature_score, dim=-1)
+    return torch.nn.KLDivLoss()(score, gold_score)
+
+
+ADIST_TEMPERATURE = 0.002  # Atlas's temperature_gold is 0.01 at its scale; these random decoders attend more evenly
+
+
+def _adist_against_atlas(setup, float64: bool):
+    """(relative errors of the scores, of the loss and of its gradient w.r.t. the doc scores; the scores)."""
+    reference, model, params, labels = setup["reference"], setup["model"], setup["params"], setup["labels"]
+    pad = model.generator_config.pad_token_id
+    t_dtype, j_dtype = (torch.float64, jnp.float64) if float64 else (torch.float32, jnp.float32)
+    reference = reference.to(t_dtype)
+    reference.set_attn_implementation("eager")  # sdpa returns no attention weights (the same function otherwise)
+    targets = _targets(labels, pad)
+    atlas_labels = torch.tensor(np.where(targets == pad, -100, targets), dtype=torch.long)
+    doc_scores = np.random.default_rng(5).normal(size=(B, K)) * 2.0
+    with torch.no_grad():
+        states, mask = _torch_encoder_out(reference, setup["ids"], setup["mask"])
+        expected = _torch_atlas_adist_scores(reference, setup["arch"], states, mask,
+                                             torch.tensor(labels, dtype=torch.long), atlas_labels)
+    score = torch.tensor(doc_scores, dtype=t_dtype, requires_grad=True)
+    expected_loss = _torch_atlas_kldivloss(score, expected, ADIST_TEMPERATURE, 1.0)
+    expected_loss.backward()
+    reference.to(torch.float32)
+
+    generator = dataclasses.replace(model.generator_config, dtype=j_dtype, param_dtype=j_dtype)
+    model = dataclasses.replace(model, generator_config=generator)
+    params = jax.tree.map(lambda a: jnp.asarray(a, j_dtype), params)
+    batch = {"context_input_ids": jnp.asarray(setup["ids"]).reshape(B, K, S),
+             "context_attention_mask": jnp.asarray(setup["mask"]).reshape(B, K, S), "labels": jnp.asarray(labels)}
+    got = jax.jit(functools.partial(registry.get("fid").passage_attention_scores, model))(params, batch)
+    loss, grad = jax.value_and_grad(lambda s: retriever_losses.adist(s, got, temperature=ADIST_TEMPERATURE).mean())(
+        jnp.asarray(doc_scores, j_dtype))
+    assert got.dtype == j_dtype and float(jnp.abs(grad).max()) > 1e-3  # a gradient worth comparing
+    errors = (hf_models.relative_error(got, expected.numpy()), hf_models.relative_error(loss, expected_loss.item()),
+              hf_models.relative_error(grad, score.grad.numpy()))
+    return errors, np.asarray(got)
+
+
+# torch warns that KLDivLoss's default "mean" reduction divides by B*K: Atlas's behaviour, kept on purpose
+@pytest.mark.filterwarnings("ignore:reduction:UserWarning")
+def test_adist_scores_loss_and_gradient_equal_atlas_float32(setup):
+    errors, scores = _adist_against_atlas(setup, float64=False)
+    print(setup["arch"], "float32 relative errors (scores, loss, grad):", errors)
+    assert max(errors) <= 1e-4, errors
+    target = np.asarray(jax.nn.softmax(scores / ADIST_TEMPERATURE, axis=-1))
+    assert (target.max(-1) - target.min(-1)).max() > 0.1  # a target that prefers some passage
+
+
+@pytest.mark.filterwarnings("ignore:reduction:UserWarning")
+def test_adist_scores_loss_and_gradient_equal_atlas_float64(setup):
+    """BART: transformers runs it in float64 throughout (measured 1e-15). Its T5 softmaxes the attention and
+    normalises the RMS in float32 whatever the dtype, which stops float64 agreement at ~2e-7 (measured): T5's
+    cross-attention values, the one part of the path that differs, are checked in float32."""
+    if setup["arch"] == "t5":
+        pytest.skip("transformers' T5 computes its attention softmax and RMS norm in float32 (see the docstring)")
+    with jax.enable_x64(True):
+        errors, _ = _adist_against_atlas(setup, float64=True)
+    print(setup["arch"], "float64 relative errors (scores, loss, grad):", errors)
+    assert max(errors) <= 1e-9, errors

@@ -1,6 +1,7 @@
 """train.retriever_loss in the training step: Atlas's losses are added to the reader's loss (whose marginal then
 gives the retriever no gradient), "none" leaves the question encoder untouched, the support prior is logged, and
-the config refuses what cannot work (ADist without a FiD reader, LOOP with one passage)."""
+the config refuses what cannot work (ADist without a FiD reader, LOOP with one passage). ADist runs with the fid
+reader."""
 
 import json
 
@@ -83,9 +84,45 @@ def test_the_step_adds_atlas_retriever_losses_to_the_readers_loss(run, task, rea
         assert not _frozen(initial["question_encoder"], after["question_encoder"])
 
 
+FID_ADIST = {"model.reader": "fid", "train.retriever_loss": "adist", "train.retriever_temperature": 0.01}
+
+
+@pytest.fixture(scope="module")
+def fid_run(task, tmp_path_factory):
+    """A run whose contexts are FiD's strings (the fid reader's own format), for the ADist step below."""
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    return loop.setup(train_task.tiny_config(task, **EXACT, **FID_ADIST), str(tmp_path_factory.mktemp("fid")), mesh)
+
+
+@pytest.mark.slow  # the fid step's compilation: ~40-65 s under load (the reader calls around it take ~2 s)
+def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder(fid_run, task):
+    """One step: the loss is the fid reader's plus ADist's KL (computed here from the reader's
+    passage_attention_scores on the same batch), and q(x), which only ADist trains, moves."""
+    config = train_task.tiny_config(task, **EXACT, **FID_ADIST)
+    train_step = step.make_train_step(fid_run.model, fid_run.tx, config, fid_run.mesh, fid_run.state_shardings,
+                                      fid_run.batches.keys, {}, fid_run.index.num_passages)
+    state = fid_run.initial_state()
+    initial = jax.device_get(state.params)
+    batch = fid_run.batches(state.params, loop.make_pipeline(fid_run).batch_at(0))
+    model, reader = fid_run.model, readers.from_config(config)
+    q = model.encode_questions(state.params, batch["question_input_ids"], batch["question_attention_mask"])
+    scores = rag.doc_scores(q, batch["doc_embeds"])
+    reader_batch = {key: batch[key] for key in ("context_input_ids", "context_attention_mask", "labels")}
+    attention = reader.passage_attention_scores(model, state.params, reader_batch)
+    adist = float(retriever_losses.adist(scores, attention, temperature=0.01).mean())
+    reader_loss = float(reader.loss(model, state.params, reader_batch, scores, epsilon=0.0, dropout_rng=None).mean())
+    rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(fid_run.mesh))
+    with sharding.use(fid_run.mesh):
+        state, metrics = train_step(state, batch, rng, fid_run.corpus)
+    after = jax.device_get(state.params)
+    assert adist > 1e-4 * reader_loss  # a term the sum below would miss
+    np.testing.assert_allclose(metrics["loss"], reader_loss + adist, rtol=1e-5)
+    assert not _frozen(initial["question_encoder"], after["question_encoder"])
+    assert not _frozen(initial["generator"], after["generator"])
+
+
 @pytest.mark.parametrize("overrides,expected", [
     ({"train.retriever_loss": "adist"}, "set --config.model.reader=fid"),
-    ({"train.retriever_loss": "adist", "model.reader": "fid"}, "'adist' is not built yet"),
     ({"train.retriever_loss": "loop", "model.n_docs": 1}, "model.n_docs >= 2"),
     ({"train.retriever_loss": "attention"}, "train.retriever_loss"),
     ({"train.retriever_temperature": 0.0}, "train.retriever_temperature"),

@@ -314,9 +314,9 @@ class MultiHeadAttention(nn.Module):
         if bias is not None:
             logits_BxHxQxK = logits_BxHxQxK + bias
         weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
-        # Kept only when a caller applies the model with mutable=["intermediates"] (Fusion-in-Decoder's provenance:
-        # the decoder's cross-attention mass per passage); otherwise a no-op.
-        self.sow("intermediates", "attention_weights", weights)
+        if self.is_mutable_collection("intermediates"):  # Fusion-in-Decoder's provenance and ADist's scores
+            self.sow("intermediates", "attention_weights", weights)
+            self.sow("intermediates", "value_norms", jnp.linalg.norm(at_least_float32(v), axis=-1))  # (B, H, K)
         weights = self.dropout(weights, deterministic=deterministic).astype(self.dtype)
         out_BxHxQxD = _weighted_values(weights, v.astype(self.dtype))
         out_BxQxHxD = out_BxHxQxD.transpose(0, 2, 1, 3)

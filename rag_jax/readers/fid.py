@@ -9,6 +9,9 @@ ignore_index, mean over the kept tokens) averages it. The doc scores take no par
 Decoding is greedy or beam search over one decoder per question, the encoder run once per question and the
 cross-attention keys/values projected once (decoding.tiled_cache with one "passage" of K*S positions): transformers'
 `generate` with the concatenated encoder output.
+
+The decoder's cross-attention per passage is provenance's mass (cross_attention_mass) and Atlas's ADist target
+(attention_distillation_scores, train.retriever_loss=adist).
 """
 
 from __future__ import annotations
@@ -96,6 +99,22 @@ def nll_sums(model: rag.Rag, params, ids_BKxS, mask_BKxS, labels_BxT) -> jax.Arr
 # -------------------------------------------------------------------------------------------------- provenance
 
 
+# Atlas's ADist score ("evalnormsum": src/fid.py, aggregate_value's "sum") divides each passage's summed score by
+# 256 (a literal there, whatever the passage length) x decoder layers x answer tokens. Kept: it sets the scale that
+# train.retriever_temperature (Atlas's temperature_gold, 0.01 in its scripts) divides.
+ATLAS_SCORE_DIVISOR = 256
+
+
+def decoder_cross_attention(model: rag.Rag, params, tokens_NxL, states_NxKSxE, mask_NxKS) -> list:
+    """One decoder pass over `tokens_NxL` (no dropout, no LM head): per layer, its cross-attention weights
+    (N, H, L, K*S) and the norms of its values (N, H, K*S)."""
+    _, kept = model.generator.apply({"params": params["generator"]}, tokens_NxL, states_NxKSxE, mask_NxKS,
+                                    head=False, method="decode", mutable=["intermediates"])
+    flat = traverse_util.flatten_dict(kept["intermediates"])
+    layers_ = [path[:-1] for path in flat if "cross_attn" in path and path[-1] == "attention_weights"]
+    return [(flat[path + ("attention_weights",)][0], flat[path + ("value_norms",)][0]) for path in layers_]
+
+
 def cross_attention_mass(model: rag.Rag, params, tokens_NxL, states_BxKSxE, mask_BxKS, n_docs: int):
     """How much of the decoder's cross-attention each passage got while reading answers `tokens_NxL` (start token
     first; N = B * copies): per token (N, L, K), row t the attention of decoder position t, which predicts token
@@ -103,10 +122,7 @@ def cross_attention_mass(model: rag.Rag, params, tokens_NxL, states_BxKSxE, mask
     Averaged over layers and heads (FiD-KD's attention scores, Izacard & Grave 2021, take the same average)."""
     copies = tokens_NxL.shape[0] // states_BxKSxE.shape[0]
     states, mask = jnp.repeat(states_BxKSxE, copies, axis=0), jnp.repeat(mask_BxKS, copies, axis=0)
-    _, kept = model.generator.apply({"params": params["generator"]}, tokens_NxL, states, mask, method="decode",
-                                    mutable=["intermediates"])
-    flat = traverse_util.flatten_dict(kept["intermediates"])
-    cross = [weights for path, (weights,) in flat.items() if "cross_attn" in path]  # (N, H, L, K*S) per layer
+    cross = [weights for weights, _ in decoder_cross_attention(model, params, tokens_NxL, states, mask)]
     per_layer_NxL_xHxK = [w.reshape(*w.shape[:3], n_docs, -1).sum(-1).mean(1) for w in cross]
     per_token_NxLxK = jnp.mean(jnp.stack(per_layer_NxL_xHxK), axis=0)
     targets_NxL = tokens_NxL[:, 1:]
@@ -115,6 +131,22 @@ def cross_attention_mass(model: rag.Rag, params, tokens_NxL, states_BxKSxE, mask
     reads_N_xL = jnp.concatenate([~ended_before, jnp.zeros_like(ended_before[:, :1])], axis=1).astype(jnp.float32)
     per_answer_NxK = (per_token_NxLxK * reads_N_xL[..., None]).sum(1) / jnp.maximum(reads_N_xL.sum(1), 1.0)[:, None]
     return per_token_NxLxK, per_answer_NxK
+
+
+def attention_distillation_scores(model: rag.Rag, params, labels_BxT, states_BxKSxE, mask_BxKS, n_docs: int):
+    """Atlas's ADist target before its softmax (B, K), from a teacher-forced decoder pass over `labels_BxT`: the
+    cross-attention weight of each (answer token, passage token) times the norm of that passage token's value, the
+    mean over heads, summed over layers, answer tokens (targets that are not padding) and the passage's tokens
+    (not its padding), / (ATLAS_SCORE_DIVISOR x layers x answer tokens)."""
+    cross = decoder_cross_attention(model, params, labels_BxT, states_BxKSxE, mask_BxKS)
+    weighted_BxTxKS = sum(jnp.mean(w * norms[:, :, None, :], axis=1) for w, norms in cross)
+    batch, length, _ = weighted_BxTxKS.shape
+    pad = model.generator_config.pad_token_id
+    answer_BxT = marginal.shift_left(labels_BxT, pad) != pad
+    keep = answer_BxT[:, :, None, None] & (mask_BxKS.reshape(batch, 1, n_docs, -1) > 0)
+    summed_BxK = jnp.where(keep, weighted_BxTxKS.reshape(batch, length, n_docs, -1), 0.0).sum((1, 3))
+    answer_tokens_B = jnp.maximum(answer_BxT.sum(-1), 1)
+    return summed_BxK / (ATLAS_SCORE_DIVISOR * len(cross) * answer_tokens_B[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -181,6 +213,13 @@ class FusionInDecoder(base.Reader):
                                         batch["context_attention_mask"].reshape(b * k, s), batch["labels"])
         pad = model.generator_config.pad_token_id
         return marginal.target_log_likelihoods(logits, batch["labels"], pad_token_id=pad).sum(-1)
+
+    def passage_attention_scores(self, model, params, batch):
+        """Atlas's ADist target (attention_distillation_scores) from the fused passages, without dropout."""
+        b, k, s = batch["context_input_ids"].shape
+        states, mask = fused_encoder_out(model, params, batch["context_input_ids"].reshape(b * k, s),
+                                         batch["context_attention_mask"].reshape(b * k, s), k)
+        return attention_distillation_scores(model, params, batch["labels"], states, mask, k)
 
     def generate(self, model, params, context_input_ids_BKxS, context_attention_mask_BKxS, doc_scores_BxK, gen, *,
                  decoding=None, provenance=False):

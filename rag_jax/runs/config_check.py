@@ -48,10 +48,6 @@ def _check_retriever_loss(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config train.retriever_loss='adist' distils the FiD decoder's cross-attention over the "
                           f"passages, which model.reader={reader!r} does not have: set --config.model.reader=fid or "
                           "another --config.train.retriever_loss (pdist, emdr2, loop, marginal)")
-    if loss == "adist":  # the fid reader does not yet give its cross-attention scores (Reader.passage_attention_scores)
-        raise ConfigError("config train.retriever_loss='adist' is not built yet: the fid reader does not yet hand its "
-                          "cross-attention scores to the retriever loss (issue 27); use --config.train.retriever_loss="
-                          "pdist, emdr2, loop or marginal")
     if loss == "loop" and config.model.n_docs < 2:
         raise ConfigError(f"config train.retriever_loss='loop' leaves one passage out, which needs model.n_docs >= "
                           f"2 (got {config.model.n_docs}); raise --config.model.n_docs or use pdist")

@@ -11,10 +11,13 @@ facebookresearch/atlas src/atlas.py), without gold passages.
   loop      leave-one-out perplexity distillation: KL(target || p_retr) with target = softmax_k(l_k / temperature),
             l_k the reader's mean per-token loss with passage k left out (a passage whose absence hurts most is the
             one to retrieve).
-  adist     attention distillation: needs the FiD reader's cross-attention scores (Reader.passage_attention_scores),
-            not built yet: refused at start-up (runs/config_check.py).
+  adist     attention distillation (FiD reader only): KL(target || p_retr) with target = softmax_k(a_k / temperature),
+            a_k the decoder's cross-attention to passage k while reading the answer (teacher-forced, no dropout):
+            attention weight x the norm of the attended value, the mean over heads, summed over layers, answer tokens
+            and the passage's tokens, / (256 x layers x answer tokens) (Atlas's "evalnormsum", its paper's ADist;
+            readers/fid.py attention_distillation_scores).
 
-In pdist, emdr2 and loop the reader's terms carry no gradient into the retriever loss (Atlas computes them under
+In all four the reader's terms carry no gradient into the retriever loss (Atlas computes them under
 torch.no_grad with the reader in eval mode: here a separate pass without dropout, under stop_gradient), and the
 reader's own marginal NLL sees the doc scores as constants, so the retriever learns from the retriever loss alone.
 The retriever's distribution is softmax(doc scores / score_temperature) over the K retrieved passages: the scores
@@ -83,6 +86,14 @@ def loop(doc_scores_BxK: jax.Array, left_out_loss_BxK: jax.Array, *, temperature
     """Leave-one-out perplexity distillation per question (B,). left_out_loss_BxK: the reader's mean per-token
     loss of the answer with passage k left out (Reader.leave_one_out_losses), held fixed."""
     gold_BxK = jax.lax.stop_gradient(left_out_loss_BxK)
+    return kl_to_target(doc_scores_BxK, jax.nn.softmax(gold_BxK / temperature, axis=-1), score_temperature)
+
+
+def adist(doc_scores_BxK: jax.Array, attention_scores_BxK: jax.Array, *, temperature: float = 1.0,
+          score_temperature: float = 1.0) -> jax.Array:
+    """Attention distillation per question (B,). attention_scores_BxK: the FiD decoder's cross-attention scores
+    per passage (Reader.passage_attention_scores), held fixed."""
+    gold_BxK = jax.lax.stop_gradient(layers.at_least_float32(attention_scores_BxK))
     return kl_to_target(doc_scores_BxK, jax.nn.softmax(gold_BxK / temperature, axis=-1), score_temperature)
 
 

@@ -199,8 +199,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         target_mask_BxT = marginal.shift_left(batch["labels"], pad) != pad
         if retriever_loss == "adist":
             attention_BxK = jax.lax.stop_gradient(reader.passage_attention_scores(model, params, batch))
-            target_BxK = jax.nn.softmax(attention_BxK / retriever_temperature, axis=-1)
-            return retriever_losses.kl_to_target(scores_BxK, target_BxK), {}
+            return retriever_losses.adist(scores_BxK, attention_BxK, temperature=retriever_temperature), {}
         token_ll_BxKxT = jax.lax.stop_gradient(reader.passage_token_log_likelihoods(model, params, batch))
         if retriever_loss == "pdist":
             loss_B = retriever_losses.pdist(scores_BxK, token_ll_BxKxT, target_mask_BxT,
