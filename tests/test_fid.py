@@ -158,6 +158,16 @@ def test_scores_do_not_depend_on_the_passage_order_padding_alone(setup):
     np.testing.assert_allclose(widened, narrow, rtol=1e-5)
 
 
+def test_scores_do_not_depend_on_the_passage_order(setup):
+    """Each passage is encoded from position 0 and the cross-attention has no positions: the decoder cannot tell
+    the first-ranked passage from the others, so training with shuffled passages changes nothing (docs/fid.md)."""
+    model, params, labels = setup["model"], setup["params"], setup["labels"]
+    reverse = lambda x: x.reshape(B, K, -1)[:, ::-1].reshape(B * K, -1)  # noqa: E731
+    in_order = fid.nll_sums(model, params, setup["ids"], setup["mask"], labels)
+    reversed_ = fid.nll_sums(model, params, reverse(setup["ids"]), reverse(setup["mask"]), labels)
+    np.testing.assert_allclose(reversed_, in_order, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_answers_equal_pytorch_fid_generate(setup, num_beams):
     reference, model, params = setup["reference"], setup["model"], setup["params"]
