@@ -94,6 +94,7 @@ def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[
     import sys  # pylint: disable=g-import-not-at-top
 
     from rag_jax.data import knowledge_families, knowledge_task  # pylint: disable=g-import-not-at-top
+    from rag_jax.tasks import registry  # pylint: disable=g-import-not-at-top
 
     task = knowledge_families.make_task(family, entities, heldout, seed=11)
     knowledge_task.write_task(task, str(root / "task"))
@@ -104,7 +105,7 @@ def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[
         records = knowledge_families.family_records(task, family)
         knowledge_families.write_family(task, family, str(root / "task"))
         texts += [question_text({"question": r["input"]}) for r in records["train"] + records["dev"]]
-        texts += [o["answer"] for r in records["train"] for o in r["output"]]
+        texts += [o["answer"] for r in records["train"] for o in r["output"]] + list(registry.get(family).labels)
     tokenizer = small_bart_tokenizer(texts, str(root / "tokenizer"))
     files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
     files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
