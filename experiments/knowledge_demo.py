@@ -85,7 +85,7 @@ def task_files(workdir: str) -> dict[str, str | None]:
         return given
     directory = os.path.join(workdir, "task")
     if not os.path.exists(os.path.join(directory, "swapped_dev.jsonl")):
-        made = knowledge_task.make_task(_ENTITIES.value, _HELDOUT.value)
+        made = knowledge_families.make_task(_TASK.value, _ENTITIES.value, _HELDOUT.value)
         knowledge_task.write_task(made, directory)
         if _TASK.value != "qa":  # the family's KILT records replace the NQ-open questions
             knowledge_families.write_family(made, _TASK.value, directory)

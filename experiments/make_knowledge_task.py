@@ -40,7 +40,8 @@ def write() -> None:
     cli.check_new_output(_OUTPUT.value, "--output", overwrite=_OVERWRITE.value, directory=True)
     output_checks.refuse_foreign_directory(_OUTPUT.value, "--output", FILES, "knowledge task (no train.jsonl, ...)")
     cli.declare_outputs(_OUTPUT.value)
-    task = knowledge_task.make_task(_ENTITIES.value, _HELDOUT.value, seed=_SEED.value, schema=SCHEMAS[_SCHEMA.value])
+    task = knowledge_families.make_task(_TASK.value, _ENTITIES.value, _HELDOUT.value, seed=_SEED.value,
+                                        schema=SCHEMAS[_SCHEMA.value])
     directory = _OUTPUT.value
     paths = knowledge_task.write_task(task, directory)
     for name in ("passages", "swapped_passages"):  # JSONL -> DPR's TSV layout

@@ -85,27 +85,36 @@ def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int =
     return directory
 
 
-def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[str], timeout: int):
-    """`experiments.knowledge_demo` in its own process on a small knowledge task (240 entities, 30 held out, seed
-    11) written under `root`, with a 1,200-entry BPE vocabulary trained on its passages and questions as the reader
+def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[str], timeout: int,
+                             family: str = "qa", entities: int = 240, heldout: int = 30):
+    """`experiments.knowledge_demo` in its own process on a small knowledge task (`entities` people, `heldout` held
+    out, seed 11) written under `root` (as task `family` of rag_jax/data/knowledge_families.py in KILT's format when
+    it is not "qa"), with a 1,200-entry BPE vocabulary trained on its passages, inputs and targets as the reader
     writes them (`passage_text(passage)`, `question_text(example)`) and the shared training recipe (200 denoising
     steps, 300 steps at K=1) plus `flags`. Returns knowledge_demo.json and the demo's stdout."""
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
 
-    from rag_jax.data import knowledge_task  # pylint: disable=g-import-not-at-top
+    from rag_jax.data import knowledge_families, knowledge_task  # pylint: disable=g-import-not-at-top
+    from rag_jax.tasks import registry  # pylint: disable=g-import-not-at-top
 
-    task = knowledge_task.make_task(240, 30, seed=11)
+    task = knowledge_families.make_task(family, entities, heldout, seed=11)
     knowledge_task.write_task(task, str(root / "task"))
     texts = [passage_text(p) for p in task.passages + task.swapped_passages]
-    texts += [question_text(e) for e in task.train + task.dev]
+    if family == "qa":
+        texts += [question_text(e) for e in task.train + task.dev]
+    else:  # the family's inputs and targets replace the questions
+        records = knowledge_families.family_records(task, family)
+        knowledge_families.write_family(task, family, str(root / "task"))
+        texts += [question_text({"question": r["input"]}) for r in records["train"] + records["dev"]]
+        texts += [o["answer"] for r in records["train"] for o in r["output"]] + list(registry.get(family).labels)
     tokenizer = small_bart_tokenizer(texts, str(root / "tokenizer"))
     files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
     files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
                   "swapped_dev_file": str(root / "task" / "swapped_dev.jsonl")})
     workdir = root / "demo"
     command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
-               *(f"--{name}={path}" for name, path in files.items()),
+               f"--task={family}", *(f"--{name}={path}" for name, path in files.items()),
                f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
                "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
                "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",

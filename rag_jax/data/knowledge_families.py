@@ -7,7 +7,9 @@ the swapped corpus are the knowledge task's; what changes is what is asked and w
   question_generation  an entity's name -> a Jeopardy-style clue made of its facts ("Born in Lisbon in 1790, this
                        baker played the harp.")
   fact_verification    a claim -> SUPPORTS (the passage states it), REFUTES (the passage states another value) or
-                       NOT ENOUGH INFO (about an invented person no passage speaks of); one of each per entity
+                       NOT ENOUGH INFO (a fact of the entity's that its passage leaves out: the task is made by
+                       make_task("fact_verification", ...), whose passages state three of the four facts); per
+                       entity a supported and a refuted claim of each stated fact, three claims of the unstated one
 
 Every record's provenance is the entity's page (its passage's title; wikipedia_id = the passage id), except NOT
 ENOUGH INFO claims, which have none (as in KILT's FEVER). swapped_dev asks the dev records again against the swapped
@@ -56,26 +58,45 @@ def _clues(task, entities: Sequence[int], facts) -> list[dict]:
             for i in entities]
 
 
-def _claims(task, rng, entities: Sequence[int], facts, true_facts, strangers: dict[int, str]) -> list[dict]:
-    """Per entity: a claim of its true fact, one of another value, one about a stranger (no passage), on three
-    different attributes; labelled against `facts` (the swapped ones for swapped_dev), worded from `true_facts`."""
+def _claims(task, rng, entities: Sequence[int], facts) -> list[dict]:
+    """Per entity, for each attribute its passage states a claim of its value and one of another value (a held-out
+    entity's swapped value, so that every stated verdict flips in the swapped corpus), and three claims of different
+    values of the attribute its passage leaves out; labelled against `facts` (the swapped ones for swapped_dev).
+    Supported and refuted claims share the entity and the attribute, and every value is as likely in either: only
+    the passage tells them apart (claims from which the verdict could be guessed are what a generator learns first,
+    and it then memorises the training verdicts instead of reading: docs/tasks.md)."""
+    if not task.unstated:
+        raise ValueError("fact_verification claims need a task whose passages leave a fact unstated: make it with "
+                         "knowledge_families.make_task('fact_verification', ...)")
+    heldout = len(task.entities) - task.num_heldout
     out = []
     for i in entities:
-        attributes = task.schema.attributes
-        supported, refuted, unknown = (attributes[j] for j in rng.permutation(len(attributes))[:3])
-        # pylint: disable-next=protected-access (the knowledge task's own way of drawing another value)
-        other = knowledge_task._other(rng, refuted.values, true_facts[i][refuted.name])
-        stranger_value = unknown.values[int(rng.integers(len(unknown.values)))]
-        for kind, attribute, value, subject in (("s", supported, true_facts[i][supported.name], task.entities[i]),
-                                                ("r", refuted, other, task.entities[i]),
-                                                ("n", unknown, stranger_value, strangers[i])):
-            if kind == "n":
-                label, page = "NOT ENOUGH INFO", None
+        for attribute in task.schema.attributes:
+            value = task.facts[i][attribute.name]
+            if attribute.name == task.unstated[i]:
+                picked = rng.permutation(len(attribute.values))[:3]
+                claims = [(f"n{n}", attribute.values[j], "NOT ENOUGH INFO") for n, j in enumerate(picked)]
             else:
-                label = "SUPPORTS" if facts[i][attribute.name] == value else "REFUTES"
-                page = (i, task.entities[i])
-            out.append(_record(f"{i}-{kind}", _sentence(attribute, subject, value), label, page))
+                # pylint: disable-next=protected-access (the knowledge task's own way of drawing another value)
+                other = task.swapped_facts[i][attribute.name] if i >= heldout else knowledge_task._other(
+                    rng, attribute.values, value)
+                claims = [(kind, claimed, "SUPPORTS" if facts[i][attribute.name] == claimed else "REFUTES")
+                          for kind, claimed in (("s", value), ("r", other))]
+            page = (i, task.entities[i])
+            for kind, claimed, label in claims:
+                out.append(_record(f"{i}-{attribute.name}-{kind}", _sentence(attribute, task.entities[i], claimed),
+                                   label, None if label == "NOT ENOUGH INFO" else page))
     return out
+
+
+def make_task(family: str, num_entities: int, num_heldout: int, *, seed: int = 0,
+              schema: knowledge_task.Schema = knowledge_task.PEOPLE) -> knowledge_task.Task:
+    """The knowledge task `family`'s records are made from (knowledge_task.make_task): for fact_verification each
+    passage leaves one fact unstated, which its NOT ENOUGH INFO claims are about."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; one of {', '.join(FAMILIES)}")
+    return knowledge_task.make_task(num_entities, num_heldout, seed=seed, schema=schema,
+                                    unstated_facts=family == "fact_verification")
 
 
 def family_records(task: knowledge_task.Task, family: str, seed: int = 0) -> dict[str, list[dict]]:
@@ -93,11 +114,7 @@ def family_records(task: knowledge_task.Task, family: str, seed: int = 0) -> dic
         elif family == "question_generation":
             out[split] = _clues(task, entities, facts)
         else:
-            names = knowledge_task.invented_names(np.random.default_rng([seed, 7]), 2 * count,
-                                                  task.schema.name_parts)
-            fresh = iter(name for name in names if name not in set(task.entities))
-            strangers = {i: next(fresh) for i in range(count)}
-            out[split] = _claims(task, rng, entities, facts, task.facts, strangers)
+            out[split] = _claims(task, rng, entities, facts)
     if family != "question_generation":  # training sees the records in a random order
         order = np.random.default_rng([seed, 3]).permutation(len(out["train"]))
         out["train"] = [out["train"][i] for i in order]

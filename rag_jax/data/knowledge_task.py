@@ -115,6 +115,9 @@ class Task:
     swapped_facts: list[dict[str, str]] = dataclasses.field(default_factory=list)
     num_heldout: int = 0  # the last entities are held out
     schema: Schema | None = None
+    # make_task(unstated_facts=True): per entity, the attribute its passages leave out (its value exists, no passage
+    # says it); empty otherwise
+    unstated: list[str] = dataclasses.field(default_factory=list)
 
 
 def invented_names(rng: np.random.Generator, count: int, parts) -> list[str]:
@@ -154,8 +157,11 @@ def _questions(rng, entities, facts, pids, schema: Schema) -> list[dict]:
     return out
 
 
-def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0, schema: Schema = PEOPLE) -> Task:
-    """A task of `num_entities` passages; dev questions ask about the last `num_heldout` entities."""
+def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0, schema: Schema = PEOPLE,
+              unstated_facts: bool = False) -> Task:
+    """A task of `num_entities` passages; dev questions ask about the last `num_heldout` entities. With
+    `unstated_facts` every passage leaves one of its entity's facts out (Task.unstated: what fact verification calls
+    NOT ENOUGH INFO); its questions then include ones no passage answers."""
     if not 0 < num_heldout < num_entities:
         raise ValueError(f"num_heldout={num_heldout} must lie in (0, num_entities={num_entities})")
     rng = np.random.default_rng(seed)
@@ -163,6 +169,9 @@ def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0,
     facts = [{a.name: a.values[int(rng.integers(len(a.values)))] for a in schema.attributes} for _ in entities]
     orders = [rng.permutation(len(schema.attributes)) for _ in entities]
     pronouns = [schema.pronouns[int(rng.integers(len(schema.pronouns)))] for _ in entities]
+    unstated = _unstated(seed, schema, num_entities) if unstated_facts else []
+    names = [a.name for a in schema.attributes]
+    orders = [order[order != names.index(unstated[i])] if unstated else order for i, order in enumerate(orders)]
     pids = list(range(num_entities))
     passages = [_passage(*args, schema, o) for *args, o in zip(pids, entities, pronouns, facts, orders)]
     heldout = slice(num_entities - num_heldout, num_entities)
@@ -177,7 +186,14 @@ def make_task(num_entities: int = 400, num_heldout: int = 100, *, seed: int = 0,
     dev_rng = np.random.default_rng(seed + 1)
     swapped_dev = _questions(dev_rng, entities[heldout], swapped_facts[heldout], pids[heldout], schema)
     return Task(passages, swapped, [train[i] for i in order], dev, swapped_dev, entities, facts, swapped_facts,
-                num_heldout, schema)
+                num_heldout, schema, unstated)
+
+
+def _unstated(seed: int, schema: Schema, count: int) -> list[str]:
+    """The attribute each entity's passages leave out, uniformly; drawn from a stream of its own, so that the
+    task's names, facts and questions are those of the same seed without unstated facts."""
+    rng = np.random.default_rng([seed, 5])
+    return [schema.attributes[int(rng.integers(len(schema.attributes)))].name for _ in range(count)]
 
 
 def _other(rng: np.random.Generator, values: Sequence[str], current: str) -> str:
