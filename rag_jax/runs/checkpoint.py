@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -71,6 +72,13 @@ def _quiet_abandoned_reads() -> None:
 
     hook.quiets_abandoned_reads = True
     sys.unraisablehook = hook
+
+
+def _quiet_abandoned_writes() -> None:
+    """A save that fails abandons orbax's other writes of that checkpoint before they start; when the process then
+    exits, Python warns of each one's coroutine 'was never awaited' (whether any had started is a matter of timing),
+    lines that say nothing the save error does not. Dropped once a save has failed."""
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def _key_name(key) -> str:
@@ -159,6 +167,7 @@ class Checkpointer:
 
     def _save_error(self, step: int, cause: str) -> CheckpointSaveError:
         self._failed = True
+        _quiet_abandoned_writes()
         kept = [s for s in self.manager.all_steps() if s != step and epath.Path(self.step_dir(s)).exists()]
         last = self.step_dir(max(kept)) if kept else "none (none saved)"
         return CheckpointSaveError(
