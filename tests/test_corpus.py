@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rag_jax.retrieval import corpus
+from rag_jax.retrieval import corpus, passage_store
 from rag_jax.retrieval.corpus import CorpusError, Passage
 
 BUNDLED = pathlib.Path(__file__).resolve().parents[1] / "rag_jax/assets/nq_open_mini/passages.tsv"
@@ -104,12 +104,12 @@ def test_unknown_extension(tmp_path):
 def test_duplicate_id_names_both_lines(tmp_path):
     path = _write(tmp_path / "d.tsv", 'id\ttext\ttitle\n1\t"a\nb"\tT\n2\tx\tT\n1\ty\tT\n')
     with pytest.raises(CorpusError, match="duplicate passage id '1'") as e:
-        corpus.PassageStore.build(path, tmp_path / "store")
+        passage_store.PassageStore.build(path, tmp_path / "store")
     assert f"{path}:5:" in str(e.value) and "line 2" in str(e.value)
 
 
 def test_store_random_access_equals_sequential(tmp_path):
-    store = corpus.PassageStore.build(BUNDLED, tmp_path)
+    store = passage_store.PassageStore.build(BUNDLED, tmp_path)
     sequential = list(corpus.read_passages(BUNDLED))
     assert len(store) == len(sequential)
     rng = np.random.default_rng(0)
@@ -132,7 +132,7 @@ def test_store_tricky_records_and_jsonl(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("".join(json.dumps(dataclass_dict(p)) + "\n" for p in TRICKY), encoding="utf-8")
     for path in (tsv, jsonl):
-        store = corpus.PassageStore.build(path, tmp_path / path.suffix[1:])
+        store = passage_store.PassageStore.build(path, tmp_path / path.suffix[1:])
         assert [store[i] for i in (3, 1, 0, 2)] == [TRICKY[i] for i in (3, 1, 0, 2)]
         assert [store.row_for_id(p.id) for p in TRICKY] == [0, 1, 2, 3]
 
@@ -142,7 +142,7 @@ def dataclass_dict(p: Passage) -> dict:
 
 
 def test_unknown_id_is_a_clear_key_error(tmp_path):
-    store = corpus.PassageStore.build(BUNDLED, tmp_path)
+    store = passage_store.PassageStore.build(BUNDLED, tmp_path)
     with pytest.raises(KeyError, match="passage id '99999' is not in"):
         store.row_for_id("99999")
     with pytest.raises(corpus.UnknownPassageIdError):
@@ -152,14 +152,14 @@ def test_unknown_id_is_a_clear_key_error(tmp_path):
 def test_store_is_reused_and_detects_a_changed_file(tmp_path):
     path = tmp_path / "p.tsv"
     corpus.write_passages_tsv(path, TRICKY)
-    corpus.PassageStore.build(path, tmp_path / "s")
+    passage_store.PassageStore.build(path, tmp_path / "s")
     mtime = os.path.getmtime(tmp_path / "s" / "passage_offsets.npy")
-    corpus.PassageStore.build(path, tmp_path / "s")
+    passage_store.PassageStore.build(path, tmp_path / "s")
     assert os.path.getmtime(tmp_path / "s" / "passage_offsets.npy") == mtime
     corpus.write_passages_tsv(path, TRICKY[::-1])
     with pytest.raises(CorpusError, match="differs from the one the passage store"):
-        corpus.PassageStore(path, tmp_path / "s")
-    assert corpus.PassageStore.build(path, tmp_path / "s")[0] == TRICKY[-1]  # build() rebuilds it.
+        passage_store.PassageStore(path, tmp_path / "s")
+    assert passage_store.PassageStore.build(path, tmp_path / "s")[0] == TRICKY[-1]  # build() rebuilds it.
 
 
 def test_store_refuses_gzip(tmp_path):
@@ -167,7 +167,7 @@ def test_store_refuses_gzip(tmp_path):
     with gzip.open(gz, "wb") as f, open(BUNDLED, "rb") as src:
         shutil.copyfileobj(src, f)
     with pytest.raises(CorpusError, match="gunzip"):
-        corpus.PassageStore.build(gz, tmp_path)
+        passage_store.PassageStore.build(gz, tmp_path)
 
 
 def test_split_documents_into_passages():
@@ -184,7 +184,7 @@ def test_store_reads_from_several_threads_at_once(tmp_path):
     """Training reads gold rows in a background thread while the step's retrieval reads passages (one handle)."""
     import concurrent.futures
 
-    store = corpus.PassageStore.build(BUNDLED, tmp_path)
+    store = passage_store.PassageStore.build(BUNDLED, tmp_path)
     expected = store.get(np.arange(store.num_passages))
     rows = np.random.default_rng(0).integers(0, store.num_passages, (4, 3000))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rag_jax.retrieval import corpus, exact, index_io, merge, prescreen
+from rag_jax.retrieval import corpus, exact, index_io, merge, passage_store, prescreen
 from rag_jax.retrieval.index_io import IndexFormatError, load_index
 from rag_jax.retrieval.index_writer import IndexWriter
 
@@ -286,7 +286,7 @@ def test_writer_refuses_other_passages_and_bad_writes(tmp_path, small_passages):
     w = IndexWriter(tmp_path / "i", "enc", 16, None, 10, small_passages)
     with pytest.raises(IndexFormatError, match="passages_fingerprint"):
         IndexWriter(tmp_path / "i", "enc", 16, None, 10, BUNDLED)
-    assert corpus.PassageStore(small_passages, tmp_path / "i").num_passages == 53  # Refused before touching it.
+    assert passage_store.PassageStore(small_passages, tmp_path / "i").num_passages == 53  # Refused before touching it.
     with pytest.raises(IndexFormatError, match="num_passages=54"):
         IndexWriter(tmp_path / "j", "enc", 16, 54, 10, small_passages)
     with pytest.raises(IndexFormatError, match=r"shape \(4, 15\)"):

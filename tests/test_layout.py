@@ -5,7 +5,7 @@ import pathlib
 from importlinter import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MAX_LINES = 460  # "a few hundred lines"; a longer module says why in its opening docstring (see below)
+MAX_LINES = 400  # issue 25's bound; a longer module says why in its opening docstring (see below)
 LONG_MODULE_REASON = "must be one piece"
 
 

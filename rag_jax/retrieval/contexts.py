@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rag_jax import files
-from rag_jax.retrieval import corpus, index_io
+from rag_jax.retrieval import corpus, index_io, passage_store
 
 
 class SplitTokenizationError(ValueError):
@@ -166,7 +166,7 @@ def question_tokens(questions: Sequence[str], generator_tokenizer, width: int) -
     return ids, lengths
 
 
-def _table_key(store: corpus.PassageStore, fmt: ContextFormat, generator_tokenizer, width: int) -> str:
+def _table_key(store: passage_store.PassageStore, fmt: ContextFormat, generator_tokenizer, width: int) -> str:
     vocab = json.dumps(sorted(generator_tokenizer.get_vocab().items()))
     record = json.dumps([store.metadata["fingerprint"], fmt.title_sep, fmt.doc_sep, fmt.prefix, width,
                          hashlib.sha256(vocab.encode()).hexdigest()])

@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from rag_jax import files
-from rag_jax.retrieval import corpus, passage_segments
+from rag_jax.retrieval import corpus, passage_segments, passage_store
 
 INDEX_VERSION = 1
 METADATA_FILE = "index.json"
@@ -166,7 +166,7 @@ class Index:
     """A loaded index directory. Shard files are memory-mapped (read-only, stored dtype; bfloat16 as ml_dtypes)
     when first needed, so a host of a pod only ever opens the files holding its own rows."""
 
-    def __init__(self, index_dir: str, metadata: dict[str, Any], passages: corpus.PassageStore):
+    def __init__(self, index_dir: str, metadata: dict[str, Any], passages: passage_store.PassageStore):
         self.index_dir, self.metadata, self.passages = index_dir, metadata, passages
         self.shard_entries: list[dict[str, Any]] = metadata["shards"]
         self._starts = np.array([e["start"] for e in self.shard_entries] + [self.num_passages], np.int64)
@@ -364,7 +364,7 @@ def _passage_store(index_dir: str, meta: dict[str, Any], where: str, passages_pa
         path = os.path.join(index_dir, segment["passages_path"]) if passages_path is None or i else \
             os.fspath(passages_path)
         try:
-            stores.append(corpus.PassageStore(path, os.path.normpath(os.path.join(index_dir, segment["store_dir"]))))
+            stores.append(passage_store.PassageStore(path, os.path.normpath(os.path.join(index_dir, segment["store_dir"]))))
         except corpus.CorpusError as e:
             raise IndexFormatError(f"{where}: passages file: {e}; pass passages_path= if the file moved") from None
     return stores[0] if len(stores) == 1 else passage_segments.SegmentedStore(stores)

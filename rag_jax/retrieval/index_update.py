@@ -29,7 +29,7 @@ import numpy as np
 
 from rag_jax import files
 from rag_jax.retrieval import codes as codes_lib
-from rag_jax.retrieval import corpus, index_codes, index_io
+from rag_jax.retrieval import corpus, index_codes, index_io, passage_store
 
 VERSIONS_DIR = "versions"
 _REQUEST_FILE = "update.json"
@@ -144,7 +144,7 @@ def add_passages(index_dir: str, added_path: str, embed_fn: Callable[[Sequence[c
         if not os.path.exists(copy):
             with files.replaced_when_done(copy) as tmp:
                 shutil.copyfile(added_path, tmp)
-        added = corpus.PassageStore.build(copy, work)
+        added = passage_store.PassageStore.build(copy, work)
         meta["shards"] += _embed_shards(index, added, work, embed_fn, shard_size or int(index.metadata["shard_size"]))
         meta["segments"].append({"passages_path": name, "store_dir": ".",
                                  "fingerprint": added.metadata["fingerprint"]})
@@ -152,7 +152,7 @@ def add_passages(index_dir: str, added_path: str, embed_fn: Callable[[Sequence[c
     return update.publish(meta)
 
 
-def _embed_shards(index: index_io.Index, added: corpus.PassageStore, work: str, embed_fn, shard_size: int
+def _embed_shards(index: index_io.Index, added: passage_store.PassageStore, work: str, embed_fn, shard_size: int
                   ) -> list[dict[str, Any]]:
     """Embeds (and encodes) the added passages into shard files numbered after the index's; whole ones are kept."""
     spec = index_codes.spec_of(index.metadata)
@@ -235,7 +235,7 @@ def compact(index_dir: str) -> index_io.Index:
                 if live[row]:
                     f.write(json.dumps({"id": passage.id, "title": passage.title, "text": passage.text}) + "\n")
         os.replace(path + ".tmp", path)
-        store = corpus.PassageStore.build(path, update.partial)
+        store = passage_store.PassageStore.build(path, update.partial)
         shard_size = int(index.metadata["shard_size"])
         meta["shards"] = []
         for j, first in enumerate(range(0, len(keep), shard_size)):

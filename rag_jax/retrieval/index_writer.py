@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from rag_jax import files
-from rag_jax.retrieval import corpus
+from rag_jax.retrieval import corpus, passage_store
 from rag_jax.retrieval.index_io import (DTYPES, INDEX_FILE_PREFIXES, INDEX_VERSION, LAYOUT_FIELDS, METADATA_FILE,
                                         RECORDED_IDENTITY, STORAGE_DTYPES, IndexFormatError, host_progress_file,
                                         host_rows, read_json, shard_layout, write_metadata)
@@ -75,7 +75,7 @@ class IndexWriter:
         for previous in (old, read_json(os.path.join(self.output_dir, METADATA_FILE))):
             if previous is not None:
                 self._check_resumable(previous, num_passages_known=num_passages is not None)
-        self.passages = corpus.PassageStore.build(passages_path, self.output_dir)
+        self.passages = passage_store.PassageStore.build(passages_path, self.output_dir)
         if num_passages is not None and num_passages != self.passages.num_passages:
             raise IndexFormatError(f"num_passages={num_passages} but {passages_path} holds "
                                    f"{self.passages.num_passages} passages; pass None to take the file's count")

@@ -8,13 +8,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from rag_jax.retrieval import corpus
+from rag_jax.retrieval import corpus, passage_store
 
 
 class SegmentedStore:
     """PassageStore's reading interface over several stores, rows in segment order."""
 
-    def __init__(self, stores: Sequence[corpus.PassageStore]):
+    def __init__(self, stores: Sequence[passage_store.PassageStore]):
         self.stores = list(stores)
         self._starts = np.cumsum([0] + [s.num_passages for s in self.stores])
         self.path = self.stores[0].path
@@ -29,7 +29,7 @@ class SegmentedStore:
     def __len__(self) -> int:
         return self.num_passages
 
-    def _segment(self, row: int) -> tuple[corpus.PassageStore, int]:
+    def _segment(self, row: int) -> tuple[passage_store.PassageStore, int]:
         if not 0 <= row < self.num_passages:
             raise IndexError(f"row {row} out of range for an index of {self.num_passages} passages")
         i = int(np.searchsorted(self._starts, row, side="right")) - 1
