@@ -85,7 +85,7 @@ def _check_passage(path, line: int, pid: str, title: str, text: str) -> Passage:
     return Passage(pid, title, text)
 
 
-def _tsvrecords_with_offsets(path, f: Iterable[bytes], start_offset: int = 0, header: bool = True
+def _tsv_records(path, f: Iterable[bytes], start_offset: int = 0, header: bool = True
                  ) -> Iterator[tuple[Passage, int, int, int]]:
     """Yields (passage, start_byte, end_byte, line_no) for every TSV record in the raw lines `f`."""
     position, line_no = [start_offset], [0]
@@ -120,7 +120,7 @@ def _tsvrecords_with_offsets(path, f: Iterable[bytes], start_offset: int = 0, he
         yield _check_passage(path, line, pid, title, text), start, position[0], line
 
 
-def _jsonlrecords_with_offsets(path, f: Iterable[bytes], start_offset: int = 0
+def _jsonl_records(path, f: Iterable[bytes], start_offset: int = 0
                    ) -> Iterator[tuple[Passage, int, int, int]]:
     """Yields (passage, start_byte, end_byte, line_no) for every JSONL record in the raw lines `f`."""
     position, line = start_offset, 0
@@ -143,18 +143,18 @@ def _jsonlrecords_with_offsets(path, f: Iterable[bytes], start_offset: int = 0
         yield _check_passage(path, line, str(obj["id"]), title, obj["text"]), start, position, line
 
 
-def parserecords_with_offsets(path, fmt: str, lines: Iterable[bytes], start_offset: int = 0, header: bool = True
+def parse_records(path, fmt: str, lines: Iterable[bytes], start_offset: int = 0, header: bool = True
                   ) -> Iterator[tuple[Passage, int, int, int]]:
     """Parses records from an iterable of raw lines; line numbers are relative to `lines` unless header=True."""
     if fmt == "tsv":
-        return _tsvrecords_with_offsets(path, lines, start_offset, header=header)
-    return _jsonlrecords_with_offsets(path, lines, start_offset)
+        return _tsv_records(path, lines, start_offset, header=header)
+    return _jsonl_records(path, lines, start_offset)
 
 
 def records_with_offsets(path) -> Iterator[tuple[Passage, int, int, int]]:
     """Every record of the file with its byte span and line: (passage, start, end, line)."""
     with _open_binary(path) as f:
-        yield from parserecords_with_offsets(path, corpus_format(path), f)
+        yield from parse_records(path, corpus_format(path), f)
 
 
 def changed_file_error(path, offset: int, cause: Exception) -> CorpusError:

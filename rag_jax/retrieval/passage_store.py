@@ -17,6 +17,7 @@ import numpy as np
 
 from rag_jax import files
 from rag_jax.retrieval import corpus
+from rag_jax.retrieval.corpus import CorpusError, Passage, UnknownPassageIdError, corpus_format, file_fingerprint
 
 _STORE_VERSION = 1
 _STORE_FILES = ("passage_store.json", "passage_offsets.npy", "passage_id_keys.npy", "passage_id_rows.npy")
@@ -44,18 +45,18 @@ class PassageStore:
         self.store_dir = os.fspath(store_dir)
         meta_path = os.path.join(self.store_dir, _STORE_FILES[0])
         if not os.path.exists(meta_path):
-            raise corpus.CorpusError(f"{meta_path}: no passage store here; create it with PassageStore.build("
+            raise CorpusError(f"{meta_path}: no passage store here; create it with PassageStore.build("
                               f"{self.path!r}, {self.store_dir!r})")
         with open(meta_path) as f:
             self.metadata = json.load(f)
-        self.format = corpus.corpus_format(self.path)
+        self.format = corpus_format(self.path)
         if not os.path.exists(self.path):
-            raise corpus.CorpusError(f"{self.path}: passages file not found (the store in {self.store_dir} was built from "
+            raise CorpusError(f"{self.path}: passages file not found (the store in {self.store_dir} was built from "
                               f"{self.metadata.get('passages_path')!r})")
-        fingerprint = corpus.file_fingerprint(self.path)
+        fingerprint = file_fingerprint(self.path)
         if fingerprint != self.metadata.get("fingerprint"):
             built_from = self.metadata.get("passages_path")
-            raise corpus.CorpusError(f"{self.path}: the file differs from the one the passage store in {self.store_dir} was "
+            raise CorpusError(f"{self.path}: the file differs from the one the passage store in {self.store_dir} was "
                               f"built from ({built_from!r}: {self.metadata.get('fingerprint')}, now {fingerprint}); "
                               "rebuild the store (and the index, whose rows follow the file)")
         load = lambda name: np.load(os.path.join(self.store_dir, name), mmap_mode="r")
@@ -68,20 +69,20 @@ class PassageStore:
     def build(cls, passages_path: str | os.PathLike, store_dir: str | os.PathLike) -> PassageStore:
         """Reads the whole file once (validating every record), saves the offset and id arrays, returns the store.
 
-        Reuses an existing store in `store_dir` for the same, unchanged file. Raises corpus.CorpusError for every
+        Reuses an existing store in `store_dir` for the same, unchanged file. Raises CorpusError for every
         problem `read_passages` reports, for duplicate ids (naming both lines) and for .gz files (no seeking).
         """
         path, store_dir = os.fspath(passages_path), os.fspath(store_dir)
         if path.lower().endswith(".gz"):
-            raise corpus.CorpusError(f"{path}: random access needs an uncompressed file; run `gunzip -k {path}` and use "
+            raise CorpusError(f"{path}: random access needs an uncompressed file; run `gunzip -k {path}` and use "
                               f"{path[:-3]}")
-        corpus.corpus_format(path)
+        corpus_format(path)
         meta_path = os.path.join(store_dir, _STORE_FILES[0])
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 old = json.load(f)
             if old.get("version") == _STORE_VERSION and os.path.exists(path) and \
-                old.get("fingerprint") == corpus.file_fingerprint(path):
+                old.get("fingerprint") == file_fingerprint(path):
                 return cls(path, store_dir)
         os.makedirs(store_dir, exist_ok=True)
         # Python ints grow the arrays by doubling, so peak memory stays ~3x 8 bytes per passage.
@@ -91,9 +92,9 @@ class PassageStore:
             offsets.append(start)
             keys.append(_id_key(passage.id))
         if len(offsets) == 0:
-            raise corpus.CorpusError(f"{path}: no passages in the file")
+            raise CorpusError(f"{path}: no passages in the file")
         if len(offsets) >= 2**31:
-            raise corpus.CorpusError(f"{path}: {len(offsets)} passages; rows are int32, so at most 2**31-1 are supported")
+            raise CorpusError(f"{path}: {len(offsets)} passages; rows are int32, so at most 2**31-1 are supported")
         offsets.append(end)
         offsets_arr, keys_arr = offsets.array(), keys.array()
         rows = np.argsort(keys_arr, kind="stable")
@@ -103,8 +104,8 @@ class PassageStore:
         files.save_npy(os.path.join(store_dir, _STORE_FILES[2]), sorted_keys)
         files.save_npy(os.path.join(store_dir, _STORE_FILES[3]), rows.astype(np.int64))
         files.write_json(meta_path, {
-            "version": _STORE_VERSION, "passages_path": os.path.abspath(path), "format": corpus.corpus_format(path),
-            "num_passages": int(len(keys_arr)), "fingerprint": corpus.file_fingerprint(path)})
+            "version": _STORE_VERSION, "passages_path": os.path.abspath(path), "format": corpus_format(path),
+            "num_passages": int(len(keys_arr)), "fingerprint": file_fingerprint(path)})
         return cls(path, store_dir)
 
     @property
@@ -125,19 +126,19 @@ class PassageStore:
             self._file = None
 
     @staticmethod
-    def _read_record_at(path, fmt: str, f: IO[bytes], start: int, end: int) -> corpus.Passage:
+    def _read_record_at(path, fmt: str, f: IO[bytes], start: int, end: int) -> Passage:
         # pread, not seek + read: threads share the handle (training reads gold rows ahead while the step's
         # retrieval reads its passages), and a seek by one would move the other's read.
         lines = io.BytesIO(os.pread(f.fileno(), end - start, start))
         try:
-            got = [p for p, _, _, _ in corpus.parsecorpus.records_with_offsets(path, fmt, lines, start, header=False)]
+            got = [p for p, _, _, _ in corpus.parse_records(path, fmt, lines, start, header=False)]
             if len(got) != 1:
-                raise corpus.CorpusError(f"expected one passage, found {len(got)}")
-        except corpus.CorpusError as e:
+                raise CorpusError(f"expected one passage, found {len(got)}")
+        except CorpusError as e:
             raise corpus.changed_file_error(path, start, e) from None
         return got[0]
 
-    def __getitem__(self, row: int) -> corpus.Passage:
+    def __getitem__(self, row: int) -> Passage:
         """The passage at `row` (0-based, in file order)."""
         row = int(row)
         if not 0 <= row < self.num_passages:
@@ -145,11 +146,11 @@ class PassageStore:
         return self._read_record_at(self.path, self.format, self._fh(), int(self._offsets[row]),
                                     int(self._offsets[row + 1]))
 
-    def get(self, rows: Sequence[int] | np.ndarray) -> list[corpus.Passage]:
+    def get(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
         """Passages for an array of rows of any shape (e.g. retrieved rows_QxK), flattened in C order."""
         return [self[r] for r in np.asarray(rows).reshape(-1)]
 
-    def iter_passages(self, start: int = 0, stop: int | None = None) -> Iterator[corpus.Passage]:
+    def iter_passages(self, start: int = 0, stop: int | None = None) -> Iterator[Passage]:
         """Streams rows [start, stop) in order with one seek (e.g. to resume an embedding job at `rows_done`)."""
         stop = self.num_passages if stop is None else min(stop, self.num_passages)
         if start >= stop:
@@ -158,10 +159,10 @@ class PassageStore:
         with open(self.path, "rb") as f:
             f.seek(begin)
             try:
-                for passage, _, _, _ in corpus.parsecorpus.records_with_offsets(self.path, self.format, _lines_until(f, end - begin), begin,
-                                                      header=False):
+                lines = _lines_until(f, end - begin)
+                for passage, _, _, _ in corpus.parse_records(self.path, self.format, lines, begin, header=False):
                     yield passage
-            except corpus.CorpusError as e:
+            except CorpusError as e:
                 raise corpus.changed_file_error(self.path, begin, e) from None
 
     def row_for_id(self, passage_id: str | int) -> int:
@@ -174,11 +175,11 @@ class PassageStore:
             row = int(self._id_rows[i])
             if self[row].id == pid:
                 return row
-        raise corpus.UnknownPassageIdError(f"passage id {pid!r} is not in {self.path} ({self.num_passages} passages); "
+        raise UnknownPassageIdError(f"passage id {pid!r} is not in {self.path} ({self.num_passages} passages); "
                                     "check that the gold passage ids come from the same corpus as the index")
 
     def rows_for_ids(self, passage_ids: Iterable[str | int]) -> np.ndarray:
-        """int64 rows for a sequence of passage ids; corpus.UnknownPassageIdError naming the first unknown id."""
+        """int64 rows for a sequence of passage ids; UnknownPassageIdError naming the first unknown id."""
         return np.asarray([self.row_for_id(p) for p in passage_ids], dtype=np.int64)
 
 
@@ -213,17 +214,17 @@ class _GrowingArray:
 
 
 def _raise_on_duplicate_ids(path, offsets, sorted_keys, rows, read_record_at) -> None:
-    """Raises corpus.CorpusError naming both lines if two rows share an id (equal hashes are re-read to be sure)."""
+    """Raises CorpusError naming both lines if two rows share an id (equal hashes are re-read to be sure)."""
     same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
     if len(same) == 0:
         return
-    fmt = corpus.corpus_format(path)
+    fmt = corpus_format(path)
     with open(path, "rb") as f:
         for i in same:
             a, b = sorted((int(rows[i]), int(rows[i + 1])))
             pa = read_record_at(path, fmt, f, int(offsets[a]), int(offsets[a + 1]))
             pb = read_record_at(path, fmt, f, int(offsets[b]), int(offsets[b + 1]))
             if pa.id == pb.id:
-                raise corpus.CorpusError(f"{path}:{corpus.line_of_offset(path, int(offsets[b]))}: duplicate passage id {pb.id!r} "
-                                  f"(first seen on line {corpus.line_of_offset(path, int(offsets[a]))}); ids must be unique "
-                                  "so gold passage ids map to one row")
+                line_a, line_b = (corpus.line_of_offset(path, int(offsets[r])) for r in (a, b))
+                raise CorpusError(f"{path}:{line_b}: duplicate passage id {pb.id!r} (first seen on line {line_a}); ids "
+                                  "must be unique so gold passage ids map to one row")
