@@ -32,9 +32,10 @@ def run(task, tmp_path_factory):
     return loop.setup(train_task.tiny_config(task, **EXACT), str(tmp_path_factory.mktemp("run")), mesh)
 
 
-def _one_step(run, task, **overrides):
-    """(metrics of one step from the run's initial state, the expected retriever-loss terms, initial params,
-    params after the step) with the config changed by `overrides`."""
+def _one_step(run, task, expected_terms=None, **overrides):
+    """(metrics of one step from the run's initial state, `expected_terms` (default: Atlas's likelihood-based losses)
+    computed outside the step on its batch, initial params, params after the step) with the config changed by
+    `overrides`."""
     config = train_task.tiny_config(task, **EXACT, **overrides)
     train_step = step.make_train_step(run.model, run.tx, config, run.mesh, run.state_shardings, run.batches.keys,
                                       {}, run.index.num_passages)
@@ -45,17 +46,29 @@ def _one_step(run, task, **overrides):
     q = model.encode_questions(state.params, batch["question_input_ids"], batch["question_attention_mask"])
     scores = rag.doc_scores(q, batch["doc_embeds"])
     reader_batch = {key: batch[key] for key in ("context_input_ids", "context_attention_mask", "labels")}
-    token_ll = reader.passage_token_log_likelihoods(model, state.params, reader_batch)
-    pad = model.generator_config.pad_token_id
-    mask = marginal.shift_left(batch["labels"], pad) != pad
-    expected = {"pdist": float(retriever_losses.pdist(scores, token_ll, mask).mean()),
-                "emdr2": float(retriever_losses.emdr2(scores, token_ll, mask).mean()),
-                "loop": float(retriever_losses.loop(scores, reader.leave_one_out_losses(token_ll, scores, mask)).mean()),
-                "support_prior": float(retriever_losses.support_prior(scores, token_ll).sum())}
+    expected = (expected_terms or _likelihood_terms)(model, reader, state.params, reader_batch, scores)
     rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(run.mesh))
     with sharding.use(run.mesh):
         state, metrics = train_step(state, batch, rng, run.corpus)
     return jax.device_get(metrics), expected, initial, jax.device_get(state.params)
+
+
+def _likelihood_terms(model, reader, params, reader_batch, scores) -> dict[str, float]:
+    token_ll = reader.passage_token_log_likelihoods(model, params, reader_batch)
+    pad = model.generator_config.pad_token_id
+    mask = marginal.shift_left(reader_batch["labels"], pad) != pad
+    return {"pdist": float(retriever_losses.pdist(scores, token_ll, mask).mean()),
+            "emdr2": float(retriever_losses.emdr2(scores, token_ll, mask).mean()),
+            "loop": float(retriever_losses.loop(scores, reader.leave_one_out_losses(token_ll, scores, mask)).mean()),
+            "support_prior": float(retriever_losses.support_prior(scores, token_ll).sum())}
+
+
+def _attention_terms(model, reader, params, reader_batch, scores) -> dict[str, float]:
+    """ADist's KL from the fid reader's passage_attention_scores, and the fid reader's own loss."""
+    attention = reader.passage_attention_scores(model, params, reader_batch)
+    return {"adist": float(retriever_losses.adist(scores, attention, temperature=0.01).mean()),
+            "reader_loss": float(reader.loss(model, params, reader_batch, scores, epsilon=0.0,
+                                             dropout_rng=None).mean())}
 
 
 def _frozen(before, after) -> bool:
@@ -98,23 +111,8 @@ def fid_run(task, tmp_path_factory):
 def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder(fid_run, task):
     """One step: the loss is the fid reader's plus ADist's KL (computed here from the reader's
     passage_attention_scores on the same batch), and q(x), which only ADist trains, moves."""
-    config = train_task.tiny_config(task, **EXACT, **FID_ADIST)
-    train_step = step.make_train_step(fid_run.model, fid_run.tx, config, fid_run.mesh, fid_run.state_shardings,
-                                      fid_run.batches.keys, {}, fid_run.index.num_passages)
-    state = fid_run.initial_state()
-    initial = jax.device_get(state.params)
-    batch = fid_run.batches(state.params, loop.make_pipeline(fid_run).batch_at(0))
-    model, reader = fid_run.model, readers.from_config(config)
-    q = model.encode_questions(state.params, batch["question_input_ids"], batch["question_attention_mask"])
-    scores = rag.doc_scores(q, batch["doc_embeds"])
-    reader_batch = {key: batch[key] for key in ("context_input_ids", "context_attention_mask", "labels")}
-    attention = reader.passage_attention_scores(model, state.params, reader_batch)
-    adist = float(retriever_losses.adist(scores, attention, temperature=0.01).mean())
-    reader_loss = float(reader.loss(model, state.params, reader_batch, scores, epsilon=0.0, dropout_rng=None).mean())
-    rng = jax.device_put(jax.random.PRNGKey(7), sharding.replicated(fid_run.mesh))
-    with sharding.use(fid_run.mesh):
-        state, metrics = train_step(state, batch, rng, fid_run.corpus)
-    after = jax.device_get(state.params)
+    metrics, expected, initial, after = _one_step(fid_run, task, _attention_terms, **FID_ADIST)
+    adist, reader_loss = expected["adist"], expected["reader_loss"]
     assert adist > 1e-4 * reader_loss  # a term the sum below would miss
     np.testing.assert_allclose(metrics["loss"], reader_loss + adist, rtol=1e-5)
     assert not _frozen(initial["question_encoder"], after["question_encoder"])
