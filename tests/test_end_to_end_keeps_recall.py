@@ -23,7 +23,6 @@ import pytest
 from experiments.configs import nq
 from rag_jax import sharding
 from rag_jax.data import knowledge_task
-from rag_jax.models import sentence_transformers_dir
 from rag_jax.runs import workdir as workdir_lib
 from rag_jax.training import loop, refresh_watch
 from tests import train_task
@@ -77,10 +76,7 @@ def run(root, **overrides) -> dict:
 
 @pytest.mark.slow
 def test_end_to_end_on_a_pretrained_retriever_keeps_gold_recall_after_refreshes(tmp_path):
-    try:
-        sentence_transformers_dir.pretrained_retriever_dir()
-    except sentence_transformers_dir.CheckpointError as e:
-        pytest.skip(str(e))
+    train_task.skip_without_pretrained_retriever()
     figures = run(tmp_path)
     print(f"\nend to end, refreshed every {REFRESH_EVERY}: {figures}")
     recall = figures["train_recall"]

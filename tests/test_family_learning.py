@@ -12,16 +12,12 @@ no gradient: p(z|x) = 1) so that the step skips its backward pass.
 
 import pytest
 
-from rag_jax.models import sentence_transformers_dir
 from tests import train_task
 
 
 @pytest.fixture(scope="module")
 def clues(tmp_path_factory):
-    try:
-        sentence_transformers_dir.pretrained_retriever_dir()
-    except sentence_transformers_dir.CheckpointError as e:
-        pytest.skip(str(e))
+    train_task.skip_without_pretrained_retriever()
     results, stdout = train_task.run_small_knowledge_demo(
         tmp_path_factory.mktemp("clues"), lambda p: f"{p['title']} / {p['text']}", lambda e: e["question"],
         ["--config.model.max_combined_length=64", "--config.optim.question_encoder_lr_scale=0.0",

@@ -7,17 +7,13 @@ text keeps the output layer cheap (tests/train_task.small_bart_tokenizer)."""
 
 import pytest
 
-from rag_jax.models import sentence_transformers_dir
 from tests import train_task
 
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    try:
-        sentence_transformers_dir.pretrained_retriever_dir()
-    except sentence_transformers_dir.CheckpointError as e:
-        pytest.skip(str(e))
+    train_task.skip_without_pretrained_retriever()
     root = tmp_path_factory.mktemp("fid_knowledge")
     results, stdout = train_task.run_small_knowledge_demo(
         root, lambda p: f"title: {p['title']} context: {p['text']}", lambda e: f"question: {e['question']}",

@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from rag_jax.models import sentence_transformers_dir
 from tests import process_env, train_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    try:
-        sentence_transformers_dir.pretrained_retriever_dir()
-    except sentence_transformers_dir.CheckpointError as e:
-        pytest.skip(str(e))
+    train_task.skip_without_pretrained_retriever()
     root = tmp_path_factory.mktemp("knowledge")
     results, stdout = train_task.run_small_knowledge_demo(
         root, lambda p: f"{p['title']} / {p['text']}", lambda e: e["question"],

@@ -85,6 +85,18 @@ def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int =
     return directory
 
 
+def skip_without_pretrained_retriever() -> None:
+    """Skips the calling test where all-MiniLM-L6-v2's files (the local configs' retriever) are not installed."""
+    import pytest  # pylint: disable=g-import-not-at-top
+
+    from rag_jax.models import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+
+    try:
+        sentence_transformers_dir.pretrained_retriever_dir()
+    except sentence_transformers_dir.CheckpointError as e:
+        pytest.skip(str(e))
+
+
 def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[str], timeout: int,
                              family: str = "qa", entities: int = 240, heldout: int = 30):
     """`experiments.knowledge_demo` in its own process on a small knowledge task (`entities` people, `heldout` held
