@@ -118,6 +118,19 @@ def test_each_reader_owns_its_loss(tiny):
     np.testing.assert_allclose(loss[NAME], sequence / np.array([2, 3]), rtol=1e-6)  # targets up to </s>
 
 
+def test_with_one_passage_the_readers_give_the_scores_no_gradient(tiny):
+    """At K=1 the prior is a softmax over one passage (exactly 1), so RAG's marginal gives the retrieval scores, and
+    through them q(x), a gradient of exactly 0: the training step skips q(x)'s backward pass then (step.py
+    question_gradient_is_zero). With two passages the gradient is not 0, so this test can tell."""
+    model, params, batch, scores = tiny
+    for name in ("rag_sequence", "rag_token"):
+        for k in (1, 2):
+            one = {key: value[:, :k] if value.ndim == 3 else value for key, value in batch.items()}
+            grad = jax.grad(lambda s: registry.get(name).loss(model, params, one, s, epsilon=0.1,
+                                                               dropout_rng=None).sum())(scores[:, :k] * 3.0)
+            assert (np.abs(np.asarray(grad)).max() == 0.0) == (k == 1), (name, k, grad)
+
+
 def test_names_aliases_and_unknown_readers():
     assert registry.get("sequence") is registry.get("rag_sequence") and registry.get("token").name == "rag_token"
     assert registry.get(NAME) is TOY and registry.known(NAME) and registry.known("token")

@@ -141,10 +141,14 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     if device_mode:
         gather = contexts.make_sharded_gather(mesh, sharding.corpus_axes())
     max_len = model.config.context.max_combined_length
-    frozen_question_encoder = optim.freezes_question_encoder(config)
     retrieval_weight = float(config.train.get("retrieval_loss_weight", 0.0))  # (absent from configs saved before it)
     reranks = int(config.retrieval.get("rerank_candidates", 0)) > 0  # (absent from configs saved before it)
     retriever_loss = config.train.get("retriever_loss", "marginal")  # (absent from configs saved before it)
+    # q(x)'s gradient is exactly 0 when it is frozen, when no loss reaches the scores (retriever_loss none), or when
+    # only RAG's marginal does at K=1 (a softmax over one passage is 1 whatever its score): its backward pass is
+    # skipped. Identical updates: AdamW's moments of a zero gradient stay 0 and weight decay still applies.
+    question_gradient_is_zero = optim.freezes_question_encoder(config) or (
+        not retrieval_weight and (retriever_loss == "none" or (retriever_loss == "marginal" and n_docs == 1)))
     retriever_temperature = float(config.train.get("retriever_temperature", 1.0))
 
     def constrain(key, x):
@@ -173,7 +177,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
         q_rng, g_rng = jax.random.split(rng)
         q_BxD = model.encode_questions(params, batch["question_input_ids"], batch["question_attention_mask"],
                                        dropout_rng=q_rng)
-        if frozen_question_encoder:  # its gradient would be scaled to 0: not computing it saves its backward pass
+        if question_gradient_is_zero:
             q_BxD = jax.lax.stop_gradient(q_BxD)
         if model.trains_doc_encoder:
             scores_BxK = model.trained_doc_scores(params, q_BxD, batch, dropout_rng=jax.random.fold_in(rng, 2))
