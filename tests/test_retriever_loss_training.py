@@ -140,6 +140,6 @@ def test_training_without_gold_passages_is_refused_only_where_a_loss_needs_them(
     no_gold.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold_passage_id"}) + "\n"
                                for r in records))
     config = train_task.tiny_config(task, **{"train.retrieval_loss_weight": 0.5})
-    config.data.train_file = str(no_gold)
+    config.task.train_file = str(no_gold)
     with pytest.raises(config_check.ConfigError, match=r"train\.retrieval_loss_weight=0\.5 .* no gold_passage_id"):
         loop.setup(config, str(tmp_path / "run"), sharding.make_mesh(1, 1, devices=jax.devices()[:1]))

@@ -96,8 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "mini"  # rag_jax.data.nq_open builder config: "mini" (bundled) or "official" (manual_dir)
     c.data.data_dir = placeholder(str)  # where TFDS keeps the prepared dataset; None: TFDS's default (~/tensorflow_datasets)
     c.data.manual_dir = placeholder(str)  # "official" only: the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl
-    c.data.train_file = placeholder(str)  # a JSONL questions file to train on instead of `source` ({"question","answer(s)"})
-    c.data.dev_file = placeholder(str)  # a JSONL questions file for the periodic evaluation instead of `source`'s dev split
+    # Deprecated: the old names of task.train_file / task.dev_file, still read where those are unset (configs saved
+    # before the task section held the files, command lines written for them); both set to different files stops.
+    c.data.train_file = placeholder(str)
+    c.data.dev_file = placeholder(str)
     c.data.passages = BUNDLED_PASSAGES  # the retrieval corpus, DPR psgs_w100.tsv layout (or .jsonl)
     c.data.max_question_length = 32  # question encoder input tokens
     c.data.max_target_length = 12  # label tokens, <s> answer </s> (most NQ answers are a few words)
@@ -108,6 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # What the run learns and how dev evaluation scores it (rag_jax/tasks/): "qa" (exact match / F1),
     # "abstractive_qa", "question_generation", "fact_verification", or 'package.module:name' of a registered task.
     c.task.name = "qa"
+    # The task's files (rag_jax/runs/config_fields.py task_file): training examples, and those of the periodic dev
+    # evaluation. NQ-open JSONL ({"question", "answer(s)"}) or any format rag_jax/data/task_files.py reads (KILT,
+    # FEVER, MS-MARCO, SearchQA, DPR CSV). None: data.source's NQ-open splits (task "qa" only).
+    c.task.train_file = placeholder(str)
+    c.task.dev_file = placeholder(str)
 
     c.tokenizers = ml_collections.ConfigDict()
     c.tokenizers.question = BUNDLED_QUESTION_TOKENIZER  # BERT WordPiece directory (bundled bert-base-uncased)

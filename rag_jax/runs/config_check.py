@@ -19,7 +19,7 @@ from rag_jax.retrieval import code_spec as codes_lib
 from rag_jax.runs import encoder_training
 # The field rules, and the names the rest of the code reaches through this module.
 from rag_jax.runs.config_fields import (AUTO_POOLING, DOC_ENCODER, HOST_CONTEXTS, RULES, ConfigError,  # noqa: F401
-                                        check_fields, field_error, get_field)
+                                        check_fields, field_error, get_field, task_file)
 
 
 
@@ -71,9 +71,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_fields(config)
     m, t = config.model, config.train
     task_name = get_field(config, "task.name", "qa")
-    if task_name != "qa" and (config.data.train_file is None or (t.eval_every and config.data.dev_file is None)):
-        raise ConfigError(f"config task.name={task_name!r} reads its examples from data.train_file and "
-                          "data.dev_file (the built-in data.source is NQ-open); set both")
+    (train_field, train_file), (dev_field, dev_file) = task_file(config, "train"), task_file(config, "dev")
+    if task_name != "qa" and (train_file is None or (t.eval_every and dev_file is None)):
+        raise ConfigError(f"config task.name={task_name!r} reads its examples from task.train_file and "
+                          "task.dev_file (the built-in data.source is NQ-open); set both")
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
@@ -108,17 +109,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_sizes(config)
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
                   directory=False)
-    for field in ("data.train_file", "data.dev_file"):
-        value = config.data.get(field.split(".")[1])
+    for field, value in ((train_field, train_file), (dev_field, dev_file)):
         if value is not None:
             require_path(value, field, "a JSONL questions file", directory=False)
-    if config.data.train_file is None or config.data.dev_file is None:
+    if train_file is None or dev_file is None:
         if config.data.data_dir is not None:
             require_path(config.data.data_dir, "data.data_dir", "the TFDS data directory (create it, or leave it "
                           "unset for TFDS's default)", directory=True)
         if config.data.source == "official":
             require_path(config.data.manual_dir, "data.manual_dir",
-                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl", directory=True)
+                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl, or set task.train_file "
+                          "and task.dev_file", directory=True)
     for field in ("tokenizers.question", "tokenizers.generator"):
         require_path(config.tokenizers.get(field.split(".")[1]), field, "a tokenizer directory", directory=True)
     if m.init_from_rag is None:
