@@ -13,6 +13,9 @@ Variants:
              model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
   paper_fid  Fusion-in-Decoder's NQ reader (Izacard & Grave 2020) as facebookresearch/FiD's README trains it: T5-base,
              K=100 passages of 250 tokens, the retriever frozen ("FiD" below: that README and its src/options.py).
+  paper_triviaqa, paper_msmarco, paper_jeopardy, paper_fever
+             `paper` with the paper's settings of its other tasks (reader, K, lengths, metric; paper_tasks.py says
+             each value's source); set task.train_file and task.dev_file.
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   end2end_local  `local` trained end to end on a laptop: q(x), d(z) (both at their fine-tuning rate) and the
