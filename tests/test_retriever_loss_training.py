@@ -124,6 +124,9 @@ def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder
     ({"train.retriever_loss": "loop", "model.n_docs": 1}, "model.n_docs >= 2"),
     ({"train.retriever_loss": "attention"}, "train.retriever_loss"),
     ({"train.retriever_temperature": 0.0}, "train.retriever_temperature"),
+    # ADist's scores are ~1e-2: the default temperature 1.0 (or 0.1) makes its target near uniform
+    ({**FID_ADIST, "train.retriever_temperature": 1.0}, "set --config.train.retriever_temperature=0.01"),
+    ({**FID_ADIST, "train.retriever_temperature": 0.1}, "train.retriever_temperature=0.1 with"),
 ])
 def test_impossible_retriever_losses_are_refused_naming_the_field(task, overrides, expected):
     config = train_task.tiny_config(task, **overrides)

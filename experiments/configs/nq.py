@@ -230,7 +230,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # temperature_gold, 0.01 in its scripts, where its retriever scores are also divided by sqrt(d) x 0.01; here
     # the retriever's side is the doc scores on retrieval.score_scale). adist: the target is softmax(attention
     # score / this), scores of order 1e-2 (Atlas divides them by 256): set ~0.01 or lower; 1.0 gives a near-uniform
-    # target (docs/retriever_losses.md).
+    # target (docs/retriever_losses.md), and adist is refused at start-up from 0.1 up.
     c.train.retriever_temperature = 1.0
     c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
     c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps

@@ -40,14 +40,27 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
                               f"{positions}; lower it or give the model more positions")
 
 
+# ADist's scores (Atlas's attention mass divided by 256) are ~1e-2 and differ between passages by less: from this
+# temperature up, softmax(score / T) is within a few percent of uniform and q(x) learns almost nothing
+# (docs/retriever_losses.md).
+ADIST_MAX_TEMPERATURE = 0.1
+
+
 def _check_retriever_loss(config: ml_collections.ConfigDict) -> None:
-    """The retriever losses' needs: ADist a FiD reader's cross-attention, LOOP two passages to leave one out."""
+    """The retriever losses' needs: ADist a FiD reader's cross-attention and a temperature of its scores' scale,
+    LOOP two passages to leave one out."""
     loss = get_field(config, "train.retriever_loss", "marginal")
     reader = readers.configured_name(config.model)
     if loss == "adist" and reader != "fid":
         raise ConfigError(f"config train.retriever_loss='adist' distils the FiD decoder's cross-attention over the "
                           f"passages, which model.reader={reader!r} does not have: set --config.model.reader=fid or "
                           "another --config.train.retriever_loss (pdist, emdr2, loop, marginal)")
+    temperature = get_field(config, "train.retriever_temperature", 1.0)
+    if loss == "adist" and temperature >= ADIST_MAX_TEMPERATURE:
+        raise ConfigError(f"config train.retriever_temperature={temperature} with train.retriever_loss='adist': its "
+                          "attention scores are ~1e-2 (Atlas divides them by 256), so the target is near uniform and "
+                          "q(x) learns almost nothing; set --config.train.retriever_temperature=0.01 (Atlas's "
+                          "temperature_gold) or lower (docs/retriever_losses.md)")
     if loss == "loop" and config.model.n_docs < 2:
         raise ConfigError(f"config train.retriever_loss='loop' leaves one passage out, which needs model.n_docs >= "
                           f"2 (got {config.model.n_docs}); raise --config.model.n_docs or use pdist")
