@@ -112,10 +112,9 @@ def check_nq_training_inputs(config) -> None:
 
     _check_pretrained_lengths(config)
     for split in ("train", "dev"):
-        path = config.data.get(f"{split}_file")
+        field, path = config_check.task_file(config, split)
         if path is None:
             continue
-        field = f"data.{split}_file"
         try:
             if _reads_as_nq(config, path):
                 count = sum(1 for _ in nq_jsonl.read_nq_jsonl(path))

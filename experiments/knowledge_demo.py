@@ -187,7 +187,7 @@ def run_demo() -> dict:
     if _READER.value is not None:  # before the task is written: a refused flag leaves nothing behind
         _use_reader(config, _READER.value)
     files = task_files(workdir)
-    config.data.passages, config.data.train_file, config.data.dev_file = (
+    config.data.passages, config.task.train_file, config.task.dev_file = (
         files["passages"], files["train_file"], files["dev_file"])
     config.task.name = task.name
     if task.name in TARGET_LENGTHS and (config.data.max_target_length, config.eval.max_length) == (6, 8):

@@ -141,7 +141,7 @@ def run_table():
     workdir = _WORKDIR.value
     config = _CONFIG.value
     paths = write_task(os.path.join(workdir, "task"), _ENTITIES.value, _HELDOUT.value, config.seed)
-    config.data.passages, config.data.train_file, config.data.dev_file = (
+    config.data.passages, config.task.train_file, config.task.dev_file = (
         paths["passages"], paths["train_no_gold"], paths["dev"])
     config.train.steps = _STEPS.value
     config.eval.num_examples = 0  # every held-out question

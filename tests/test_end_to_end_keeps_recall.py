@@ -37,7 +37,7 @@ def _config(task: dict[str, str], tokenizer: str, **overrides):
     knowledge = nq.get_config("knowledge")  # the knowledge task's lengths, on end2end_local's training recipe
     config.data, config.model.max_combined_length, config.index.max_length = (
         knowledge.data, knowledge.model.max_combined_length, knowledge.index.max_length)
-    config.data.passages, config.data.train_file, config.data.dev_file = task["passages"], task["train"], task["dev"]
+    config.data.passages, config.task.train_file, config.task.dev_file = task["passages"], task["train"], task["dev"]
     # The generator warmed up by denoising first, as `local` does (shorter): trained from random weights its first
     # likelihoods are noise that Adam turns into full-size steps of d(z) (the module docstring's figures).
     fields = {"tokenizers.generator": tokenizer, "model.generator.vocab_size": 1200, "denoise.steps": 100,

@@ -51,7 +51,7 @@ def _run(task: dict[str, str], workdir: str, trains_doc_encoder: bool) -> tuple[
         "model.question_encoder.pooling": "mean", "model.doc_encoder.pooling": "mean",
         "model.doc_encoder.trainable": trains_doc_encoder, "model.doc_encoder.lr_scale": 3.0,
         "index.refresh_every": str(REFRESH_EVERY)})
-    config.data.dev_file = task["dev"]
+    config.task.dev_file = task["dev"]
     loop.train_and_evaluate(config, workdir, mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     with open(workdir_lib.metrics_file(workdir)) as f:
         records = [json.loads(line) for line in f if line.strip()]

@@ -124,6 +124,9 @@ def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder
     ({"train.retriever_loss": "loop", "model.n_docs": 1}, "model.n_docs >= 2"),
     ({"train.retriever_loss": "attention"}, "train.retriever_loss"),
     ({"train.retriever_temperature": 0.0}, "train.retriever_temperature"),
+    # ADist's scores are ~1e-2: the default temperature 1.0 (or 0.1) makes its target near uniform
+    ({**FID_ADIST, "train.retriever_temperature": 1.0}, "set --config.train.retriever_temperature=0.01"),
+    ({**FID_ADIST, "train.retriever_temperature": 0.1}, "train.retriever_temperature=0.1 with"),
 ])
 def test_impossible_retriever_losses_are_refused_naming_the_field(task, overrides, expected):
     config = train_task.tiny_config(task, **overrides)
@@ -140,6 +143,6 @@ def test_training_without_gold_passages_is_refused_only_where_a_loss_needs_them(
     no_gold.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold_passage_id"}) + "\n"
                                for r in records))
     config = train_task.tiny_config(task, **{"train.retrieval_loss_weight": 0.5})
-    config.data.train_file = str(no_gold)
+    config.task.train_file = str(no_gold)
     with pytest.raises(config_check.ConfigError, match=r"train\.retrieval_loss_weight=0\.5 .* no gold_passage_id"):
         loop.setup(config, str(tmp_path / "run"), sharding.make_mesh(1, 1, devices=jax.devices()[:1]))

@@ -69,7 +69,7 @@ def test_a_non_qa_task_without_its_files_is_refused_naming_the_fields():
     config = train_task.nq.get_config("tiny")
     config.task.name = "fact_verification"
     with pytest.raises(config_check.ConfigError, match="task.name='fact_verification' reads its examples from "
-                                                         "data.train_file and data.dev_file"):
+                                                         "task.train_file and task.dev_file"):
         config_check.check_config(config)
 
 

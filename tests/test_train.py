@@ -223,7 +223,7 @@ def test_unknown_config_field_fails_naming_it(tmp_path, flags, name, suggestion)
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ({"data.train_file": None, "data.data_dir": "/nonexistent/tfds"}, "data.data_dir"),
+    ({"task.train_file": None, "data.data_dir": "/nonexistent/tfds"}, "data.data_dir"),
     ({"data.passages": "/nonexistent/passages.tsv"}, "data.passages"),
     ({"model.generator.vocab_size": 50000}, "tokenizers.generator"),
     ({"model.question_encoder.vocab_size": 30000}, "model.question_encoder.vocab_size"),
@@ -297,8 +297,8 @@ def test_a_question_without_answers_is_refused_at_start_up(task, tmp_path):
     """Labels need a gold answer: found when the file is read, naming its line, not in the middle of training."""
     bad = train_task.write_questions(str(tmp_path / "train.jsonl"), [{"question": "q1", "answers": ["a"]},
                                                                      {"question": "q2", "answers": []}])
-    config = train_task.tiny_config(task, **{"data.train_file": bad})
-    with pytest.raises(build.ConfigError, match=r"config data\.train_file: .*train\.jsonl:2: .*non-empty list"):
+    config = train_task.tiny_config(task, **{"task.train_file": bad})
+    with pytest.raises(build.ConfigError, match=r"config task\.train_file: .*train\.jsonl:2: .*non-empty list"):
         build.data_source(config, "train")
 
 

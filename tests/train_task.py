@@ -50,8 +50,8 @@ def write_bundled_task(directory: str, num_questions: int = 32, num_distractors:
 def tiny_config(task: dict[str, str], **overrides) -> ml_collections.ConfigDict:
     """The `tiny` variant on `task`; overrides are dotted field names ("train.steps") -> values."""
     c = nq.get_config("tiny")
-    c.data.train_file = task["questions"]
-    c.data.dev_file = task["questions"]
+    c.task.train_file = task["questions"]
+    c.task.dev_file = task["questions"]
     c.data.passages = task["passages"]
     for key, value in overrides.items():
         node = c
@@ -65,7 +65,7 @@ def tiny_config(task: dict[str, str], **overrides) -> ml_collections.ConfigDict:
 def cli_overrides(task: dict[str, str], **overrides) -> list[str]:
     """The same as tiny_config, as experiments.train_nq command-line flags."""
     flags = ["--config=" + os.path.join(os.path.dirname(nq.__file__), "nq.py") + ":tiny",
-             f"--config.data.train_file={task['questions']}", f"--config.data.dev_file={task['questions']}",
+             f"--config.task.train_file={task['questions']}", f"--config.task.dev_file={task['questions']}",
              f"--config.data.passages={task['passages']}"]
     return flags + [f"--config.{key}={value}" for key, value in overrides.items()]
 

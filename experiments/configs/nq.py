@@ -13,6 +13,9 @@ Variants:
              model.generator.init at its checkpoint and tokenizers.generator at its SentencePiece tokenizer.
   paper_fid  Fusion-in-Decoder's NQ reader (Izacard & Grave 2020) as facebookresearch/FiD's README trains it: T5-base,
              K=100 passages of 250 tokens, the retriever frozen ("FiD" below: that README and its src/options.py).
+  paper_triviaqa, paper_msmarco, paper_jeopardy, paper_fever
+             `paper` with the paper's settings of its other tasks (reader, K, lengths, metric; paper_tasks.py says
+             each value's source); set task.train_file and task.dev_file.
   end2end    `paper` trained end to end, the document encoder too (REALM; Hugging Face's RAG-end2end recipe,
              "E2E" below): RAG-Token, K=5, from a rag-token-base style checkpoint and a DPR context encoder.
   end2end_local  `local` trained end to end on a laptop: q(x), d(z) (both at their fine-tuning rate) and the
@@ -96,8 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "mini"  # rag_jax.data.nq_open builder config: "mini" (bundled) or "official" (manual_dir)
     c.data.data_dir = placeholder(str)  # where TFDS keeps the prepared dataset; None: TFDS's default (~/tensorflow_datasets)
     c.data.manual_dir = placeholder(str)  # "official" only: the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl
-    c.data.train_file = placeholder(str)  # a JSONL questions file to train on instead of `source` ({"question","answer(s)"})
-    c.data.dev_file = placeholder(str)  # a JSONL questions file for the periodic evaluation instead of `source`'s dev split
+    # Deprecated: the old names of task.train_file / task.dev_file, still read where those are unset (configs saved
+    # before the task section held the files, command lines written for them); both set to different files stops.
+    c.data.train_file = placeholder(str)
+    c.data.dev_file = placeholder(str)
     c.data.passages = BUNDLED_PASSAGES  # the retrieval corpus, DPR psgs_w100.tsv layout (or .jsonl)
     c.data.max_question_length = 32  # question encoder input tokens
     c.data.max_target_length = 12  # label tokens, <s> answer </s> (most NQ answers are a few words)
@@ -108,6 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # What the run learns and how dev evaluation scores it (rag_jax/tasks/): "qa" (exact match / F1),
     # "abstractive_qa", "question_generation", "fact_verification", or 'package.module:name' of a registered task.
     c.task.name = "qa"
+    # The task's files (rag_jax/runs/config_fields.py task_file): training examples, and those of the periodic dev
+    # evaluation. NQ-open JSONL ({"question", "answer(s)"}) or any format rag_jax/data/task_files.py reads (KILT,
+    # FEVER, MS-MARCO, SearchQA, DPR CSV). None: data.source's NQ-open splits (task "qa" only).
+    c.task.train_file = placeholder(str)
+    c.task.dev_file = placeholder(str)
 
     c.tokenizers = ml_collections.ConfigDict()
     c.tokenizers.question = BUNDLED_QUESTION_TOKENIZER  # BERT WordPiece directory (bundled bert-base-uncased)
@@ -220,7 +230,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # temperature_gold, 0.01 in its scripts, where its retriever scores are also divided by sqrt(d) x 0.01; here
     # the retriever's side is the doc scores on retrieval.score_scale). adist: the target is softmax(attention
     # score / this), scores of order 1e-2 (Atlas divides them by 256): set ~0.01 or lower; 1.0 gives a near-uniform
-    # target (docs/retriever_losses.md).
+    # target (docs/retriever_losses.md), and adist is refused at start-up from 0.1 up.
     c.train.retriever_temperature = 1.0
     c.train.grad_accum_steps = 1  # microbatches per update (a scan inside the step); divides the batch
     c.train.log_every = 25  # progress line + metrics.jsonl + TensorBoard every this many steps

@@ -6,14 +6,15 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from experiments.configs import fid
+from experiments.configs import fid, paper_tasks
 from rag_jax.models import sentence_transformers_dir
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rag_jax", "assets")
 BUNDLED_PASSAGES = os.path.join(_ASSETS, "nq_open_mini", "passages.tsv")
 BUNDLED_QUESTION_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bert-base-uncased")
 BUNDLED_GENERATOR_TOKENIZER = os.path.join(_ASSETS, "tokenizers", "bart-large")
-VARIANTS = ("local", "knowledge", "paper", "paper_t5", "paper_fid", "end2end", "end2end_local", "tiny")
+VARIANTS = ("local", "knowledge", "paper", "paper_t5", "paper_fid", *paper_tasks.VARIANTS, "end2end", "end2end_local",
+            "tiny")
 
 
 def apply(variant: str, c: ml_collections.ConfigDict) -> None:
@@ -28,6 +29,9 @@ def apply(variant: str, c: ml_collections.ConfigDict) -> None:
     elif variant == "paper_fid":
         _paper(c)
         fid.paper_fid(c)
+    elif variant in paper_tasks.VARIANTS:
+        _paper(c)
+        paper_tasks.apply(variant, c)
     elif variant == "end2end":
         _paper(c)
         _end2end(c)
@@ -89,7 +93,7 @@ def _knowledge(c: ml_collections.ConfigDict) -> None:
     """The bundled knowledge task: short passages (four facts about one entity), one-word answers."""
     _pretrained_retriever(c)
     _small_generator(c)
-    c.data.passages = placeholder(str)  # experiments.knowledge_demo sets these three
+    c.data.passages = placeholder(str)  # experiments.knowledge_demo sets it (and task.train_file, task.dev_file)
     c.data.max_question_length = 20  # the task's questions are at most 19 tokens
     c.data.max_target_length = 6  # <s> answer </s>: answers are at most 4 tokens
     c.model.n_docs = 2

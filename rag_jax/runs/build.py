@@ -242,9 +242,10 @@ def check_vocab(models: Models, doc_config: bert.BertConfig, tokenizers: tk.RagT
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
-    """The train or dev examples: a file when data.{train,dev}_file is set (NQ-open JSONL, or for any task a format
-    rag_jax/data/task_files.py reads, made into the task's examples), else the TFDS NQ-open source."""
-    path = config.data.train_file if split == "train" else config.data.dev_file
+    """The train or dev examples: a file when task.{train,dev}_file is set (config_check.task_file: or its old name
+    data.{train,dev}_file; NQ-open JSONL, or for any task a format rag_jax/data/task_files.py reads, made into the
+    task's examples), else the TFDS NQ-open source."""
+    field, path = config_check.task_file(config, split)
     if path is not None:
         task = tasks.from_config(config)
         try:
@@ -252,7 +253,7 @@ def data_source(config: ml_collections.ConfigDict, split: str):
                 return nq_open.JsonlSource(path)
             return task_base.ExampleSource(path, task)
         except ValueError as e:
-            raise ConfigError(f"config data.{split}_file: {e}") from None
+            raise ConfigError(f"config {field}: {e}") from None
     return nq_open.get_data_source(config.data.source, split, config.data.data_dir, config.data.manual_dir)
 
 

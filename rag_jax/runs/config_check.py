@@ -19,7 +19,7 @@ from rag_jax.retrieval import code_spec as codes_lib
 from rag_jax.runs import encoder_training
 # The field rules, and the names the rest of the code reaches through this module.
 from rag_jax.runs.config_fields import (AUTO_POOLING, DOC_ENCODER, HOST_CONTEXTS, RULES, ConfigError,  # noqa: F401
-                                        check_fields, field_error, get_field)
+                                        check_fields, field_error, get_field, task_file)
 
 
 
@@ -40,14 +40,27 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
                               f"{positions}; lower it or give the model more positions")
 
 
+# ADist's scores (Atlas's attention mass divided by 256) are ~1e-2 and differ between passages by less: from this
+# temperature up, softmax(score / T) is within a few percent of uniform and q(x) learns almost nothing
+# (docs/retriever_losses.md).
+ADIST_MAX_TEMPERATURE = 0.1
+
+
 def _check_retriever_loss(config: ml_collections.ConfigDict) -> None:
-    """The retriever losses' needs: ADist a FiD reader's cross-attention, LOOP two passages to leave one out."""
+    """The retriever losses' needs: ADist a FiD reader's cross-attention and a temperature of its scores' scale,
+    LOOP two passages to leave one out."""
     loss = get_field(config, "train.retriever_loss", "marginal")
     reader = readers.configured_name(config.model)
     if loss == "adist" and reader != "fid":
         raise ConfigError(f"config train.retriever_loss='adist' distils the FiD decoder's cross-attention over the "
                           f"passages, which model.reader={reader!r} does not have: set --config.model.reader=fid or "
                           "another --config.train.retriever_loss (pdist, emdr2, loop, marginal)")
+    temperature = get_field(config, "train.retriever_temperature", 1.0)
+    if loss == "adist" and temperature >= ADIST_MAX_TEMPERATURE:
+        raise ConfigError(f"config train.retriever_temperature={temperature} with train.retriever_loss='adist': its "
+                          "attention scores are ~1e-2 (Atlas divides them by 256), so the target is near uniform and "
+                          "q(x) learns almost nothing; set --config.train.retriever_temperature=0.01 (Atlas's "
+                          "temperature_gold) or lower (docs/retriever_losses.md)")
     if loss == "loop" and config.model.n_docs < 2:
         raise ConfigError(f"config train.retriever_loss='loop' leaves one passage out, which needs model.n_docs >= "
                           f"2 (got {config.model.n_docs}); raise --config.model.n_docs or use pdist")
@@ -71,9 +84,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_fields(config)
     m, t = config.model, config.train
     task_name = get_field(config, "task.name", "qa")
-    if task_name != "qa" and (config.data.train_file is None or (t.eval_every and config.data.dev_file is None)):
-        raise ConfigError(f"config task.name={task_name!r} reads its examples from data.train_file and "
-                          "data.dev_file (the built-in data.source is NQ-open); set both")
+    (train_field, train_file), (dev_field, dev_file) = task_file(config, "train"), task_file(config, "dev")
+    if task_name != "qa" and (train_file is None or (t.eval_every and dev_file is None)):
+        raise ConfigError(f"config task.name={task_name!r} reads its examples from task.train_file and "
+                          "task.dev_file (the built-in data.source is NQ-open); set both")
     if config.retrieval.host_searcher == "scann" and config.index.backend != "scann":
         raise ConfigError("config retrieval.host_searcher='scann' needs index.backend='scann' (the searcher is built "
                           "with the index)")
@@ -108,17 +122,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_sizes(config)
     require_path(config.data.passages, "data.passages", "the passages file (DPR psgs_w100.tsv layout)",
                   directory=False)
-    for field in ("data.train_file", "data.dev_file"):
-        value = config.data.get(field.split(".")[1])
+    for field, value in ((train_field, train_file), (dev_field, dev_file)):
         if value is not None:
             require_path(value, field, "a JSONL questions file", directory=False)
-    if config.data.train_file is None or config.data.dev_file is None:
+    if train_file is None or dev_file is None:
         if config.data.data_dir is not None:
             require_path(config.data.data_dir, "data.data_dir", "the TFDS data directory (create it, or leave it "
                           "unset for TFDS's default)", directory=True)
         if config.data.source == "official":
             require_path(config.data.manual_dir, "data.manual_dir",
-                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl", directory=True)
+                          "the directory holding NQ-open.train.jsonl and NQ-open.dev.jsonl, or set task.train_file "
+                          "and task.dev_file", directory=True)
     for field in ("tokenizers.question", "tokenizers.generator"):
         require_path(config.tokenizers.get(field.split(".")[1]), field, "a tokenizer directory", directory=True)
     if m.init_from_rag is None:

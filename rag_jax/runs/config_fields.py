@@ -138,7 +138,9 @@ _GENERATOR = {"architecture": _Registered(generators.known, generators.names), "
 RULES: dict[str, Any] = {
     "seed": _COUNT,
     "data.source": _Choice(("mini", "official")),
-    "data.data_dir": _PATH, "data.manual_dir": _PATH, "data.train_file": _PATH, "data.dev_file": _PATH,
+    "data.data_dir": _PATH, "data.manual_dir": _PATH,
+    "task.train_file": _PATH, "task.dev_file": _PATH,
+    "data.train_file": _PATH, "data.dev_file": _PATH,  # their old names (and train_retriever's own files)
     "data.passages": _PATH,
     "data.max_question_length": _POSITIVE,
     "data.max_target_length": _Number(integer=True, low=2),  # <s> and </s> at least
@@ -215,6 +217,23 @@ def get_field(config: ml_collections.ConfigDict, field: str, default=_MISSING):
             return default
         node = node[part]
     return node
+
+
+def task_file(config: ml_collections.ConfigDict, split: str) -> tuple[str, str | None]:
+    """(field, path) of the run's "train" or "dev" file: task.{split}_file, or its old name data.{split}_file where
+    only that is set (configs saved before the task section held the files, command lines written for them);
+    (task.{split}_file, None) when neither is. The one place a run's files are read from its config; both names
+    set to different files is refused."""
+    field, old_field = f"task.{split}_file", f"data.{split}_file"
+    path, old_path = get_field(config, field, None), get_field(config, old_field, None)
+    if old_path is None or old_path == path:
+        return field, path
+    if path is not None:
+        raise ConfigError(f"config {field}={path!r} and {old_field}={old_path!r} (its old name) name different "
+                          f"files; set only --config.{field}")
+    if get_field(config, field, _MISSING) is not _MISSING:  # a config that has the new field: say it once
+        readers.note_deprecated(f"config {old_field}", field)
+    return old_field, old_path
 
 
 def field_error(field: str, value, problem: str) -> ConfigError:

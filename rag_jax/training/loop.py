@@ -75,7 +75,7 @@ def _check_gold_passages(config: ml_collections.ConfigDict, train_source) -> Non
         return
     sample = range(min(len(train_source), _GOLD_SAMPLE))
     if not any(int(train_source[i].get("gold_passage_id", -1)) >= 0 for i in sample):
-        where = config.data.train_file or f"the {config.data.source} training split"
+        where = config_check.task_file(config, "train")[1] or f"the {config.data.source} training split"
         raise build.ConfigError(
             f"config train.retrieval_loss_weight={weight} trains the retriever towards each question's gold passage, "
             f"but {where} has no gold_passage_id (none in its first {len(sample)} questions): add them, set "
