@@ -97,6 +97,17 @@ def skip_without_pretrained_retriever() -> None:
         pytest.skip(str(e))
 
 
+def _generator_targets(task, records: Sequence[dict]) -> list[str]:
+    """The KILT records' targets as the generator is trained on them, for its tokenizer's texts: a classification
+    task's label words (fact verification's " supports", not the dataset's "SUPPORTS": trained on the latter, the
+    BPE split each label word into 4-6 pieces, the RAG paper maps each label to one token), with the leading space
+    the pipeline gives a BART target (config data.answer_prefix_space); other tasks' answers as written."""
+    answers = [o["answer"] for r in records for o in r["output"]]
+    if not task.labels:
+        return answers
+    return [" " + task.example({"input": "claim", "outputs": [answer]}, "train")["answers"][0] for answer in answers]
+
+
 def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[str], timeout: int,
                              family: str = "qa", entities: int = 240, heldout: int = 30):
     """`experiments.knowledge_demo` in its own process on a small knowledge task (`entities` people, `heldout` held
@@ -119,7 +130,7 @@ def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[
         records = knowledge_families.family_records(task, family)
         knowledge_families.write_family(task, family, str(root / "task"))
         texts += [question_text({"question": r["input"]}) for r in records["train"] + records["dev"]]
-        texts += [o["answer"] for r in records["train"] for o in r["output"]] + list(registry.get(family).labels)
+        texts += _generator_targets(registry.get(family), records["train"])
     tokenizer = small_bart_tokenizer(texts, str(root / "tokenizer"))
     files = {name: str(root / "task" / f"{name}.jsonl") for name in ("passages", "swapped_passages")}
     files.update({"train_file": str(root / "task" / "train.jsonl"), "dev_file": str(root / "task" / "dev.jsonl"),
