@@ -200,6 +200,19 @@ def test_fid_is_a_registered_reader():
         contexts.passage_part("t", "x", contexts.ContextFormat(layout="fid"))
 
 
+def test_fid_contexts_carry_the_question_as_written():
+    """FiD formats the question as written; RAG's contexts carry the question-encoder ids decoded back (the
+    reference's), which an uncased tokenizer lower-cases: "Faidigr Nutrainuk" would no longer match the title."""
+    qtok = tokenizers.load_question_tokenizer()
+    written = ["in which city was Faidigr Nutrainuk born?", "what did Ana Lo play?"]
+    ids = qtok(written, padding=True, return_tensors="np")["input_ids"]
+    fid_format = registry.get("fid").context_format(contexts.ContextFormat())
+    assert contexts.context_questions(written, ids, qtok, fid_format) == written
+    decoded = contexts.context_questions(written, ids, qtok, contexts.ContextFormat())
+    assert decoded == contexts.decode_questions(ids, qtok) == [q.lower() for q in written]
+    assert contexts.context_questions(None, ids, qtok, fid_format) == decoded  # no text given: decoded
+
+
 @pytest.mark.slow  # two gradient compilations per generator: ~45-65 s under load
 def test_remat_gives_the_same_loss_and_gradients(setup):
     """model.fid.remat recomputes the encoder in the backward pass: the same values (dropout is 0 here)."""

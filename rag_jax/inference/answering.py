@@ -20,6 +20,7 @@ from rag_jax.data import tokenizers
 from rag_jax.inference import metrics, provenance
 from rag_jax.readers import base, registry
 from rag_jax.readers.generation import GenerationConfig
+from rag_jax.retrieval import contexts
 from rag_jax.retrieval.retriever import Retriever
 
 QUESTION_BUCKET = 16
@@ -91,7 +92,9 @@ def _prepare(model: rag.Rag, params, retriever: Retriever, settings: AnswerSetti
     length = _bucket(encoded["input_ids"].shape[1], QUESTION_BUCKET, settings.max_question_length)
     ids, mask = (_pad_to(encoded[key], rows, length) for key in ("input_ids", "attention_mask"))
     q = np.asarray(_encode(model, params, ids, mask))[:n]
-    retrieved = retriever(q, ids[:n], k)
+    written = contexts.context_questions([e["question"] for e in batch], ids[:n], retriever.question_tokenizer,
+                                         retriever.format)
+    retrieved = retriever(q, ids[:n], k, written)
     # Device work runs on full-size batches (padding rows repeat row 0) so that it compiles once.
     q_pad = _pad_to(q, rows)
     embeds = _pad_to(retrieved.doc_embeds_BxKxD, rows)

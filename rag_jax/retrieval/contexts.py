@@ -86,6 +86,17 @@ def decode_questions(question_input_ids_BxL: np.ndarray, question_tokenizer) -> 
     return question_tokenizer.batch_decode(np.asarray(question_input_ids_BxL).tolist(), skip_special_tokens=True)
 
 
+def context_questions(written: Sequence[str] | None, question_input_ids_BxL: np.ndarray, question_tokenizer,
+                      fmt: ContextFormat) -> list[str]:
+    """The question strings the contexts carry: for RAG the question-encoder ids decoded back, as the reference
+    does; for FiD the question as written (facebookresearch/FiD src/data.py formats the raw question). Decoding
+    lower-cases for an uncased question encoder (all-MiniLM-L6-v2, BERT's), and a FiD row's encoder must match the
+    question's entity to the passage's cased title to tell the entity's passage from the others."""
+    if fmt.layout == "fid" and written is not None:
+        return list(written)
+    return decode_questions(question_input_ids_BxL, question_tokenizer)
+
+
 def generator_inputs(
     questions: Sequence[str],
     titles_BxK: Sequence[Sequence[str]],

@@ -169,7 +169,8 @@ class RandomPassages(Retriever):
         self.passage_table = retriever.passage_table
         self._rng = np.random.default_rng(seed)
 
-    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int) -> Retrieved:
+    def __call__(self, q_BxD, question_input_ids_BxL: np.ndarray, n_docs: int,
+                 questions: list[str] | None = None) -> Retrieved:
         rows = np.stack([self._rng.choice(self.index.num_passages, n_docs, replace=False) for _ in range(len(q_BxD))])
         # The doc scores are the model's own q(x)·d(z) for these passages (the answering code computes them).
-        return self.gather(rows, np.zeros(rows.shape, np.float32), question_input_ids_BxL)
+        return self.gather(rows, np.zeros(rows.shape, np.float32), question_input_ids_BxL, questions)

@@ -118,7 +118,8 @@ class BatchBuilder:
             "labels": local["labels"],
             "gold_row": gold_rows(self.retriever.index, local["gold_passage_id"]),
         }
-        texts = contexts.decode_questions(local["question_input_ids"], self.retriever.question_tokenizer)
+        texts = contexts.context_questions(local.get("question"), local["question_input_ids"],
+                                           self.retriever.question_tokenizer, self.retriever.format)
         if self.device_mode:
             width = contexts.table_width(self.model.config.context)
             arrays["question_gen_ids"], arrays["question_gen_length"] = contexts.question_tokens(
