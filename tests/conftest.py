@@ -26,3 +26,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or runs whole commands for tens of seconds")
     config.addinivalue_line("markers", "multiprocess: starts several JAX processes (127.0.0.1, gloo collectives)")
+
+
+def pytest_unconfigure(config):
+    process_env.remove_cache()  # a few MB a run under /tmp otherwise

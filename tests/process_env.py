@@ -21,12 +21,20 @@ themselves keep JAX's in-memory cache only: tests there count compilations.
 """
 
 import os
+import shutil
 import tempfile
 
 XLA_FLAGS = "--xla_backend_optimization_level=1"
 _CACHE = "RAG_JAX_TESTS_COMPILATION_CACHE"
-if _CACHE not in os.environ:
+MADE_CACHE = _CACHE not in os.environ  # this process made the directory (pytest's own, not an xdist worker)
+if MADE_CACHE:
     os.environ[_CACHE] = tempfile.mkdtemp(prefix="rag_jax_tests_xla_")
+
+
+def remove_cache() -> None:
+    """Deletes the suite's compilation cache, from the process that made it, once every test has run."""
+    if MADE_CACHE:
+        shutil.rmtree(os.environ[_CACHE], ignore_errors=True)
 
 
 def xla_flags(devices: int = 0) -> str:
