@@ -92,8 +92,7 @@ def _fever(c: ml_collections.ConfigDict) -> None:
     # losses nearly coincide. RAG-Sequence, `paper`'s reader.
     c.model.reader = "rag_sequence"
     # RAG §3.4: each label is mapped to a single output token and trained on claim-label pairs (rag_jax's label words:
-    # supports / refutes / unknown). (RAG App. E instead re-generates the claim and classifies the final hidden
-    # state, marginalised over documents; rag_jax follows §3.4.) <s> label </s>: a few tokens, not HF's 25.
+    # supports / refutes / unknown). <s> label </s>: a few tokens, not HF's 25.
     c.data.max_target_length = 6
     c.eval.max_length = 6  # the decoder start token and the label's pieces; not HF's 50
     _epochs(c, 145_450)  # RAG Table 7: 145,450 three-way training claims
