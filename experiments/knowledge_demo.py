@@ -123,15 +123,19 @@ def gold_prior(record: dict, gold_passage_id) -> float:
     return float(prior[ids.index(str(gold_passage_id))]) if str(gold_passage_id) in ids else 0.0
 
 
-def _sweep_k(model, params, retriever, dev, config, task) -> dict[str, dict[str, float]]:
+def _sweep_k(model, params, retriever, dev, config, task,
+             evaluated: tuple[dict[str, float], list[dict]]) -> dict[str, dict[str, float]]:
     """Held-out exact match (another task: its headline metric) and the median prior of the gold passage for each K
-    of --n_docs_sweep."""
+    of --n_docs_sweep; `evaluated` (metrics, records) is the evaluation at the trained K, not run again."""
     sweep = {}
     trained_k = config.eval.n_docs
     for k in sorted({int(k) for k in _KS.value}):
-        config.eval.n_docs = k
-        records: list[dict] = []
-        metrics = dev_eval.evaluate(model, params, retriever, dev, config, records)
+        if k == int(trained_k):
+            metrics, records = evaluated
+        else:
+            config.eval.n_docs = k
+            records = []
+            metrics = dev_eval.evaluate(model, params, retriever, dev, config, records)
         priors = [gold_prior(r, e["gold_passage_id"]) for r, e in zip(records, dev) if "gold_passage_id" in e]
         sweep[str(k)] = {_headline(task)[5:]: metrics[_headline(task)],
                          "gold_prior_median": 100 * float(np.median(priors)) if priors else None}
@@ -217,7 +221,7 @@ def run_demo() -> dict:
     if task.name == "qa":
         results["heldout_exact_match"], results["heldout_gold_recall"] = _summary(metrics, k)
     _show("held-out questions (retrieved passages):", records, index, _EXAMPLES.value)
-    results["heldout_by_n_docs"] = _sweep_k(model, params, retriever, dev, config, task)
+    results["heldout_by_n_docs"] = _sweep_k(model, params, retriever, dev, config, task, (metrics, records))
     metric = _headline(task)[5:]
     print(f"\nheld-out {metric.replace('_', ' ')} by K (passages per question; median prior p(z|x) of the gold "
           "passage):")

@@ -39,6 +39,8 @@ in common.py. experiments/bench/scann_recall.py is the separate ScaNN leaves-fra
 
 from __future__ import annotations
 
+import time
+
 from absl import app, flags
 
 from experiments.bench import BENCHMARKS
@@ -83,7 +85,9 @@ def main(argv):
                    eval_questions_scale=_EVAL_SCALE.value)
     reference_floats_like_xla()
     for name in _BENCHMARKS.value:
-        report(name, _MODULES[name].run(opts), _RESULTS.value, opts.quick)
+        start = time.perf_counter()
+        rows = _MODULES[name].run(opts)
+        report(name, rows, _RESULTS.value, opts.quick, seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -278,12 +278,13 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def report(name: str, rows: list[dict], results: str, quick: bool) -> None:
-    """Prints rows as a table and appends them to the results file (with the 1-minute load average, since other
-    jobs on the machine skew the timings)."""
+def report(name: str, rows: list[dict], results: str, quick: bool, seconds: float) -> None:
+    """Prints rows as a table (after the benchmark's own wall time, `seconds`: building, compiling and timing both
+    sides) and appends them to the results file (with the 1-minute load average, since other jobs on the machine
+    skew the timings)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     widths = [max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys]
-    print(f"\n== {name} ({machine()}, load {os.getloadavg()[0]:.1f})")
+    print(f"\n== {name} ({machine()}, load {os.getloadavg()[0]:.1f}; the benchmark took {seconds:.0f} s)")
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for row in rows:
         print("  ".join(_fmt(row.get(k, "")).ljust(w) for k, w in zip(keys, widths)))

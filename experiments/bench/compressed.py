@@ -161,6 +161,7 @@ if __name__ == "__main__":
     parser.add_argument("--pq", default="48,96,192", help="pq:M variants (M values, comma-separated)")
     parser.add_argument("--reranks", default="0,50,100,200", help="re-rank widths L for the codes")
     args = parser.parse_args()
-    report("compressed", main_rows(args.corpus, args.cache, args.repeats, args.rows,
-                                   tuple(int(m) for m in args.pq.split(",")),
-                                   tuple(int(r) for r in args.reranks.split(","))), args.results, False)
+    start = time.perf_counter()
+    rows = main_rows(args.corpus, args.cache, args.repeats, args.rows, tuple(int(m) for m in args.pq.split(",")),
+                     tuple(int(r) for r in args.reranks.split(",")))
+    report("compressed", rows, args.results, False, seconds=time.perf_counter() - start)
