@@ -67,6 +67,7 @@ def _attention_terms(model, reader, params, reader_batch, scores) -> dict[str, f
     """ADist's KL from the fid reader's passage_attention_scores, and the fid reader's own loss."""
     attention = reader.passage_attention_scores(model, params, reader_batch)
     return {"adist": float(retriever_losses.adist(scores, attention, temperature=0.01).mean()),
+            "support_prior": float(retriever_losses.attended_prior(scores, attention).sum()),
             "reader_loss": float(reader.loss(model, params, reader_batch, scores, epsilon=0.0,
                                              dropout_rng=None).mean())}
 
@@ -110,11 +111,14 @@ def fid_run(task, tmp_path_factory):
 @pytest.mark.slow  # the fid step's compilation: ~40-65 s under load (the reader calls around it take ~2 s)
 def test_adist_with_the_fid_reader_adds_its_loss_and_trains_the_question_encoder(fid_run, task):
     """One step: the loss is the fid reader's plus ADist's KL (computed here from the reader's
-    passage_attention_scores on the same batch), and q(x), which only ADist trains, moves."""
+    passage_attention_scores on the same batch), its support_prior the prior of the most attended passage, and q(x),
+    which only ADist trains, moves."""
     metrics, expected, initial, after = _one_step(fid_run, task, _attention_terms, **FID_ADIST)
     adist, reader_loss = expected["adist"], expected["reader_loss"]
     assert adist > 1e-4 * reader_loss  # a term the sum below would miss
     np.testing.assert_allclose(metrics["loss"], reader_loss + adist, rtol=1e-5)
+    np.testing.assert_allclose(metrics["support_prior"], expected["support_prior"], rtol=1e-5)
+    assert metrics["support_count"] == 8  # the batch's questions
     assert not _frozen(initial["question_encoder"], after["question_encoder"])
     assert not _frozen(initial["generator"], after["generator"])
 

@@ -192,3 +192,10 @@ def test_support_prior_is_the_prior_of_the_passage_that_explains_the_answer():
     scores = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]]))
     token_ll = jnp.array([[[-5.0], [-0.1], [-5.0]], [[-0.1], [-5.0], [-5.0]]])  # row 0: passage 1; row 1: passage 0
     np.testing.assert_allclose(retriever_losses.support_prior(scores, token_ll), [0.2, 0.7], rtol=1e-6)
+
+
+def test_attended_prior_is_the_prior_of_the_most_attended_passage():
+    """ADist's support_prior: the passage the decoder attended to most, whatever its prior."""
+    scores = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]]))
+    attention = jnp.array([[0.01, 0.002, 0.03], [0.02, 0.01, 0.0]])  # row 0: passage 2; row 1: passage 0
+    np.testing.assert_allclose(retriever_losses.attended_prior(scores, attention), [0.1, 0.7], rtol=1e-6)

@@ -101,5 +101,15 @@ def support_prior(doc_scores_BxK: jax.Array, token_ll_BxKxT: jax.Array) -> jax.A
     """The prior p(z|x) of the passage that supported the answer most, argmax_z p(z|x) Π_t p(a_t|x,z,a_<t) (B,):
     a retriever that learns from the reader moves its mass there, gold passages known or not."""
     log_prior_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
-    supported_B = jnp.argmax(log_prior_BxK + token_ll_BxKxT.sum(-1), axis=-1)
-    return jnp.exp(jnp.take_along_axis(log_prior_BxK, supported_B[:, None], axis=-1)[:, 0])
+    return _prior_of(log_prior_BxK, jnp.argmax(log_prior_BxK + token_ll_BxKxT.sum(-1), axis=-1))
+
+
+def attended_prior(doc_scores_BxK: jax.Array, attention_scores_BxK: jax.Array) -> jax.Array:
+    """ADist's support_prior (B,): the prior p(z|x) of the passage the FiD decoder attended to most (the reader
+    computes no per-passage likelihood, and its attention mass is what ADist distils)."""
+    log_prior_BxK = jax.nn.log_softmax(layers.at_least_float32(doc_scores_BxK), axis=-1)
+    return _prior_of(log_prior_BxK, jnp.argmax(attention_scores_BxK, axis=-1))
+
+
+def _prior_of(log_prior_BxK: jax.Array, chosen_B: jax.Array) -> jax.Array:
+    return jnp.exp(jnp.take_along_axis(log_prior_BxK, chosen_B[:, None], axis=-1)[:, 0])

@@ -122,7 +122,7 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
     batch: global arrays with `batch_keys` (BATCH_AXES layout). rng: the run's base key; the step uses
     fold_in(rng, step). corpus: {} for host retrieval, else inputs.device_corpus's arrays.
     metrics: replicated float32 scalars loss, grad_norm, update_norm, learning_rate, gold_hits, gold_known (and
-    support_prior, support_count with train.retriever_loss pdist/emdr2/loop).
+    support_prior, support_count with train.retriever_loss pdist/emdr2/loop/adist).
     """
     gcfg = model.generator_config
     pad, bos, eos = gcfg.pad_token_id, gcfg.bos_token_id, gcfg.eos_token_id
@@ -199,11 +199,13 @@ def make_train_step(model: rag.Rag, tx: optax.GradientTransformation, config: ml
 
     def distilled_loss(params, batch, scores_BxK):
         """Atlas's retriever loss per question (B,) from the reader's terms (a pass without dropout, held fixed),
-        and the sum of the supported passages' priors (support_prior metric)."""
+        and the sum of the supported (ADist: most attended) passages' priors (support_prior metric)."""
         target_mask_BxT = marginal.shift_left(batch["labels"], pad) != pad
         if retriever_loss == "adist":
             attention_BxK = jax.lax.stop_gradient(reader.passage_attention_scores(model, params, batch))
-            return retriever_losses.adist(scores_BxK, attention_BxK, temperature=retriever_temperature), {}
+            loss_B = retriever_losses.adist(scores_BxK, attention_BxK, temperature=retriever_temperature)
+            prior_B = retriever_losses.attended_prior(jax.lax.stop_gradient(scores_BxK), attention_BxK)
+            return loss_B, {"support_prior": prior_B.sum(), "support_count": jnp.float32(prior_B.shape[0])}
         token_ll_BxKxT = jax.lax.stop_gradient(reader.passage_token_log_likelihoods(model, params, batch))
         if retriever_loss == "pdist":
             loss_B = retriever_losses.pdist(scores_BxK, token_ll_BxKxT, target_mask_BxT,
