@@ -20,10 +20,7 @@ at the end; both runs' figures are printed. A clear effect on a small dev set (f
 ~30 s per run on the idle 2-core machine.
 """
 
-import csv
-import itertools
 import json
-import os
 
 import jax
 import pytest
@@ -34,7 +31,6 @@ from rag_jax.runs import workdir as workdir_lib
 from rag_jax.training import loop
 from tests import train_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTITIES, HELDOUT = 48, 8
 STEPS, REFRESH_EVERY, K = 120, 10, 8
 # Dev gold recall@8 points (one of the 40 dev questions is 2.5). Measured, 120 steps, d(z) at 3x the learning rate
@@ -51,9 +47,7 @@ def _generator_tokenizer(made: knowledge_task.Task, directory: str) -> str:
     passages and questions and the bundled NQ-open passages (the companies' text alone has too few distinct words
     for 1,200 entries): with bart-large's 50,265 the output layer was over half of each step's time."""
     texts = [f"{p['title']} / {p['text']}" for p in made.passages] + [e["question"] for e in made.train + made.dev]
-    with open(os.path.join(ROOT, "rag_jax/assets/nq_open_mini/passages.tsv"), newline="") as f:
-        texts += [row["text"] for row in itertools.islice(csv.DictReader(f, delimiter="\t"), 300)]
-    return train_task.small_bart_tokenizer(texts, directory)
+    return train_task.small_bart_tokenizer(texts + train_task.bundled_english(), directory)
 
 
 def _run(task: dict[str, str], workdir: str, trains_doc_encoder: bool) -> tuple[float, float, list[float]]:

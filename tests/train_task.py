@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any, Sequence
@@ -68,6 +69,12 @@ def cli_overrides(task: dict[str, str], **overrides) -> list[str]:
              f"--config.task.train_file={task['questions']}", f"--config.task.dev_file={task['questions']}",
              f"--config.data.passages={task['passages']}"]
     return flags + [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def bundled_english(count: int = 300) -> list[str]:
+    """The texts of the first `count` bundled NQ-open passages: enough distinct English words for a
+    small_bart_tokenizer of 1,200 entries where a task's own text has too few."""
+    return [p.text for p in itertools.islice(corpus.read_passages(MINI_PASSAGES), count)]
 
 
 def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int = 1200) -> str:
