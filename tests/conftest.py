@@ -28,13 +28,5 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several JAX processes (127.0.0.1, gloo collectives)")
 
 
-def pytest_collection_modifyitems(items):
-    """Files with slow tests run first: `make test` hands whole files to its two workers in collection order, so
-    the long files start while the many short ones are left to fill in at the end (longest first), instead of the
-    alphabetically last long files (test_train*) finishing on one worker while the other has nothing left."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
-
-
 def pytest_unconfigure(config):
     process_env.remove_cache()  # a few MB a run under /tmp otherwise
