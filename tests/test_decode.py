@@ -372,4 +372,6 @@ def test_encoder_slices_give_the_encoder_outputs(checkpoint, monkeypatch):
     whole = model.generator.apply({"params": params["generator"]}, ids, mask, method="encode")
     sliced = jax.jit(lambda i, m: decoding.encode(model, params, i, m))(ids, mask)
     assert ids.shape[0] > 2
-    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)  # float32 rounding of other matmul shapes
+    # float32 rounding of other matmul shapes, which depends on the CPU's kernels: measured up to 1.2e-5 (of outputs
+    # up to ~3) on an AVX2 CPU, below 1e-5 on an AVX-512 one; a slice given the wrong rows is off by O(1).
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=5e-5)

@@ -39,6 +39,18 @@ def _numpy_topk(q_QxD, emb_NxD, k):
     return np.argsort(-scores_QxN, axis=1, kind="stable")[:, :k]
 
 
+def _assert_exact_topk_up_to_near_ties(rows_QxK, q_QxD, emb_NxD):
+    """`rows_QxK` are the exact top-k, best first, except that rows whose float64 scores differ by float32 rounding
+    may change places (which ones do depends on the CPU's matmul kernels): their exact scores are the k best, in
+    order, to 1e-5 of the largest score. A missing or misplaced row with a clearly different score fails."""
+    scores_QxN = q_QxD.astype(np.float64) @ emb_NxD.astype(np.float64).T
+    k = rows_QxK.shape[1]
+    best_QxK = -np.sort(-scores_QxN, axis=1)[:, :k]
+    assert all(len(set(row)) == k for row in rows_QxK.tolist())
+    np.testing.assert_allclose(np.take_along_axis(scores_QxN, rows_QxK, axis=1), best_QxK, rtol=0,
+                               atol=1e-5 * np.abs(scores_QxN).max())
+
+
 def _write_parts(out, emb_NxD, passages, num_hosts, devices_per_host, shard_size, dtype="float32"):
     """Writes every host's part in turn from this one process (what one machine building all shards does)."""
     written = []
@@ -314,10 +326,9 @@ def test_two_hosts_build_load_and_search(tmp_path):
     np.testing.assert_array_equal(r0["built_rows"], ref_rows)
     np.testing.assert_allclose(r0["built_scores"], ref_scores, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(r0["local_rows"], _numpy_topk(local_q, local_emb, 3))
-    # Against the same float32 matmul on one device (the bfloat16 pre-selection's rescoring sums in another order,
-    # which may swap float32 near-ties).
-    plain = exact.ExactSearcher(big_emb, prescreen=False)
-    np.testing.assert_array_equal(r0["sharded_big_rows"], plain.search(big_q, 10)[0])
+    # Up to float32 near-ties (the bfloat16 pre-selection's rescoring sums in another order than a plain float32
+    # matmul; measured: rows 6 and 7 of one of the 100 queries change places on an AVX2 CPU, none on an AVX-512 one).
+    _assert_exact_topk_up_to_near_ties(r0["sharded_big_rows"], big_q, big_emb)
     exact_big = _numpy_topk(big_q, big_emb, 10)
     # (d) ScaNN per host (5,000 rows each, a real tree), merged over the 2 hosts.
     assert r0["scann_local"].tolist() == [0, 5_000] and r1["scann_local"].tolist() == [5_000, 5_000]
