@@ -21,6 +21,7 @@ pytest.register_assert_rewrite("tests.hostile")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + process_env.xla_flags(devices=8)).strip()
+process_env.cache_in_this_process()  # the suite's persistent compilation cache (tests/process_env.py)
 
 
 def pytest_configure(config):
