@@ -40,7 +40,7 @@ def _config(task: dict[str, str], tokenizer: str, **overrides):
     config.data.passages, config.task.train_file, config.task.dev_file = task["passages"], task["train"], task["dev"]
     # The generator warmed up by denoising first, as `local` does (shorter): trained from random weights its first
     # likelihoods are noise that Adam turns into full-size steps of d(z) (the module docstring's figures).
-    fields = {"tokenizers.generator": tokenizer, "model.generator.vocab_size": 1200, "denoise.steps": 100,
+    fields = {**train_task.small_generator_fields(tokenizer), "denoise.steps": 100,
               "train.steps": STEPS, "train.global_batch_size": BATCH, "train.log_every": REFRESH_EVERY,
               "train.eval_every": STEPS, "train.checkpoint_every": STEPS, "index.refresh_every": str(REFRESH_EVERY),
               "model.n_docs": K, "eval.n_docs": K, "eval.recall_ks": (1, K), "eval.num_examples": 0,

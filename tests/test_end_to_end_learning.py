@@ -44,7 +44,7 @@ def _gold_ranks(run, params, trains_doc_encoder: bool) -> np.ndarray:
 def _train(task, workdir, trains_doc_encoder: bool) -> tuple[np.ndarray, np.ndarray]:
     """(gold ranks before, after) of STEPS updates on one device."""
     config = train_task.tiny_config(task, **{
-        "tokenizers.generator": task["generator_tokenizer"], "model.generator.vocab_size": 1200,
+        **train_task.small_generator_fields(task["generator_tokenizer"]),
         "train.steps": STEPS, "model.n_docs": K, "eval.n_docs": K, "train.retrieval_loss_weight": 1.0,
         "optim.learning_rate": 1e-3, "optim.warmup_steps": 0, "model.doc_encoder.trainable": trains_doc_encoder})
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])

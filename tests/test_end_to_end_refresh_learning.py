@@ -53,7 +53,7 @@ def _generator_tokenizer(made: knowledge_task.Task, directory: str) -> str:
 def _run(task: dict[str, str], workdir: str, trains_doc_encoder: bool) -> tuple[float, float, list[float]]:
     """(dev gold recall@K at step 0, at the end; the index ages the run logged)."""
     config = train_task.tiny_config({"questions": task["train"], "passages": task["passages"]}, **{
-        "tokenizers.generator": task["generator_tokenizer"], "model.generator.vocab_size": 1200,
+        **train_task.small_generator_fields(task["generator_tokenizer"]),
         "train.steps": STEPS, "train.global_batch_size": 16, "train.log_every": 10, "train.eval_every": STEPS,
         "train.checkpoint_every": STEPS, "train.retrieval_loss_weight": 4.0, "model.n_docs": K,
         "eval.n_docs": K, "eval.recall_ks": (1, K), "eval.num_examples": 0, "eval.batch_size": 16,

@@ -77,7 +77,15 @@ def bundled_english(count: int = 300) -> list[str]:
     return [p.text for p in itertools.islice(corpus.read_passages(MINI_PASSAGES), count)]
 
 
-def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int = 1200) -> str:
+SMALL_VOCAB = 1200  # small_bart_tokenizer's entries
+
+
+def small_generator_fields(tokenizer: str) -> dict[str, Any]:
+    """Config fields (dotted names -> values) of a generator that reads small_bart_tokenizer's vocabulary."""
+    return {"tokenizers.generator": tokenizer, "model.generator.vocab_size": SMALL_VOCAB}
+
+
+def small_bart_tokenizer(texts: Sequence[str], directory: str, vocab_size: int = SMALL_VOCAB) -> str:
     """A byte-level BPE tokenizer in BART's layout (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) trained on `texts`:
     a generator vocabulary 40x smaller than bart-large's, so that a test can train a generator in seconds (the output
     layer over 50,265 entries is most of a small BART's work)."""
@@ -145,7 +153,7 @@ def run_small_knowledge_demo(root, passage_text, question_text, flags: Sequence[
     workdir = root / "demo"
     command = [sys.executable, "-m", "experiments.knowledge_demo", f"--workdir={workdir}", "--examples=2",
                f"--task={family}", *(f"--{name}={path}" for name, path in files.items()),
-               f"--config.tokenizers.generator={tokenizer}", "--config.model.generator.vocab_size=1200",
+               *(f"--config.{name}={value}" for name, value in small_generator_fields(tokenizer).items()),
                "--config.denoise.steps=200", "--config.denoise.learning_rate=2e-3", "--config.train.steps=300",
                "--config.optim.warmup_steps=30", "--config.train.checkpoint_every=300", "--config.model.n_docs=1",
                "--config.eval.n_docs=1", "--config.eval.recall_ks=1", "--n_docs_sweep=1,2,4", *flags]
