@@ -54,9 +54,13 @@ _COMPUTE_DTYPE = flags.DEFINE_enum(
     "float32; softmaxes and log-likelihoods float32; docs/bfloat16_agreement.md); default: the model's own (a "
     "workdir's model.compute_dtype, float32 for a Hugging Face directory).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Questions per batch.", lower_bound=1)
+# The environment's cache where it names one (JAX's own variable: what the user chose for every JAX program, and how
+# the test suite keeps its commands' caches out of the home directory).
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rag_jax", "xla"),
-    "Directory of XLA's persistent compilation cache (a rerun with the same shapes skips compiling); '' disables.")
+    "compilation_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rag_jax", "xla"),
+    "Directory of XLA's persistent compilation cache (a rerun with the same shapes skips compiling; default: "
+    "$JAX_COMPILATION_CACHE_DIR where set, else ~/.cache/rag_jax/xla); '' disables.")
 _RETRIEVAL = flags.DEFINE_enum("retrieval", "exact", ["exact", "scann", "codes"],
                                 "Search backend ('codes': the index's build_index --codes, re-ranked exactly).")
 _RERANK_FROM_CODES = flags.DEFINE_integer("rerank_from_codes", 100, "--retrieval=codes: candidates re-ranked with the "
