@@ -43,13 +43,19 @@ def remove_cache() -> None:
         shutil.rmtree(os.environ[_CACHE], ignore_errors=True)
 
 
+def _cache_options() -> dict[str, object]:
+    """JAX's options for the suite's persistent cache, every program cached however quick to compile (each option is
+    also read from the environment variable of its name in capitals)."""
+    return {"jax_compilation_cache_dir": os.environ[_CACHE], "jax_persistent_cache_min_compile_time_secs": 0,
+            "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
 def cache_in_this_process() -> None:
-    """This process's compilations read and write the suite's persistent cache, every program however quick."""
+    """This process's compilations read and write the suite's persistent cache."""
     import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS is set: see tests/conftest.py)
 
-    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in _cache_options().items():
+        jax.config.update(name, value)
 
 
 def xla_flags(devices: int = 0) -> str:
@@ -60,6 +66,5 @@ def xla_flags(devices: int = 0) -> str:
 def command_env(devices: int = 0, **extra: str) -> dict[str, str]:
     """The environment of a command a test starts: this one's, on the CPU, with `devices` simulated devices and the
     suite's compilation cache (every program cached, however quick to compile), unless `extra` names another."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
-            "JAX_COMPILATION_CACHE_DIR": os.environ[_CACHE], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+    cache = {name.upper(): str(value) for name, value in _cache_options().items()}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **cache, **extra}

@@ -34,16 +34,19 @@ def _passages_tsv(path, n, seed=0):
     return str(path)
 
 
+def _numpy_scores(q_QxD, emb_NxD):
+    return q_QxD.astype(np.float64) @ emb_NxD.astype(np.float64).T
+
+
 def _numpy_topk(q_QxD, emb_NxD, k):
-    scores_QxN = q_QxD.astype(np.float64) @ emb_NxD.astype(np.float64).T
-    return np.argsort(-scores_QxN, axis=1, kind="stable")[:, :k]
+    return np.argsort(-_numpy_scores(q_QxD, emb_NxD), axis=1, kind="stable")[:, :k]
 
 
 def _assert_exact_topk_up_to_near_ties(rows_QxK, q_QxD, emb_NxD):
     """`rows_QxK` are the exact top-k, best first, except that rows whose float64 scores differ by float32 rounding
     may change places (which ones do depends on the CPU's matmul kernels): their exact scores are the k best, in
     order, to 1e-5 of the largest score. A missing or misplaced row with a clearly different score fails."""
-    scores_QxN = q_QxD.astype(np.float64) @ emb_NxD.astype(np.float64).T
+    scores_QxN = _numpy_scores(q_QxD, emb_NxD)
     k = rows_QxK.shape[1]
     best_QxK = -np.sort(-scores_QxN, axis=1)[:, :k]
     assert all(len(set(row)) == k for row in rows_QxK.tolist())
